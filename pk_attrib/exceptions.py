@@ -1,0 +1,49 @@
+"""Errors and warnings raised by pk_attrib.
+
+Every class subclasses a built-in exception so that callers can catch either the
+pk_attrib class or the built-in one. Messages name the cause and the fix.
+"""
+
+
+class PkAttribError(Exception):
+    """Base class of every pk_attrib error."""
+
+
+class RecordingError(PkAttribError, RuntimeError):
+    """The training loop did something the recorder cannot record faithfully."""
+
+
+class MissingBatchIndicesError(RecordingError):
+    """An optimizer step happened without any batch indices to attribute it to."""
+
+
+class IndexOutOfRangeError(RecordingError, IndexError):
+    """A recorded dataset index lies outside the training dataset."""
+
+
+class StoreError(PkAttribError, OSError):
+    """A store folder cannot be read or written."""
+
+
+class NotAStoreError(StoreError):
+    """The folder exists but holds something other than a pk_attrib store."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written in a format version this library cannot read."""
+
+
+class CorruptStoreError(StoreError):
+    """A tensor file is missing, or its content does not match the recorded hash."""
+
+
+class StoreMismatchError(PkAttribError, ValueError):
+    """A store, model or optimizer do not belong together."""
+
+
+class UnsupportedError(PkAttribError, NotImplementedError):
+    """The requested computation has no exact rule for this path or optimizer."""
+
+
+class PkAttribWarning(UserWarning):
+    """Base class of pk_attrib warnings."""

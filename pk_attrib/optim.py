@@ -1,0 +1,135 @@
+"""What the recorder and the engine need to know about an optimizer.
+
+`describe_optimizer` turns a live `torch.optim.Optimizer` into a JSON-able description
+(kind, hyperparameters per param group, which parameter names each group updates)
+that the store keeps in its manifest and the engine reads back.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any
+
+import torch
+
+from .exceptions import StoreMismatchError
+
+
+class OptimizerKind(str, enum.Enum):
+    """Optimizer families pk_attrib knows.
+
+    ``SGD``, ``ADAM`` and ``ADAMW`` have exact decomposition rules (DESIGN.md §1).
+    ``OTHER`` is any other optimizer: it is recorded all the same, but only the
+    approximate (checkpoint) mode can explain it.
+    """
+
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+    OTHER = "other"
+
+    @property
+    def exact(self) -> bool:
+        """Whether the exact decomposition supports this optimizer family."""
+        return self is not OptimizerKind.OTHER
+
+
+# Hyperparameters the exact rules depend on, by family. They are recorded per group.
+HYPER_KEYS = {
+    OptimizerKind.SGD: ("momentum", "dampening", "nesterov", "weight_decay", "maximize"),
+    OptimizerKind.ADAM: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    OptimizerKind.ADAMW: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+}
+# Keys that describe how a step is computed, not what it computes.
+_IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
+    """Classify an optimizer into an `OptimizerKind`."""
+    if type(optimizer) is torch.optim.SGD:
+        return OptimizerKind.SGD
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        decoupled = type(optimizer) is torch.optim.AdamW or any(
+            g.get("decoupled_weight_decay", False) for g in optimizer.param_groups
+        )
+        return OptimizerKind.ADAMW if decoupled else OptimizerKind.ADAM
+    return OptimizerKind.OTHER
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (tuple, list)):
+        items = [_jsonable(v) for v in value]
+        return None if any(i is _UNSERIALIZABLE for i in items) else items
+    return _UNSERIALIZABLE
+
+
+_UNSERIALIZABLE = object()
+
+
+def group_hyper(group: dict) -> dict[str, Any]:
+    """JSON-able hyperparameters of one param group, without ``params`` and ``lr``."""
+    out = {}
+    for key, value in group.items():
+        if key in _IMPLEMENTATION_KEYS:
+            continue
+        converted = _jsonable(value)
+        if converted is not _UNSERIALIZABLE:
+            out[key] = converted
+    return out
+
+
+def group_lr(group: dict) -> float:
+    """The learning rate of a param group as a Python float (tensors allowed)."""
+    lr = group["lr"]
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+def describe_optimizer(
+    optimizer: torch.optim.Optimizer, names_by_id: dict[int, str]
+) -> dict[str, Any]:
+    """Describe an optimizer for the manifest.
+
+    Args:
+        optimizer: The optimizer being recorded.
+        names_by_id: ``id(parameter) -> name`` for the model's parameters.
+
+    Returns:
+        ``{"kind", "class", "exact", "groups": [{"params": [names], "hyper": {...}}]}``.
+
+    Raises:
+        StoreMismatchError: If the optimizer updates a tensor that is not a parameter of
+            the model.
+    """
+    kind = optimizer_kind(optimizer)
+    groups = []
+    for g, group in enumerate(optimizer.param_groups):
+        names = []
+        for p in group["params"]:
+            if id(p) not in names_by_id:
+                raise StoreMismatchError(
+                    f"param group {g} of the optimizer updates a tensor of shape "
+                    f"{tuple(p.shape)} that is not a parameter of the model; pass the model "
+                    "whose parameters the optimizer trains"
+                )
+            names.append(names_by_id[id(p)])
+        groups.append({"params": names, "hyper": group_hyper(group)})
+    cls = type(optimizer)
+    description = {
+        "kind": kind.value,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "exact": kind.exact,
+        "groups": groups,
+    }
+    if not kind.exact:
+        description["note"] = (
+            f"{cls.__qualname__} has no exact decomposition rule: only approximate "
+            "(checkpoint) modes can explain this path"
+        )
+    return description

@@ -1,0 +1,545 @@
+"""`TrainingPath`: read access to a recorded (or checkpoint-built) weight path.
+
+A path has ``len(path) = S`` steps. ``path.params(s)`` is w_s for s = 0..S, where w_S is the
+final model; ``path.step(s)`` bundles what step s needs: w_s, w_{s+1}, Δ_s, the dataset
+indices of its batch, the learning rates and the optimizer terms. Tensors are read lazily
+from memory-mapped safetensors files (or from memory for an in-memory recording).
+
+Recorded paths with ``every=k`` keep one snapshot every k optimizer steps; their step s spans
+k optimizer steps (indices concatenated, learning rates summed in ``lr_sum``) and the path
+is marked approximate, as are paths built from a few checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .exceptions import StoreError, StoreMismatchError
+from .store import (
+    FINAL,
+    FORMAT,
+    FORMAT_VERSION,
+    ShardReader,
+    dtype_from_name,
+    dtype_name,
+    library_version,
+    read_manifest,
+    write_manifest,
+    write_tensor_file,
+)
+
+# Optimizer terms recorded after a step (Adam/AdamW), by tensor-key prefix.
+STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "step")
+
+
+class _MemoryBackend:
+    """Raw steps kept in memory: ``records[r] = {"tensors": {...}, "meta": {...}}``."""
+
+    def __init__(self):
+        self.records: list[dict[str, Any]] = []
+        self.final: dict[str, torch.Tensor] | None = None
+
+    def n_raw(self) -> int:
+        return len(self.records)
+
+    def tensor(self, raw: int, key: str) -> torch.Tensor | None:
+        return self.records[raw]["tensors"].get(f"{raw}/{key}")
+
+    def meta(self, raw: int) -> dict[str, Any]:
+        return self.records[raw]["meta"]
+
+    def has(self, raw: int, key: str) -> bool:
+        return f"{raw}/{key}" in self.records[raw]["tensors"]
+
+    def final_params(self) -> dict[str, torch.Tensor] | None:
+        return self.final
+
+    def has_final(self) -> bool:
+        return self.final is not None
+
+
+class _DiskBackend:
+    """Raw steps read from a store folder through its manifest."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], verify: bool = True):
+        self.root = root
+        self.manifest = manifest
+        self.reader = ShardReader(root, verify=verify)
+        self._shard_of: list[dict[str, Any]] = []
+        for entry in manifest["shards"]:
+            self._shard_of.extend([entry] * entry["n_steps"])
+        if len(self._shard_of) != len(manifest["steps"]):
+            raise StoreError(
+                f"{root / 'manifest.json'} lists {len(manifest['steps'])} steps but its shards "
+                f"hold {len(self._shard_of)}: the manifest was edited by hand; re-record the run"
+            )
+
+    def n_raw(self) -> int:
+        return len(self._shard_of)
+
+    def tensor(self, raw: int, key: str) -> torch.Tensor | None:
+        return self.reader.get(self._shard_of[raw], f"{raw}/{key}")
+
+    def has(self, raw: int, key: str) -> bool:
+        return f"{raw}/{key}" in self.reader.keys(self._shard_of[raw])
+
+    def meta(self, raw: int) -> dict[str, Any]:
+        return self.manifest["steps"][raw]
+
+    def has_final(self) -> bool:
+        return self.manifest.get("final") is not None
+
+    def final_params(self) -> dict[str, torch.Tensor] | None:
+        entry = self.manifest.get("final")
+        if entry is None:
+            return None
+        return {name: self.reader.get(entry, f"w/{name}") for name in _names(self.manifest)}
+
+
+def _names(manifest: dict[str, Any]) -> list[str]:
+    return [p["name"] for p in manifest["params"]]
+
+
+class Step:
+    """Everything one step of a path holds. Tensors are loaded on first access.
+
+    Attributes:
+        index: The step number s in the path (0..len(path)-1).
+        raw_steps: The optimizer steps this step spans (``range``; one unless ``every > 1``).
+        lr: Learning rate of each param group in effect at the step.
+        lr_sum: Learning rates summed over the optimizer steps the step spans.
+        hyper: Hyperparameters of each param group at the step.
+        fresh_state: True when the optimizer had no state (momentum, moments) before it.
+    """
+
+    def __init__(self, path: TrainingPath, index: int, raws: range):
+        self._path = path
+        self.index = index
+        self.raw_steps = raws
+        meta = path._backend.meta(raws[0])
+        self.lr: tuple[float, ...] = tuple(meta.get("lr", ()))
+        sums = [0.0] * len(self.lr)
+        for r in raws:
+            for g, lr in enumerate(path._backend.meta(r).get("lr", ())):
+                sums[g] += lr
+        self.lr_sum: tuple[float, ...] = tuple(sums)
+        self.hyper: list[dict[str, Any]] = meta.get("hyper") or [
+            g["hyper"] for g in (path.optimizer or {}).get("groups", [])
+        ]
+        self.fresh_state: bool = bool(meta.get("fresh_state", False))
+
+    @functools.cached_property
+    def params(self) -> dict[str, torch.Tensor]:
+        """w_s by parameter name."""
+        return self._path.params(self.index)
+
+    @functools.cached_property
+    def next_params(self) -> dict[str, torch.Tensor]:
+        """w_{s+1} by parameter name (w_S, the final parameters, for the last step)."""
+        return self._path.params(min(self.index + 1, len(self._path)))
+
+    @functools.cached_property
+    def delta(self) -> dict[str, torch.Tensor]:
+        """Δ_s = w_{s+1} − w_s by parameter name."""
+        return {n: self.next_params[n] - w for n, w in self.params.items()}
+
+    @functools.cached_property
+    def indices(self) -> torch.Tensor | None:
+        """Dataset indices of the step's batch (all micro-batches, repeats kept), int64 (B,)."""
+        parts = [self._path._backend.tensor(r, "idx") for r in self.raw_steps]
+        parts = [p for p in parts if p is not None]
+        return torch.cat(parts) if parts else None
+
+    @functools.cached_property
+    def batch_sizes(self) -> torch.Tensor | None:
+        """Sizes of the micro-batches accumulated into the step, int64 (n_micro,)."""
+        parts = [self._path._backend.tensor(r, "bs") for r in self.raw_steps]
+        parts = [p for p in parts if p is not None]
+        return torch.cat(parts) if parts else None
+
+    @functools.cached_property
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer terms recorded after the step: ``{"exp_avg_sq": {name: tensor}, ...}``.
+
+        Adam/AdamW record ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad) and ``step``;
+        SGD records nothing. Empty when nothing was recorded.
+        """
+        raw, backend = self.raw_steps[0], self._path._backend
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key in STATE_KEYS:
+            found = {n: backend.tensor(raw, f"{key}/{n}") for n in self._path.param_names}
+            found = {n: t for n, t in found.items() if t is not None}
+            if found:
+                out[key] = found
+        return out
+
+    @functools.cached_property
+    def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer buffers that existed before the step: ``{"momentum_buffer": {...}, ...}``.
+
+        Only recorded when the recording began on an optimizer that already had state.
+        """
+        raw, backend = self.raw_steps[0], self._path._backend
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key in self._path._backend.meta(raw).get("initial_state", []):
+            out[key] = {n: backend.tensor(raw, f"init/{key}/{n}") for n in self._path.param_names}
+            out[key] = {n: t for n, t in out[key].items() if t is not None}
+        return out
+
+    def __repr__(self) -> str:
+        n = None if self.indices is None else len(self.indices)
+        return f"Step(index={self.index}, lr={self.lr}, batch={n})"
+
+
+class TrainingPath:
+    """A recorded weight path: the parameters before every optimizer step, and the final ones.
+
+    Get one from ``PathRecorder(...).path``, `TrainingPath.load`, or
+    `TrainingPath.from_checkpoints`.
+    """
+
+    def __init__(self, manifest: dict[str, Any], backend: _MemoryBackend | _DiskBackend):
+        self.manifest = manifest
+        self._backend = backend
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, verify: bool = True) -> TrainingPath:
+        """Open a store folder written by `PathRecorder` or `TrainingPath.save`.
+
+        Args:
+            directory: The store folder.
+            verify: Check each tensor file against its sha256 on first access.
+
+        Raises:
+            NotAStoreError, FormatVersionError, CorruptStoreError: See `pk_attrib.exceptions`.
+        """
+        root = Path(directory)
+        manifest = read_manifest(root)
+        return cls(manifest, _DiskBackend(root, manifest, verify=verify))
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike],
+        learning_rates: float | Sequence[float],
+        model: torch.nn.Module | None = None,
+    ) -> TrainingPath:
+        """Build an approximate path from a few saved checkpoints (checkpoint mode).
+
+        Args:
+            checkpoints: K state dicts, or files holding one (``.safetensors``, or a torch
+                file read with ``weights_only=True``; ``{"state_dict": ...}`` and
+                ``{"model_state_dict": ...}`` wrappers are unwrapped).
+            learning_rates: η_k, one per checkpoint, or one for all.
+            model: When given, keep only the model's trainable parameters (recommended:
+                state dicts also hold buffers).
+
+        Returns:
+            A path with ``len(path) == K`` whose step k holds checkpoint k and η_k; it is
+            marked approximate.
+        """
+        states = [_load_checkpoint(c) for c in checkpoints]
+        if not states:
+            raise ValueError("from_checkpoints needs at least one checkpoint")
+        if isinstance(learning_rates, (int, float)):
+            lrs = [float(learning_rates)] * len(states)
+        else:
+            lrs = [float(v) for v in learning_rates]
+        if len(lrs) != len(states):
+            raise ValueError(
+                f"got {len(states)} checkpoints but {len(lrs)} learning rates: give one "
+                "learning rate per checkpoint, or a single number"
+            )
+        if model is not None:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            names = [n for n, t in states[0].items() if t.is_floating_point()]
+        for k, state in enumerate(states):
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise StoreMismatchError(
+                    f"checkpoint {k} lacks parameters {missing[:5]}: all checkpoints must "
+                    "come from the same model"
+                )
+        backend = _MemoryBackend()
+        for k, (state, lr) in enumerate(zip(states, lrs, strict=True)):
+            tensors = {f"{k}/w/{n}": state[n].detach().cpu().clone() for n in names}
+            backend.records.append({"tensors": tensors, "meta": {"lr": [lr]}})
+        backend.final = {n: states[-1][n].detach().cpu().clone() for n in names}
+        manifest = new_manifest(
+            {n: states[0][n] for n in names}, optimizer=None, dataset_size=None, every=1
+        )
+        manifest.update(
+            source="checkpoints",
+            approximate=True,
+            approximate_reasons=["built from checkpoints: only checkpoint mode applies"],
+            complete=True,
+        )
+        return cls(manifest, backend)
+
+    # -- description --------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._intervals())
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the recorded (trainable) parameters, in model order."""
+        return _names(self.manifest)
+
+    @property
+    def param_shapes(self) -> dict[str, torch.Size]:
+        """Shape of each recorded parameter."""
+        return {p["name"]: torch.Size(p["shape"]) for p in self.manifest["params"]}
+
+    @property
+    def param_dtypes(self) -> dict[str, torch.dtype]:
+        """Storage dtype of each recorded parameter."""
+        return {p["name"]: dtype_from_name(p["dtype"]) for p in self.manifest["params"]}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the parameters (the widest one when they differ)."""
+        dtypes = list(self.param_dtypes.values())
+        return max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
+
+    @property
+    def dataset_size(self) -> int | None:
+        """Length of the training dataset the indices refer to (None when unknown)."""
+        return self.manifest.get("dataset_size")
+
+    @property
+    def optimizer(self) -> dict[str, Any] | None:
+        """The optimizer description: kind, class, exact, param groups and hyperparameters."""
+        return self.manifest.get("optimizer")
+
+    @property
+    def every(self) -> int:
+        """Snapshot interval in optimizer steps (1: every step was recorded)."""
+        return int(self.manifest.get("every", 1))
+
+    @property
+    def source(self) -> str:
+        """``"recorder"`` or ``"checkpoints"``."""
+        return self.manifest.get("source", "recorder")
+
+    @property
+    def approximate(self) -> bool:
+        """True when only approximate (checkpoint) modes can explain this path."""
+        return bool(self.manifest.get("approximate", False))
+
+    @property
+    def approximate_reasons(self) -> list[str]:
+        """Why the path is approximate (empty for an exact path)."""
+        return list(self.manifest.get("approximate_reasons", []))
+
+    @property
+    def complete(self) -> bool:
+        """False for a run that was interrupted: the path then ends at its last full snapshot."""
+        return bool(self.manifest.get("complete", False))
+
+    @property
+    def learning_rates(self) -> torch.Tensor:
+        """Learning rate of each param group at each step, float64 (len(path), n_groups)."""
+        return torch.tensor([self.step(s).lr for s in range(len(self))], dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        kind = (self.optimizer or {}).get("kind", "none")
+        flag = "approximate" if self.approximate else "exact"
+        n = sum(s.numel() for s in self.param_shapes.values())
+        return f"TrainingPath(steps={len(self)}, params={n}, optimizer={kind}, {flag})"
+
+    # -- access ---------------------------------------------------------------------------
+
+    def _intervals(self) -> list[range]:
+        """The optimizer steps each path step spans; snapshots sit at multiples of ``every``."""
+        n_raw = self._backend.n_raw()
+        has_final = self._backend.has_final()
+        key = (n_raw, has_final)
+        if getattr(self, "_interval_key", None) != key:
+            bounds = list(range(0, n_raw, self.every)) + ([n_raw] if has_final else [])
+            pairs = zip(bounds[:-1], bounds[1:], strict=True)
+            self._interval_list = [range(a, b) for a, b in pairs]
+            self._interval_key = key
+        return self._interval_list
+
+    def step(self, s: int) -> Step:
+        """Step s (0 <= s < len(path)); negative indices count from the end."""
+        intervals = self._intervals()
+        if s < 0:
+            s += len(intervals)
+        if not 0 <= s < len(intervals):
+            raise IndexError(f"step {s} out of range for a path of {len(intervals)} steps")
+        return Step(self, s, intervals[s])
+
+    def __iter__(self) -> Iterator[Step]:
+        return (self.step(s) for s in range(len(self)))
+
+    def params(self, s: int) -> dict[str, torch.Tensor]:
+        """w_s by parameter name, for 0 <= s <= len(path) (s = len(path): the final model)."""
+        intervals = self._intervals()
+        if s < 0:
+            s += len(intervals) + 1
+        if s == len(intervals):
+            return self.final
+        if not 0 <= s < len(intervals):
+            raise IndexError(f"parameters {s} out of range 0..{len(intervals)}")
+        return self._raw_params(intervals[s][0])
+
+    def _raw_params(self, raw: int) -> dict[str, torch.Tensor]:
+        return {n: self._backend.tensor(raw, f"w/{n}") for n in self.param_names}
+
+    @property
+    def initial(self) -> dict[str, torch.Tensor]:
+        """w_0, the parameters before the first step."""
+        return self.params(0)
+
+    @property
+    def final(self) -> dict[str, torch.Tensor]:
+        """w_S, the parameters after the last step (the model being explained)."""
+        final = self._backend.final_params()
+        if final is not None:
+            return final
+        if self._backend.n_raw() == 0:
+            raise StoreError("the path holds no recorded step yet")
+        intervals = self._intervals()
+        return self._raw_params(intervals[-1].stop if intervals else 0)
+
+    def load_into(self, model: torch.nn.Module, s: int | None = None) -> None:
+        """Copy w_s (default: the final parameters) into the model's parameters, by name."""
+        values = self.final if s is None else self.params(s)
+        params = dict(model.named_parameters())
+        missing = [n for n in values if n not in params]
+        if missing:
+            raise StoreMismatchError(
+                f"the model has no parameters named {missing[:5]}: pass the model the path "
+                "was recorded from"
+            )
+        with torch.no_grad():
+            for name, value in values.items():
+                params[name].copy_(value)
+
+    def verify(self) -> None:
+        """Check every tensor file of a stored path against its sha256.
+
+        Raises:
+            CorruptStoreError: A file is missing or does not match its hash.
+        """
+        if isinstance(self._backend, _DiskBackend):
+            for entry in self.manifest["shards"] + [self.manifest.get("final")]:
+                if entry is not None:
+                    self._backend.reader.check(entry)
+
+    def save(self, directory: str | os.PathLike, shard_bytes: int = 128 << 20) -> TrainingPath:
+        """Write this path as a store folder (new or empty) and return the stored path."""
+        root = Path(directory)
+        if root.exists() and any(root.iterdir()):
+            raise StoreError(f"{root} is not empty: save a path into a new or empty folder")
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("steps", "shards", "final")}
+        manifest.update(steps=[], shards=[], final=None)
+        backend = self._backend
+        batch: list[int] = []
+        size = 0
+
+        def write(raws: list[int]) -> None:
+            tensors = {}
+            for r in raws:
+                for key in _raw_keys(self, r):
+                    tensors[f"{r}/{key}"] = backend.tensor(r, key)
+            entry = write_tensor_file(
+                root / f"shard-{raws[0]:08d}.safetensors", tensors, {"format": "pk_attrib.shard"}
+            )
+            entry.update(first_step=raws[0], n_steps=len(raws))
+            manifest["shards"].append(entry)
+            manifest["steps"].extend(backend.meta(r) for r in raws)
+
+        for r in range(backend.n_raw()):
+            batch.append(r)
+            if backend.has(r, "w/" + self.param_names[0]):
+                size += sum(s.numel() * 4 for s in self.param_shapes.values())
+            if size >= shard_bytes:
+                write(batch)
+                batch, size = [], 0
+        if batch:
+            write(batch)
+        final = self._backend.final_params()
+        if final is not None:
+            manifest["final"] = write_tensor_file(
+                root / FINAL, {f"w/{n}": t for n, t in final.items()}, {"format": "pk_attrib.final"}
+            )
+        write_manifest(root, manifest)
+        return TrainingPath.load(root)
+
+
+def _raw_keys(path: TrainingPath, raw: int) -> list[str]:
+    backend = path._backend
+    if isinstance(backend, _MemoryBackend):
+        prefix = f"{raw}/"
+        return [k[len(prefix) :] for k in backend.records[raw]["tensors"]]
+    entry = backend._shard_of[raw]
+    prefix = f"{raw}/"
+    return [k[len(prefix) :] for k in backend.reader.keys(entry) if k.startswith(prefix)]
+
+
+def new_manifest(
+    params: Mapping[str, torch.Tensor],
+    optimizer: dict[str, Any] | None,
+    dataset_size: int | None,
+    every: int,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """A fresh manifest for the given parameters (values only give names, shapes, dtypes)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": library_version(),
+        "source": "recorder",
+        "params": [
+            {"name": n, "shape": list(t.shape), "dtype": dtype_name(dtype or t.dtype)}
+            for n, t in params.items()
+        ],
+        "optimizer": optimizer,
+        "dataset_size": dataset_size,
+        "every": every,
+        "approximate": False,
+        "approximate_reasons": [],
+        "steps": [],
+        "shards": [],
+        "final": None,
+        "complete": False,
+    }
+
+
+def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:
+    if isinstance(checkpoint, Mapping):
+        state = dict(checkpoint)
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            import safetensors.torch
+
+            state = safetensors.torch.load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state.get(key), Mapping):
+            state = dict(state[key])
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
+        raise StoreMismatchError(
+            f"checkpoint entries {bad} are not tensors: pass a model state_dict "
+            "(or a file holding one)"
+        )
+    return state

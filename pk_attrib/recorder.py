@@ -1,0 +1,490 @@
+"""`PathRecorder`: the training callback that records the weight path.
+
+The recorder hooks the optimizer (`register_step_pre_hook` / `register_step_post_hook`),
+so the training loop changes by one line::
+
+    recorder = PathRecorder(model, optimizer, store="runs/exp")
+    for x, y in recorder.watch(train_loader):
+        optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+    recorder.close()
+
+`watch` yields the loader's batches unchanged and notes the dataset indices of each one by
+wrapping the loader's (batch) sampler while the iterator is created; batches come back in
+sampler order (``in_order=True``), so this holds with shuffling, workers, ``drop_last`` and
+custom samplers. Every batch since the previous optimizer step belongs to the next step
+(gradient accumulation). Loops without a DataLoader call `PathRecorder.record_batch`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .exceptions import (
+    IndexOutOfRangeError,
+    MissingBatchIndicesError,
+    NotAStoreError,
+    PkAttribWarning,
+    RecordingError,
+    StoreMismatchError,
+)
+from .optim import OptimizerKind, describe_optimizer, group_hyper, group_lr, optimizer_kind
+from .path import TrainingPath, _DiskBackend, _MemoryBackend, new_manifest
+from .store import (
+    FINAL,
+    MANIFEST,
+    AsyncShardWriter,
+    read_manifest,
+    write_manifest,
+    write_tensor_file,
+)
+
+_STATE_AFTER_STEP = ("exp_avg_sq", "max_exp_avg_sq", "step")
+_INITIAL_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+
+
+class _RecordingSampler:
+    """Wraps a (batch) sampler: yields what it yields and appends it to a queue."""
+
+    def __init__(self, inner: Iterable, seen: collections.deque):
+        self.inner = inner
+        self.seen = seen
+
+    def __iter__(self):
+        for item in self.inner:
+            self.seen.append(item)
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+
+class PathRecorder:
+    """Record the path the weights take during training.
+
+    Args:
+        model: The model being trained. Its parameters that the optimizer updates are
+            recorded by name; frozen parameters are not.
+        optimizer: The optimizer. SGD (all options), Adam and AdamW get exact
+            decompositions; any other optimizer is recorded for approximate modes only.
+        store: A folder to write the path to, or None to keep it in memory. An existing
+            store is continued (resume) when the model's parameters equal its final or last
+            recorded ones; otherwise it is refused.
+        every: Keep a snapshot every ``every`` optimizer steps (``> 1`` makes the path
+            approximate; batch indices and learning rates are still kept for every step).
+        dtype: Storage dtype of the snapshots. None (default) keeps each parameter's own
+            dtype, which the exact engine needs; ``torch.float32`` halves a float64 run.
+        dataset_size: Length of the training dataset, for custom loops that call
+            `record_batch` (`watch` reads it from the loader).
+        shard_bytes: Size at which the writer starts a new shard file.
+        flush_interval: Seconds after which the writer writes a partial shard, which bounds
+            what a killed process can lose.
+        max_queue_bytes: Memory the writer's queue may hold; training blocks (never drops a
+            step) when the disk cannot keep up.
+
+    Example:
+        >>> import torch, pk_attrib as pk
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
+        >>> loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+        >>> with pk.PathRecorder(model, opt) as recorder:
+        ...     for x, y in recorder.watch(loader):
+        ...         opt.zero_grad()
+        ...         torch.nn.functional.mse_loss(model(x), y).backward()
+        ...         opt.step()
+        >>> len(recorder.path)
+        2
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        store: str | os.PathLike | None = None,
+        every: int = 1,
+        dtype: torch.dtype | None = None,
+        dataset_size: int | None = None,
+        *,
+        shard_bytes: int = 128 << 20,
+        flush_interval: float = 1.0,
+        max_queue_bytes: int = 1 << 30,
+    ):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.dtype = dtype
+        self._kind = optimizer_kind(optimizer)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        named = dict(model.named_parameters())
+        names_by_id = {id(p): n for n, p in named.items()}
+        description = describe_optimizer(optimizer, names_by_id)
+        self._params = {n: p for n, p in named.items() if id(p) in in_optimizer and p.requires_grad}
+        if not self._params:
+            raise RecordingError(
+                "the optimizer updates no trainable parameter of the model: nothing to record"
+            )
+        self._base_hyper = [g["hyper"] for g in description["groups"]]
+        step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
+        self._pending: list[torch.Tensor] = []
+        self._inflight: tuple[int, dict, dict] | None = None
+        self._closed = False
+        self._session_first = True
+        self.store = None if store is None else Path(store)
+        self._raw = 0
+
+        reasons = []
+        if every > 1:
+            reasons.append(f"every={every}: only every {every}-th step has a snapshot")
+        if not self._kind.exact:
+            reasons.append(description["note"])
+        fresh = new_manifest(self._snapshot(), description, dataset_size, every, dtype)
+        fresh.update(approximate=bool(reasons), approximate_reasons=reasons)
+
+        if self.store is None:
+            self._manifest = fresh
+            self._backend = _MemoryBackend()
+            self._writer = None
+        else:
+            self._manifest = self._open_store(fresh)
+            self._raw = len(self._manifest["steps"])
+            self._writer = AsyncShardWriter(
+                self.store,
+                self._manifest,
+                queue_steps=max(2, min(256, max_queue_bytes // max(step_bytes, 1))),
+                shard_bytes=shard_bytes,
+                flush_interval=flush_interval,
+            )
+            atexit.register(_flush_at_exit, weakref.ref(self))
+        self._dataset_size = self._manifest.get("dataset_size")
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    # -- the training loop ----------------------------------------------------------------
+
+    def watch(self, loader: DataLoader) -> Iterator[Any]:
+        """Yield the loader's batches unchanged, noting the dataset indices of each.
+
+        Args:
+            loader: A `torch.utils.data.DataLoader` over a map-style dataset.
+
+        Yields:
+            Exactly the batches ``iter(loader)`` yields.
+
+        Raises:
+            TypeError: For anything but a DataLoader over a map-style dataset; call
+                `record_batch` from such loops instead.
+        """
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"watch() needs a torch DataLoader, got {type(loader).__name__}: for a custom "
+                "loop call recorder.record_batch(indices) once per batch"
+            )
+        if isinstance(loader.dataset, IterableDataset):
+            raise TypeError(
+                "watch() cannot know dataset indices of an IterableDataset: use a map-style "
+                "dataset, or call recorder.record_batch(indices) once per batch"
+            )
+        if getattr(loader, "in_order", True) is False:
+            raise RecordingError(
+                "the DataLoader was built with in_order=False, so batches may arrive in "
+                "another order than their indices: build it with in_order=True"
+            )
+        self._set_dataset_size(len(loader.dataset))  # type: ignore[arg-type]
+        seen: collections.deque = collections.deque()
+        attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+        original = getattr(loader, attr)
+        persistent = getattr(loader, "_iterator", None)  # persistent workers' iterator
+        if persistent is not None:
+            inner = persistent._index_sampler
+            inner = inner.inner if isinstance(inner, _RecordingSampler) else inner
+            persistent._index_sampler = _RecordingSampler(inner, seen)
+        object.__setattr__(loader, attr, _RecordingSampler(original, seen))
+        try:
+            iterator = iter(loader)
+        finally:
+            object.__setattr__(loader, attr, original)
+        for batch in iterator:
+            if not seen:
+                raise RecordingError(
+                    "the DataLoader yielded a batch whose indices were not seen: its iterator "
+                    "does not draw from its sampler in the usual way; call "
+                    "recorder.record_batch(indices) yourself"
+                )
+            self.record_batch(seen.popleft())
+            yield batch
+
+    def record_batch(self, indices: Any) -> None:
+        """Note the dataset indices of one (micro-)batch; the next optimizer step uses them.
+
+        Args:
+            indices: Dataset indices, int (B,) tensor, array or list (or one int).
+
+        Raises:
+            IndexOutOfRangeError: An index lies outside ``[0, dataset_size)``.
+        """
+        if self._closed:
+            raise RecordingError("this recorder is closed: create a new PathRecorder")
+        idx = torch.as_tensor(indices).reshape(-1)
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
+        idx = idx.to(torch.int64).cpu()
+        size = self._dataset_size
+        if idx.numel() and (int(idx.min()) < 0 or (size is not None and int(idx.max()) >= size)):
+            raise IndexOutOfRangeError(
+                f"batch indices span [{int(idx.min())}, {int(idx.max())}] but the training "
+                f"dataset has {size} examples: pass the indices into the dataset the recorder "
+                "was given (dataset_size=)"
+            )
+        self._pending.append(idx)
+
+    def _set_dataset_size(self, size: int) -> None:
+        if self._dataset_size is None:
+            self._dataset_size = size
+            self._manifest["dataset_size"] = size
+        elif self._dataset_size != size:
+            raise StoreMismatchError(
+                f"this recording is over a dataset of {self._dataset_size} examples but the "
+                f"loader's dataset has {size}: record one training set per store"
+            )
+
+    # -- optimizer hooks ------------------------------------------------------------------
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self._closed:
+            return
+        if not self._pending:
+            raise MissingBatchIndicesError(
+                f"optimizer step {self._raw} has no batch indices: iterate the loader through "
+                "recorder.watch(loader), or call recorder.record_batch(indices) before "
+                "optimizer.step()"
+            )
+        r = self._raw
+        indices = torch.cat(self._pending)
+        sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
+        tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
+        meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
+        hyper = [group_hyper(g) for g in optimizer.param_groups]
+        if hyper != self._base_hyper:
+            meta["hyper"] = hyper
+        states = [optimizer.state.get(p) for p in self._params.values()]
+        if not any(states):
+            meta["fresh_state"] = True
+        elif self._session_first:
+            kept = set()
+            for name, p in self._params.items():
+                for key, value in (optimizer.state.get(p) or {}).items():
+                    if key in _INITIAL_STATE and isinstance(value, torch.Tensor):
+                        tensors[f"{r}/init/{key}/{name}"] = _copy(
+                            value, torch.float64 if value.dim() == 0 else None
+                        )
+                        kept.add(key)
+            meta["initial_state"] = sorted(kept)
+        if r % self.every == 0:
+            tensors.update({f"{r}/w/{n}": t for n, t in self._snapshot().items()})
+        self._inflight = (r, tensors, meta)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._closed or self._inflight is None:
+            return
+        r, tensors, meta = self._inflight
+        self._inflight = None
+        if self._kind in (OptimizerKind.ADAM, OptimizerKind.ADAMW) and r % self.every == 0:
+            for name, p in self._params.items():
+                state = optimizer.state.get(p) or {}
+                for key in _STATE_AFTER_STEP:
+                    if isinstance(state.get(key), torch.Tensor):
+                        value = state[key]
+                        tensors[f"{r}/{key}/{name}"] = _copy(
+                            value, torch.float64 if value.dim() == 0 else self.dtype
+                        )
+        self._pending = []
+        self._session_first = False
+        record = {
+            "step": r,
+            "tensors": tensors,
+            "meta": meta,
+            "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        }
+        if self._writer is None:
+            self._backend.records.append(record)
+        else:
+            self._writer.put(record)
+        self._raw += 1
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: _copy(p, self.dtype) for n, p in self._params.items()}
+
+    # -- results and lifecycle --------------------------------------------------------------
+
+    @property
+    def path(self) -> TrainingPath:
+        """The path recorded so far (a closed recorder's path ends at the final parameters)."""
+        if self._writer is None:
+            return TrainingPath(self._manifest, self._backend)
+        if not self._closed:
+            self._writer.flush()
+        return TrainingPath.load(self.store)
+
+    @property
+    def steps_recorded(self) -> int:
+        """Number of optimizer steps recorded so far."""
+        return self._raw
+
+    def flush(self) -> None:
+        """Block until every recorded step is on disk (no-op in memory)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Finish the recording: remove the hooks, write pending steps and the final parameters.
+
+        If an optimizer step failed half-way (an exception inside ``optimizer.step()``), the
+        final parameters are not trustworthy, so the path is left ending at its last full
+        snapshot rather than finalized.
+        """
+        if self._closed:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._closed = True
+        if self._pending:
+            warnings.warn(
+                f"{len(self._pending)} batch(es) were loaded after the last optimizer step and "
+                "belong to no step; they are not part of the path",
+                PkAttribWarning,
+                stacklevel=2,
+            )
+        finalize = self._inflight is None
+        if self._writer is None:
+            if finalize:
+                self._backend.final = self._snapshot()
+                self._manifest["complete"] = True
+            return
+        self._writer.close()
+        if finalize:
+            self._manifest["final"] = write_tensor_file(
+                self.store / FINAL,
+                {f"w/{n}": t for n, t in self._snapshot().items()},
+                {"format": "pk_attrib.final"},
+            )
+            self._manifest["complete"] = True
+            write_manifest(self.store, self._manifest)
+
+    def __enter__(self) -> PathRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- resuming a store ------------------------------------------------------------------
+
+    def _open_store(self, fresh: dict[str, Any]) -> dict[str, Any]:
+        root = self.store
+        if root.exists() and not root.is_dir():
+            raise NotAStoreError(f"{root} is a file, not a folder: choose a folder for the store")
+        if not (root / MANIFEST).exists():
+            if root.exists() and any(root.iterdir()):
+                raise NotAStoreError(
+                    f"{root} is not empty and holds no pk_attrib store: choose a new or "
+                    "empty folder, so that nothing in it is overwritten"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+            write_manifest(root, fresh)
+            return fresh
+        manifest = read_manifest(root)
+        _check_same_run(manifest, fresh, root)
+        resume_at = self._resume_point(manifest)
+        _truncate(manifest, resume_at)
+        manifest["complete"] = False
+        write_manifest(root, manifest)
+        listed = {e["file"] for e in manifest["shards"]} | {MANIFEST}
+        for leftover in root.iterdir():
+            if leftover.name not in listed and (
+                leftover.name.endswith(".tmp")
+                or leftover.name.startswith("shard-")
+                or leftover.name == FINAL
+            ):
+                leftover.unlink()
+        return manifest
+
+    def _resume_point(self, manifest: dict[str, Any]) -> int:
+        path = TrainingPath(manifest, _DiskBackend(self.store, manifest))
+        current = self._snapshot()
+        n_raw = len(manifest["steps"])
+        if manifest.get("final") is not None and _equal(current, path.final):
+            return n_raw
+        last = ((n_raw - 1) // self.every) * self.every if n_raw else 0
+        if n_raw == 0 or _equal(current, path._raw_params(last)):
+            return last
+        raise StoreMismatchError(
+            f"{self.store} holds {n_raw} recorded steps, but the model's parameters equal "
+            "neither its final nor its last recorded ones, so a resumed recording would not be "
+            "a continuous path: restore them first with "
+            "pk.TrainingPath.load(store).load_into(model), or record into a new folder"
+        )
+
+
+def _copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n].to(a[n].dtype)) for n in a)
+
+
+def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
+    if old["params"] != new["params"]:
+        raise StoreMismatchError(
+            f"{root} was recorded from a model with other parameters (names, shapes or "
+            "dtypes differ): record this model into a new folder"
+        )
+    old_opt, new_opt = old.get("optimizer") or {}, new["optimizer"]
+    same = old_opt.get("class") == new_opt["class"] and [
+        (g["params"], g["hyper"]) for g in old_opt.get("groups", [])
+    ] == [(g["params"], g["hyper"]) for g in new_opt["groups"]]
+    if not same:
+        raise StoreMismatchError(
+            f"{root} was recorded with optimizer {old_opt.get('class')} and other param groups "
+            f"or hyperparameters than this {new_opt['class']}: resume with the same optimizer "
+            "settings, or record into a new folder"
+        )
+    if old.get("every", 1) != new["every"]:
+        raise StoreMismatchError(
+            f"{root} was recorded with every={old.get('every', 1)}, not every={new['every']}"
+        )
+
+
+def _truncate(manifest: dict[str, Any], n_raw: int) -> None:
+    manifest["steps"] = manifest["steps"][:n_raw]
+    shards = []
+    for entry in manifest["shards"]:
+        if entry["first_step"] < n_raw:
+            entry["n_steps"] = min(entry["n_steps"], n_raw - entry["first_step"])
+            shards.append(entry)
+    manifest["shards"] = shards
+    manifest["final"] = None
+
+
+def _flush_at_exit(ref: weakref.ref) -> None:
+    recorder = ref()
+    if recorder is not None and not recorder._closed and recorder._writer is not None:
+        try:
+            recorder._writer.close()
+        except Exception:  # noqa: BLE001 - nothing can be reported at interpreter exit
+            pass

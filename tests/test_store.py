@@ -1,0 +1,231 @@
+"""The store survives other processes, SIGKILL and bad input, and says what is wrong."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _runs import make, replay, run_steps
+
+import pk_attrib as pk
+
+TESTS = Path(__file__).parent
+
+
+def child(code: str) -> subprocess.Popen:
+    script = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def assert_matches_replay(path, expected):
+    for s in range(len(path)):
+        for name, value in expected[s].items():
+            assert torch.equal(path.params(s)[name], value), (s, name)
+    for name, value in expected[len(path)].items():
+        assert torch.equal(path.final[name], value)
+
+
+def record(store, steps=10, **kwargs):
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, **kwargs) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, steps)
+    return model
+
+
+def test_store_written_by_another_process_is_read_here(tmp_path):
+    proc = child(
+        f"""
+        import pk_attrib as pk
+        from _runs import make, run_steps
+        model, optimizer, x, y = make()
+        with pk.PathRecorder(model, optimizer, store={str(tmp_path / "s")!r}, dataset_size=40) as r:
+            run_steps(model, optimizer, x, y, r, 0, 12)
+        """
+    )
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert len(path) == 12 and path.complete
+    path.verify()
+    assert_matches_replay(path, replay(12))
+    assert [int(path.step(s).indices[0]) for s in range(6)] == [0, 8, 16, 24, 32, 0]
+
+
+def test_store_written_here_is_read_by_another_process(tmp_path):
+    record(tmp_path / "s", steps=7)
+    expected = float(
+        sum(t.double().sum() for t in pk.TrainingPath.load(tmp_path / "s").params(3).values())
+    )
+    proc = child(
+        f"""
+        import pk_attrib as pk
+        path = pk.TrainingPath.load({str(tmp_path / "s")!r})
+        print(len(path), repr(float(sum(t.double().sum() for t in path.params(3).values()))))
+        """
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert out.split() == ["7", repr(expected)]
+
+
+def test_sigkill_leaves_a_loadable_prefix_and_the_run_resumes(tmp_path):
+    store = tmp_path / "s"
+    proc = child(
+        f"""
+        import pk_attrib as pk
+        from _runs import make, run_steps
+        model, optimizer, x, y = make()
+        r = pk.PathRecorder(model, optimizer, store={str(store)!r}, dataset_size=40,
+                            flush_interval=0.02)
+        run_steps(model, optimizer, x, y, r, 0, 100000, sleep=0.01)
+        """
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if len(json.loads((store / "manifest.json").read_text())["steps"]) >= 25:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    path = pk.TrainingPath.load(store)
+    assert not path.complete
+    n = len(path)
+    assert n >= 24
+    path.verify()
+    total = 80
+    assert n < total
+    assert_matches_replay(path, replay(n))
+
+    # resume: restore the last recorded weights, then continue the same run to `total` steps
+    model, optimizer, x, y = make()
+    path.load_into(model)
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as recorder:
+        assert recorder.steps_recorded == n
+        run_steps(model, optimizer, x, y, recorder, n, total)
+    resumed = pk.TrainingPath.load(store)
+    assert len(resumed) == total and resumed.complete
+    resumed.verify()
+    assert_matches_replay(resumed, replay(total))
+    assert sorted(p.name for p in store.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_closed_store_continues_when_the_model_is_at_its_final_weights(tmp_path):
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=tmp_path / "s", dataset_size=40) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, 6)
+    with pk.PathRecorder(model, optimizer, store=tmp_path / "s", dataset_size=40) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 6, 15)
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert len(path) == 15
+    assert_matches_replay(path, replay(15))
+
+
+def test_resume_refuses_a_model_or_optimizer_that_does_not_match(tmp_path):
+    store = tmp_path / "s"
+    model = record(store)
+    before = (store / "manifest.json").read_bytes()
+    other = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with pytest.raises(pk.StoreMismatchError, match="other parameters"):
+        pk.PathRecorder(other, torch.optim.SGD(other.parameters(), lr=0.1), store=store)
+    with pytest.raises(pk.StoreMismatchError, match="optimizer"):
+        pk.PathRecorder(model, torch.optim.Adam(model.parameters()), store=store)
+    fresh, optimizer, _, _ = make()  # initial weights: neither the final nor the last ones
+    with pytest.raises(pk.StoreMismatchError, match="load_into"):
+        pk.PathRecorder(fresh, optimizer, store=store)
+    assert (store / "manifest.json").read_bytes() == before
+    assert len(pk.TrainingPath.load(store)) == 10
+
+
+def test_step_without_indices_is_refused_before_the_weights_change(tmp_path):
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, store=tmp_path / "s", dataset_size=40)
+    run_steps(model, optimizer, x, y, recorder, 0, 3)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(pk.MissingBatchIndicesError, match="record_batch"):
+        optimizer.step()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    optimizer.zero_grad()
+    run_steps(model, optimizer, x, y, recorder, 3, 5)
+    recorder.close()
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert len(path) == 5
+    assert_matches_replay(path, replay(5))
+
+
+def test_indices_outside_the_dataset_are_refused():
+    model, optimizer, _, _ = make()
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=40)
+    with pytest.raises(pk.IndexOutOfRangeError, match="40 examples"):
+        recorder.record_batch([3, 40])
+    with pytest.raises(IndexError):  # the built-in base class works too
+        recorder.record_batch([-1])
+    with pytest.raises(TypeError, match="integers"):
+        recorder.record_batch(torch.tensor([0.5]))
+    with pytest.raises(TypeError, match="record_batch"):
+        next(recorder.watch([(torch.zeros(1), torch.zeros(1))]))
+
+
+def test_a_folder_that_holds_something_else_is_left_alone(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"not a store")
+    model, optimizer, _, _ = make()
+    with pytest.raises(pk.NotAStoreError, match="not empty"):
+        pk.PathRecorder(model, optimizer, store=folder)
+    with pytest.raises(pk.NotAStoreError, match="no manifest.json"):
+        pk.TrainingPath.load(folder)
+    assert [p.name for p in folder.iterdir()] == ["cat.jpg"]
+    (folder / "manifest.json").write_text('{"some": "other tool"}')
+    with pytest.raises(pk.NotAStoreError, match="something else"):
+        pk.TrainingPath.load(folder)
+    with pytest.raises(pk.NotAStoreError, match="does not exist"):
+        pk.TrainingPath.load(tmp_path / "nowhere")
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    record(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(pk.FormatVersionError, match="version 99"):
+        pk.TrainingPath.load(tmp_path / "s")
+    model, optimizer, _, _ = make()
+    with pytest.raises(pk.FormatVersionError):
+        pk.PathRecorder(model, optimizer, store=tmp_path / "s")
+
+
+def test_a_damaged_or_missing_tensor_file_is_reported(tmp_path):
+    record(tmp_path / "s", steps=6)
+    shard = next((tmp_path / "s").glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    path = pk.TrainingPath.load(tmp_path / "s")
+    with pytest.raises(pk.CorruptStoreError, match="sha256"):
+        path.params(2)
+    with pytest.raises(pk.CorruptStoreError, match="sha256"):
+        path.verify()
+    shard.unlink()
+    with pytest.raises(pk.CorruptStoreError, match="missing"):
+        pk.TrainingPath.load(tmp_path / "s").params(1)
+    with pytest.raises(OSError):  # the built-in base class works too
+        pk.TrainingPath.load(tmp_path / "s").verify()
+
+
+def test_many_steps_make_few_files(tmp_path):
+    record(tmp_path / "s", steps=400, shard_bytes=20_000)
+    files = list((tmp_path / "s").iterdir())
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert len(path) == 400
+    assert len(files) < 60  # ~1.5 KB per step, 20 KB shards
+    assert_matches_replay(path, replay(400))
