@@ -7,11 +7,15 @@ contribution per training example.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .decomposition import Decomposition, Diagnostics, Ranked, TopK
+from .engine import ReconstructionWarning
 from .exceptions import (
     CorruptStoreError,
     FormatVersionError,
     IndexOutOfRangeError,
+    LossReductionError,
     MissingBatchIndicesError,
+    NonFiniteError,
     NotAStoreError,
     PkAttribError,
     PkAttribWarning,
@@ -21,6 +25,7 @@ from .exceptions import (
     UnsupportedError,
 )
 from .path import Step, TrainingPath
+from .quadrature import Quadrature
 from .recorder import PathRecorder
 
 try:
@@ -28,19 +33,39 @@ try:
 except PackageNotFoundError:  # running from a bare checkout
     __version__ = "0.0.0+unknown"
 
+
+def __getattr__(name: str):
+    # PathKernelInfluence subclasses captum's DataInfluence, and importing captum imports
+    # matplotlib: load it on first use so that `import pk_attrib` stays light.
+    if name == "PathKernelInfluence":
+        from .attribution import PathKernelInfluence
+
+        return PathKernelInfluence
+    raise AttributeError(f"module 'pk_attrib' has no attribute {name!r}")
+
+
 __all__ = [
     "CorruptStoreError",
+    "Decomposition",
+    "Diagnostics",
     "FormatVersionError",
     "IndexOutOfRangeError",
+    "LossReductionError",
     "MissingBatchIndicesError",
+    "NonFiniteError",
     "NotAStoreError",
+    "PathKernelInfluence",
     "PathRecorder",
     "PkAttribError",
     "PkAttribWarning",
+    "Quadrature",
+    "Ranked",
+    "ReconstructionWarning",
     "RecordingError",
     "Step",
     "StoreError",
     "StoreMismatchError",
+    "TopK",
     "TrainingPath",
     "UnsupportedError",
     "__version__",

@@ -47,3 +47,11 @@ class UnsupportedError(PkAttribError, NotImplementedError):
 
 class PkAttribWarning(UserWarning):
     """Base class of pk_attrib warnings."""
+
+
+class NonFiniteError(PkAttribError, FloatingPointError):
+    """A gradient or output along the path is NaN or infinite."""
+
+
+class LossReductionError(PkAttribError, ValueError):
+    """How the training loss reduced over the batch cannot be known."""

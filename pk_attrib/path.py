@@ -164,6 +164,19 @@ class Step:
         return torch.cat(parts) if parts else None
 
     @functools.cached_property
+    def parts(self) -> list[tuple[tuple[float, ...], torch.Tensor, torch.Tensor]]:
+        """Per optimizer step spanned: ``(lr per group, indices (B,), micro-batch sizes)``.
+
+        One entry unless the path was recorded with ``every > 1``; empty for checkpoints.
+        """
+        backend, out = self._path._backend, []
+        for r in self.raw_steps:
+            idx = backend.tensor(r, "idx")
+            if idx is not None:
+                out.append((tuple(backend.meta(r).get("lr", ())), idx, backend.tensor(r, "bs")))
+        return out
+
+    @functools.cached_property
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer terms recorded after the step: ``{"exp_avg_sq": {name: tensor}, ...}``.
 

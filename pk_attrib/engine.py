@@ -1,0 +1,244 @@
+"""The decomposition engine: a training path and queries in, a `Decomposition` out.
+
+Exact mode (DESIGN.md §1) walks the steps backwards. At step s it
+
+1. integrates the query gradient along the step (φ_s, `quadrature`), checked against the
+   exact output change f(x; w_{s+1}) − f(x; w_s);
+2. turns φ_s into the adjoint v_s of the effective gradient G_s (`rules`);
+3. computes the per-example loss gradients of the step's batch at w_s and adds
+   −σ κ_j v_s · g_j to each example's contribution;
+4. checks the step: Δ_s against Δ̂_s rebuilt from those gradients.
+
+Checkpoint mode uses the left endpoint and plain gradients (TracIn):
+c_i(x) ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .decomposition import Decomposition, Diagnostics
+from .exceptions import NonFiniteError, PkAttribWarning
+from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples
+from .path import Step, TrainingPath
+from .quadrature import QuadratureRule, StepIntegrator
+from .rules import GroupVectors, make_rule
+
+WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
+
+
+class ReconstructionWarning(PkAttribWarning):
+    """Recorded steps are not rebuilt by the example gradients (dropout, clipping, ...)."""
+
+
+@dataclass
+class Problem:
+    """Everything a decomposition needs besides the queries."""
+
+    fm: FunctionalModel
+    path: TrainingPath
+    train_dataset: Dataset
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    reduction: Reduction
+    accumulation: str
+    show_progress: bool
+
+
+def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"non-finite {what} at step {step}: the training run diverged there or the inputs "
+            "hold NaN/inf; explain a path that stays finite, or check the data"
+        )
+
+
+def example_weights(batch_sizes: torch.Tensor, reduction: Reduction, accumulation: str):
+    """κ_j for each index of a step: the weight of ℓ_j in the gradient the optimizer used."""
+    sizes = batch_sizes.to(torch.float64)
+    per = 1.0 / sizes if reduction is Reduction.MEAN else torch.ones_like(sizes)
+    if accumulation == "mean":
+        per = per / len(sizes)
+    return torch.repeat_interleave(per, batch_sizes)
+
+
+class Engine:
+    """Runs exact and checkpoint decompositions for a `Problem`."""
+
+    def __init__(self, problem: Problem):
+        self.p = problem
+        self.fm = problem.fm
+        self.n_train = len(problem.train_dataset)
+        self.vectors = GroupVectors(problem.path, self.fm.names, self.fm.dtype, self.fm.device)
+
+    def _batch(self, indices: torch.Tensor):
+        return self.fm.cast(gather_examples(self.p.train_dataset, indices))
+
+    def _forward(self, w, inputs, target, output_fn) -> torch.Tensor:
+        return output_fn(self.fm.outputs(w, inputs), target).reshape(-1)
+
+    # -- exact ----------------------------------------------------------------------------
+
+    def exact(self, inputs, target, output_fn: OutputFn, quad: QuadratureRule, kernel: bool):
+        """Exact decomposition by the backward adjoint sweep."""
+        fm, path, p = self.fm, self.p.path, self.p
+        rule = make_rule(path, self.vectors, fm.names)
+        n, S = inputs[0].shape[0], len(path)
+        dtype, device = fm.dtype, fm.device
+        contributions = torch.zeros(n, self.n_train, dtype=dtype, device=device)
+        kern = weights_num = None
+        w_next = fm.flatten(path.final)
+        f_next = prediction = self._forward(w_next, inputs, target, output_fn)
+        _check_finite(prediction, "output of the final model", S)
+        f_initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
+        eps = torch.finfo(dtype).eps
+        share = quad.rtol * (prediction - f_initial).abs() / max(S, 1)
+        integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
+        decay = torch.zeros(n, dtype=dtype, device=device)
+        phi_delta = torch.zeros(n, dtype=dtype, device=device)
+        nodes = torch.zeros(S, dtype=torch.int64)
+        train_evals = 0
+        for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
+            step = path.step(s)
+            w = fm.flatten(step.params)
+            delta = w_next - w
+            f_s = self._forward(w, inputs, target, output_fn)
+            _check_finite(f_s, "query output", s)
+            change = f_next - f_s
+            floor = 16 * eps * (f_s.abs() + f_next.abs())
+            phi, nodes[s] = integrator.integrate(w, delta, change, torch.maximum(share, floor))
+            _check_finite(phi, "query gradient", s)
+            phi_delta += phi @ delta
+            v, extra = rule.begin(s, step, phi, w)
+            if extra is not None:
+                decay += extra
+            sign, lam = rule.coefficients(step)
+            indices = step.indices
+            kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
+            kappa = kappa.to(dtype=dtype, device=device)
+            batch = self._batch(indices)
+            if kernel:
+                jac, dloss = fm.loss_jacobians(w, batch, p.loss_fn)
+                grads = torch.einsum("bc,bcd->bd", dloss, jac)
+            else:
+                grads = fm.loss_grads(w, batch, p.loss_fn)
+            _check_finite(grads, "training gradient", s)
+            train_evals += len(indices)
+            signed = grads * sign
+            contributions.index_add_(1, indices.to(device), -(v @ signed.T) * kappa)
+            decay -= v @ (lam * w)
+            if kernel:
+                k_step = torch.einsum("nd,bcd->nbc", v, jac * sign) * kappa[None, :, None]
+                if kern is None:
+                    shape = (n, self.n_train, k_step.shape[-1])
+                    kern = torch.zeros(shape, dtype=dtype, device=device)
+                    weights_num = torch.zeros_like(kern)
+                kern.index_add_(1, indices.to(device), k_step)
+                weights_num.index_add_(1, indices.to(device), -k_step * dloss[None])
+            effective = (kappa[:, None] * signed).sum(0) + lam * w
+            rule.finish_step(s, step, delta, effective, w)
+            w_next, f_next = w, f_s
+        errors = torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
+        self._warn_reconstruction(errors)
+        explained = contributions.sum(1)
+        unexplained = phi_delta - explained - decay
+        terms = {"initial": f_next, "weight_decay": decay, "unexplained": unexplained}
+        bias = f_next + decay + unexplained
+        diagnostics = Diagnostics(
+            "exact", quad.name, dtype, nodes, errors, integrator.evaluations, train_evals
+        )
+        k_out = w_out = None
+        if kernel:
+            k_out, w_out = _kernel_weights(kern, weights_num)
+        return Decomposition(
+            contributions,
+            bias,
+            prediction,
+            prediction - bias - explained,
+            terms,
+            diagnostics,
+            k_out,
+            w_out,
+        )
+
+    def _warn_reconstruction(self, errors: torch.Tensor) -> None:
+        limit = WARN_RECONSTRUCTION.get(self.fm.dtype, 1e-3)
+        finite = errors[~errors.isnan()]
+        if finite.numel() and float(finite.max()) > limit:
+            worst = int(torch.argmax(torch.nan_to_num(errors, nan=-1.0)))
+            warnings.warn(
+                f"the recorded steps are not rebuilt by the example gradients: step "
+                f"reconstruction error up to {float(finite.max()):.2e} (step {worst}; "
+                f"threshold {limit:g} for {self.fm.dtype}). Usual causes: dropout or data "
+                "augmentation in training, BatchNorm in train mode, gradient clipping, a loss "
+                "reduction or accumulation other than the one given, or wrong indices. The "
+                "decomposition still sums to the prediction: the difference is the "
+                "'unexplained' term of the bias",
+                ReconstructionWarning,
+                stacklevel=4,
+            )
+
+    # -- checkpoint -------------------------------------------------------------------------
+
+    def checkpoint(self, inputs, target, output_fn: OutputFn, chunk: int | None = None):
+        """TracIn-style approximation: c_i ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k)."""
+        fm, path, p = self.fm, self.p.path, self.p
+        n, S = inputs[0].shape[0], len(path)
+        dtype, device = fm.dtype, fm.device
+        contributions = torch.zeros(n, self.n_train, dtype=dtype, device=device)
+        prediction = self._forward(fm.flatten(path.final), inputs, target, output_fn)
+        initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
+        chunk = chunk or max(1, fm.chunk_size())
+        query_evals = train_evals = 0
+        for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
+            step = path.step(s)
+            w = fm.flatten(step.params)
+            grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
+            query = grads[0]
+            _check_finite(query, "query gradient", s)
+            query_evals += n
+            for lr, indices, kappa in self._checkpoint_parts(step):
+                for a in range(0, len(indices), chunk):
+                    idx = indices[a : a + chunk]
+                    g = fm.loss_grads(w, self._batch(idx), p.loss_fn)
+                    _check_finite(g, "training gradient", s)
+                    train_evals += len(idx)
+                    scores = (query * self.vectors.vec(lr)) @ g.T
+                    contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
+        nodes = torch.ones(S, dtype=torch.int64)
+        diagnostics = Diagnostics(
+            "checkpoint", "left", dtype, nodes, torch.zeros(0), query_evals, train_evals
+        )
+        explained = contributions.sum(1)
+        zero = torch.zeros_like(initial)
+        terms = {"initial": initial, "weight_decay": zero, "unexplained": zero.clone()}
+        return Decomposition(
+            contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
+        )
+
+    def _checkpoint_parts(self, step: Step) -> Sequence[tuple]:
+        dtype, device = self.fm.dtype, self.fm.device
+        if not step.parts:  # a checkpoint: every training example, weight η_k
+            everyone = torch.arange(self.n_train)
+            return [(step.lr, everyone, torch.ones(self.n_train, dtype=dtype, device=device))]
+        out = []
+        for lr, indices, sizes in step.parts:
+            kappa = example_weights(sizes, self.p.reduction, self.p.accumulation)
+            out.append((lr, indices, kappa.to(dtype=dtype, device=device)))
+        return out
+
+
+def _kernel_weights(kern: torch.Tensor, num: torch.Tensor):
+    """A = num / K where |K| is not negligible, else 0; squeeze C = 1."""
+    big = kern.abs().amax() if kern.numel() else torch.tensor(0.0)
+    ok = kern.abs() > 1e-12 * big
+    weights = torch.where(ok, num / torch.where(ok, kern, torch.ones_like(kern)), 0.0)
+    if kern.shape[-1] == 1:
+        return kern[..., 0], weights[..., 0]
+    return kern, weights

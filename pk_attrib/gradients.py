@@ -1,0 +1,284 @@
+"""Per-example gradients with torch.func, over a flat parameter vector.
+
+The engine works with the recorded (trainable) parameters as one flat vector w of
+length d, in `TrainingPath.param_names` order. `FunctionalModel` evaluates the model at
+any such w with `torch.func.functional_call` (buffers and parameters that were not recorded
+are held constant), and computes per-example gradients with ``vmap(grad(...))``:
+
+- `FunctionalModel.loss_grads`: g_i(w) = ∇_w ℓ_i(w), (B, d), for training examples;
+- `FunctionalModel.output_grads`: ∇_w f(x_j; w), (q, n, d), for queries at q points at once;
+- `FunctionalModel.loss_jacobians`: ∇_w f_c(x_i; w) and ∂ℓ_i/∂f_c, for the kernel view.
+
+Work is split into chunks whose gradients fit ``memory_budget`` bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from .exceptions import StoreMismatchError
+
+OutputFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class Reduction(str, enum.Enum):
+    """How the training loss of a batch combines the per-example losses.
+
+    ``MEAN`` (PyTorch's default) weights each example by 1/|B|; ``SUM`` by 1.
+    """
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+def select_output(outputs: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Default explained quantity: the logit ``target`` of each row, or a scalar output.
+
+    Args:
+        outputs: Model outputs, (n, C) or (n,) / (n, 1) for scalar models.
+        target: Class index per row, int64 (n,), or None for scalar outputs.
+
+    Returns:
+        The explained output per row, (n,).
+    """
+    if target is None:
+        if outputs.dim() == 1:
+            return outputs
+        return outputs.reshape(outputs.shape[0], -1)[:, 0]
+    flat = outputs.reshape(outputs.shape[0], -1)
+    return flat.gather(1, target.reshape(-1, 1).to(torch.int64))[:, 0]
+
+
+def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Collate ``dataset[i]`` for the given indices into a batch tuple (inputs..., label)."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[indices] for t in dataset.tensors)
+    batch = default_collate([dataset[int(i)] for i in indices])
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+class FunctionalModel:
+    """A model evaluated at flat parameter vectors (float ``dtype``), with per-example gradients.
+
+    Args:
+        model: The model. It is copied, converted to ``dtype`` and put in eval mode; the
+            original is not modified.
+        names: Recorded parameter names, in flat-vector order.
+        shapes: Their shapes.
+        dtype: Computation dtype.
+        device: Computation device.
+        memory_budget: Bytes the per-example gradients of one chunk may take.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        names: Sequence[str],
+        shapes: dict[str, torch.Size],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        memory_budget: int = 1 << 30,
+    ):
+        params = dict(model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise StoreMismatchError(
+                f"the model has no parameters named {missing[:5]} that the path recorded: pass "
+                "the model the path was recorded from"
+            )
+        wrong = [n for n in names if params[n].shape != shapes[n]]
+        if wrong:
+            n = wrong[0]
+            raise StoreMismatchError(
+                f"parameter {n} has shape {tuple(params[n].shape)} in the model but "
+                f"{tuple(shapes[n])} in the path: pass the model the path was recorded from"
+            )
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        self.names = list(names)
+        self.shapes = [shapes[n] for n in names]
+        self.sizes = [s.numel() for s in self.shapes]
+        self.d = sum(self.sizes)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget
+        recorded = set(names)
+        self.constants = {
+            n: p.detach() for n, p in self.model.named_parameters() if n not in recorded
+        }
+        self.constants.update({n: b.detach() for n, b in self.model.named_buffers()})
+
+    # -- flat vectors -------------------------------------------------------------------------
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate named tensors into a flat (d,) vector in the computation dtype."""
+        return torch.cat(
+            [tensors[n].reshape(-1).to(device=self.device, dtype=self.dtype) for n in self.names]
+        )
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a (..., d) tensor into named (..., *shape) views."""
+        lead = flat.shape[:-1]
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return {
+            n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
+        }
+
+    def _flat_grads(self, grads: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in self.names], -1)
+
+    def cast(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Move a batch to the device; floating tensors take the computation dtype."""
+        return tuple(
+            t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None)
+            if isinstance(t, torch.Tensor)
+            else torch.as_tensor(t, device=self.device)
+            for t in batch
+        )
+
+    def _call(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]):
+        return functional_call(self.model, {**self.constants, **params}, tuple(inputs))
+
+    def chunk_size(self, per_item: int = 1) -> int:
+        """How many per-example gradients (each ``per_item`` × d values) fit the budget."""
+        item = max(1, self.d * per_item * self.dtype.itemsize * 3)  # grads + autograd temporaries
+        return max(1, self.memory_budget // item)
+
+    # -- evaluations ------------------------------------------------------------------------
+
+    def outputs(self, w: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Model outputs at flat parameters w (d,) for a batch of inputs."""
+        with torch.no_grad():
+            return self._call(self.unflatten(w), inputs)
+
+    def loss_grads(
+        self,
+        w: torch.Tensor,
+        batch: Sequence[torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-example loss gradients g_i(w), (B, d). ``batch`` is (inputs..., labels)."""
+        params = self.unflatten(w)
+
+        def single(p, inputs, label):
+            out = self._call(p, tuple(x.unsqueeze(0) for x in inputs))
+            return loss_fn(out, label.unsqueeze(0)).sum()
+
+        *inputs, labels = batch
+        step = vmap(grad(single), in_dims=(None, 0, 0))
+        n = labels.shape[0]
+        size = self.chunk_size()
+        chunks = []
+        for a in range(0, n, size):
+            part = tuple(x[a : a + size] for x in inputs)
+            chunks.append(self._flat_grads(step(params, part, labels[a : a + size]), 1))
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.d, dtype=self.dtype)
+
+    def output_grads(
+        self,
+        ws: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        target: torch.Tensor | None,
+        output_fn: OutputFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of the explained output of each query at several points.
+
+        Args:
+            ws: Flat parameters, (q, d).
+            inputs: Query inputs, each (n, ...).
+            target: Per-query target, (n,), or None.
+            output_fn: ``output_fn(outputs, target) -> (n,)``.
+
+        Returns:
+            ``(grads, values)``: ∇_w f(x_j; ws[k]) as (q, n, d) and f(x_j; ws[k]) as (q, n).
+        """
+        params = self.unflatten(ws)
+        n = inputs[0].shape[0]
+        tgt = target if target is not None else torch.zeros(n, dtype=torch.int64)
+        has_target = target is not None
+
+        def single(p, x, t):
+            out = self._call(p, tuple(v.unsqueeze(0) for v in x))
+            value = output_fn(out, t.unsqueeze(0) if has_target else None).reshape(())
+            return value, value
+
+        per_query = vmap(grad(single, has_aux=True), in_dims=(None, 0, 0))
+        per_point = vmap(per_query, in_dims=(0, None, None))
+        size = max(1, self.chunk_size(ws.shape[0]))
+        grads, values = [], []
+        for a in range(0, n, size):
+            g, v = per_point(params, tuple(x[a : a + size] for x in inputs), tgt[a : a + size])
+            grads.append(self._flat_grads(g, 2))
+            values.append(v)
+        return torch.cat(grads, 1), torch.cat(values, 1)
+
+    def loss_jacobians(
+        self,
+        w: torch.Tensor,
+        batch: Sequence[torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output Jacobians and loss derivatives of training examples, for the kernel.
+
+        Returns:
+            ``(jac, dloss)``: ∇_w f_c(x_i; w) as (B, C, d) and ∂ℓ_i/∂f_c as (B, C), so that
+            g_i = Σ_c dloss[i, c] jac[i, c].
+        """
+        params = self.unflatten(w)
+        *inputs, labels = batch
+
+        def out_single(p, x):
+            return self._call(p, tuple(v.unsqueeze(0) for v in x)).reshape(-1)
+
+        def dloss_single(out, label):
+            return grad(lambda o: loss_fn(o.unsqueeze(0), label.unsqueeze(0)).sum())(out)
+
+        n = labels.shape[0]
+        with torch.no_grad():
+            outs = self._call(params, tuple(inputs)).reshape(n, -1)
+        c = outs.shape[1]
+        size = max(1, self.chunk_size(c))
+        jac = vmap(jacrev(out_single), in_dims=(None, 0))
+        jacs = []
+        for a in range(0, n, size):
+            part = tuple(x[a : a + size] for x in inputs)
+            jacs.append(self._flat_grads(jac(params, part), 2))
+        dloss = vmap(dloss_single)(outs, labels)
+        return torch.cat(jacs), dloss
+
+
+def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor | None:
+    """Validate a Captum-style target into an int64 (n,) tensor (or None for scalar outputs).
+
+    Raises:
+        ValueError: The target has the wrong shape or lies outside the model's outputs.
+    """
+    if target is None:
+        if n_outputs not in (None, 1):
+            raise ValueError(
+                f"the model has {n_outputs} outputs, so target= must say which one to explain "
+                "(an int, or one index per query), or pass output_fn="
+            )
+        return None
+    t = torch.as_tensor(target)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"target must hold integer output indices, got dtype {t.dtype}")
+    t = t.to(torch.int64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n).clone()
+    if t.numel() != n:
+        raise ValueError(
+            f"target has {t.numel()} entries for {n} queries: give one int, or one per query"
+        )
+    if n_outputs is not None and n and (int(t.min()) < 0 or int(t.max()) >= n_outputs):
+        raise ValueError(
+            f"target {int(t.max()) if int(t.max()) >= n_outputs else int(t.min())} is out of "
+            f"range for a model with {n_outputs} outputs (valid: 0..{n_outputs - 1})"
+        )
+    return t
