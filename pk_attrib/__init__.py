@@ -8,7 +8,7 @@ contribution per training example.
 from importlib.metadata import PackageNotFoundError, version
 
 from .decomposition import Decomposition, Diagnostics, Ranked, TopK
-from .engine import ReconstructionWarning
+from .engine import QuadratureWarning, ReconstructionWarning
 from .exceptions import (
     CorruptStoreError,
     FormatVersionError,
@@ -59,6 +59,7 @@ __all__ = [
     "PkAttribError",
     "PkAttribWarning",
     "Quadrature",
+    "QuadratureWarning",
     "Ranked",
     "ReconstructionWarning",
     "RecordingError",

@@ -159,7 +159,7 @@ class PathKernelInfluence(DataInfluence):
         params = dict(model.named_parameters())
         for name, value in self.path.final.items():
             mine = params[name].detach().to("cpu", value.dtype)
-            if not torch.equal(mine, value):
+            if not torch.allclose(mine, value, rtol=0, atol=0, equal_nan=True):
                 raise StoreMismatchError(
                     f"the model's parameter {name} differs from the path's final value, so the "
                     "decomposition would explain another model than yours: pass the model at "

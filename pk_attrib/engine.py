@@ -28,7 +28,7 @@ from .decomposition import Decomposition, Diagnostics
 from .exceptions import NonFiniteError, PkAttribWarning
 from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples
 from .path import Step, TrainingPath
-from .quadrature import QuadratureRule, StepIntegrator
+from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
 
 WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
@@ -36,6 +36,10 @@ WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
 
 class ReconstructionWarning(PkAttribWarning):
     """Recorded steps are not rebuilt by the example gradients (dropout, clipping, ...)."""
+
+
+class QuadratureWarning(PkAttribWarning):
+    """The adaptive quadrature could not reach its tolerance on some steps."""
 
 
 @dataclass
@@ -112,7 +116,7 @@ class Engine:
             _check_finite(f_s, "query output", s)
             change = f_next - f_s
             floor = 16 * eps * (f_s.abs() + f_next.abs())
-            phi, nodes[s] = integrator.integrate(w, delta, change, torch.maximum(share, floor))
+            phi, nodes[s] = integrator.integrate(w, delta, change, torch.maximum(share, floor), s)
             _check_finite(phi, "query gradient", s)
             phi_delta += phi @ delta
             v, extra = rule.begin(s, step, phi, w)
@@ -146,6 +150,16 @@ class Engine:
             w_next, f_next = w, f_s
         errors = torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
         self._warn_reconstruction(errors)
+        if integrator.unconverged:
+            steps = sorted(integrator.unconverged)
+            warnings.warn(
+                f"the adaptive quadrature reached its largest rule ({LADDER[-1]} nodes) without "
+                f"matching the exact output change on {len(steps)} step(s) (first: {steps[:5]}); "
+                "the explained output is probably not smooth there (a max, a kink, a "
+                "discontinuity). The remainder is reported in `delta`",
+                QuadratureWarning,
+                stacklevel=3,
+            )
         explained = contributions.sum(1)
         unexplained = phi_delta - explained - decay
         terms = {"initial": f_next, "weight_decay": decay, "unexplained": unexplained}

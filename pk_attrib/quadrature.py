@@ -102,6 +102,7 @@ class StepIntegrator:
         self.evaluations = 0
         self._rung = 0
         self._since_lowered = 0
+        self.unconverged: list[int] = []  # steps where the adaptive rule ran out of nodes
 
     def _phi(self, w: torch.Tensor, delta: torch.Tensor, nodes, weights) -> torch.Tensor:
         n = self.inputs[0].shape[0]
@@ -119,7 +120,7 @@ class StepIntegrator:
         self.evaluations += len(nodes) * n
         return phi
 
-    def integrate(self, w, delta, exact_change, scale) -> tuple[torch.Tensor, int]:
+    def integrate(self, w, delta, exact_change, scale, step: int = -1) -> tuple[torch.Tensor, int]:
         """φ_s (n, d) and the node count used.
 
         Args:
@@ -128,6 +129,7 @@ class StepIntegrator:
             exact_change: f(x; w_{s+1}) − f(x; w_s), (n,).
             scale: A per-query error floor in output units, (n,) (rounding noise and the
                 share of the total change one step may leave).
+            step: The step number, for diagnostics.
         """
         rule = self.rule
         if rule.kind is Quadrature.LEFT:
@@ -146,6 +148,9 @@ class StepIntegrator:
             phi = self._phi(w, delta, *gauss_legendre(q))
             err = (phi @ delta - exact_change).abs()
             tol = torch.maximum(rule.rtol * exact_change.abs(), scale)
-            if bool((err <= tol).all()) or self._rung == len(LADDER) - 1:
+            if bool((err <= tol).all()):
+                return phi, q
+            if self._rung == len(LADDER) - 1:
+                self.unconverged.append(step)
                 return phi, q
             self._rung += 1

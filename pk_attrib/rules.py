@@ -129,6 +129,7 @@ class SGDRule(Rule):
         return mu, damp, nesterov
 
     def begin(self, s, step, phi, w):
+        """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
         eta = self.vec.vec(step.lr)
         mu, damp, nesterov = self._terms(step)
         if not bool((mu != 0).any()):
@@ -145,6 +146,7 @@ class SGDRule(Rule):
         return torch.where(mu != 0, v, eta * phi), None
 
     def recover(self, step, delta, G, w):
+        """The momentum buffer b_s from Δ_s = −η_s P_s."""
         eta = self.vec.vec(step.lr)
         mu, _, nesterov = self._terms(step)
         p = torch.where(eta != 0, -delta / torch.where(eta != 0, eta, 1.0), 0.0)
@@ -153,6 +155,7 @@ class SGDRule(Rule):
         return torch.where(mu != 0, buffer, 0.0)
 
     def predict(self, step, prev, G, w):
+        """Δ̂_s = −η_s P̂_s with b̂_s = μ_s b_{s−1} + d_s G_s."""
         eta = self.vec.vec(step.lr)
         mu, damp, nesterov = self._terms(step)
         buffer = damp * G if prev is None else mu * prev + damp * G
@@ -168,6 +171,7 @@ class AdamRule(Rule):
         self.decoupled = decoupled
 
     def coupled_decay(self, step):
+        """Adam's L2 weight decay enters G; AdamW's decoupled decay does not."""
         lam = self.vec.hyper(step, "weight_decay")
         return torch.zeros_like(lam) if self.decoupled else lam
 
@@ -194,6 +198,7 @@ class AdamRule(Rule):
         return 1.0 / ((1.0 - beta1**t) * (torch.sqrt(v / (1.0 - beta2**t)) + eps)), beta1
 
     def begin(self, s, step, phi, w):
+        """v_s = (1 − β1) u_s; u_s = η_s D_s φ_s + β1 u_{s+1}; AdamW decay as extra term."""
         eta = self.vec.vec(step.lr)
         D, beta1 = self._denominator(step, self._names)
         u = eta * D * phi
@@ -207,6 +212,7 @@ class AdamRule(Rule):
         return (1.0 - beta1) * u, extra
 
     def recover(self, step, delta, G, w):
+        """The first moment m_s from Δ_s = −η_s λ w_s − η_s D_s m_s."""
         eta = self.vec.vec(step.lr)
         D, _ = self._denominator(step, self._names)
         moved = delta + (eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0)
@@ -214,6 +220,7 @@ class AdamRule(Rule):
         return torch.where(scale != 0, -moved / torch.where(scale != 0, scale, 1.0), 0.0)
 
     def predict(self, step, prev, G, w):
+        """Δ̂_s from m̂_s = β1 m_{s−1} + (1 − β1) G_s."""
         eta = self.vec.vec(step.lr)
         D, beta1 = self._denominator(step, self._names)
         m = (1.0 - beta1) * G if prev is None else beta1 * prev + (1.0 - beta1) * G

@@ -1,0 +1,199 @@
+"""A brute-force float64 reference for the exact decomposition, and for per-example gradients.
+
+Obviously correct and slow: every gradient is a separate ``backward()`` call, steps are walked
+**forwards**, and each training example keeps its own optimizer buffer (momentum or Adam's
+first moment), so the contribution of example i at step s is read off the update directly:
+
+    c_i(x) = Σ_s φ_s(x) · Δ_s^(i),   Δ_s^(i) = the part of Δ_s that example i's gradients made.
+
+That is an independent route to the same numbers as the engine's backward adjoint
+recursion; the tests compare the two. Use it only on small models and datasets.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from .gradients import gather_examples, select_output
+from .path import TrainingPath
+from .quadrature import gauss_legendre
+
+
+class _Reference:
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        self.model = copy.deepcopy(model).double().eval()
+        params = dict(self.model.named_parameters())
+        self.params = [params[n] for n in names]
+
+    def set(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def grad(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        for p in self.params:
+            p.grad = None
+        fn().backward()
+        return torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.params
+            ]
+        )
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    names: list[str],
+    w: torch.Tensor,
+    batch: tuple[torch.Tensor, ...],
+    loss_fn: Callable,
+) -> torch.Tensor:
+    """g_i(w) by one ``backward()`` per example, float64 (B, d)."""
+    ref = _Reference(model, names)
+    ref.set(w.double())
+    *inputs, labels = batch
+    rows = []
+    for i in range(labels.shape[0]):
+        x = tuple(t[i : i + 1].double() if t.is_floating_point() else t[i : i + 1] for t in inputs)
+        rows.append(ref.grad(lambda x=x, i=i: loss_fn(ref.model(*x), labels[i : i + 1]).sum()))
+    return torch.stack(rows)
+
+
+def _per_coordinate(path: TrainingPath, values: list[float]) -> torch.Tensor:
+    out = []
+    group_of = {n: g for g, grp in enumerate(path.optimizer["groups"]) for n in grp["params"]}
+    for name in path.param_names:
+        size = path.param_shapes[name].numel()
+        out.append(torch.full((size,), float(values[group_of[name]]), dtype=torch.float64))
+    return torch.cat(out).double()
+
+
+def reference_decomposition(
+    model: torch.nn.Module,
+    train_dataset: Dataset,
+    path: TrainingPath,
+    loss_fn: Callable,
+    inputs: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    q: int = 4,
+    loss_reduction: str = "mean",
+    output_fn: Callable | None = None,
+) -> dict[str, torch.Tensor]:
+    """The exact decomposition, computed the slow, obvious way in float64.
+
+    Supports the exact optimizers (SGD with all options, Adam, AdamW), fixed q-node
+    Gauss–Legendre quadrature, and one optimizer-state start at step 0.
+
+    Args:
+        model: The model (copied; its parameters are set from the path).
+        train_dataset: Items ``(inputs..., label)``.
+        path: An exact recorded path.
+        loss_fn: The training loss.
+        inputs: Queries, (n, ...).
+        target: Output index per query, (n,), or None.
+        q: Gauss–Legendre nodes per step.
+        loss_reduction: ``"mean"`` or ``"sum"``.
+        output_fn: Explained quantity, as in `PathKernelInfluence.attribute`.
+
+    Returns:
+        ``contributions`` (n, N), ``weight_decay`` (n,), ``initial`` (n,), ``prediction``
+        (n,), ``change`` (n,) = Σ_s φ_s · Δ_s, all float64.
+    """
+    output_fn = output_fn or select_output
+    names = path.param_names
+    ref = _Reference(model, names)
+    kind = path.optimizer["kind"]
+    flat = {
+        s: torch.cat([path.params(s)[n].reshape(-1).double() for n in names])
+        for s in range(len(path) + 1)
+    }
+    n, n_train, d = inputs.shape[0], len(train_dataset), flat[0].numel()
+    x = inputs.double()
+
+    def f(j: int) -> torch.Tensor:
+        t = None if target is None else target[j : j + 1]
+        return output_fn(ref.model(x[j : j + 1]), t).reshape(())
+
+    def values(w: torch.Tensor) -> torch.Tensor:
+        ref.set(w)
+        with torch.no_grad():
+            return torch.stack([f(j) for j in range(n)])
+
+    contributions = torch.zeros(n, n_train, dtype=torch.float64)
+    decay_out = torch.zeros(n, dtype=torch.float64)
+    change = torch.zeros(n, dtype=torch.float64)
+    state = torch.zeros(n_train, d, dtype=torch.float64)  # per-example optimizer buffer
+    decay_state = torch.zeros(d, dtype=torch.float64)  # the buffer's weight-decay part
+    nodes, weights = gauss_legendre(q)
+    for s in range(len(path)):
+        step = path.step(s)
+        w, delta = flat[s], flat[s + 1] - flat[s]
+        phi = torch.zeros(n, d, dtype=torch.float64)
+        for t, om in zip(nodes, weights, strict=True):
+            ref.set(w + t * delta)
+            for j in range(n):
+                phi[j] += om * ref.grad(lambda j=j: f(j))
+        change += phi @ delta
+        hyper = {k: [h.get(k, 0.0) for h in step.hyper] for k in step.hyper[0]}
+        eta = _per_coordinate(path, list(step.lr))
+        lam = _per_coordinate(path, hyper["weight_decay"])
+        sign = 1.0 - 2.0 * _per_coordinate(path, hyper["maximize"])
+        # this step's gradient, split by example
+        part = torch.zeros(n_train, d, dtype=torch.float64)
+        idx, sizes = step.indices, step.batch_sizes
+        kappa = torch.repeat_interleave(
+            (1.0 / sizes.double()) if loss_reduction == "mean" else torch.ones(len(sizes)), sizes
+        )
+        grads = per_example_gradients(model, names, w, gather_examples(train_dataset, idx), loss_fn)
+        for row, i in enumerate(idx.tolist()):
+            part[i] += sign * kappa[row] * grads[row]
+        if kind == "sgd":
+            mu = _per_coordinate(path, hyper["momentum"])
+            damp = 1.0 - _per_coordinate(path, hyper["dampening"])
+            nesterov = _per_coordinate(path, hyper["nesterov"]).bool()
+            coupled = lam * w
+            if s == 0:
+                state, decay_state = part.clone(), coupled.clone()
+            else:
+                state = mu * state + damp * part
+                decay_state = mu * decay_state + damp * coupled
+            use = torch.where(mu != 0, torch.where(nesterov, part + mu * state, state), part)
+            use_decay = torch.where(
+                mu != 0, torch.where(nesterov, coupled + mu * decay_state, decay_state), coupled
+            )
+            contributions -= (phi * eta) @ use.T
+            decay_out -= (phi * eta) @ use_decay
+        else:
+            opt_state = step.optimizer_state
+            amsgrad = bool(hyper["amsgrad"][0])
+            key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+            v = torch.cat([opt_state[key][nm].reshape(-1).double() for nm in names])
+            steps = torch.cat(
+                [opt_state["step"][nm].double().expand(opt_state[key][nm].numel()) for nm in names]
+            )
+            beta1 = _per_coordinate(path, [b[0] for b in hyper["betas"]])
+            beta2 = _per_coordinate(path, [b[1] for b in hyper["betas"]])
+            eps = _per_coordinate(path, hyper["eps"])
+            D = 1.0 / ((1 - beta1**steps) * (torch.sqrt(v / (1 - beta2**steps)) + eps))
+            coupled = torch.zeros(d, dtype=torch.float64) if kind == "adamw" else lam * w
+            state = beta1 * state + (1 - beta1) * part
+            decay_state = beta1 * decay_state + (1 - beta1) * coupled
+            contributions -= (phi * eta * D) @ state.T
+            decay_out -= (phi * eta * D) @ decay_state
+            if kind == "adamw":
+                decay_out -= phi @ (eta * lam * w)
+    return {
+        "contributions": contributions,
+        "weight_decay": decay_out,
+        "initial": values(flat[0]),
+        "prediction": values(flat[len(path)]),
+        "change": change,
+    }

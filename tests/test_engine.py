@@ -1,0 +1,354 @@
+"""The exact decomposition: completeness, agreement with the float64 reference, closed forms."""
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import pk_attrib as pk
+from pk_attrib.testing import per_example_gradients, reference_decomposition
+
+F64 = torch.float64
+
+
+@functools.lru_cache(maxsize=1)
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=F64) / 16.0
+    return x, torch.tensor(data.target)
+
+
+def digits_mlp(hidden=16):
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)
+    ).to(F64)
+
+
+def layernorm_gelu(hidden=16):
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, hidden),
+        torch.nn.LayerNorm(hidden),
+        torch.nn.GELU(),
+        torch.nn.Linear(hidden, 10),
+    ).to(F64)
+
+
+OPTIMIZERS = {
+    "sgd_0.1": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_0.5": lambda p: torch.optim.SGD(p, lr=0.5),
+    "momentum_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "momentum_dampening_wd": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.8, dampening=0.3, weight_decay=1e-2
+    ),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
+    "adam_l2_amsgrad": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-2, amsgrad=True),
+}
+
+
+def record(
+    model, optimizer, data, epochs=2, batch_size=20, accumulate=1, loss_fn=None, train=False
+):
+    loss_fn = loss_fn or torch.nn.CrossEntropyLoss()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+    model.train(train)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        k = 0
+        for _ in range(epochs):
+            for x, y in recorder.watch(loader):
+                loss_fn(model(x), y).backward()
+                k += 1
+                if k % accumulate == 0:
+                    optimizer.step()
+                    optimizer.zero_grad()
+    model.eval()
+    return recorder.path
+
+
+def train_set(n=200, offset=0):
+    x, y = digits()
+    return TensorDataset(x[offset : offset + n], y[offset : offset + n])
+
+
+QUERIES = slice(1500, 1506)
+
+
+@pytest.mark.parametrize("arch", [digits_mlp, layernorm_gelu], ids=["mlp", "layernorm_gelu"])
+@pytest.mark.parametrize(
+    "opt,accumulate",
+    [
+        ("sgd_0.1", 1),
+        ("sgd_0.5", 1),
+        ("momentum_nesterov", 2),
+        ("adam", 1),
+        ("adamw", 1),
+    ],
+)
+def test_completeness_with_the_default_quadrature(arch, opt, accumulate):
+    torch.manual_seed(0)
+    model = arch()
+    data = train_set()
+    path = record(model, OPTIMIZERS[opt](model.parameters()), data, accumulate=accumulate)
+    x, y = digits()
+    explainer = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    dec = explainer.attribute(x[QUERIES], target=y[QUERIES])
+    assert dec.diagnostics.mode == "exact" and dec.diagnostics.quadrature == "adaptive"
+    assert float(dec.relative_delta.max()) <= 1e-6
+    total = dec.bias + dec.contributions.sum(1) + dec.delta
+    torch.testing.assert_close(total, dec.prediction, rtol=0, atol=1e-13)
+    with torch.no_grad():
+        expected = model(x[QUERIES])[torch.arange(6), y[QUERIES]]
+    torch.testing.assert_close(dec.prediction, expected, rtol=0, atol=1e-12)
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+    assert float(dec.terms["unexplained"].abs().max()) < 1e-10
+    if accumulate == 2:
+        assert (path.step(0).batch_sizes == torch.tensor([20, 20])).all()
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_contributions_equal_the_float64_reference(opt):
+    torch.manual_seed(1)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    path = record(model, OPTIMIZERS[opt](model.parameters()), data, epochs=2, batch_size=10)
+    x, y = digits()
+    queries, target = x[1500:1503], y[1500:1503]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    explainer = pk.PathKernelInfluence(
+        model, data, path, loss_fn, quadrature=4, show_progress=False
+    )
+    dec = explainer.attribute(queries, target=target)
+    ref = reference_decomposition(model, data, path, loss_fn, queries, target, q=4)
+    scale = ref["contributions"].abs().amax(1, keepdim=True)
+    assert float(((dec.contributions - ref["contributions"]).abs() / scale).max()) <= 1e-8
+    torch.testing.assert_close(
+        dec.terms["weight_decay"], ref["weight_decay"], rtol=1e-8, atol=1e-14
+    )
+    torch.testing.assert_close(dec.prediction, ref["prediction"], rtol=1e-12, atol=1e-14)
+    if opt in ("sgd_0.1", "sgd_0.5", "momentum_nesterov", "adam"):
+        # no weight decay: the bias is the initial model's output (plus a rounding-level residual)
+        initial = copy.deepcopy(model)
+        path.load_into(initial, 0)
+        with torch.no_grad():
+            f0 = initial(queries)[torch.arange(3), target]
+        assert torch.equal(dec.terms["initial"], f0)
+        assert torch.equal(dec.terms["weight_decay"], torch.zeros(3, dtype=F64))
+        torch.testing.assert_close(dec.bias, ref["initial"], rtol=0, atol=1e-14)
+
+
+def test_two_param_groups_with_different_hyperparameters_match_the_reference():
+    torch.manual_seed(2)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.2, "momentum": 0.5},
+            {"params": model[2].parameters(), "lr": 0.05, "momentum": 0.9, "nesterov": True},
+        ],
+        lr=0.1,
+    )
+    path = record(model, optimizer, data, batch_size=10)
+    x, y = digits()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    dec = pk.PathKernelInfluence(
+        model, data, path, loss_fn, quadrature=3, show_progress=False
+    ).attribute(x[1500:1502], target=y[1500:1502])
+    ref = reference_decomposition(model, data, path, loss_fn, x[1500:1502], y[1500:1502], q=3)
+    torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
+
+
+def test_linear_regression_closed_form():
+    """f(x; w) = w·x is linear, so φ_s = x and c_i = −Σ_s (η/|B|) x·g_i(w_s) exactly."""
+    torch.manual_seed(3)
+    n_train, dim, lr = 12, 3, 0.1
+    xs = torch.randn(n_train, dim, dtype=F64)
+    ys = torch.randn(n_train, 1, dtype=F64)
+    data = TensorDataset(xs, ys)
+    model = torch.nn.Linear(dim, 1, bias=False).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with pk.PathRecorder(model, optimizer, dataset_size=n_train) as recorder:
+        for start in (0, 4, 8, 0, 4):
+            idx = torch.arange(start, start + 4)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            F.mse_loss(model(xs[idx]), ys[idx]).backward()
+            optimizer.step()
+    query = torch.randn(2, dim, dtype=F64)
+    dec = pk.PathKernelInfluence(
+        model, data, recorder.path, torch.nn.MSELoss(), show_progress=False
+    ).attribute(query, kernel=True)
+    expected = torch.zeros(2, n_train, dtype=F64)
+    kernel = torch.zeros(2, n_train, dtype=F64)
+    for s, step in enumerate(recorder.path):
+        w = step.params["weight"][0]
+        for i in step.indices.tolist():
+            residual = xs[i] @ w - ys[i, 0]
+            expected[:, i] -= lr / 4 * (query @ (2 * residual * xs[i]))
+            kernel[:, i] += lr / 4 * (query @ xs[i])
+    torch.testing.assert_close(dec.contributions, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(dec.kernel, kernel, rtol=1e-12, atol=1e-15)
+    assert dec.diagnostics.nodes.tolist() == [2] * 5  # a linear model needs no refinement
+    torch.testing.assert_close(dec.weights * dec.kernel, dec.contributions, rtol=1e-10, atol=1e-15)
+    assert float(dec.relative_delta.max()) < 1e-12
+
+
+def test_kernel_and_weights_recombine_into_the_contributions():
+    torch.manual_seed(4)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=40)
+    path = record(model, OPTIMIZERS["momentum_nesterov"](model.parameters()), data, batch_size=10)
+    x, y = digits()
+    explainer = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    dec = explainer.attribute(x[1500:1503], target=y[1500:1503], kernel=True)
+    assert dec.kernel.shape == (3, 40, 10)
+    recombined = (dec.weights * dec.kernel).sum(-1)
+    torch.testing.assert_close(recombined, dec.contributions, rtol=1e-9, atol=1e-13)
+    plain = explainer.attribute(x[1500:1503], target=y[1500:1503])
+    torch.testing.assert_close(plain.contributions, dec.contributions, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="kernel=True"):
+        plain.kernel  # noqa: B018
+
+
+def test_fast_per_example_gradients_equal_the_backward_loop():
+    torch.manual_seed(5)
+    model = layernorm_gelu(hidden=8)
+    x, y = digits()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    from pk_attrib.gradients import FunctionalModel
+
+    fm = FunctionalModel(model, names, shapes, F64)
+    w = fm.flatten(dict(model.named_parameters())).detach()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    fast = fm.loss_grads(w, (x[:7], y[:7]), loss_fn)
+    slow = per_example_gradients(model, names, w, (x[:7], y[:7]), loss_fn)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+    small = FunctionalModel(model, names, shapes, F64, memory_budget=1)  # one example per chunk
+    torch.testing.assert_close(
+        small.loss_grads(w, (x[:7], y[:7]), loss_fn), slow, rtol=1e-12, atol=1e-14
+    )
+
+
+def test_output_fn_explains_any_scalar_and_scalar_models_need_no_target():
+    torch.manual_seed(6)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=40)
+    path = record(model, OPTIMIZERS["sgd_0.1"](model.parameters()), data, batch_size=10)
+    x, y = digits()
+    explainer = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+
+    def log_probability(outputs, target):
+        return outputs.log_softmax(1).gather(1, target[:, None])[:, 0]
+
+    target = torch.tensor([1, 2, 3, 4])
+    dec = explainer.attribute(x[1500:1504], target, output_fn=log_probability)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.prediction, log_probability(model(x[1500:1504]), target))
+    assert float(dec.relative_delta.max()) <= 1e-6
+    by_int = explainer.attribute(x[1500:1502], target=3)
+    by_list = explainer.attribute(x[1500:1502], target=[3, 3])
+    torch.testing.assert_close(by_int.contributions, by_list.contributions, rtol=0, atol=0)
+
+
+def test_buffers_embeddings_and_tied_weights():
+    torch.manual_seed(7)
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 6)
+            self.norm = torch.nn.BatchNorm1d(6)
+            self.out = torch.nn.Linear(6, 11, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.out(torch.tanh(self.norm(self.embed(tokens))))
+
+    model = TiedLM().to(F64)
+    model.norm.running_mean.uniform_(-0.5, 0.5)
+    tokens = torch.randint(0, 11, (30,))
+    data = TensorDataset(tokens, torch.randint(0, 11, (30,)))
+    path = record(model, torch.optim.SGD(model.parameters(), lr=0.2), data, batch_size=10)
+    assert path.param_names == ["embed.weight", "norm.weight", "norm.bias"]
+    dec = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    ).attribute(torch.tensor([1, 5]), target=torch.tensor([2, 3]))
+    assert float(dec.relative_delta.max()) <= 1e-6
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+
+
+def test_reconstruction_warning_fires_for_dropout_and_a_wrong_reduction():
+    torch.manual_seed(8)
+    data = train_set(n=40)
+    x, y = digits()
+    dropout = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 10)
+    ).to(F64)
+    path = record(
+        dropout, torch.optim.SGD(dropout.parameters(), lr=0.1), data, batch_size=10, train=True
+    )
+    explainer = pk.PathKernelInfluence(
+        dropout, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    with pytest.warns(pk.ReconstructionWarning, match="dropout"):
+        dec = explainer.attribute(x[1500:1502], target=y[1500:1502])
+    assert dec.diagnostics.max_reconstruction_error > 1e-2
+    assert float(dec.relative_delta.max()) <= 1e-6  # completeness still holds
+    assert float(dec.terms["unexplained"].abs().max()) > 0
+
+    model = digits_mlp()
+    path = record(model, torch.optim.SGD(model.parameters(), lr=0.1), data, batch_size=10)
+    wrong = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(reduction="sum"), show_progress=False
+    )
+    with pytest.warns(pk.ReconstructionWarning):
+        wrong.attribute(x[1500:1502], target=y[1500:1502])
+    right = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    right.attribute(x[1500:1502], target=y[1500:1502])  # silent: warnings are errors here
+
+
+def test_fixed_and_left_endpoint_quadrature_are_options():
+    torch.manual_seed(9)
+    model = layernorm_gelu()
+    data = train_set(n=60)
+    path = record(model, OPTIMIZERS["sgd_0.5"](model.parameters()), data, batch_size=20)
+    x, y = digits()
+    results = {}
+    for quadrature in ("left", "midpoint", 2, 3, "adaptive"):
+        explainer = pk.PathKernelInfluence(
+            model,
+            data,
+            path,
+            torch.nn.CrossEntropyLoss(),
+            quadrature=quadrature,
+            show_progress=False,
+        )
+        results[quadrature] = explainer.attribute(x[1500:1504], target=y[1500:1504])
+    assert results["left"].diagnostics.quadrature == "left"
+    assert results[2].diagnostics.quadrature == "gauss-legendre-2"
+    residual = {k: float(v.relative_delta.max()) for k, v in results.items()}
+    # large steps through LayerNorm + GELU: fixed rules leave a lot, adaptive does not
+    assert residual["left"] > residual[2] > residual[3] > 1e-3 > 1e-6 > residual["adaptive"]
+    assert int(results["adaptive"].diagnostics.nodes.max()) > 3
+    with pytest.raises(ValueError, match="'adaptive'"):
+        pk.PathKernelInfluence(
+            model,
+            data,
+            path,
+            torch.nn.CrossEntropyLoss(),
+            quadrature="simpson",
+            show_progress=False,
+        )

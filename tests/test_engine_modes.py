@@ -1,0 +1,252 @@
+"""Checkpoint mode against Captum's TracInCP, and clear errors for bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.influence import TracInCP
+from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
+from torch.utils.data import DataLoader, TensorDataset
+
+import pk_attrib as pk
+
+F64 = torch.float64
+
+
+class ExplainedLogit:
+    """The logit of the target class, per example (Captum reads `reduction`)."""
+
+    reduction = "none"
+
+    def __call__(self, outputs, targets):
+        return outputs.gather(1, targets[:, None])[:, 0]
+
+
+explained_logit = ExplainedLogit()
+
+
+def test_checkpoint_mode_equals_captum_tracincp(tmp_path):
+    torch.manual_seed(10)
+    model = digits_mlp(hidden=12)
+    data = train_set(n=50)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(data, batch_size=10, shuffle=True)
+    files, lrs = [], []
+    for epoch in range(3):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        files.append(str(tmp_path / f"epoch{epoch}.pt"))
+        lrs.append(0.1 / (epoch + 1))
+        torch.save(model.state_dict(), files[-1])
+    lr_of = dict(zip(files, lrs, strict=True))
+
+    def load(net, path):
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return lr_of[path]
+
+    x, y = digits()
+    queries, target = x[1500:1505], y[1500:1505]
+    tracin = TracInCP(
+        model,
+        data,
+        checkpoints=files,
+        checkpoints_load_func=load,
+        loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+        batch_size=10,
+        test_loss_fn=explained_logit,
+    )
+    captum_scores = tracin.influence((queries, target))
+    path = pk.TrainingPath.from_checkpoints(files, lrs, model=model)
+    load(model, files[-1])
+    explainer = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    assert explainer.mode == "checkpoint"
+    dec = explainer.attribute(queries, target=target)
+    assert dec.diagnostics.mode == "checkpoint"
+    torch.testing.assert_close(dec.contributions, -captum_scores, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        dec.bias + dec.contributions.sum(1) + dec.delta, dec.prediction, rtol=0, atol=1e-12
+    )
+
+
+def test_recorded_path_with_every_k_runs_in_checkpoint_mode_with_batch_membership():
+    torch.manual_seed(11)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=40)
+    loader = DataLoader(data, batch_size=10, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pk.PathRecorder(model, optimizer, every=2) as recorder:
+        for _ in range(2):
+            for xb, yb in recorder.watch(loader):
+                optimizer.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+    path = recorder.path
+    x, y = digits()
+    dec = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    ).attribute(x[1500:1502], target=y[1500:1502])
+    # TracIn over the snapshots, each example weighted by lr/|B| per step it was in
+    expected = torch.zeros(2, 40, dtype=F64)
+    for step in path:
+        net = digits_mlp(hidden=8)
+        net.load_state_dict({**net.state_dict(), **step.params})
+        grads_q = []
+        for j in range(2):
+            net.zero_grad()
+            net(x[1500 + j : 1501 + j])[0, y[1500 + j]].backward()
+            grads_q.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        for lr, idx, sizes in step.parts:
+            for i in idx.tolist():
+                net.zero_grad()
+                F.cross_entropy(net(data[i][0][None]), data[i][1][None]).backward()
+                g = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+                for j in range(2):
+                    expected[j, i] -= lr[0] / 10 * (grads_q[j] @ g)
+    torch.testing.assert_close(dec.contributions, expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    torch.manual_seed(12)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=40)
+    path = record(model, OPTIMIZERS["sgd_0.1"](model.parameters()), data, batch_size=10)
+    return model, data, path
+
+
+def make(recorded, **kwargs):
+    model, data, path = recorded
+    kwargs.setdefault("loss_fn", torch.nn.CrossEntropyLoss())
+    return pk.PathKernelInfluence(model, data, path, show_progress=False, **kwargs)
+
+
+def test_a_model_with_other_parameters_is_refused(recorded):
+    _, data, path = recorded
+    other = digits_mlp(hidden=9)
+    with pytest.raises(pk.StoreMismatchError, match="shape"):
+        pk.PathKernelInfluence(other, data, path, torch.nn.CrossEntropyLoss())
+    renamed = torch.nn.Sequential(torch.nn.Sequential(*recorded[0]))
+    with pytest.raises(pk.StoreMismatchError, match="no parameters named"):
+        pk.PathKernelInfluence(renamed, data, path, torch.nn.CrossEntropyLoss())
+    moved = digits_mlp(hidden=8)  # same shapes, other values: not the recorded model
+    with pytest.raises(pk.StoreMismatchError, match="load_into"):
+        pk.PathKernelInfluence(moved, data, path, torch.nn.CrossEntropyLoss())
+    path.load_into(moved)
+    pk.PathKernelInfluence(moved, data, path, torch.nn.CrossEntropyLoss(), show_progress=False)
+
+
+def test_a_training_set_of_another_length_is_refused(recorded):
+    model, _, path = recorded
+    with pytest.raises(pk.StoreMismatchError, match="40 examples"):
+        pk.PathKernelInfluence(model, train_set(n=41), path, torch.nn.CrossEntropyLoss())
+
+
+def test_bad_targets_are_refused(recorded):
+    explainer = make(recorded)
+    x, _ = digits()
+    with pytest.raises(ValueError, match="out of range"):
+        explainer.attribute(x[:2], target=10)
+    with pytest.raises(ValueError, match="3 entries for 2 queries"):
+        explainer.attribute(x[:2], target=[1, 2, 3])
+    with pytest.raises(ValueError, match="must say which one"):
+        explainer.attribute(x[:2])
+    with pytest.raises(ValueError, match="integer"):
+        explainer.attribute(x[:2], target=torch.tensor([0.5, 1.0]))
+
+
+def test_non_finite_values_name_the_step(recorded):
+    explainer = make(recorded)
+    x, _ = digits()
+    bad = x[:2].clone()
+    bad[0, 3] = float("nan")
+    with pytest.raises(pk.NonFiniteError, match="step"):
+        explainer.attribute(bad, target=1)
+
+    xs = torch.randn(20, 3, dtype=F64) * 1000
+    data = TensorDataset(xs, torch.randn(20, 1, dtype=F64))
+    model = torch.nn.Linear(3, 1).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+    with pk.PathRecorder(model, optimizer, dataset_size=20) as recorder:
+        for s in range(80):
+            idx = torch.arange(s % 4 * 5, s % 4 * 5 + 5)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            F.mse_loss(model(xs[idx]), data.tensors[1][idx]).backward()
+            optimizer.step()
+    with pytest.raises(pk.NonFiniteError, match="step"):
+        pk.PathKernelInfluence(
+            model, data, recorder.path, torch.nn.MSELoss(), show_progress=False
+        ).attribute(xs[:1])
+
+
+def test_approximate_paths_refuse_exact_mode(recorded, tmp_path):
+    model, data, path = recorded
+    checkpoints = pk.TrainingPath.from_checkpoints([path.params(0), path.final], 0.1, model=model)
+    with pytest.raises(pk.UnsupportedError, match="checkpoint"):
+        pk.PathKernelInfluence(model, data, checkpoints, torch.nn.CrossEntropyLoss(), mode="exact")
+    with pytest.raises(NotImplementedError):  # the built-in base class
+        pk.PathKernelInfluence(model, data, checkpoints, torch.nn.CrossEntropyLoss(), mode="exact")
+    rms_model = digits_mlp(hidden=8)
+    rms = record(
+        rms_model, torch.optim.RMSprop(rms_model.parameters(), lr=1e-3), data, batch_size=10
+    )
+    with pytest.raises(pk.UnsupportedError, match="every=1|no exact rule|RMSprop"):
+        pk.PathKernelInfluence(rms_model, data, rms, torch.nn.CrossEntropyLoss(), mode="exact")
+    x, y = digits()
+    dec = pk.PathKernelInfluence(
+        rms_model, data, rms, torch.nn.CrossEntropyLoss(), show_progress=False
+    ).attribute(x[:2], target=y[:2])
+    assert dec.diagnostics.mode == "checkpoint"
+    with pytest.raises(ValueError, match="mode="):
+        make(recorded, mode="fast")
+
+
+def test_a_loss_whose_reduction_cannot_be_known_is_refused(recorded):
+    with pytest.raises(pk.LossReductionError, match="loss_reduction='mean'"):
+        make(recorded, loss_fn=F.cross_entropy)
+    with pytest.raises(pk.LossReductionError, match="reduction='none'"):
+        make(recorded, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+    x, y = digits()
+    by_function = make(recorded, loss_fn=F.cross_entropy, loss_reduction="mean")
+    by_module = make(recorded)
+    torch.testing.assert_close(
+        by_function.attribute(x[:2], target=y[:2]).contributions,
+        by_module.attribute(x[:2], target=y[:2]).contributions,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_training_data_as_a_dataloader(recorded):
+    model, data, path = recorded
+    x, y = digits()
+    shuffled = DataLoader(data, batch_size=8, shuffle=True)
+    with pytest.raises(ValueError, match="shuffl"):
+        pk.PathKernelInfluence(model, shuffled, path, torch.nn.CrossEntropyLoss())
+    ordered = pk.PathKernelInfluence(
+        model,
+        DataLoader(data, batch_size=8),
+        path,
+        torch.nn.CrossEntropyLoss(),
+        show_progress=False,
+    )
+    torch.testing.assert_close(
+        ordered.attribute(x[:2], target=y[:2]).contributions,
+        make(recorded).attribute(x[:2], target=y[:2]).contributions,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_top_k_returns_sorted_proponents_and_opponents(recorded):
+    x, y = digits()
+    dec = make(recorded).attribute(x[:3], target=y[:3])
+    top = dec.top_k(4)
+    order = dec.contributions.argsort(1, descending=True)
+    assert torch.equal(top.proponents.indices, order[:, :4])
+    assert torch.equal(top.opponents.indices, order.flip(1)[:, :4])
+    assert (top.proponents.values[:, :-1] >= top.proponents.values[:, 1:]).all()
+    assert (top.opponents.values <= 0).all()
