@@ -186,7 +186,7 @@ def test_linear_regression_closed_form():
     ).attribute(query, kernel=True)
     expected = torch.zeros(2, n_train, dtype=F64)
     kernel = torch.zeros(2, n_train, dtype=F64)
-    for s, step in enumerate(recorder.path):
+    for _s, step in enumerate(recorder.path):
         w = step.params["weight"][0]
         for i in step.indices.tolist():
             residual = xs[i] @ w - ys[i, 0]

@@ -98,7 +98,7 @@ def test_recorded_path_with_every_k_runs_in_checkpoint_mode_with_batch_membershi
             net.zero_grad()
             net(x[1500 + j : 1501 + j])[0, y[1500 + j]].backward()
             grads_q.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
-        for lr, idx, sizes in step.parts:
+        for lr, idx, _sizes in step.parts:
             for i in idx.tolist():
                 net.zero_grad()
                 F.cross_entropy(net(data[i][0][None]), data[i][1][None]).backward()
