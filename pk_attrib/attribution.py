@@ -5,21 +5,26 @@ This module imports captum (and through it matplotlib), so `pk_attrib` loads it 
 
 from __future__ import annotations
 
+import copy
+import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from captum.influence import DataInfluence
-from captum.influence._core.tracincp import KMostInfluentialResults
+from captum.influence._utils.common import KMostInfluentialResults
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from . import influence as scores
 from .decomposition import Decomposition
 from .engine import Engine, Problem
 from .exceptions import LossReductionError, StoreMismatchError, UnsupportedError
 from .gradients import FunctionalModel, OutputFn, Reduction, prepare_target, select_output
 from .path import TrainingPath
 from .quadrature import Quadrature, QuadratureRule
+from .store import MANIFEST
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -38,7 +43,7 @@ def _dataset_of(train: Dataset | DataLoader) -> Dataset:
     return train
 
 
-def _reduction(loss_fn, given: str | None) -> Reduction:
+def _reduction(loss_fn, given: str | None, needed: bool) -> Reduction:
     if given is not None:
         try:
             return Reduction(given)
@@ -48,6 +53,8 @@ def _reduction(loss_fn, given: str | None) -> Reduction:
     found = getattr(loss_fn, "reduction", None)
     if found in ("mean", "sum"):
         return Reduction(found)
+    if not needed:  # checkpoints weigh every example alike: the reduction plays no part
+        return Reduction.SUM
     raise LossReductionError(
         "cannot tell how the training loss combined the examples of a batch "
         f"({'reduction=' + repr(found) if found else type(loss_fn).__name__ + ' has no reduction'}"
@@ -55,16 +62,82 @@ def _reduction(loss_fn, given: str | None) -> Reduction:
     )
 
 
+def _example_key(items) -> bytes:
+    return b"".join(torch.as_tensor(t).cpu().numpy().tobytes() for t in items)
+
+
+def _checkpoint_files(checkpoints: Any) -> list[str]:
+    if isinstance(checkpoints, (str, os.PathLike)):
+        folder = Path(checkpoints)
+        if folder.is_dir():
+            return sorted(glob.glob(os.path.join(folder, "*")))
+        return [str(folder)]
+    if isinstance(checkpoints, Iterable):
+        return [str(c) for c in checkpoints]
+    raise TypeError(f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}")
+
+
+def _path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
+    """Build a checkpoint path the way TracInCP reads checkpoints (load_func returns the lr)."""
+    if load_func is None:
+        from captum.influence._core.tracincp import _load_flexible_state_dict as load_func
+    scratch = copy.deepcopy(model)
+    states, lrs = [], []
+    for file in _checkpoint_files(checkpoints):
+        lrs.append(float(load_func(scratch, file)))
+        states.append({n: p.detach().clone() for n, p in scratch.named_parameters()})
+    if not states:
+        raise ValueError(f"no checkpoint files found in {checkpoints!r}")
+    return TrainingPath.from_checkpoints(states, lrs, model=model)
+
+
+def _layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[str]):
+    if layers is None:
+        return None
+    modules = dict(model.named_modules())
+    unknown = [name for name in layers if name not in modules]
+    if unknown:
+        raise ValueError(
+            f"layers {unknown} are not modules of the model (valid: "
+            f"{[n for n in modules if n][:8]}...)"
+        )
+    chosen = [
+        n
+        for n in names
+        if any(n == f"{m}.{n.split('.')[-1]}" or n.startswith(m + ".") for m in layers)
+    ]
+    if not chosen:
+        raise ValueError(f"layers {layers} hold no recorded (trainable) parameters")
+    return chosen
+
+
 class PathKernelInfluence(DataInfluence):
     """Exact training-data attribution through the path kernel of a recorded training run.
+
+    The constructor also takes Captum ``TracInCP``'s arguments, so a TracInCP workflow moves
+    by changing the class it constructs: ``checkpoints`` (a folder, file or list, read with
+    ``checkpoints_load_func``, which loads a checkpoint into the model and returns its
+    learning rate), ``layers``, ``loss_fn``, ``batch_size``, ``test_loss_fn``; such a path is
+    explained in checkpoint mode (TracIn).
 
     Args:
         model: The trained model (its parameters must equal the path's final ones).
         train_dataset: The training set the path's indices refer to: a Dataset whose items
             are ``(inputs..., label)``, or a non-shuffling DataLoader over it.
-        path: A `TrainingPath`, or the folder of a store.
+        path: A `TrainingPath`, the folder of a store, or (as in TracInCP) checkpoints.
         loss_fn: The training loss, ``loss_fn(outputs, labels)``; e.g.
             ``torch.nn.CrossEntropyLoss()``.
+        checkpoints: TracInCP's name for checkpoint files (instead of ``path``).
+        checkpoints_load_func: ``f(model, file) -> learning rate`` (TracInCP's default when
+            None: load ``state_dict`` from the file, lr from its ``learning_rate`` entry or 1).
+        layers: Module names: restrict gradients (and so the kernel) to their parameters,
+            like TracInCP's ``layers``. The result is then approximate and ``delta`` says by
+            how much (adaptive quadrature falls back to 4 Gauss–Legendre nodes).
+        batch_size: Training examples per gradient chunk (TracInCP's name); default: sized by
+            ``memory_budget``.
+        test_loss_fn: The loss `influence` explains (default: ``loss_fn`` per example).
+        sample_wise_grads_per_batch: Accepted for TracInCP compatibility; per-example
+            gradients always come from torch.func.
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loop reduced the loss over
             a batch. Read from ``loss_fn.reduction`` when it has one.
         accumulation: With gradient accumulation, ``"sum"`` (each micro-batch's loss was
@@ -76,18 +149,24 @@ class PathKernelInfluence(DataInfluence):
             1e-5 in float32).
         dtype: Computation dtype (default: the model's parameter dtype).
         device: Computation device (default: the model's).
-        memory_budget: Bytes that one chunk of per-example gradients may take.
-        show_progress: Show tqdm progress bars.
-        test_loss_fn: The loss explained by `influence` (default: ``loss_fn`` per example).
+        memory_budget: Bytes that one chunk of per-example gradients, or one block of scores,
+            may take.
+        show_progress: Show tqdm progress bars in `attribute`.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         train_dataset: Dataset | DataLoader,
-        path: TrainingPath | str | os.PathLike,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        path: TrainingPath | str | os.PathLike | list | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         *,
+        checkpoints: str | os.PathLike | list | None = None,
+        checkpoints_load_func: Callable[[torch.nn.Module, str], float] | None = None,
+        layers: list[str] | None = None,
+        batch_size: int | None = None,
+        test_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        sample_wise_grads_per_batch: bool | None = None,
         loss_reduction: str | None = None,
         accumulation: str = "sum",
         mode: str = "auto",
@@ -97,14 +176,17 @@ class PathKernelInfluence(DataInfluence):
         device: torch.device | str | None = None,
         memory_budget: int = 1 << 30,
         show_progress: bool = True,
-        test_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
+        if loss_fn is None:
+            raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
         self.model = model
         self.train_dataset = _dataset_of(train_dataset)
-        self.path = path if isinstance(path, TrainingPath) else TrainingPath.load(path)
+        self.path, from_tracincp = self._load_path(model, path, checkpoints, checkpoints_load_func)
         self.loss_fn = loss_fn
         self.test_loss_fn = test_loss_fn or loss_fn
-        self.reduction = _reduction(loss_fn, loss_reduction)
+        self.layers = layers
+        needs_reduction = any(True for _ in self.path.step(0).parts) if len(self.path) else False
+        self.reduction = _reduction(loss_fn, loss_reduction, needs_reduction)
         if accumulation not in ("sum", "mean"):
             raise ValueError(f"accumulation={accumulation!r}: use 'sum' or 'mean'")
         if mode not in MODES:
@@ -112,6 +194,9 @@ class PathKernelInfluence(DataInfluence):
         self.mode = self._resolve_mode(mode)
         first = next(model.parameters())
         self.dtype = dtype or first.dtype
+        active = _layer_params(model, layers, self.path.param_names)
+        if active is not None and quadrature == "adaptive":
+            quadrature = 4  # the exact output change cannot check a partial gradient
         self.quadrature = QuadratureRule.parse(quadrature, rtol, self.dtype)
         self.show_progress = show_progress
         size = self.path.dataset_size
@@ -121,15 +206,26 @@ class PathKernelInfluence(DataInfluence):
                 f"train_dataset has {len(self.train_dataset)}: pass the dataset the recorder "
                 "watched (same order)"
             )
+        budget = memory_budget
+        if batch_size is not None:  # TracInCP's knob: examples per gradient chunk
+            budget = (
+                max(1, batch_size)
+                * 3
+                * self.dtype.itemsize
+                * sum(s.numel() for s in self.path.param_shapes.values())
+            )
         self._fm = FunctionalModel(
             model,
             self.path.param_names,
             self.path.param_shapes,
             self.dtype,
             device or first.device,
-            memory_budget,
+            budget,
+            active,
         )
-        self._check_final(model)
+        self.memory_budget = memory_budget
+        if not from_tracincp:
+            self._check_final(model)
         self._problem = Problem(
             self._fm,
             self.path,
@@ -140,6 +236,24 @@ class PathKernelInfluence(DataInfluence):
             show_progress,
         )
         self._engine = Engine(self._problem)
+
+    @staticmethod
+    def _load_path(model, path, checkpoints, load_func) -> tuple[TrainingPath, bool]:
+        if isinstance(path, TrainingPath):
+            return path, False
+        if (
+            checkpoints is None
+            and isinstance(path, (str, os.PathLike))
+            and (Path(path) / MANIFEST).is_file()
+        ):
+            return TrainingPath.load(path), False
+        source = checkpoints if checkpoints is not None else path
+        if source is None:
+            raise TypeError(
+                "give the training path (a TrainingPath or a store folder), or TracInCP-style "
+                "checkpoints="
+            )
+        return _path_from_tracincp(model, source, load_func), True
 
     def _resolve_mode(self, mode: str) -> str:
         path = self.path
@@ -174,6 +288,19 @@ class PathKernelInfluence(DataInfluence):
             raise TypeError("inputs must be a tensor or a tuple of tensors (first dim: queries)")
         return self._fm.cast(batch)
 
+    def _target(self, queries, target, output_fn):
+        n = queries[0].shape[0]
+        if output_fn is None:
+            with torch.no_grad():
+                outputs = self._fm.outputs(self._fm.flatten(self.path.final), queries[:1])
+            return prepare_target(target, n, outputs[0].numel()), select_output
+        tgt = None if target is None else torch.as_tensor(target, device=self._fm.device)
+        if tgt is not None and tgt.dim() == 0:
+            tgt = tgt.expand(n).clone()
+        if tgt is not None and tgt.shape[0] != n:
+            raise ValueError(f"target has {tgt.shape[0]} rows for {n} queries")
+        return tgt, output_fn
+
     def attribute(
         self,
         inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -196,17 +323,7 @@ class PathKernelInfluence(DataInfluence):
             A `Decomposition` with contributions (n_test, n_train), bias, prediction, delta.
         """
         queries = self._queries(inputs)
-        n = queries[0].shape[0]
-        if output_fn is None:
-            with torch.no_grad():
-                outputs = self._fm.outputs(self._fm.flatten(self.path.final), queries[:1])
-            n_outputs = outputs[0].numel()
-            tgt = prepare_target(target, n, n_outputs)
-            output_fn = select_output
-        else:
-            tgt = None if target is None else torch.as_tensor(target, device=self._fm.device)
-            if tgt is not None and tgt.dim() == 0:
-                tgt = tgt.expand(n).clone()
+        tgt, output_fn = self._target(queries, target, output_fn)
         if self.mode == "exact":
             return self._engine.exact(queries, tgt, output_fn, self.quadrature, kernel)
         if kernel:
@@ -215,14 +332,28 @@ class PathKernelInfluence(DataInfluence):
 
     # -- Captum contract ------------------------------------------------------------------------
 
-    def _loss_output(self) -> OutputFn:
-        loss = self.test_loss_fn
+    def _block(self, n: int) -> int:
+        """Training examples per block so that one (n, block) block fits the budget."""
+        return max(1, self.memory_budget // max(1, 4 * n * self.dtype.itemsize))
 
-        def negative_loss(outputs, labels):
-            rows = [loss(outputs[i : i + 1], labels[i : i + 1]).sum() for i in range(len(outputs))]
-            return -torch.stack(rows)
+    def _split_batch(self, batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(
+                "inputs must be a batch (inputs..., labels), as in Captum's TracInCP: "
+                "model(*batch[:-1]) gives the outputs, labels come last"
+            )
+        *x, labels = batch
+        return self._queries(tuple(x)), labels.to(self._fm.device)
 
-        return negative_loss
+    def _scores_block(self, queries, labels, output_fn, cache):
+        def block(a: int, b: int) -> torch.Tensor:
+            if self.mode == "exact":
+                return self._engine.exact(
+                    queries, labels, output_fn, self.quadrature, False, columns=(a, b)
+                )
+            return self._engine.checkpoint(queries, labels, output_fn, columns=(a, b), cache=cache)
+
+        return block
 
     def influence(
         self,
@@ -234,12 +365,13 @@ class PathKernelInfluence(DataInfluence):
         """Influence of each training example on each test example's loss (Captum contract).
 
         A score is the exact contribution of training example i to the *decrease* of the test
-        loss along the path, so positive means proponent, as in Captum's TracIn.
+        loss (``test_loss_fn``) along the path, so positive means proponent, as in Captum.
 
         Args:
             inputs: A batch ``(inputs..., labels)`` (``model(*inputs[:-1])``, labels last),
                 or a DataLoader of such batches.
-            k: None for all scores; an int for the k most influential per test example.
+            k: None for all scores; an int for the k most influential per test example,
+                streamed over the training set in blocks (memory O(n_test × (k + block))).
             proponents: With ``k``: the most positive (True) or most negative (False).
             show_progress: Show progress bars.
 
@@ -248,23 +380,101 @@ class PathKernelInfluence(DataInfluence):
             each (n_test, k), sorted.
         """
         batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
-        previous = self._problem.show_progress
-        self._problem.show_progress = show_progress
+        output_fn = scores.negative_loss(self.test_loss_fn)
+        n_train = len(self.train_dataset)
+        previous, self._problem.show_progress = self._problem.show_progress, show_progress
         try:
-            scores = []
+            results = []
             for batch in batches:
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise TypeError(
-                        "influence() takes a batch (inputs..., labels), as Captum's TracInCP does"
-                    )
-                *x, labels = batch
-                dec = self.attribute(tuple(x), target=labels, output_fn=self._loss_output())
-                scores.append(dec.contributions)
+                queries, labels = self._split_batch(batch)
+                block = self._scores_block(queries, labels, output_fn, {})
+                if k is None:
+                    results.append(block(0, n_train))
+                    continue
+                size = self._block(queries[0].shape[0])
+                results.append(
+                    scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
+                )
         finally:
             self._problem.show_progress = previous
-        table = torch.cat(scores)
         if k is None:
-            return table
-        k = min(int(k), table.shape[1])
-        top = torch.topk(table, k, dim=1, largest=proponents)
-        return KMostInfluentialResults(top.indices, top.values)
+            return torch.cat(results)
+        indices = torch.cat([r[0] for r in results])
+        values = torch.cat([r[1] for r in results])
+        return KMostInfluentialResults(indices, values)
+
+    def self_influence(self, inputs: Any = None, show_progress: bool = False) -> torch.Tensor:
+        """Each training example's influence on its own loss, (n_train,) (Captum contract).
+
+        Exact mode: the example's exact contribution to the decrease of its own loss along
+        the path. Checkpoint mode: TracIn's Σ_k η_k ‖∇ℓ_i(w_k)‖². High scores flag examples
+        the model had to work to fit, such as mislabeled ones.
+
+        Args:
+            inputs: None for the whole training set; or a batch ``(inputs..., labels)`` (or a
+                DataLoader of batches) of training examples in exact mode, or of any examples
+                in checkpoint mode.
+            show_progress: Show progress bars.
+
+        Returns:
+            Scores, (n_train,) or (n_inputs,).
+        """
+        previous, self._problem.show_progress = self._problem.show_progress, show_progress
+        try:
+            return self._self_influence(inputs, show_progress)
+        finally:
+            self._problem.show_progress = previous
+
+    def _self_influence(self, inputs, show_progress):
+        engine = self._engine
+        if inputs is not None and self.mode == "checkpoint":
+            batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
+            out = []
+            for batch in batches:
+                queries, labels = self._split_batch(batch)
+                out.append(engine.checkpoint_self(None, (*queries, labels)))
+            return torch.cat(out)
+        indices = torch.arange(len(self.train_dataset)) if inputs is None else self._locate(inputs)
+        if self.mode == "checkpoint":
+            return engine.checkpoint_self(indices)
+        output_fn = scores.negative_loss(self.loss_fn)
+        path = self.path
+        rule_free = (
+            self._fm.partial is False
+            and path.optimizer["kind"] == "sgd"
+            and all(float(h.get("momentum", 0.0)) == 0.0 for step in path for h in step.hyper)
+        )
+        if rule_free:
+            return scores.exact_self_influence_plain_sgd(
+                engine, indices, output_fn, self.quadrature
+            )
+        size = max(1, int((self.memory_budget / (8 * self.dtype.itemsize)) ** 0.5))
+        size = min(
+            size, max(1, self.memory_budget // (4 * self._fm.d_active * self.dtype.itemsize))
+        )
+        return scores.exact_self_influence_blocks(
+            engine, indices, output_fn, self.quadrature, size, show_progress
+        )
+
+    def _locate(self, inputs) -> torch.Tensor:
+        """Training indices of the given examples (exact mode scores training examples)."""
+        batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
+        lookup: dict[bytes, int] = {}
+        for i in range(len(self.train_dataset)):
+            key = b"".join(
+                torch.as_tensor(t).cpu().numpy().tobytes() for t in self.train_dataset[i]
+            )
+            lookup.setdefault(key, i)
+        found = []
+        for batch in batches:
+            *x, labels = batch
+            for r in range(labels.shape[0]):
+                key = _example_key([t[r] for t in x] + [labels[r]])
+                if key not in lookup:
+                    raise ValueError(
+                        f"example {r} of the inputs is not in train_dataset: exact "
+                        "self-influence is defined for training examples; use "
+                        "mode='checkpoint' for TracIn's self-influence of other examples"
+                    )
+                found.append(lookup[key])
+        return torch.tensor(found, dtype=torch.int64)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +79,9 @@ class Engine:
         self.p = problem
         self.fm = problem.fm
         self.n_train = len(problem.train_dataset)
-        self.vectors = GroupVectors(problem.path, self.fm.names, self.fm.dtype, self.fm.device)
+        self.vectors = GroupVectors(
+            problem.path, self.fm.active_names, self.fm.dtype, self.fm.device
+        )
 
     def _batch(self, indices: torch.Tensor):
         return self.fm.cast(gather_examples(self.p.train_dataset, indices))
@@ -89,13 +91,27 @@ class Engine:
 
     # -- exact ----------------------------------------------------------------------------
 
-    def exact(self, inputs, target, output_fn: OutputFn, quad: QuadratureRule, kernel: bool):
-        """Exact decomposition by the backward adjoint sweep."""
+    def exact(
+        self,
+        inputs,
+        target,
+        output_fn: OutputFn,
+        quad: QuadratureRule,
+        kernel: bool,
+        columns: tuple[int, int] | None = None,
+    ):
+        """Exact decomposition by the backward adjoint sweep.
+
+        With ``columns=(a, b)`` only the contributions of training examples a..b−1 are
+        computed and returned, as an (n, b − a) tensor (for streaming over the training set;
+        no reconstruction check, no bias).
+        """
         fm, path, p = self.fm, self.p.path, self.p
-        rule = make_rule(path, self.vectors, fm.names)
+        rule = make_rule(path, self.vectors, fm.active_names)
         n, S = inputs[0].shape[0], len(path)
         dtype, device = fm.dtype, fm.device
-        contributions = torch.zeros(n, self.n_train, dtype=dtype, device=device)
+        first, last = columns if columns is not None else (0, self.n_train)
+        contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
         kern = weights_num = None
         w_next = fm.flatten(path.final)
         f_next = prediction = self._forward(w_next, inputs, target, output_fn)
@@ -110,28 +126,41 @@ class Engine:
         train_evals = 0
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
-            w = fm.flatten(step.params)
-            delta = w_next - w
-            f_s = self._forward(w, inputs, target, output_fn)
+            w_full = fm.flatten(step.params)
+            delta_full = w_next - w_full
+            w, delta = fm.active(w_full), fm.active(delta_full)  # differentiated coordinates
+            f_s = self._forward(w_full, inputs, target, output_fn)
             _check_finite(f_s, "query output", s)
             change = f_next - f_s
             floor = 16 * eps * (f_s.abs() + f_next.abs())
-            phi, nodes[s] = integrator.integrate(w, delta, change, torch.maximum(share, floor), s)
+            indices = step.indices
+            kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
+            kappa = kappa.to(dtype=dtype, device=device)
+            if columns is not None:
+                keep = (indices >= first) & (indices < last)
+                indices, kappa = indices[keep] - first, kappa[keep.to(device)]
+                if not len(indices) and rule.memoryless(step):
+                    # nothing to attribute here and no state to carry: skip the query side
+                    rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)
+                    w_next, f_next = w_full, f_s
+                    continue
+            tol = torch.maximum(share, floor)
+            phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
             _check_finite(phi, "query gradient", s)
             phi_delta += phi @ delta
             v, extra = rule.begin(s, step, phi, w)
             if extra is not None:
                 decay += extra
             sign, lam = rule.coefficients(step)
-            indices = step.indices
-            kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
-            kappa = kappa.to(dtype=dtype, device=device)
-            batch = self._batch(indices)
+            if columns is not None and not len(indices):
+                w_next, f_next = w_full, f_s
+                continue
+            batch = self._batch(indices + first)
             if kernel:
-                jac, dloss = fm.loss_jacobians(w, batch, p.loss_fn)
+                jac, dloss = fm.loss_jacobians(w_full, batch, p.loss_fn)
                 grads = torch.einsum("bc,bcd->bd", dloss, jac)
             else:
-                grads = fm.loss_grads(w, batch, p.loss_fn)
+                grads = fm.loss_grads(w_full, batch, p.loss_fn)
             _check_finite(grads, "training gradient", s)
             train_evals += len(indices)
             signed = grads * sign
@@ -145,9 +174,12 @@ class Engine:
                     weights_num = torch.zeros_like(kern)
                 kern.index_add_(1, indices.to(device), k_step)
                 weights_num.index_add_(1, indices.to(device), -k_step * dloss[None])
-            effective = (kappa[:, None] * signed).sum(0) + lam * w
-            rule.finish_step(s, step, delta, effective, w)
-            w_next, f_next = w, f_s
+            if columns is None:
+                effective = (kappa[:, None] * signed).sum(0) + lam * w
+                rule.finish_step(s, step, delta, effective, w)
+            w_next, f_next = w_full, f_s
+        if columns is not None:
+            return contributions
         errors = torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
         self._warn_reconstruction(errors)
         if integrator.unconverged:
@@ -200,31 +232,49 @@ class Engine:
 
     # -- checkpoint -------------------------------------------------------------------------
 
-    def checkpoint(self, inputs, target, output_fn: OutputFn, chunk: int | None = None):
-        """TracIn-style approximation: c_i ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k)."""
+    def checkpoint(
+        self,
+        inputs,
+        target,
+        output_fn: OutputFn,
+        columns: tuple[int, int] | None = None,
+        cache: dict | None = None,
+    ):
+        """TracIn-style approximation: c_i ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k).
+
+        With ``columns=(a, b)``, only training examples a..b−1, returned as (n, b − a);
+        ``cache`` (a dict kept by the caller) then holds the query gradients between blocks.
+        """
         fm, path, p = self.fm, self.p.path, self.p
         n, S = inputs[0].shape[0], len(path)
         dtype, device = fm.dtype, fm.device
-        contributions = torch.zeros(n, self.n_train, dtype=dtype, device=device)
-        prediction = self._forward(fm.flatten(path.final), inputs, target, output_fn)
-        initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
-        chunk = chunk or max(1, fm.chunk_size())
+        first, last = columns if columns is not None else (0, self.n_train)
+        contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
+        cache = {} if cache is None else cache
+        chunk = max(1, fm.chunk_size())
         query_evals = train_evals = 0
         for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
             step = path.step(s)
-            w = fm.flatten(step.params)
-            grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
-            query = grads[0]
-            _check_finite(query, "query gradient", s)
-            query_evals += n
-            for lr, indices, kappa in self._checkpoint_parts(step):
+            w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones
+            if s not in cache:
+                grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
+                _check_finite(grads, "query gradient", s)
+                cache[s] = grads[0]
+                query_evals += n
+            query = cache[s]
+            for lr, indices, kappa in self._checkpoint_parts(step, first, last):
+                scaled = query * self.vectors.vec(lr)
                 for a in range(0, len(indices), chunk):
                     idx = indices[a : a + chunk]
-                    g = fm.loss_grads(w, self._batch(idx), p.loss_fn)
+                    g = fm.loss_grads(w, self._batch(idx + first), p.loss_fn)
                     _check_finite(g, "training gradient", s)
                     train_evals += len(idx)
-                    scores = (query * self.vectors.vec(lr)) @ g.T
+                    scores = scaled @ g.T
                     contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
+        if columns is not None:
+            return contributions
+        prediction = self._forward(fm.flatten(path.final), inputs, target, output_fn)
+        initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
         nodes = torch.ones(S, dtype=torch.int64)
         diagnostics = Diagnostics(
             "checkpoint", "left", dtype, nodes, torch.zeros(0), query_evals, train_evals
@@ -236,15 +286,57 @@ class Engine:
             contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
         )
 
-    def _checkpoint_parts(self, step: Step) -> Sequence[tuple]:
+    def _checkpoint_parts(self, step: Step, first: int = 0, last: int | None = None):
+        """``(lr, indices − first, κ)`` of the examples in [first, last) a step weighs."""
         dtype, device = self.fm.dtype, self.fm.device
+        last = self.n_train if last is None else last
         if not step.parts:  # a checkpoint: every training example, weight η_k
-            everyone = torch.arange(self.n_train)
-            return [(step.lr, everyone, torch.ones(self.n_train, dtype=dtype, device=device))]
+            ones = torch.ones(last - first, dtype=dtype, device=device)
+            return [(step.lr, torch.arange(last - first), ones)]
         out = []
         for lr, indices, sizes in step.parts:
             kappa = example_weights(sizes, self.p.reduction, self.p.accumulation)
-            out.append((lr, indices, kappa.to(dtype=dtype, device=device)))
+            keep = (indices >= first) & (indices < last)
+            out.append((lr, indices[keep] - first, kappa[keep].to(dtype=dtype, device=device)))
+        return out
+
+    def checkpoint_self(self, indices: torch.Tensor | None, batch=None) -> torch.Tensor:
+        """Checkpoint-mode self-influence Σ_k η_k κ ‖∇ℓ_i(w_k)‖² (η per coordinate).
+
+        Args:
+            indices: Training indices (m,), or None when ``batch`` gives the examples.
+            batch: ``(inputs..., labels)`` of m examples (weighted as in a checkpoint).
+
+        Returns:
+            (m,) self-influence scores.
+        """
+        fm, path, p = self.fm, self.p.path, self.p
+        m = len(indices) if indices is not None else batch[-1].shape[0]
+        out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
+        chunk = max(1, fm.chunk_size())
+        for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
+            step = path.step(s)
+            w = fm.flatten(step.params)
+            if batch is not None or not step.parts:
+                weights = [(step.lr, torch.arange(m), torch.ones(m, dtype=fm.dtype))]
+            else:
+                weights = []
+                for lr, idx, sizes in step.parts:
+                    kappa = example_weights(sizes, p.reduction, p.accumulation).to(fm.dtype)
+                    # position of each wanted index in this part (an index may repeat)
+                    hits = (indices[:, None] == idx[None, :]).nonzero()
+                    weights.append((lr, hits[:, 0], kappa[hits[:, 1]]))
+            for lr, rows, kappa in weights:
+                eta = self.vectors.vec(lr)
+                for a in range(0, len(rows), chunk):
+                    r = rows[a : a + chunk]
+                    if batch is not None:
+                        examples = fm.cast(tuple(t[r] for t in batch))
+                    else:
+                        examples = self._batch(indices[r])
+                    g = fm.loss_grads(w, examples, p.loss_fn)
+                    _check_finite(g, "training gradient", s)
+                    out.index_add_(0, r.to(fm.device), (g * g * eta).sum(1) * kappa[a : a + chunk])
         return out
 
 

@@ -75,6 +75,10 @@ class FunctionalModel:
         dtype: Computation dtype.
         device: Computation device.
         memory_budget: Bytes the per-example gradients of one chunk may take.
+        active: The parameters gradients are taken with respect to (default: all recorded
+            ones). The others still move along the path but are not differentiated
+            (Captum's ``layers``). Active parameters come first in the flat vector, so the
+            gradient coordinates are its first ``d_active`` entries.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class FunctionalModel:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         memory_budget: int = 1 << 30,
+        active: Sequence[str] | None = None,
     ):
         params = dict(model.named_parameters())
         missing = [n for n in names if n not in params]
@@ -101,10 +106,13 @@ class FunctionalModel:
                 f"{tuple(shapes[n])} in the path: pass the model the path was recorded from"
             )
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-        self.names = list(names)
-        self.shapes = [shapes[n] for n in names]
+        chosen = set(names if active is None else active)
+        self.names = [n for n in names if n in chosen] + [n for n in names if n not in chosen]
+        self.n_active = len(chosen & set(names))
+        self.shapes = [shapes[n] for n in self.names]
         self.sizes = [s.numel() for s in self.shapes]
         self.d = sum(self.sizes)
+        self.d_active = sum(self.sizes[: self.n_active])
         self.dtype = dtype
         self.device = torch.device(device)
         self.memory_budget = memory_budget
@@ -130,8 +138,28 @@ class FunctionalModel:
             n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
         }
 
+    @property
+    def active_names(self) -> list[str]:
+        """Names of the differentiated parameters, in gradient-coordinate order."""
+        return self.names[: self.n_active]
+
+    @property
+    def partial(self) -> bool:
+        """True when only some recorded parameters are differentiated (``layers``)."""
+        return self.n_active < len(self.names)
+
+    def active(self, flat: torch.Tensor) -> torch.Tensor:
+        """The differentiated coordinates of a (..., d) vector: (..., d_active)."""
+        return flat[..., : self.d_active]
+
+    def _split(self, params: dict[str, torch.Tensor]):
+        act = {n: params[n] for n in self.active_names}
+        passive = {n: params[n] for n in self.names[self.n_active :]}
+        return act, passive
+
     def _flat_grads(self, grads: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
-        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in self.names], -1)
+        names = self.active_names
+        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in names], -1)
 
     def cast(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Move a batch to the device; floating tensors take the computation dtype."""
@@ -147,7 +175,7 @@ class FunctionalModel:
 
     def chunk_size(self, per_item: int = 1) -> int:
         """How many per-example gradients (each ``per_item`` × d values) fit the budget."""
-        item = max(1, self.d * per_item * self.dtype.itemsize * 3)  # grads + autograd temporaries
+        item = max(1, self.d_active * per_item * self.dtype.itemsize * 3)  # grads + temporaries
         return max(1, self.memory_budget // item)
 
     # -- evaluations ------------------------------------------------------------------------
@@ -164,21 +192,23 @@ class FunctionalModel:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Per-example loss gradients g_i(w), (B, d). ``batch`` is (inputs..., labels)."""
-        params = self.unflatten(w)
+        act, passive = self._split(self.unflatten(w))
 
-        def single(p, inputs, label):
-            out = self._call(p, tuple(x.unsqueeze(0) for x in inputs))
+        def single(pa, pp, inputs, label):
+            out = self._call({**pa, **pp}, tuple(x.unsqueeze(0) for x in inputs))
             return loss_fn(out, label.unsqueeze(0)).sum()
 
         *inputs, labels = batch
-        step = vmap(grad(single), in_dims=(None, 0, 0))
+        step = vmap(grad(single), in_dims=(None, None, 0, 0))
         n = labels.shape[0]
         size = self.chunk_size()
         chunks = []
         for a in range(0, n, size):
             part = tuple(x[a : a + size] for x in inputs)
-            chunks.append(self._flat_grads(step(params, part, labels[a : a + size]), 1))
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.d, dtype=self.dtype)
+            chunks.append(self._flat_grads(step(act, passive, part, labels[a : a + size]), 1))
+        if not chunks:
+            return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
+        return torch.cat(chunks)
 
     def output_grads(
         self,
@@ -198,22 +228,23 @@ class FunctionalModel:
         Returns:
             ``(grads, values)``: ∇_w f(x_j; ws[k]) as (q, n, d) and f(x_j; ws[k]) as (q, n).
         """
-        params = self.unflatten(ws)
+        act, passive = self._split(self.unflatten(ws))
         n = inputs[0].shape[0]
         tgt = target if target is not None else torch.zeros(n, dtype=torch.int64)
         has_target = target is not None
 
-        def single(p, x, t):
-            out = self._call(p, tuple(v.unsqueeze(0) for v in x))
+        def single(pa, pp, x, t):
+            out = self._call({**pa, **pp}, tuple(v.unsqueeze(0) for v in x))
             value = output_fn(out, t.unsqueeze(0) if has_target else None).reshape(())
             return value, value
 
-        per_query = vmap(grad(single, has_aux=True), in_dims=(None, 0, 0))
-        per_point = vmap(per_query, in_dims=(0, None, None))
+        per_query = vmap(grad(single, has_aux=True), in_dims=(None, None, 0, 0))
+        per_point = vmap(per_query, in_dims=(0, 0, None, None))
         size = max(1, self.chunk_size(ws.shape[0]))
         grads, values = [], []
         for a in range(0, n, size):
-            g, v = per_point(params, tuple(x[a : a + size] for x in inputs), tgt[a : a + size])
+            part = tuple(x[a : a + size] for x in inputs)
+            g, v = per_point(act, passive, part, tgt[a : a + size])
             grads.append(self._flat_grads(g, 2))
             values.append(v)
         return torch.cat(grads, 1), torch.cat(values, 1)
@@ -231,10 +262,11 @@ class FunctionalModel:
             g_i = Σ_c dloss[i, c] jac[i, c].
         """
         params = self.unflatten(w)
+        act, passive = self._split(params)
         *inputs, labels = batch
 
-        def out_single(p, x):
-            return self._call(p, tuple(v.unsqueeze(0) for v in x)).reshape(-1)
+        def out_single(pa, x):
+            return self._call({**pa, **passive}, tuple(v.unsqueeze(0) for v in x)).reshape(-1)
 
         def dloss_single(out, label):
             return grad(lambda o: loss_fn(o.unsqueeze(0), label.unsqueeze(0)).sum())(out)
@@ -248,7 +280,7 @@ class FunctionalModel:
         jacs = []
         for a in range(0, n, size):
             part = tuple(x[a : a + size] for x in inputs)
-            jacs.append(self._flat_grads(jac(params, part), 2))
+            jacs.append(self._flat_grads(jac(act, part), 2))
         dloss = vmap(dloss_single)(outs, labels)
         return torch.cat(jacs), dloss
 

@@ -107,9 +107,9 @@ class StepIntegrator:
     def _phi(self, w: torch.Tensor, delta: torch.Tensor, nodes, weights) -> torch.Tensor:
         n = self.inputs[0].shape[0]
         per_node = max(
-            1, self.fm.memory_budget // max(1, 3 * n * self.fm.d * self.fm.dtype.itemsize)
+            1, self.fm.memory_budget // max(1, 3 * n * self.fm.d_active * self.fm.dtype.itemsize)
         )
-        phi = torch.zeros(n, self.fm.d, dtype=self.fm.dtype, device=self.fm.device)
+        phi = torch.zeros(n, self.fm.d_active, dtype=self.fm.dtype, device=self.fm.device)
         for a in range(0, len(nodes), per_node):
             t = torch.tensor(nodes[a : a + per_node], dtype=self.fm.dtype, device=self.fm.device)
             om = torch.tensor(weights[a : a + per_node], dtype=self.fm.dtype, device=self.fm.device)
@@ -124,7 +124,7 @@ class StepIntegrator:
         """φ_s (n, d) and the node count used.
 
         Args:
-            w: w_s, (d,).
+            w: w_s, (d,) (all recorded coordinates).
             delta: Δ_s, (d,).
             exact_change: f(x; w_{s+1}) − f(x; w_s), (n,).
             scale: A per-query error floor in output units, (n,) (rounding noise and the
@@ -146,7 +146,7 @@ class StepIntegrator:
         while True:
             q = LADDER[self._rung]
             phi = self._phi(w, delta, *gauss_legendre(q))
-            err = (phi @ delta - exact_change).abs()
+            err = (phi @ self.fm.active(delta) - exact_change).abs()
             tol = torch.maximum(rule.rtol * exact_change.abs(), scale)
             if bool((err <= tol).all()):
                 return phi, q

@@ -78,6 +78,13 @@ class Rule:
         self._next_fresh = True
         self._pending: tuple | None = None  # step s+1, waiting for the state recovered at s
 
+    def memoryless(self, step: Step) -> bool:
+        """True when step s carries no optimizer state (plain SGD).
+
+        Then φ_s is needed only for the step's own batch.
+        """
+        return False
+
     def coefficients(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """σ (sign: −1 with maximize) and λ (coupled weight decay) as (d,) vectors."""
         sign = 1.0 - 2.0 * self.vec.hyper(step, "maximize", False)
@@ -119,6 +126,10 @@ class Rule:
 
 class SGDRule(Rule):
     """SGD with momentum, dampening, nesterov, weight decay and maximize (PyTorch convention)."""
+
+    def memoryless(self, step: Step) -> bool:
+        """Plain SGD (no momentum in any group) keeps no state between steps."""
+        return all(float(h.get("momentum", 0.0)) == 0.0 for h in step.hyper)
 
     def _terms(self, step: Step):
         mu = self.vec.hyper(step, "momentum")

@@ -1,0 +1,158 @@
+"""Influence scores for the Captum contract: streaming top-k and self-influence.
+
+Scores follow Captum's orientation and sign: (n_test, n_train), positive = proponent, i.e.
+the training example's exact contribution to the *decrease* of the test loss. They are the
+engine's contributions with f(x) = −loss(x) as the explained quantity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import Engine, _check_finite, example_weights
+from .gradients import OutputFn
+from .quadrature import QuadratureRule, StepIntegrator
+from .rules import make_rule
+
+
+def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OutputFn:
+    """``output_fn`` whose value per row is −loss(row): its decrease is the loss's increase."""
+
+    def explained(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = [loss_fn(outputs[i : i + 1], labels[i : i + 1]).sum() for i in range(len(outputs))]
+        return -torch.stack(rows)
+
+    return explained
+
+
+class TopKAccumulator:
+    """Running top-k over column blocks: memory O(n × (k + block))."""
+
+    def __init__(self, k: int, largest: bool):
+        self.k = k
+        self.largest = largest
+        self.values: torch.Tensor | None = None
+        self.indices: torch.Tensor | None = None
+
+    def add(self, scores: torch.Tensor, offset: int) -> None:
+        """Merge a block of scores (n, b) whose first column is training index ``offset``."""
+        idx = torch.arange(offset, offset + scores.shape[1], device=scores.device)
+        idx = idx.expand(scores.shape[0], -1)
+        if self.values is not None:
+            scores = torch.cat([self.values, scores], 1)
+            idx = torch.cat([self.indices, idx], 1)
+        top = torch.topk(scores, min(self.k, scores.shape[1]), dim=1, largest=self.largest)
+        self.values, self.indices = top.values, idx.gather(1, top.indices)
+
+
+def stream_top_k(
+    block_scores: Callable[[int, int], torch.Tensor],
+    n_train: int,
+    k: int,
+    largest: bool,
+    block: int,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of an (n, n_train) score matrix computed block by block.
+
+    Args:
+        block_scores: ``(a, b) -> (n, b − a)`` scores of training examples a..b−1.
+        n_train: Number of training examples.
+        k: How many to keep per row.
+        largest: Keep the largest (proponents) or the smallest (opponents).
+        block: Columns per block.
+        show_progress: Show a progress bar over blocks.
+
+    Returns:
+        ``(indices, values)``, each (n, k), sorted.
+    """
+    acc = TopKAccumulator(k, largest)
+    starts = range(0, n_train, block)
+    for a in tqdm(starts, desc="training blocks", disable=not show_progress):
+        acc.add(block_scores(a, min(a + block, n_train)), a)
+    return acc.indices, acc.values
+
+
+def exact_self_influence_plain_sgd(
+    engine: Engine, indices: torch.Tensor, output_fn: OutputFn, quad: QuadratureRule
+) -> torch.Tensor:
+    """Exact self-influence when no step carries optimizer state (plain SGD).
+
+    Then c_i(x_i) = −Σ_{s: i∈B_s} κ σ η_s φ_s(x_i) · g_i(w_s) needs φ_s only for the step's
+    own batch members: the cost is a few gradients per batch member and step.
+
+    Args:
+        engine: The engine of the explainer.
+        indices: Training indices whose self-influence is wanted (m,).
+        output_fn: The explained quantity (−loss).
+        quad: The quadrature rule.
+
+    Returns:
+        (m,) scores: each example's contribution to the decrease of its own loss.
+    """
+    fm, path, p = engine.fm, engine.p.path, engine.p
+    rule = make_rule(path, engine.vectors, fm.active_names)
+    position = torch.full((engine.n_train,), -1, dtype=torch.int64)
+    position[indices] = torch.arange(len(indices))
+    out = torch.zeros(len(indices), dtype=fm.dtype, device=fm.device)
+    eps = torch.finfo(fm.dtype).eps
+    w_next = fm.flatten(path.final)
+    for s in tqdm(range(len(path) - 1, -1, -1), desc="steps", disable=not p.show_progress):
+        step = path.step(s)
+        w = fm.flatten(step.params)
+        delta, w_prev_next = w_next - w, w_next
+        w_next = w
+        rows = position[step.indices]
+        keep = rows >= 0
+        if not bool(keep.any()):
+            continue
+        members = step.indices[keep]
+        kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)[keep]
+        *inputs, labels = engine._batch(members)
+        f_s = output_fn(fm.outputs(w, inputs), labels)
+        f_next = output_fn(fm.outputs(w_prev_next, inputs), labels)
+        _check_finite(f_s, "training-example output", s)
+        integrator = StepIntegrator(fm, quad, tuple(inputs), labels, output_fn)
+        floor = 16 * eps * (f_s.abs() + f_next.abs())
+        phi, _ = integrator.integrate(w, delta, f_next - f_s, floor, s)
+        v, _ = rule.begin(s, step, phi, fm.active(w))
+        sign, _ = rule.coefficients(step)
+        grads = fm.loss_grads(w, (*inputs, labels), p.loss_fn)
+        _check_finite(grads, "training gradient", s)
+        values = -(v * grads * sign).sum(1) * kappa.to(fm.dtype)
+        out.index_add_(0, rows[keep].to(fm.device), values)
+    return out
+
+
+def exact_self_influence_blocks(
+    engine: Engine,
+    indices: torch.Tensor,
+    output_fn: OutputFn,
+    quad: QuadratureRule,
+    block: int,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Exact self-influence for any exact optimizer, by sweeps over blocks of examples.
+
+    Each block of (sorted) training examples is a set of queries whose contributions are
+    restricted to the block's own index range; the diagonal is kept.
+
+    Returns:
+        (m,) scores in the order of ``indices``.
+    """
+    order = torch.argsort(indices)
+    sorted_idx = indices[order]
+    out = torch.zeros(len(indices), dtype=engine.fm.dtype, device=engine.fm.device)
+    for a in tqdm(range(0, len(indices), block), desc="blocks", disable=not show_progress):
+        part = sorted_idx[a : a + block]
+        first, last = int(part[0]), int(part[-1]) + 1
+        *inputs, labels = engine._batch(part)
+        scores = engine.exact(
+            tuple(inputs), labels, output_fn, quad, kernel=False, columns=(first, last)
+        )
+        diag = scores[torch.arange(len(part)), part - first]
+        out[order[a : a + block].to(out.device)] = diag
+    return out
