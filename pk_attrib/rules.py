@@ -118,7 +118,6 @@ class Rule:
             self.errors[s] = _relative_error(delta, self.predict(step, prev, G, w))
         else:
             self._pending = (s, step, delta, G, w)
-        self._next_fresh = step.fresh_state
 
     def _initial_state(self, step: Step):
         return None
@@ -143,6 +142,7 @@ class SGDRule(Rule):
         """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
         eta = self.vec.vec(step.lr)
         mu, damp, nesterov = self._terms(step)
+        self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
         if not bool((mu != 0).any()):
             self._carry = None
             self._mu = mu
@@ -150,7 +150,7 @@ class SGDRule(Rule):
         # u_s: adjoint of the buffer b_s = μ_s b_{s−1} + d_s G_s, used by P_s = b_s or G_s + μ_s b_s
         direct = torch.where(nesterov.bool(), mu, torch.ones_like(mu))
         u = eta * direct * phi
-        if self._carry is not None and not self._next_fresh:
+        if self._carry is not None and not next_fresh:
             u = u + self._mu * self._carry
         self._carry, self._mu = u, mu
         v = damp * u + nesterov * eta * phi
@@ -213,7 +213,8 @@ class AdamRule(Rule):
         eta = self.vec.vec(step.lr)
         D, beta1 = self._denominator(step, self._names)
         u = eta * D * phi
-        if self._carry is not None and not self._next_fresh:
+        self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
+        if self._carry is not None and not next_fresh:
             u = u + self._beta1 * self._carry
         self._carry, self._beta1 = u, beta1
         extra = None

@@ -1,0 +1,239 @@
+"""The Captum contract: influence(), top-k, self_influence(), TracInCP migration, layers=."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.influence import TracInCP
+from captum.influence._utils.common import KMostInfluentialResults
+from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
+from torch.utils.data import DataLoader
+
+import pk_attrib as pk
+from pk_attrib.influence import negative_loss
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", params=["sgd_0.1", "momentum_nesterov"])
+def run(request):
+    torch.manual_seed(20)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=40)
+    path = record(model, OPTIMIZERS[request.param](model.parameters()), data, batch_size=10)
+    return model, data, path
+
+
+def explainer(run, **kwargs):
+    model, data, path = run
+    return pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False, **kwargs
+    )
+
+
+def test_influence_is_the_contribution_to_the_loss_decrease(run):
+    x, y = digits()
+    batch = (x[1500:1504], y[1500:1504])
+    ex = explainer(run)
+    assert isinstance(ex, pk.PathKernelInfluence)
+    from captum.influence import DataInfluence
+
+    assert isinstance(ex, DataInfluence)
+    scores = ex.influence(batch)
+    dec = ex.attribute(batch[0], batch[1], output_fn=negative_loss(torch.nn.CrossEntropyLoss()))
+    torch.testing.assert_close(scores, dec.contributions, rtol=0, atol=0)
+    assert scores.shape == (4, 40)
+    # completeness in loss units: the scores sum to the loss decrease along the path
+    model, data, path = run
+    initial = digits_mlp(hidden=8)
+    path.load_into(initial, 0)
+    with torch.no_grad():
+        before = F.cross_entropy(initial(batch[0]), batch[1], reduction="none")
+        after = F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    decrease = before - after
+    torch.testing.assert_close(
+        scores.sum(1) + dec.terms["weight_decay"] + dec.terms["unexplained"] + dec.delta,
+        decrease,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("proponents", [True, False])
+@pytest.mark.parametrize("mode", ["exact", "checkpoint"])
+def test_streamed_top_k_equals_a_full_sort(run, proponents, mode):
+    x, y = digits()
+    batch = (x[1500:1505], y[1500:1505])
+    full = explainer(run, mode=mode).influence(batch)
+    tiny = explainer(run, mode=mode, memory_budget=5 * 7 * 8 * 4)  # blocks of 7 examples
+    assert tiny._block(5) == 7
+    result = tiny.influence(batch, k=4, proponents=proponents)
+    assert isinstance(result, KMostInfluentialResults)
+    order = torch.sort(full, dim=1, descending=proponents)
+    # (blocks may take other adaptive node counts: equal to the quadrature tolerance)
+    torch.testing.assert_close(result.influence_scores, order.values[:, :4], rtol=1e-8, atol=1e-12)
+    assert torch.equal(result.indices, order.indices[:, :4])
+
+
+def test_dataloader_and_dataset_forms_agree(run):
+    model, data, path = run
+    x, y = digits()
+    by_dataset = explainer(run).influence((x[1500:1506], y[1500:1506]))
+    by_loaders = pk.PathKernelInfluence(
+        model,
+        DataLoader(data, batch_size=16),
+        path,
+        torch.nn.CrossEntropyLoss(),
+        show_progress=False,
+    ).influence(
+        DataLoader(torch.utils.data.TensorDataset(x[1500:1506], y[1500:1506]), batch_size=4)
+    )
+    # other query batches may take other adaptive node counts: equal to its tolerance
+    torch.testing.assert_close(by_loaders, by_dataset, rtol=1e-7, atol=1e-11)
+
+
+def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(run):
+    model, data, path = run
+    ex = explainer(run)
+    everyone = ex.influence(data.tensors)
+    self_scores = ex.self_influence()
+    torch.testing.assert_close(self_scores, everyone.diagonal(), rtol=1e-9, atol=1e-13)
+    picked = torch.tensor([7, 3, 30])
+    chosen = ex.self_influence((data.tensors[0][picked], data.tensors[1][picked]))
+    torch.testing.assert_close(chosen, self_scores[picked], rtol=1e-9, atol=1e-13)
+    x, y = digits()
+    with pytest.raises(ValueError, match="not in train_dataset"):
+        ex.self_influence((x[1500:1501], y[1500:1501]))
+    small_blocks = explainer(run, memory_budget=40_000)
+    torch.testing.assert_close(small_blocks.self_influence(), self_scores, rtol=1e-9, atol=1e-13)
+
+
+def _checkpoints(tmp_path, n=40):
+    torch.manual_seed(21)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=n)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    files = []
+    for epoch in range(3):
+        for xb, yb in DataLoader(data, batch_size=10, shuffle=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+        files.append(str(tmp_path / f"ckpt{epoch}.pt"))
+        torch.save({"model_state_dict": model.state_dict(), "lr": 0.1 * (epoch + 1)}, files[-1])
+    return model, data, files
+
+
+def load_checkpoint(net, file):
+    state = torch.load(file, weights_only=True)
+    net.load_state_dict(state["model_state_dict"])
+    return state["lr"]
+
+
+def tracincp_workflow(cls, model, data, files, layers=None):
+    """A script written for Captum's TracInCP; only the class changes."""
+    x, y = digits()
+    influencer = cls(
+        model,
+        data,
+        checkpoints=files,
+        checkpoints_load_func=load_checkpoint,
+        layers=layers,
+        loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+        batch_size=8,
+        test_loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+    )
+    scores = influencer.influence((x[1500:1503], y[1500:1503]))
+    top = influencer.influence((x[1500:1503], y[1500:1503]), k=3, proponents=True)
+    self_scores = influencer.self_influence(show_progress=False)
+    return scores, top, self_scores
+
+
+def test_a_tracincp_script_runs_unchanged_against_pk_attrib(tmp_path):
+    model, data, files = _checkpoints(tmp_path)
+    captum = tracincp_workflow(TracInCP, model, data, files)
+    ours = tracincp_workflow(pk.PathKernelInfluence, model, data, files)
+    torch.testing.assert_close(ours[0], captum[0], rtol=1e-9, atol=1e-12)
+    assert torch.equal(ours[1].indices, captum[1].indices)
+    torch.testing.assert_close(
+        ours[1].influence_scores, captum[1].influence_scores, rtol=1e-9, atol=1e-12
+    )
+    torch.testing.assert_close(ours[2], captum[2], rtol=1e-9, atol=1e-12)
+
+
+def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
+    model, data, files = _checkpoints(tmp_path)
+    captum = tracincp_workflow(TracInCP, model, data, files, layers=["2"])
+    ours = tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers=["2"])
+    torch.testing.assert_close(ours[0], captum[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours[2], captum[2], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="not modules"):
+        tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers=["nope"])
+
+
+def test_layers_in_exact_mode_are_approximate_and_delta_says_by_how_much(run):
+    x, y = digits()
+    full = explainer(run).attribute(x[1500:1503], target=y[1500:1503])
+    last = explainer(run, layers=["2"]).attribute(x[1500:1503], target=y[1500:1503])
+    assert float(full.relative_delta.max()) < 1e-6
+    assert float(last.relative_delta.min()) > 1e-3  # the first layer's share is in delta
+    torch.testing.assert_close(
+        last.bias + last.contributions.sum(1) + last.delta, last.prediction, rtol=0, atol=1e-12
+    )
+
+
+def test_top_k_over_a_million_training_examples_stays_in_a_fixed_memory_bound():
+    """influence(k=...) never builds the (n_test, n_train) matrix (here 80 MB of float64)."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        import pk_attrib as pk
+
+        def status(field):  # kB, from the kernel's accounting of this process
+            for line in open("/proc/self/status"):
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+
+        torch.manual_seed(0)
+        n = 1_000_000
+        xs = torch.randn(n, 4, dtype=torch.float64)
+        ys = torch.randint(0, 2, (n,))
+        data = torch.utils.data.TensorDataset(xs, ys)
+        model = torch.nn.Linear(4, 2).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        with pk.PathRecorder(model, optimizer, dataset_size=n) as recorder:
+            for s in range(20):
+                idx = torch.randint(0, n, (64,))
+                recorder.record_batch(idx)
+                optimizer.zero_grad()
+                loss_fn(model(xs[idx]), ys[idx]).backward()
+                optimizer.step()
+        explainer = pk.PathKernelInfluence(
+            model, data, recorder.path, loss_fn, show_progress=False, memory_budget=4 << 20
+        )
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident size (VmHWM) to the current one
+        before = status("VmRSS")
+        queries = (xs[:10] + 0.1, ys[:10])
+        if sys.argv[1] == "topk":
+            top = explainer.influence(queries, k=5)
+            assert top.indices.shape == (10, 5)
+        else:
+            full = explainer.influence(queries)
+            assert full.shape == (10, n)
+        print((status("VmHWM") - before) / 1024)
+        """
+    )
+    growth = {}
+    for kind in ("topk", "full"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, out.stderr
+        growth[kind] = float(out.stdout.split()[-1])  # MiB of peak RSS added by influence()
+    assert growth["full"] > 60, growth  # the full matrix really is big ...
+    assert growth["topk"] < 30, growth  # ... and streaming top-k stays far below it
