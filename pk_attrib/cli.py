@@ -18,14 +18,20 @@ def _digits(seed: int):
             "the demo uses scikit-learn's digits: pip install 'pk-attrib[dev]' or scikit-learn"
         ) from err
     digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    x = torch.tensor(digits.data, dtype=torch.float64) / 16.0
     y = torch.tensor(digits.target)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[order], y[order]
 
 
-def demo(out: Path, optimizer_name: str = "sgd", seed: int = 0, epochs: int = 5) -> int:
-    """Train a small MLP on sklearn's digits while recording its path, then reload it."""
+def demo(
+    out: Path,
+    optimizer_name: str = "sgd",
+    seed: int = 0,
+    epochs: int = 5,
+    n_queries: int = 4,
+) -> int:
+    """Record a digits MLP, decompose a few test predictions, print and plot them."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm import tqdm
@@ -36,25 +42,75 @@ def demo(out: Path, optimizer_name: str = "sgd", seed: int = 0, epochs: int = 5)
     x, y = _digits(seed)
     train = TensorDataset(x[:1500], y[:1500])
     loader = DataLoader(train, batch_size=32, shuffle=True)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+    ).double()
     if optimizer_name == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
     store = out / "store"
     with pk.PathRecorder(model, optimizer, store=store) as recorder:
-        for _ in tqdm(range(epochs), desc="training (recording)", unit="epoch"):
+        for _ in tqdm(range(epochs), desc="training (recording the path)", unit="epoch"):
             for xb, yb in recorder.watch(loader):
                 optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                loss_fn(model(xb), yb).backward()
                 optimizer.step()
+    model.eval()
     path = pk.TrainingPath.load(store)
-    path.verify()
     with torch.no_grad():
-        accuracy = (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
+        accuracy = (model(x[1500:]).argmax(1) == y[1500:]).double().mean().item()
     print(f"recorded {path} into {store}")
-    print(f"test accuracy of the recorded model: {accuracy:.3f}")
+    print(f"test accuracy: {accuracy:.3f}\n")
+
+    queries = x[1500 : 1500 + n_queries]
+    predicted = model(queries).argmax(1).detach()
+    explainer = pk.PathKernelInfluence(model, train, path, loss_fn)
+    dec = explainer.attribute(queries, target=predicted)
+    top = dec.top_k(3)
+    labels = y[:1500]
+    for q in range(n_queries):
+        print(
+            f"query {q} (true label {int(y[1500 + q])}): logit of class {int(predicted[q])}\n"
+            f"  prediction {float(dec.prediction[q]):+.6f} = bias {float(dec.bias[q]):+.6f}"
+            f" + Σ contributions {float(dec.contributions[q].sum()):+.6f}"
+            f"   (relative delta {float(dec.relative_delta[q]):.1e})"
+        )
+        for name, ranked in (("proponents", top.proponents), ("opponents ", top.opponents)):
+            items = ", ".join(
+                f"#{int(i)} (label {int(labels[i])}) {float(v):+.4f}"
+                for i, v in zip(ranked.indices[q], ranked.values[q], strict=True)
+            )
+            print(f"  top {name}: {items}")
+    picture = out / "demo.png"
+    _plot(x, labels, dec, predicted, n_queries, picture)
+    print(f"\nwrote {picture}: each query digit beside its top proponents and opponents")
     return 0
+
+
+def _plot(x, labels, dec, dec_targets, n_queries: int, picture: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import viz
+
+    fig = plt.figure(figsize=(9, 3.9 * n_queries), layout="constrained")
+    for q, sub in enumerate(fig.subfigures(n_queries, 1, squeeze=False)[:, 0]):
+        viz.influential_images(
+            x[1500 + q].reshape(8, 8),
+            x[:1500].reshape(-1, 8, 8),
+            dec,
+            query=q,
+            k=4,
+            train_labels=labels.tolist(),
+            title=f"query {q}: explaining the logit of class {int(dec_targets[q])}",
+            fig=sub,
+        )
+    fig.savefig(picture, dpi=110)
+    plt.close(fig)
 
 
 def inspect(store: Path) -> int:
@@ -93,20 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pk-attrib`` command."""
     parser = argparse.ArgumentParser(prog="pk-attrib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="record a small MLP trained on sklearn's digits")
+    p_demo = sub.add_parser(
+        "demo", help="record an MLP on sklearn's digits and decompose a few predictions"
+    )
     p_demo.add_argument(
         "--out", type=Path, default=None, help="output folder (default: a temp dir)"
     )
     p_demo.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--epochs", type=int, default=5)
+    p_demo.add_argument("--queries", type=int, default=4, help="test predictions to explain")
     p_inspect = sub.add_parser("inspect", help="summarise a store and check its integrity")
     p_inspect.add_argument("store", type=Path)
     args = parser.parse_args(argv)
     if args.command == "demo":
         out = args.out or Path(tempfile.mkdtemp(prefix="pk_attrib_demo_"))
         out.mkdir(parents=True, exist_ok=True)
-        return demo(out, args.optimizer, args.seed, args.epochs)
+        return demo(out, args.optimizer, args.seed, args.epochs, args.queries)
     return inspect(args.store)
 
 
