@@ -1,5 +1,7 @@
-"""Plots of decompositions. matplotlib is imported inside each function (``pip install
-'pk-attrib[viz]'``); each takes ``ax=None`` (a new figure) and returns the Axes it drew on.
+"""Plots of decompositions.
+
+matplotlib is imported inside each function (``pip install 'pk-attrib[viz]'``); each takes
+``ax=None`` (a new figure) and returns the Axes it drew on.
 
 Colours: proponents (positive contributions) are blue, opponents (negative) are orange.
 """
@@ -62,12 +64,13 @@ def waterfall(
     steps.append(float(c.sum() - c[top].sum()))
     names.append("delta")
     steps.append(float(dec.delta[query]))
-    start = 0.0
+    start, ends = 0.0, [0.0]
     for row, (name, value) in enumerate(zip(names, steps, strict=True)):
         left = 0.0 if row == 0 else start
         colour = NEUTRAL if row == 0 or name == "delta" else (PROPONENT if value >= 0 else OPPONENT)
         ax.barh(row, value, left=left, color=colour)
         start = value if row == 0 else start + value
+        ends.append(start)
         ax.annotate(
             f"{value:+.3g}",
             (start, row),
@@ -79,7 +82,9 @@ def waterfall(
         )
     ax.axvline(float(dec.prediction[query]), color="black", linestyle="--", linewidth=1)
     ax.axvline(0.0, color=NEUTRAL, linewidth=0.8)
-    ax.margins(x=0.18)  # room for the value labels
+    lo, hi = min(ends), max(ends)
+    pad = 0.2 * (hi - lo or 1.0)  # room for the value labels
+    ax.set_xlim(lo - pad, hi + pad)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("explained output")
