@@ -25,6 +25,7 @@ from .exceptions import (
     UnsupportedError,
 )
 from .path import Step, TrainingPath
+from .projection import ProjectorKind
 from .quadrature import Quadrature
 from .recorder import PathRecorder
 
@@ -58,6 +59,7 @@ __all__ = [
     "PathRecorder",
     "PkAttribError",
     "PkAttribWarning",
+    "ProjectorKind",
     "Quadrature",
     "QuadratureWarning",
     "Ranked",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +25,7 @@ from .engine import Engine, Problem
 from .exceptions import LossReductionError, StoreMismatchError, UnsupportedError
 from .gradients import FunctionalModel, OutputFn, Reduction, prepare_target, select_output
 from .path import TrainingPath
+from .projection import FeatureCache, ProjectorKind, make_projector
 from .quadrature import Quadrature, QuadratureRule
 from .store import MANIFEST
 
@@ -152,6 +155,17 @@ class PathKernelInfluence(DataInfluence):
         memory_budget: Bytes that one chunk of per-example gradients, or one block of scores,
             may take.
         show_progress: Show tqdm progress bars in `attribute`.
+        projection_dim: Project gradients to this many dimensions (per Linear layer with
+            ``projector="factorized"``) so memory stays bounded: contributions become
+            unbiased estimates with variance ~ 1/projection_dim, while prediction, bias and
+            Σ φ·Δ stay exact (``delta`` then measures the projection noise). Queries are
+            processed in chunks whose gradients fit ``memory_budget``.
+        projector: A `ProjectorKind`: ``"gaussian"``, ``"rademacher"``, ``"sparse"``,
+            ``"factorized"``.
+        projection_seed: Seed of the projection (same seed, same numbers).
+        feature_dtype: Storage dtype of cached training features (float32, float16, bfloat16).
+        cache_features: Keep training-side features for reuse by later query batches, inside
+            the store when the path is stored on disk.
     """
 
     def __init__(
@@ -176,6 +190,11 @@ class PathKernelInfluence(DataInfluence):
         device: torch.device | str | None = None,
         memory_budget: int = 1 << 30,
         show_progress: bool = True,
+        projection_dim: int | None = None,
+        projector: str | ProjectorKind = "gaussian",
+        projection_seed: int = 0,
+        feature_dtype: torch.dtype = torch.float32,
+        cache_features: bool = True,
     ):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
@@ -236,6 +255,23 @@ class PathKernelInfluence(DataInfluence):
             show_progress,
         )
         self._engine = Engine(self._problem)
+        self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)
+        self._features = None
+        if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
+            self._features = FeatureCache(self._feature_folder(), feature_dtype)
+
+    def _feature_folder(self):
+        root = getattr(self.path._backend, "root", None)
+        if root is None:
+            return None
+        key = {
+            "projector": self._projector.config(),
+            "loss": [type(self.loss_fn).__qualname__, str(self.reduction.value)],
+            "dtype": str(self.dtype),
+            "steps": len(self.path),
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(root) / "features" / digest
 
     @staticmethod
     def _load_path(model, path, checkpoints, load_func) -> tuple[TrainingPath, bool]:
@@ -324,11 +360,43 @@ class PathKernelInfluence(DataInfluence):
         """
         queries = self._queries(inputs)
         tgt, output_fn = self._target(queries, target, output_fn)
+        if self._projector.kind is not ProjectorKind.IDENTITY:
+            if self.mode != "exact" or kernel:
+                raise UnsupportedError(
+                    "random projection applies to exact-mode contributions (not to the kernel "
+                    "view or checkpoint mode): drop projection_dim= or kernel=True"
+                )
+            return self._projected(queries, tgt, output_fn)
         if self.mode == "exact":
             return self._engine.exact(queries, tgt, output_fn, self.quadrature, kernel)
         if kernel:
             raise UnsupportedError("the path kernel is defined in exact mode only")
         return self._engine.checkpoint(queries, tgt, output_fn)
+
+    def _projected(self, queries, target, output_fn) -> Decomposition:
+        """Exact sweep with projected contributions, queries in memory-bounded chunks."""
+        n = queries[0].shape[0]
+        per_query = 6 * self._fm.d_active * self.dtype.itemsize  # φ, adjoint, quadrature grads
+        size = max(1, self.memory_budget // per_query)
+        features = self._features if self._features is not None else {}
+        parts = []
+        for a in range(0, n, size):
+            chunk = tuple(q[a : a + size] for q in queries)
+            tgt = None if target is None else target[a : a + size]
+            parts.append(
+                self._engine.exact(
+                    chunk,
+                    tgt,
+                    output_fn,
+                    self.quadrature,
+                    False,
+                    projector=self._projector,
+                    features=features,
+                )
+            )
+        if self._features is not None:
+            self._features.flush()
+        return Decomposition.concat(parts)
 
     # -- Captum contract ------------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ from typing import NamedTuple
 import torch
 
 
+def first_terms(parts) -> list[str]:
+    """The term names of the first decomposition."""
+    return list(parts[0].terms)
+
+
 class Ranked(NamedTuple):
     """Indices and values of ranked training examples, each (n_test, k)."""
 
@@ -121,6 +126,30 @@ class Decomposition:
         """|delta| / |f(x; w_S) − f(x; w_0)|, (n_test,): the completeness residual."""
         change = (self.prediction - self.terms["initial"]).abs()
         return self.delta.abs() / change.clamp_min(torch.finfo(change.dtype).tiny)
+
+    @classmethod
+    def concat(cls, parts: list[Decomposition]) -> Decomposition:
+        """Stack decompositions of query chunks (same training set) along the query axis."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0].diagnostics
+
+        def cat(name):
+            return torch.cat([getattr(p, name) for p in parts])
+
+        diagnostics = Diagnostics(
+            first.mode,
+            first.quadrature,
+            first.dtype,
+            torch.stack([p.diagnostics.nodes for p in parts]).amax(0),
+            first.reconstruction_error,
+            sum(p.diagnostics.query_gradients for p in parts),
+            sum(p.diagnostics.train_gradients for p in parts),
+        )
+        terms = {k: torch.cat([p.terms[k] for p in parts]) for k in first_terms(parts)}
+        return cls(
+            cat("contributions"), cat("bias"), cat("prediction"), cat("delta"), terms, diagnostics
+        )
 
     def top_k(self, k: int) -> TopK:
         """The k strongest proponents and opponents of each query.

@@ -99,12 +99,19 @@ class Engine:
         quad: QuadratureRule,
         kernel: bool,
         columns: tuple[int, int] | None = None,
+        projector=None,
+        features: dict | None = None,
     ):
         """Exact decomposition by the backward adjoint sweep.
 
         With ``columns=(a, b)`` only the contributions of training examples a..b−1 are
         computed and returned, as an (n, b − a) tensor (for streaming over the training set;
         no reconstruction check, no bias).
+
+        With a ``projector``, contributions are −κ (P σv)·(P g) (unbiased); training-side
+        features P g are kept in ``features`` (step -> (B, K)) for reuse across query chunks.
+        Prediction, bias and Σ φ·Δ stay exact: the batch gradient is taken whole, so the
+        projection noise shows in ``delta`` only.
         """
         fm, path, p = self.fm, self.p.path, self.p
         rule = make_rule(path, self.vectors, fm.active_names)
@@ -122,6 +129,7 @@ class Engine:
         integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
         decay = torch.zeros(n, dtype=dtype, device=device)
         phi_delta = torch.zeros(n, dtype=dtype, device=device)
+        explained_exact = torch.zeros(n, dtype=dtype, device=device)
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
@@ -136,6 +144,8 @@ class Engine:
             indices = step.indices
             kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
             kappa = kappa.to(dtype=dtype, device=device)
+            all_indices, all_kappa = indices, kappa
+            keep = None
             if columns is not None:
                 keep = (indices >= first) & (indices < last)
                 indices, kappa = indices[keep] - first, kappa[keep.to(device)]
@@ -153,6 +163,31 @@ class Engine:
                 decay += extra
             sign, lam = rule.coefficients(step)
             if columns is not None and not len(indices):
+                w_next, f_next = w_full, f_s
+                continue
+            if projector is not None:
+                train_evals += self._projected_step(
+                    s,
+                    step,
+                    w_full,
+                    w,
+                    v,
+                    sign,
+                    lam,
+                    all_indices,
+                    all_kappa,
+                    keep,
+                    indices,
+                    kappa,
+                    projector,
+                    features,
+                    contributions,
+                    explained_exact,
+                    decay,
+                    rule,
+                    delta,
+                    columns is None,
+                )
                 w_next, f_next = w_full, f_s
                 continue
             batch = self._batch(indices + first)
@@ -175,8 +210,9 @@ class Engine:
                 kern.index_add_(1, indices.to(device), k_step)
                 weights_num.index_add_(1, indices.to(device), -k_step * dloss[None])
             if columns is None:
-                effective = (kappa[:, None] * signed).sum(0) + lam * w
-                rule.finish_step(s, step, delta, effective, w)
+                effective = (kappa[:, None] * signed).sum(0)
+                explained_exact -= v @ effective
+                rule.finish_step(s, step, delta, effective + lam * w, w)
             w_next, f_next = w_full, f_s
         if columns is not None:
             return contributions
@@ -193,7 +229,7 @@ class Engine:
                 stacklevel=3,
             )
         explained = contributions.sum(1)
-        unexplained = phi_delta - explained - decay
+        unexplained = phi_delta - explained_exact - decay
         terms = {"initial": f_next, "weight_decay": decay, "unexplained": unexplained}
         bias = f_next + decay + unexplained
         diagnostics = Diagnostics(
@@ -212,6 +248,55 @@ class Engine:
             k_out,
             w_out,
         )
+
+    def _projected_step(
+        self,
+        s,
+        step,
+        w_full,
+        w,
+        v,
+        sign,
+        lam,
+        all_indices,
+        all_kappa,
+        keep,
+        indices,
+        kappa,
+        projector,
+        features,
+        contributions,
+        explained_exact,
+        decay,
+        rule,
+        delta,
+        full,
+    ) -> int:
+        """One step of a projected sweep; returns the training gradients it evaluated."""
+        fm, p = self.fm, self.p
+        evals = 0
+        if features is None or s not in features:
+            batch = self._batch(all_indices)
+            feats = projector.training_features(w_full, batch, p.loss_fn)
+            _check_finite(feats, "projected training gradient", s)
+            evals = len(all_indices)
+            if features is not None:
+                features[s] = feats
+                feats = features[s].to(fm.device)  # what later query chunks will read
+        else:
+            feats = features[s].to(fm.device)
+        if keep is not None:
+            feats = feats[keep.to(feats.device)]
+        projected = projector.project(v * sign)
+        scores = projected @ feats.to(projected.dtype).T
+        contributions.index_add_(1, indices.to(fm.device), -scores * kappa)
+        if full:  # exact bookkeeping with the whole batch gradient (one backward pass)
+            batch = self._batch(all_indices)
+            effective = fm.batch_grad(w_full, batch, p.loss_fn, all_kappa) * sign
+            explained_exact -= v @ effective
+            decay -= v @ (lam * w)
+            rule.finish_step(s, step, delta, effective + lam * w, w)
+        return evals
 
     def _warn_reconstruction(self, errors: torch.Tensor) -> None:
         limit = WARN_RECONSTRUCTION.get(self.fm.dtype, 1e-3)

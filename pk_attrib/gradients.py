@@ -152,13 +152,14 @@ class FunctionalModel:
         """The differentiated coordinates of a (..., d) vector: (..., d_active)."""
         return flat[..., : self.d_active]
 
-    def _split(self, params: dict[str, torch.Tensor]):
-        act = {n: params[n] for n in self.active_names}
-        passive = {n: params[n] for n in self.names[self.n_active :]}
+    def _split(self, params: dict[str, torch.Tensor], names: Sequence[str] | None = None):
+        chosen = self.active_names if names is None else list(names)
+        act = {n: params[n] for n in chosen}
+        passive = {n: p for n, p in params.items() if n not in act}
         return act, passive
 
     def _flat_grads(self, grads: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
-        names = self.active_names
+        names = [n for n in self.names if n in grads]
         return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in names], -1)
 
     def cast(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -190,9 +191,13 @@ class FunctionalModel:
         w: torch.Tensor,
         batch: Sequence[torch.Tensor],
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        names: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Per-example loss gradients g_i(w), (B, d). ``batch`` is (inputs..., labels)."""
-        act, passive = self._split(self.unflatten(w))
+        """Per-example loss gradients g_i(w), (B, d_active). ``batch`` is (inputs..., labels).
+
+        ``names`` restricts the gradient to those parameters (in flat-vector order).
+        """
+        act, passive = self._split(self.unflatten(w), names)
 
         def single(pa, pp, inputs, label):
             out = self._call({**pa, **pp}, tuple(x.unsqueeze(0) for x in inputs))
@@ -207,8 +212,29 @@ class FunctionalModel:
             part = tuple(x[a : a + size] for x in inputs)
             chunks.append(self._flat_grads(step(act, passive, part, labels[a : a + size]), 1))
         if not chunks:
-            return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
+            width = sum(v.numel() for v in act.values())
+            return torch.zeros(0, width, dtype=self.dtype, device=self.device)
         return torch.cat(chunks)
+
+    @staticmethod
+    def per_example_losses(outputs, labels, loss_fn) -> torch.Tensor:
+        """ℓ_i for each row of a batch's outputs, (B,), whatever the loss's reduction."""
+
+        def one(out, label):
+            return loss_fn(out.unsqueeze(0), label.unsqueeze(0)).sum()
+
+        return vmap(one)(outputs, labels)
+
+    def batch_grad(self, w, batch, loss_fn, weights: torch.Tensor) -> torch.Tensor:
+        """∇_w Σ_i weights_i ℓ_i(w) in one backward pass, (d_active,)."""
+        act, passive = self._split(self.unflatten(w))
+        *inputs, labels = batch
+
+        def total(pa):
+            out = self._call({**pa, **passive}, tuple(inputs))
+            return (self.per_example_losses(out, labels, loss_fn) * weights).sum()
+
+        return self._flat_grads(grad(total)(act), 0)
 
     def output_grads(
         self,

@@ -1,0 +1,384 @@
+"""Random projection of gradients: memory-bounded, unbiased dot products.
+
+A projector maps a gradient-sized vector g (d,) to P g (K,) with a random P such that
+E[PᵀP] = I, so (P u)·(P g) is an unbiased estimate of u·g with variance ~ 1/K. P is
+never stored: it is generated block by block — one block per recorded parameter tensor
+(split further into column chunks), each from a `torch.Generator` on the computation device
+seeded by (seed, parameter name, chunk) — so the projector's memory is O(K × chunk) and
+the same P is rebuilt identically for the training and the query side.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .gradients import FunctionalModel
+
+
+class ProjectorKind(str, enum.Enum):
+    """Which random projection to use (``projector=`` on `PathKernelInfluence`).
+
+    - ``IDENTITY``: no projection: exact dot products. The default without
+      ``projection_dim``.
+    - ``GAUSSIAN``: dense Gaussian P (entries N(0, 1/K)), blocked. The reference choice:
+      unbiased, variance ~ 1/K; costs O(d·K) per vector. Use for small and medium models.
+    - ``RADEMACHER``: dense ±1/√K entries. Same variance as Gaussian, cheaper to generate.
+    - ``SPARSE``: sparse JL — each coordinate is hashed to s rows with a random sign; costs
+      O(d·s) instead of O(d·K). Use for large models on the CPU.
+    - ``FACTORIZED``: per-layer projection of ``nn.Linear`` gradients as (P_out δ)(P_in a)ᵀ
+      from activations and output gradients, so per-example gradients of those layers are
+      never formed (memory O(batch × K)); other parameters fall back to ``GAUSSIAN``. Use for
+      large models made mostly of Linear layers (MLPs, transformers).
+    """
+
+    IDENTITY = "identity"
+    GAUSSIAN = "gaussian"
+    RADEMACHER = "rademacher"
+    SPARSE = "sparse"
+    FACTORIZED = "factorized"
+
+    @classmethod
+    def parse(cls, value: str | ProjectorKind) -> ProjectorKind:
+        """Parse a kind, listing the valid ones in the error."""
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(k.value) for k in cls)
+            raise ValueError(f"unknown projector {value!r}: use one of {valid}") from None
+
+
+def _seed(*parts) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(device: torch.device, *parts) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_seed(*parts))
+    return gen
+
+
+class Projector:
+    """Identity projector and base class: ``project`` maps (m, d) to (m, dim)."""
+
+    kind = ProjectorKind.IDENTITY
+
+    def __init__(self, fm: FunctionalModel, dim: int | None = None, seed: int = 0):
+        self.fm = fm
+        self.seed = seed
+        self.names = fm.active_names
+        self.sizes = fm.sizes[: fm.n_active]
+        self.dim = fm.d_active if dim is None else int(dim)
+        self.chunk = 1 << 16  # columns generated at once: O(dim × chunk) memory
+
+    def config(self) -> dict:
+        """What identifies this projection (for caches)."""
+        return {"kind": self.kind.value, "dim": self.dim, "seed": self.seed, "names": self.names}
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """P x for each row: (m, d_active) -> (m, dim)."""
+        return x
+
+    def _blocks(self):
+        """(name, column offset in x, column range within the parameter) chunks."""
+        offset = 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            for a in range(0, size, self.chunk):
+                yield name, offset + a, a, min(size, a + self.chunk) - a
+            offset += size
+
+    def training_features(
+        self,
+        w: torch.Tensor,
+        batch: Sequence[torch.Tensor],
+        loss_fn: Callable,
+    ) -> torch.Tensor:
+        """Projected per-example loss gradients P g_i(w), (B, dim), in memory-bounded chunks."""
+        fm = self.fm
+        *inputs, labels = batch
+        # chunk so that the unprojected gradients of a chunk stay a small multiple of 4·d bytes
+        size = max(1, min(fm.chunk_size(), fm.memory_budget // max(1, 16 * self.dim)))
+        out = []
+        for a in range(0, labels.shape[0], size):
+            part = (*(x[a : a + size] for x in inputs), labels[a : a + size])
+            out.append(self.project(fm.loss_grads(w, part, loss_fn)))
+        if not out:
+            return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
+        return torch.cat(out)
+
+
+class DenseProjector(Projector):
+    """Dense Gaussian or Rademacher P, generated in (dim × chunk) blocks."""
+
+    def __init__(self, fm, dim, seed=0, rademacher: bool = False):
+        super().__init__(fm, dim, seed)
+        self.rademacher = rademacher
+        self.kind = ProjectorKind.RADEMACHER if rademacher else ProjectorKind.GAUSSIAN
+        self.chunk = max(1, min(1 << 16, (64 << 20) // max(1, 4 * self.dim)))
+
+    def block(self, name: str, start: int, width: int) -> torch.Tensor:
+        """The (dim, width) block of P for columns start.. of parameter ``name``."""
+        fm = self.fm
+        gen = _generator(fm.device, self.seed, self.kind.value, name, start)
+        if self.rademacher:
+            signs = torch.randint(0, 2, (self.dim, width), generator=gen, device=fm.device)
+            return (signs.to(fm.dtype) * 2 - 1) / math.sqrt(self.dim)
+        return torch.randn(self.dim, width, generator=gen, device=fm.device, dtype=fm.dtype) / (
+            math.sqrt(self.dim)
+        )
+
+    def project(self, x):
+        """P x, accumulated block by block: (m, d_active) -> (m, dim)."""
+        out = torch.zeros(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
+        for name, col, start, width in self._blocks():
+            out += x[:, col : col + width] @ self.block(name, start, width).to(x.dtype).T
+        return out
+
+
+class SparseProjector(Projector):
+    """Sparse JL: coordinate j goes to s random rows with random signs, scaled by 1/√s."""
+
+    kind = ProjectorKind.SPARSE
+
+    def __init__(self, fm, dim, seed=0, nonzeros: int = 4):
+        super().__init__(fm, dim, seed)
+        self.s = max(1, min(int(nonzeros), self.dim))
+
+    def config(self):
+        """Adds the number of nonzeros per column."""
+        return {**super().config(), "nonzeros": self.s}
+
+    def project(self, x):
+        """P x by scatter-adds: O(m × d × s) work."""
+        out = torch.zeros(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
+        scale = 1.0 / math.sqrt(self.s)
+        for name, col, start, width in self._blocks():
+            gen = _generator(x.device, self.seed, "sparse", name, start)
+            rows = torch.randint(0, self.dim, (self.s, width), generator=gen, device=x.device)
+            signs = torch.randint(0, 2, (self.s, width), generator=gen, device=x.device)
+            signs = (signs.to(x.dtype) * 2 - 1) * scale
+            block = x[:, col : col + width]
+            for r in range(self.s):
+                out.index_add_(1, rows[r], block * signs[r])
+        return out
+
+
+class FactorizedProjector(Projector):
+    """Kronecker-factored projection of ``nn.Linear`` gradients; dense for other parameters.
+
+    A Linear layer's per-example gradient [∂W | ∂b] = Σ_t δ_t [a_t; 1]ᵀ (t: positions of a
+    sequence) is projected as Σ_t (P_out δ_t)(P_in [a_t; 1])ᵀ, which equals (P_out ⊗ P_in)
+    applied to the flattened gradient, with E[(P_out ⊗ P_in)ᵀ(P_out ⊗ P_in)] = I. Each Linear
+    layer gets k_out × k_in ≈ dim features; the remaining parameters share one dense block
+    of dim features. Features are concatenated (dot products add up, so they stay unbiased).
+    """
+
+    kind = ProjectorKind.FACTORIZED
+
+    def __init__(self, fm, dim, seed=0):
+        super().__init__(fm, dim, seed)
+        self.k_in = max(1, math.isqrt(int(dim)))
+        self.k_out = max(1, int(dim) // self.k_in)
+        self.layers: list[tuple[str, str, str | None]] = []  # (module, weight name, bias name)
+        modules = dict(fm.model.named_modules())
+        active = set(self.names)
+        for mod_name, module in modules.items():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            prefix = f"{mod_name}." if mod_name else ""
+            weight, bias = prefix + "weight", prefix + "bias"
+            if weight in active and (module.bias is None or bias in active):
+                self.layers.append((mod_name, weight, bias if module.bias is not None else None))
+        covered = {n for _, wn, bn in self.layers for n in (wn, bn) if n}
+        self.rest = [n for n in self.names if n not in covered]
+        self.offsets = {}
+        offset = 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            self.offsets[name] = (offset, size)
+            offset += size
+        self.dense = None
+        if self.rest:
+            self.dense = DenseProjector(fm, dim, seed)
+            self.dense.names = self.rest
+            self.dense.sizes = [self.offsets[n][1] for n in self.rest]
+        self.dim = self.k_out * self.k_in * len(self.layers) + (int(dim) if self.rest else 0)
+
+    def factors(self, mod_name: str, out_features: int, in_features: int):
+        """(P_out (k_out, out), P_in (k_in, in [+1 for the bias])) of a layer."""
+        fm = self.fm
+        gen = _generator(fm.device, self.seed, "factorized", mod_name)
+        p_out = torch.randn(
+            self.k_out, out_features, generator=gen, device=fm.device, dtype=fm.dtype
+        )
+        p_in = torch.randn(self.k_in, in_features, generator=gen, device=fm.device, dtype=fm.dtype)
+        return p_out / math.sqrt(self.k_out), p_in / math.sqrt(self.k_in)
+
+    def _shape(self, weight: str):
+        out_f, in_f = self.fm.shapes[self.fm.names.index(weight)]
+        return out_f, in_f
+
+    def project(self, x):
+        """Projects each Linear block as P_out [W | b] P_inᵀ and the rest densely."""
+        parts = []
+        for mod_name, weight, bias in self.layers:
+            out_f, in_f = self._shape(weight)
+            a, n = self.offsets[weight]
+            block = x[:, a : a + n].reshape(-1, out_f, in_f)
+            if bias is not None:
+                b, nb = self.offsets[bias]
+                block = torch.cat([block, x[:, b : b + nb].reshape(-1, out_f, 1)], 2)
+            p_out, p_in = self.factors(mod_name, out_f, block.shape[2])
+            parts.append((p_out.to(x.dtype) @ block @ p_in.to(x.dtype).T).reshape(x.shape[0], -1))
+        if self.dense is not None:
+            rest = torch.cat(
+                [x[:, a : a + n] for a, n in (self.offsets[name] for name in self.rest)], 1
+            )
+            parts.append(self.dense.project(rest))
+        return torch.cat(parts, 1)
+
+    def training_features(self, w, batch, loss_fn):
+        """Linear layers from forward/backward captures (no per-example gradients formed)."""
+        fm = self.fm
+        *inputs, labels = batch
+        size = max(1, fm.memory_budget // max(1, 64 * self.dim))
+        out = []
+        for a in range(0, labels.shape[0], size):
+            part = tuple(x[a : a + size] for x in inputs)
+            out.append(self._features(w, part, labels[a : a + size], loss_fn))
+        if not out:
+            return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
+        return torch.cat(out)
+
+    def _features(self, w, inputs, labels, loss_fn):
+        fm = self.fm
+        params = {n: p.detach() for n, p in fm.unflatten(w).items()}
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        modules = dict(fm.model.named_modules())
+        handles = []
+        for mod_name, _, _ in self.layers:
+
+            def hook(module, args, output, mod_name=mod_name):
+                captured[mod_name] = (args[0], output)
+
+            handles.append(modules[mod_name].register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                leaves = {n: p.requires_grad_(True) for n, p in params.items()}
+                outputs = torch.func.functional_call(
+                    fm.model, {**fm.constants, **leaves}, tuple(inputs)
+                )
+                total = fm.per_example_losses(outputs, labels, loss_fn).sum()
+                outs = [captured[m][1] for m, _, _ in self.layers]
+                deltas = torch.autograd.grad(total, outs, retain_graph=bool(self.rest))
+        finally:
+            for handle in handles:
+                handle.remove()
+        parts = []
+        batch = labels.shape[0]
+        for (mod_name, _, bias), delta in zip(self.layers, deltas, strict=True):
+            act = captured[mod_name][0].detach().reshape(batch, -1, captured[mod_name][0].shape[-1])
+            delta = delta.reshape(batch, -1, delta.shape[-1])
+            if bias is not None:
+                act = torch.cat([act, torch.ones_like(act[..., :1])], -1)
+            p_out, p_in = self.factors(mod_name, delta.shape[-1], act.shape[-1])
+            feat = torch.einsum("bto,bti->boi", delta @ p_out.T, act @ p_in.T)
+            parts.append(feat.reshape(batch, -1))
+        if self.dense is not None:
+            names = self.rest
+            grads = fm.loss_grads(w, (*inputs, labels), loss_fn, names=names)
+            parts.append(self.dense.project(grads))
+        return torch.cat(parts, 1)
+
+
+def make_projector(
+    fm: FunctionalModel, kind: str | ProjectorKind, dim: int | None, seed: int = 0
+) -> Projector:
+    """Build a projector of the given kind (``dim=None``: identity)."""
+    kind = ProjectorKind.parse(kind)
+    if dim is None or kind is ProjectorKind.IDENTITY:
+        return Projector(fm, None, seed)
+    if int(dim) < 1:
+        raise ValueError(f"projection_dim must be a positive int, got {dim}")
+    if kind is ProjectorKind.SPARSE:
+        return SparseProjector(fm, dim, seed)
+    if kind is ProjectorKind.FACTORIZED:
+        return FactorizedProjector(fm, dim, seed)
+    return DenseProjector(fm, dim, seed, rademacher=kind is ProjectorKind.RADEMACHER)
+
+
+class FeatureCache:
+    """Training-side projected features P g_i(w_s) per step, reused across query batches.
+
+    Kept in memory, and written to ``folder`` (inside the store, when the path is stored)
+    as safetensors shards with a JSON index, so later sessions reuse them too. Features are
+    stored in ``dtype`` (float32, or float16 / bfloat16 to halve the space).
+
+    Args:
+        folder: Where to persist them (None: memory only).
+        dtype: Storage dtype.
+        shard_bytes: Size at which a shard is written.
+    """
+
+    def __init__(
+        self, folder=None, dtype: torch.dtype = torch.float32, shard_bytes: int = 64 << 20
+    ):
+        import json
+        from pathlib import Path
+
+        self.folder = None if folder is None else Path(folder)
+        self.dtype = dtype
+        self.shard_bytes = shard_bytes
+        self._memory: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, torch.Tensor] = {}
+        self._index: dict[str, str] = {}
+        if self.folder is not None and (self.folder / "index.json").is_file():
+            self._index = json.loads((self.folder / "index.json").read_text())["steps"]
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._memory or str(step) in self._index
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        if step in self._memory:
+            return self._memory[step]
+        import safetensors
+
+        with safetensors.safe_open(str(self.folder / self._index[str(step)]), "pt") as f:
+            value = f.get_tensor(str(step))
+        self._memory[step] = value
+        return value
+
+    def __setitem__(self, step: int, value: torch.Tensor) -> None:
+        stored = value.detach().to("cpu", self.dtype)
+        self._memory[step] = stored
+        if self.folder is None:
+            return
+        self._pending[step] = stored
+        if sum(t.numel() * t.element_size() for t in self._pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending features to a new shard and the index (atomically)."""
+        if self.folder is None or not self._pending:
+            return
+        import json
+        import os
+
+        from .store import write_tensor_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"features-{min(self._pending):08d}-{len(self._index):05d}.safetensors"
+        write_tensor_file(
+            self.folder / name,
+            {str(k): v for k, v in self._pending.items()},
+            {"format": "pk_attrib.features"},
+        )
+        self._index.update({str(k): name for k in self._pending})
+        self._pending = {}
+        tmp = self.folder / "index.json.tmp"
+        tmp.write_text(json.dumps({"format": "pk_attrib.features", "steps": self._index}))
+        os.replace(tmp, self.folder / "index.json")

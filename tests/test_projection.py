@@ -1,0 +1,186 @@
+"""Random projection: unbiased, deterministic, factorized = Kronecker, identity = exact."""
+
+import pytest
+import torch
+from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
+
+import pk_attrib as pk
+from pk_attrib.gradients import FunctionalModel
+from pk_attrib.projection import FactorizedProjector, make_projector
+
+F64 = torch.float64
+
+
+def functional(model):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    fm = FunctionalModel(model, names, shapes, F64)
+    return fm, fm.flatten(dict(model.named_parameters())).detach()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse", "factorized"])
+def test_projected_dot_products_are_unbiased_and_shrink_like_one_over_sqrt_k(kind):
+    torch.manual_seed(40)
+    model = digits_mlp(hidden=12)
+    fm, _ = functional(model)
+    u, g = torch.randn(2, fm.d, dtype=F64)
+    exact = float(u @ g)
+    errors = {}
+    for k in (16, 256):
+        estimates = torch.tensor(
+            [
+                float(
+                    (make_projector(fm, kind, k, seed).project(torch.stack([u, g])).prod(0)).sum()
+                )
+                for seed in range(60)
+            ]
+        )
+        scale = float(u.norm() * g.norm())
+        # unbiased: the mean over seeds is within 4 standard errors of the exact value
+        assert abs(float(estimates.mean()) - exact) < 4 * float(estimates.std()) / 60**0.5 + 1e-9
+        errors[k] = float(((estimates - exact) ** 2).mean().sqrt()) / scale
+    ratio = errors[16] / errors[256]  # 1/sqrt(k) predicts 4
+    assert 2.0 < ratio < 8.0, errors
+
+
+def test_projection_is_deterministic_for_a_seed_and_differs_across_seeds():
+    torch.manual_seed(41)
+    model = digits_mlp(hidden=8)
+    fm, _ = functional(model)
+    x = torch.randn(3, fm.d, dtype=F64)
+    for kind in ("gaussian", "rademacher", "sparse", "factorized"):
+        a = make_projector(fm, kind, 32, seed=7).project(x)
+        b = make_projector(fm, kind, 32, seed=7).project(x)
+        c = make_projector(fm, kind, 32, seed=8).project(x)
+        assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+class SequenceModel(torch.nn.Module):
+    """Linear layers applied to every position of a sequence, then pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(5, 7)
+        self.norm = torch.nn.LayerNorm(7)  # no factorized rule: dense fallback
+        self.head = torch.nn.Linear(7, 3, bias=False)
+
+    def forward(self, x):  # x: (B, T, 5)
+        return self.head(torch.tanh(self.norm(self.inner(x)))).mean(1)
+
+
+def test_factorized_linear_projection_equals_the_kronecker_projection_of_the_gradient():
+    torch.manual_seed(42)
+    model = SequenceModel().to(F64)
+    fm, w = functional(model)
+    proj = make_projector(fm, "factorized", 16, seed=3)
+    assert isinstance(proj, FactorizedProjector)
+    assert [m for m, _, _ in proj.layers] == ["inner", "head"] and proj.rest == [
+        "norm.weight",
+        "norm.bias",
+    ]
+    x, y = torch.randn(6, 4, 5, dtype=F64), torch.randint(0, 3, (6,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    from_hooks = proj.training_features(w, (x, y), loss_fn)
+    grads = fm.loss_grads(w, (x, y), loss_fn)  # materialized per-example gradients
+    torch.testing.assert_close(from_hooks, proj.project(grads), rtol=1e-10, atol=1e-12)
+    # and project() is the Kronecker matrix applied to the flattened [dW | db]
+    p_out, p_in = proj.factors("inner", 7, 6)
+    offsets = proj.offsets
+    a, n = offsets["inner.weight"]
+    b, nb = offsets["inner.bias"]
+    flat = torch.cat(
+        [grads[:, a : a + n].reshape(6, 7, 5), grads[:, b : b + nb].reshape(6, 7, 1)], 2
+    )
+    kron = torch.kron(p_out, p_in) @ flat.reshape(6, -1).T
+    torch.testing.assert_close(
+        from_hooks[:, : proj.k_out * proj.k_in], kron.T, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.fixture(scope="module")
+def run():
+    torch.manual_seed(43)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=40)
+    path = record(model, OPTIMIZERS["momentum_nesterov"](model.parameters()), data, batch_size=10)
+    return model, data, path
+
+
+def make(run, **kwargs):
+    model, data, path = run
+    return pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False, quadrature=3, **kwargs
+    )
+
+
+def test_identity_projection_equals_the_exact_engine(run):
+    x, y = digits()
+    exact = make(run).attribute(x[1500:1503], target=y[1500:1503])
+    identity = make(run, projection_dim=5, projector="identity").attribute(
+        x[1500:1503], target=y[1500:1503]
+    )
+    assert torch.equal(identity.contributions, exact.contributions)
+
+
+def test_projected_contributions_average_to_the_exact_ones_and_the_rest_stays_exact(run):
+    x, y = digits()
+    exact = make(run).attribute(x[1500:1503], target=y[1500:1503])
+    runs = [
+        make(run, projection_dim=64, projection_seed=seed).attribute(
+            x[1500:1503], target=y[1500:1503]
+        )
+        for seed in range(12)
+    ]
+    single = float((runs[0].contributions - exact.contributions).norm())
+    mean = torch.stack([r.contributions for r in runs]).mean(0)
+    assert float((mean - exact.contributions).norm()) < 0.6 * single  # ~1/sqrt(12) of it
+    for r in runs[:2]:  # prediction, bias and the exact total are not projected
+        torch.testing.assert_close(r.bias, exact.bias, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r.prediction, exact.prediction, rtol=0, atol=0)
+        noise = r.contributions.sum(1) - exact.contributions.sum(1)
+        torch.testing.assert_close(r.delta, exact.delta - noise, rtol=1e-8, atol=1e-12)
+
+
+def test_query_chunks_and_cached_features_give_the_same_numbers(run, tmp_path):
+    model, data, path = run
+    stored = path.save(tmp_path / "store")
+    x, y = digits()
+    kwargs = dict(projection_dim=32, projector="sparse", projection_seed=1)
+    first = pk.PathKernelInfluence(
+        model, data, stored, torch.nn.CrossEntropyLoss(), show_progress=False, **kwargs
+    ).attribute(x[1500:1504], target=y[1500:1504])
+    assert first.diagnostics.train_gradients > 0
+    assert list((tmp_path / "store" / "features").glob("*/index.json"))
+    tiny = pk.PathKernelInfluence(  # a new explainer (another session): features from the store
+        model,
+        data,
+        stored,
+        torch.nn.CrossEntropyLoss(),
+        show_progress=False,
+        memory_budget=20_000,
+        **kwargs,  # one query per chunk
+    )
+    again = tiny.attribute(x[1500:1504], target=y[1500:1504])
+    assert again.diagnostics.train_gradients == 0
+    torch.testing.assert_close(again.contributions, first.contributions, rtol=1e-6, atol=1e-9)
+    half = pk.PathKernelInfluence(
+        model,
+        data,
+        path,
+        torch.nn.CrossEntropyLoss(),
+        show_progress=False,
+        feature_dtype=torch.float16,
+        **kwargs,
+    ).attribute(x[1500:1504], target=y[1500:1504])
+    scale = float(first.contributions.abs().max())
+    assert float((half.contributions - first.contributions).abs().max()) < 1e-2 * scale
+
+
+def test_bad_projection_options_are_refused(run):
+    with pytest.raises(ValueError, match="'gaussian'"):
+        make(run, projection_dim=8, projector="fourier")
+    with pytest.raises(ValueError, match="positive"):
+        make(run, projection_dim=0)
+    x, y = digits()
+    with pytest.raises(pk.UnsupportedError, match="kernel"):
+        make(run, projection_dim=8).attribute(x[:1], target=y[:1], kernel=True)
