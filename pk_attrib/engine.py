@@ -275,24 +275,23 @@ class Engine:
         """One step of a projected sweep; returns the training gradients it evaluated."""
         fm, p = self.fm, self.p
         evals = 0
-        if features is None or s not in features:
+        features = {} if features is None else features
+        if f"f{s}" not in features:  # once per step, whatever the number of query chunks
             batch = self._batch(all_indices)
             feats = projector.training_features(w_full, batch, p.loss_fn)
             _check_finite(feats, "projected training gradient", s)
             evals = len(all_indices)
-            if features is not None:
-                features[s] = feats
-                feats = features[s].to(fm.device)  # what later query chunks will read
-        else:
-            feats = features[s].to(fm.device)
+            features[f"f{s}"] = feats
+            # the whole batch gradient, for the exact bookkeeping (one backward pass)
+            features[f"g{s}"] = fm.batch_grad(w_full, batch, p.loss_fn, all_kappa)
+        feats = features[f"f{s}"].to(fm.device)  # read back: every chunk sees the same numbers
         if keep is not None:
             feats = feats[keep.to(feats.device)]
         projected = projector.project(v * sign)
         scores = projected @ feats.to(projected.dtype).T
         contributions.index_add_(1, indices.to(fm.device), -scores * kappa)
-        if full:  # exact bookkeeping with the whole batch gradient (one backward pass)
-            batch = self._batch(all_indices)
-            effective = fm.batch_grad(w_full, batch, p.loss_fn, all_kappa) * sign
+        if full:
+            effective = features[f"g{s}"].to(fm.device, fm.dtype) * sign
             explained_exact -= v @ effective
             decay -= v @ (lam * w)
             rule.finish_step(s, step, delta, effective + lam * w, w)

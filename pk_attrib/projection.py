@@ -333,31 +333,41 @@ class FeatureCache:
         self.folder = None if folder is None else Path(folder)
         self.dtype = dtype
         self.shard_bytes = shard_bytes
-        self._memory: dict[int, torch.Tensor] = {}
-        self._pending: dict[int, torch.Tensor] = {}
+        self._memory: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}
         self._index: dict[str, str] = {}
+        self._files: dict[str, dict] = {}  # file name -> manifest entry (with its sha256)
+        self._verified: set[str] = set()
         if self.folder is not None and (self.folder / "index.json").is_file():
-            self._index = json.loads((self.folder / "index.json").read_text())["steps"]
+            index = json.loads((self.folder / "index.json").read_text())
+            self._index, self._files = index["steps"], index["files"]
 
-    def __contains__(self, step: int) -> bool:
-        return step in self._memory or str(step) in self._index
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory or key in self._pending or key in self._index
 
-    def __getitem__(self, step: int) -> torch.Tensor:
-        if step in self._memory:
-            return self._memory[step]
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._memory:
+            return self._memory[key]
+        if key in self._pending:
+            return self._pending[key]
         import safetensors
 
-        with safetensors.safe_open(str(self.folder / self._index[str(step)]), "pt") as f:
-            value = f.get_tensor(str(step))
-        self._memory[step] = value
-        return value
+        from .store import ShardReader
 
-    def __setitem__(self, step: int, value: torch.Tensor) -> None:
-        stored = value.detach().to("cpu", self.dtype)
-        self._memory[step] = stored
+        name = self._index[key]
+        if name not in self._verified:  # a damaged cache is an error, never a wrong number
+            ShardReader(self.folder).check(self._files[name])
+            self._verified.add(name)
+        with safetensors.safe_open(str(self.folder / name), "pt") as f:
+            return f.get_tensor(key)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        # features ("f…") take the storage dtype; exact batch gradients ("g…") keep theirs
+        stored = value.detach().to("cpu", self.dtype if key.startswith("f") else value.dtype)
         if self.folder is None:
+            self._memory[key] = stored
             return
-        self._pending[step] = stored
+        self._pending[key] = stored
         if sum(t.numel() * t.element_size() for t in self._pending.values()) >= self.shard_bytes:
             self.flush()
 
@@ -371,14 +381,13 @@ class FeatureCache:
         from .store import write_tensor_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"features-{min(self._pending):08d}-{len(self._index):05d}.safetensors"
-        write_tensor_file(
-            self.folder / name,
-            {str(k): v for k, v in self._pending.items()},
-            {"format": "pk_attrib.features"},
-        )
-        self._index.update({str(k): name for k in self._pending})
+        name = f"features-{len(set(self._index.values())):06d}.safetensors"
+        meta = {"format": "pk_attrib.features"}
+        self._files[name] = write_tensor_file(self.folder / name, dict(self._pending), meta)
+        self._verified.add(name)
+        self._index.update({k: name for k in self._pending})
         self._pending = {}
         tmp = self.folder / "index.json.tmp"
-        tmp.write_text(json.dumps({"format": "pk_attrib.features", "steps": self._index}))
+        index = {"format": "pk_attrib.features", "steps": self._index, "files": self._files}
+        tmp.write_text(json.dumps(index))
         os.replace(tmp, self.folder / "index.json")

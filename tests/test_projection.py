@@ -163,6 +163,12 @@ def test_query_chunks_and_cached_features_give_the_same_numbers(run, tmp_path):
     again = tiny.attribute(x[1500:1504], target=y[1500:1504])
     assert again.diagnostics.train_gradients == 0
     torch.testing.assert_close(again.contributions, first.contributions, rtol=1e-6, atol=1e-9)
+    shard = next((tmp_path / "store" / "features").glob("*/features-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-4] + b"oops")
+    with pytest.raises(pk.CorruptStoreError):
+        pk.PathKernelInfluence(
+            model, data, stored, torch.nn.CrossEntropyLoss(), show_progress=False, **kwargs
+        ).attribute(x[1500:1501], target=y[1500:1501])
     half = pk.PathKernelInfluence(
         model,
         data,
