@@ -30,6 +30,7 @@ def demo(
     seed: int = 0,
     epochs: int = 5,
     n_queries: int = 4,
+    projection_dim: int | None = None,
 ) -> int:
     """Record a digits MLP, decompose a few test predictions, print and plot them."""
     import torch
@@ -66,8 +67,13 @@ def demo(
 
     queries = x[1500 : 1500 + n_queries]
     predicted = model(queries).argmax(1).detach()
-    explainer = pk.PathKernelInfluence(model, train, path, loss_fn)
+    explainer = pk.PathKernelInfluence(model, train, path, loss_fn, projection_dim=projection_dim)
     dec = explainer.attribute(queries, target=predicted)
+    if projection_dim is not None:
+        print(
+            f"contributions estimated with a {projection_dim}-dimensional random projection: "
+            "prediction and bias stay exact, delta shows the projection noise\n"
+        )
     top = dec.top_k(3)
     labels = y[:1500]
     for q in range(n_queries):
@@ -159,13 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--epochs", type=int, default=5)
     p_demo.add_argument("--queries", type=int, default=4, help="test predictions to explain")
+    p_demo.add_argument(
+        "--projection-dim",
+        type=int,
+        default=None,
+        help="estimate contributions with a random projection of this dimension",
+    )
     p_inspect = sub.add_parser("inspect", help="summarise a store and check its integrity")
     p_inspect.add_argument("store", type=Path)
     args = parser.parse_args(argv)
     if args.command == "demo":
         out = args.out or Path(tempfile.mkdtemp(prefix="pk_attrib_demo_"))
         out.mkdir(parents=True, exist_ok=True)
-        return demo(out, args.optimizer, args.seed, args.epochs, args.queries)
+        return demo(
+            out, args.optimizer, args.seed, args.epochs, args.queries, args.projection_dim
+        )
     return inspect(args.store)
 
 
