@@ -5,113 +5,30 @@ This module imports captum (and through it matplotlib), so `pk_attrib` loads it 
 
 from __future__ import annotations
 
-import copy
-import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from captum.influence import DataInfluence
 from captum.influence._utils.common import KMostInfluentialResults
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from . import checkpoint, compat
 from . import influence as scores
 from .decomposition import Decomposition
 from .engine import Engine, Problem
-from .exceptions import LossReductionError, StoreMismatchError, UnsupportedError
-from .gradients import FunctionalModel, OutputFn, Reduction, prepare_target, select_output
+from .exceptions import StoreMismatchError, UnsupportedError
+from .gradients import FunctionalModel, OutputFn, prepare_target, select_output
 from .path import TrainingPath
 from .projection import FeatureCache, ProjectorKind, make_projector
 from .quadrature import Quadrature, QuadratureRule
 from .store import MANIFEST
 
 MODES = ("auto", "exact", "checkpoint")
-
-
-def _dataset_of(train: Dataset | DataLoader) -> Dataset:
-    if isinstance(train, DataLoader):
-        if isinstance(train.sampler, RandomSampler) or (
-            train.batch_sampler is not None
-            and isinstance(train.batch_sampler.sampler, RandomSampler)
-        ):
-            raise ValueError(
-                "train_dataset is a shuffling DataLoader, so its order would not match the "
-                "recorded dataset indices: pass the Dataset, or a DataLoader with shuffle=False"
-            )
-        return train.dataset
-    return train
-
-
-def _reduction(loss_fn, given: str | None, needed: bool) -> Reduction:
-    if given is not None:
-        try:
-            return Reduction(given)
-        except ValueError:
-            valid = ", ".join(repr(r.value) for r in Reduction)
-            raise LossReductionError(f"loss_reduction={given!r}: use one of {valid}") from None
-    found = getattr(loss_fn, "reduction", None)
-    if found in ("mean", "sum"):
-        return Reduction(found)
-    if not needed:  # checkpoints weigh every example alike: the reduction plays no part
-        return Reduction.SUM
-    raise LossReductionError(
-        "cannot tell how the training loss combined the examples of a batch "
-        f"({'reduction=' + repr(found) if found else type(loss_fn).__name__ + ' has no reduction'}"
-        "): pass loss_reduction='mean' (PyTorch's default) or 'sum', as in the training loop"
-    )
-
-
-def _example_key(items) -> bytes:
-    return b"".join(torch.as_tensor(t).cpu().numpy().tobytes() for t in items)
-
-
-def _checkpoint_files(checkpoints: Any) -> list[str]:
-    if isinstance(checkpoints, (str, os.PathLike)):
-        folder = Path(checkpoints)
-        if folder.is_dir():
-            return sorted(glob.glob(os.path.join(folder, "*")))
-        return [str(folder)]
-    if isinstance(checkpoints, Iterable):
-        return [str(c) for c in checkpoints]
-    raise TypeError(f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}")
-
-
-def _path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
-    """Build a checkpoint path the way TracInCP reads checkpoints (load_func returns the lr)."""
-    if load_func is None:
-        from captum.influence._core.tracincp import _load_flexible_state_dict as load_func
-    scratch = copy.deepcopy(model)
-    states, lrs = [], []
-    for file in _checkpoint_files(checkpoints):
-        lrs.append(float(load_func(scratch, file)))
-        states.append({n: p.detach().clone() for n, p in scratch.named_parameters()})
-    if not states:
-        raise ValueError(f"no checkpoint files found in {checkpoints!r}")
-    return TrainingPath.from_checkpoints(states, lrs, model=model)
-
-
-def _layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[str]):
-    if layers is None:
-        return None
-    modules = dict(model.named_modules())
-    unknown = [name for name in layers if name not in modules]
-    if unknown:
-        raise ValueError(
-            f"layers {unknown} are not modules of the model (valid: "
-            f"{[n for n in modules if n][:8]}...)"
-        )
-    chosen = [
-        n
-        for n in names
-        if any(n == f"{m}.{n.split('.')[-1]}" or n.startswith(m + ".") for m in layers)
-    ]
-    if not chosen:
-        raise ValueError(f"layers {layers} hold no recorded (trainable) parameters")
-    return chosen
 
 
 class PathKernelInfluence(DataInfluence):
@@ -199,13 +116,13 @@ class PathKernelInfluence(DataInfluence):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
         self.model = model
-        self.train_dataset = _dataset_of(train_dataset)
+        self.train_dataset = compat.dataset_of(train_dataset)
         self.path, from_tracincp = self._load_path(model, path, checkpoints, checkpoints_load_func)
         self.loss_fn = loss_fn
         self.test_loss_fn = test_loss_fn or loss_fn
         self.layers = layers
         needs_reduction = any(True for _ in self.path.step(0).parts) if len(self.path) else False
-        self.reduction = _reduction(loss_fn, loss_reduction, needs_reduction)
+        self.reduction = compat.loss_reduction(loss_fn, loss_reduction, needs_reduction)
         if accumulation not in ("sum", "mean"):
             raise ValueError(f"accumulation={accumulation!r}: use 'sum' or 'mean'")
         if mode not in MODES:
@@ -213,7 +130,7 @@ class PathKernelInfluence(DataInfluence):
         self.mode = self._resolve_mode(mode)
         first = next(model.parameters())
         self.dtype = dtype or first.dtype
-        active = _layer_params(model, layers, self.path.param_names)
+        active = compat.layer_params(model, layers, self.path.param_names)
         if active is not None and quadrature == "adaptive":
             quadrature = 4  # the exact output change cannot check a partial gradient
         self.quadrature = QuadratureRule.parse(quadrature, rtol, self.dtype)
@@ -289,7 +206,7 @@ class PathKernelInfluence(DataInfluence):
                 "give the training path (a TrainingPath or a store folder), or TracInCP-style "
                 "checkpoints="
             )
-        return _path_from_tracincp(model, source, load_func), True
+        return compat.path_from_tracincp(model, source, load_func), True
 
     def _resolve_mode(self, mode: str) -> str:
         path = self.path
@@ -371,7 +288,7 @@ class PathKernelInfluence(DataInfluence):
             return self._engine.exact(queries, tgt, output_fn, self.quadrature, kernel)
         if kernel:
             raise UnsupportedError("the path kernel is defined in exact mode only")
-        return self._engine.checkpoint(queries, tgt, output_fn)
+        return checkpoint.decompose(self._engine, queries, tgt, output_fn)
 
     def _projected(self, queries, target, output_fn) -> Decomposition:
         """Exact sweep with projected contributions, queries in memory-bounded chunks."""
@@ -419,7 +336,9 @@ class PathKernelInfluence(DataInfluence):
                 return self._engine.exact(
                     queries, labels, output_fn, self.quadrature, False, columns=(a, b)
                 )
-            return self._engine.checkpoint(queries, labels, output_fn, columns=(a, b), cache=cache)
+            return checkpoint.decompose(
+                self._engine, queries, labels, output_fn, columns=(a, b), cache=cache
+            )
 
         return block
 
@@ -500,11 +419,15 @@ class PathKernelInfluence(DataInfluence):
             out = []
             for batch in batches:
                 queries, labels = self._split_batch(batch)
-                out.append(engine.checkpoint_self(None, (*queries, labels)))
+                out.append(checkpoint.self_influence(engine, None, (*queries, labels)))
             return torch.cat(out)
-        indices = torch.arange(len(self.train_dataset)) if inputs is None else self._locate(inputs)
+        indices = (
+            torch.arange(len(self.train_dataset))
+            if inputs is None
+            else compat.locate(self.train_dataset, inputs)
+        )
         if self.mode == "checkpoint":
-            return engine.checkpoint_self(indices)
+            return checkpoint.self_influence(engine, indices)
         output_fn = scores.negative_loss(self.loss_fn)
         path = self.path
         rule_free = (
@@ -523,26 +446,3 @@ class PathKernelInfluence(DataInfluence):
         return scores.exact_self_influence_blocks(
             engine, indices, output_fn, self.quadrature, size, show_progress
         )
-
-    def _locate(self, inputs) -> torch.Tensor:
-        """Training indices of the given examples (exact mode scores training examples)."""
-        batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
-        lookup: dict[bytes, int] = {}
-        for i in range(len(self.train_dataset)):
-            key = b"".join(
-                torch.as_tensor(t).cpu().numpy().tobytes() for t in self.train_dataset[i]
-            )
-            lookup.setdefault(key, i)
-        found = []
-        for batch in batches:
-            *x, labels = batch
-            for r in range(labels.shape[0]):
-                key = _example_key([t[r] for t in x] + [labels[r]])
-                if key not in lookup:
-                    raise ValueError(
-                        f"example {r} of the inputs is not in train_dataset: exact "
-                        "self-influence is defined for training examples; use "
-                        "mode='checkpoint' for TracIn's self-influence of other examples"
-                    )
-                found.append(lookup[key])
-        return torch.tensor(found, dtype=torch.int64)

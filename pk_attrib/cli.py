@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         out = args.out or Path(tempfile.mkdtemp(prefix="pk_attrib_demo_"))
         out.mkdir(parents=True, exist_ok=True)
-        return demo(
-            out, args.optimizer, args.seed, args.epochs, args.queries, args.projection_dim
-        )
+        return demo(out, args.optimizer, args.seed, args.epochs, args.queries, args.projection_dim)
     return inspect(args.store)
 
 

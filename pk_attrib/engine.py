@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .decomposition import Decomposition, Diagnostics
 from .exceptions import NonFiniteError, PkAttribWarning
 from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples
-from .path import Step, TrainingPath
+from .path import TrainingPath
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
 
@@ -313,115 +313,6 @@ class Engine:
                 ReconstructionWarning,
                 stacklevel=4,
             )
-
-    # -- checkpoint -------------------------------------------------------------------------
-
-    def checkpoint(
-        self,
-        inputs,
-        target,
-        output_fn: OutputFn,
-        columns: tuple[int, int] | None = None,
-        cache: dict | None = None,
-    ):
-        """TracIn-style approximation: c_i ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k).
-
-        With ``columns=(a, b)``, only training examples a..b−1, returned as (n, b − a);
-        ``cache`` (a dict kept by the caller) then holds the query gradients between blocks.
-        """
-        fm, path, p = self.fm, self.p.path, self.p
-        n, S = inputs[0].shape[0], len(path)
-        dtype, device = fm.dtype, fm.device
-        first, last = columns if columns is not None else (0, self.n_train)
-        contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
-        cache = {} if cache is None else cache
-        chunk = max(1, fm.chunk_size())
-        query_evals = train_evals = 0
-        for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
-            step = path.step(s)
-            w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones
-            if s not in cache:
-                grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
-                _check_finite(grads, "query gradient", s)
-                cache[s] = grads[0]
-                query_evals += n
-            query = cache[s]
-            for lr, indices, kappa in self._checkpoint_parts(step, first, last):
-                scaled = query * self.vectors.vec(lr)
-                for a in range(0, len(indices), chunk):
-                    idx = indices[a : a + chunk]
-                    g = fm.loss_grads(w, self._batch(idx + first), p.loss_fn)
-                    _check_finite(g, "training gradient", s)
-                    train_evals += len(idx)
-                    scores = scaled @ g.T
-                    contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
-        if columns is not None:
-            return contributions
-        prediction = self._forward(fm.flatten(path.final), inputs, target, output_fn)
-        initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
-        nodes = torch.ones(S, dtype=torch.int64)
-        diagnostics = Diagnostics(
-            "checkpoint", "left", dtype, nodes, torch.zeros(0), query_evals, train_evals
-        )
-        explained = contributions.sum(1)
-        zero = torch.zeros_like(initial)
-        terms = {"initial": initial, "weight_decay": zero, "unexplained": zero.clone()}
-        return Decomposition(
-            contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
-        )
-
-    def _checkpoint_parts(self, step: Step, first: int = 0, last: int | None = None):
-        """``(lr, indices − first, κ)`` of the examples in [first, last) a step weighs."""
-        dtype, device = self.fm.dtype, self.fm.device
-        last = self.n_train if last is None else last
-        if not step.parts:  # a checkpoint: every training example, weight η_k
-            ones = torch.ones(last - first, dtype=dtype, device=device)
-            return [(step.lr, torch.arange(last - first), ones)]
-        out = []
-        for lr, indices, sizes in step.parts:
-            kappa = example_weights(sizes, self.p.reduction, self.p.accumulation)
-            keep = (indices >= first) & (indices < last)
-            out.append((lr, indices[keep] - first, kappa[keep].to(dtype=dtype, device=device)))
-        return out
-
-    def checkpoint_self(self, indices: torch.Tensor | None, batch=None) -> torch.Tensor:
-        """Checkpoint-mode self-influence Σ_k η_k κ ‖∇ℓ_i(w_k)‖² (η per coordinate).
-
-        Args:
-            indices: Training indices (m,), or None when ``batch`` gives the examples.
-            batch: ``(inputs..., labels)`` of m examples (weighted as in a checkpoint).
-
-        Returns:
-            (m,) self-influence scores.
-        """
-        fm, path, p = self.fm, self.p.path, self.p
-        m = len(indices) if indices is not None else batch[-1].shape[0]
-        out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
-        chunk = max(1, fm.chunk_size())
-        for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
-            step = path.step(s)
-            w = fm.flatten(step.params)
-            if batch is not None or not step.parts:
-                weights = [(step.lr, torch.arange(m), torch.ones(m, dtype=fm.dtype))]
-            else:
-                weights = []
-                for lr, idx, sizes in step.parts:
-                    kappa = example_weights(sizes, p.reduction, p.accumulation).to(fm.dtype)
-                    # position of each wanted index in this part (an index may repeat)
-                    hits = (indices[:, None] == idx[None, :]).nonzero()
-                    weights.append((lr, hits[:, 0], kappa[hits[:, 1]]))
-            for lr, rows, kappa in weights:
-                eta = self.vectors.vec(lr)
-                for a in range(0, len(rows), chunk):
-                    r = rows[a : a + chunk]
-                    if batch is not None:
-                        examples = fm.cast(tuple(t[r] for t in batch))
-                    else:
-                        examples = self._batch(indices[r])
-                    g = fm.loss_grads(w, examples, p.loss_fn)
-                    _check_finite(g, "training gradient", s)
-                    out.index_add_(0, r.to(fm.device), (g * g * eta).sum(1) * kappa[a : a + chunk])
-        return out
 
 
 def _kernel_weights(kern: torch.Tensor, num: torch.Tensor):

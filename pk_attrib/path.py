@@ -20,90 +20,18 @@ from typing import Any
 
 import torch
 
+from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
 from .exceptions import StoreError, StoreMismatchError
-from .store import (
-    FINAL,
-    FORMAT,
-    FORMAT_VERSION,
-    ShardReader,
-    dtype_from_name,
-    dtype_name,
-    library_version,
-    read_manifest,
-    write_manifest,
-    write_tensor_file,
-)
+from .store import FINAL, dtype_from_name, read_manifest, write_manifest, write_tensor_file
+
+__all__ = ["DiskBackend", "MemoryBackend", "Step", "TrainingPath", "new_manifest"]
 
 # Optimizer terms recorded after a step (Adam/AdamW), by tensor-key prefix.
 STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "step")
 
 
-class _MemoryBackend:
-    """Raw steps kept in memory: ``records[r] = {"tensors": {...}, "meta": {...}}``."""
-
-    def __init__(self):
-        self.records: list[dict[str, Any]] = []
-        self.final: dict[str, torch.Tensor] | None = None
-
-    def n_raw(self) -> int:
-        return len(self.records)
-
-    def tensor(self, raw: int, key: str) -> torch.Tensor | None:
-        return self.records[raw]["tensors"].get(f"{raw}/{key}")
-
-    def meta(self, raw: int) -> dict[str, Any]:
-        return self.records[raw]["meta"]
-
-    def has(self, raw: int, key: str) -> bool:
-        return f"{raw}/{key}" in self.records[raw]["tensors"]
-
-    def final_params(self) -> dict[str, torch.Tensor] | None:
-        return self.final
-
-    def has_final(self) -> bool:
-        return self.final is not None
-
-
-class _DiskBackend:
-    """Raw steps read from a store folder through its manifest."""
-
-    def __init__(self, root: Path, manifest: dict[str, Any], verify: bool = True):
-        self.root = root
-        self.manifest = manifest
-        self.reader = ShardReader(root, verify=verify)
-        self._shard_of: list[dict[str, Any]] = []
-        for entry in manifest["shards"]:
-            self._shard_of.extend([entry] * entry["n_steps"])
-        if len(self._shard_of) != len(manifest["steps"]):
-            raise StoreError(
-                f"{root / 'manifest.json'} lists {len(manifest['steps'])} steps but its shards "
-                f"hold {len(self._shard_of)}: the manifest was edited by hand; re-record the run"
-            )
-
-    def n_raw(self) -> int:
-        return len(self._shard_of)
-
-    def tensor(self, raw: int, key: str) -> torch.Tensor | None:
-        return self.reader.get(self._shard_of[raw], f"{raw}/{key}")
-
-    def has(self, raw: int, key: str) -> bool:
-        return f"{raw}/{key}" in self.reader.keys(self._shard_of[raw])
-
-    def meta(self, raw: int) -> dict[str, Any]:
-        return self.manifest["steps"][raw]
-
-    def has_final(self) -> bool:
-        return self.manifest.get("final") is not None
-
-    def final_params(self) -> dict[str, torch.Tensor] | None:
-        entry = self.manifest.get("final")
-        if entry is None:
-            return None
-        return {name: self.reader.get(entry, f"w/{name}") for name in _names(self.manifest)}
-
-
 def _names(manifest: dict[str, Any]) -> list[str]:
-    return [p["name"] for p in manifest["params"]]
+    return names(manifest)
 
 
 class Step:
@@ -217,7 +145,7 @@ class TrainingPath:
     `TrainingPath.from_checkpoints`.
     """
 
-    def __init__(self, manifest: dict[str, Any], backend: _MemoryBackend | _DiskBackend):
+    def __init__(self, manifest: dict[str, Any], backend: MemoryBackend | DiskBackend):
         self.manifest = manifest
         self._backend = backend
 
@@ -236,7 +164,7 @@ class TrainingPath:
         """
         root = Path(directory)
         manifest = read_manifest(root)
-        return cls(manifest, _DiskBackend(root, manifest, verify=verify))
+        return cls(manifest, DiskBackend(root, manifest, verify=verify))
 
     @classmethod
     def from_checkpoints(
@@ -259,44 +187,9 @@ class TrainingPath:
             A path with ``len(path) == K`` whose step k holds checkpoint k and η_k; it is
             marked approximate.
         """
-        states = [_load_checkpoint(c) for c in checkpoints]
-        if not states:
-            raise ValueError("from_checkpoints needs at least one checkpoint")
-        if isinstance(learning_rates, (int, float)):
-            lrs = [float(learning_rates)] * len(states)
-        else:
-            lrs = [float(v) for v in learning_rates]
-        if len(lrs) != len(states):
-            raise ValueError(
-                f"got {len(states)} checkpoints but {len(lrs)} learning rates: give one "
-                "learning rate per checkpoint, or a single number"
-            )
-        if model is not None:
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-        else:
-            names = [n for n, t in states[0].items() if t.is_floating_point()]
-        for k, state in enumerate(states):
-            missing = [n for n in names if n not in state]
-            if missing:
-                raise StoreMismatchError(
-                    f"checkpoint {k} lacks parameters {missing[:5]}: all checkpoints must "
-                    "come from the same model"
-                )
-        backend = _MemoryBackend()
-        for k, (state, lr) in enumerate(zip(states, lrs, strict=True)):
-            tensors = {f"{k}/w/{n}": state[n].detach().cpu().clone() for n in names}
-            backend.records.append({"tensors": tensors, "meta": {"lr": [lr]}})
-        backend.final = {n: states[-1][n].detach().cpu().clone() for n in names}
-        manifest = new_manifest(
-            {n: states[0][n] for n in names}, optimizer=None, dataset_size=None, every=1
-        )
-        manifest.update(
-            source="checkpoints",
-            approximate=True,
-            approximate_reasons=["built from checkpoints: only checkpoint mode applies"],
-            complete=True,
-        )
-        return cls(manifest, backend)
+        from .checkpoints import path_from_checkpoints
+
+        return path_from_checkpoints(checkpoints, learning_rates, model)
 
     # -- description --------------------------------------------------------------------
 
@@ -446,7 +339,7 @@ class TrainingPath:
         Raises:
             CorruptStoreError: A file is missing or does not match its hash.
         """
-        if isinstance(self._backend, _DiskBackend):
+        if isinstance(self._backend, DiskBackend):
             for entry in self.manifest["shards"] + [self.manifest.get("final")]:
                 if entry is not None:
                     self._backend.reader.check(entry)
@@ -466,7 +359,7 @@ class TrainingPath:
         def write(raws: list[int]) -> None:
             tensors = {}
             for r in raws:
-                for key in _raw_keys(self, r):
+                for key in raw_keys(backend, r):
                     tensors[f"{r}/{key}"] = backend.tensor(r, key)
             entry = write_tensor_file(
                 root / f"shard-{raws[0]:08d}.safetensors", tensors, {"format": "pk_attrib.shard"}
@@ -491,68 +384,3 @@ class TrainingPath:
             )
         write_manifest(root, manifest)
         return TrainingPath.load(root)
-
-
-def _raw_keys(path: TrainingPath, raw: int) -> list[str]:
-    backend = path._backend
-    if isinstance(backend, _MemoryBackend):
-        prefix = f"{raw}/"
-        return [k[len(prefix) :] for k in backend.records[raw]["tensors"]]
-    entry = backend._shard_of[raw]
-    prefix = f"{raw}/"
-    return [k[len(prefix) :] for k in backend.reader.keys(entry) if k.startswith(prefix)]
-
-
-def new_manifest(
-    params: Mapping[str, torch.Tensor],
-    optimizer: dict[str, Any] | None,
-    dataset_size: int | None,
-    every: int,
-    dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """A fresh manifest for the given parameters (values only give names, shapes, dtypes)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library_version": library_version(),
-        "source": "recorder",
-        "params": [
-            {"name": n, "shape": list(t.shape), "dtype": dtype_name(dtype or t.dtype)}
-            for n, t in params.items()
-        ],
-        "optimizer": optimizer,
-        "dataset_size": dataset_size,
-        "every": every,
-        "approximate": False,
-        "approximate_reasons": [],
-        "steps": [],
-        "shards": [],
-        "final": None,
-        "complete": False,
-    }
-
-
-def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:
-    if isinstance(checkpoint, Mapping):
-        state = dict(checkpoint)
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            import safetensors.torch
-
-            state = safetensors.torch.load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state.get(key), Mapping):
-            state = dict(state[key])
-            break
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
-        raise StoreMismatchError(
-            f"checkpoint entries {bad} are not tensors: pass a model state_dict "
-            "(or a file holding one)"
-        )
-    return state

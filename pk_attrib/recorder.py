@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .backends import DiskBackend, MemoryBackend, new_manifest
 from .exceptions import (
     IndexOutOfRangeError,
     MissingBatchIndicesError,
@@ -38,7 +39,7 @@ from .exceptions import (
     StoreMismatchError,
 )
 from .optim import OptimizerKind, describe_optimizer, group_hyper, group_lr, optimizer_kind
-from .path import TrainingPath, _DiskBackend, _MemoryBackend, new_manifest
+from .path import TrainingPath
 from .store import (
     FINAL,
     MANIFEST,
@@ -156,7 +157,7 @@ class PathRecorder:
 
         if self.store is None:
             self._manifest = fresh
-            self._backend = _MemoryBackend()
+            self._backend = MemoryBackend()
             self._writer = None
         else:
             self._manifest = self._open_store(fresh)
@@ -424,7 +425,7 @@ class PathRecorder:
         return manifest
 
     def _resume_point(self, manifest: dict[str, Any]) -> int:
-        path = TrainingPath(manifest, _DiskBackend(self.store, manifest))
+        path = TrainingPath(manifest, DiskBackend(self.store, manifest))
         current = self._snapshot()
         n_raw = len(manifest["steps"])
         if manifest.get("final") is not None and _equal(current, path.final):

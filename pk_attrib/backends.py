@@ -1,0 +1,137 @@
+"""Where a path's tensors live: in memory (a recording without a store) or in a store folder.
+
+Both backends answer the same questions about *raw* optimizer steps r (before ``every``
+grouping): the tensor ``"<r>/<key>"``, the step's metadata, and the final parameters.
+`TrainingPath` builds its steps on top of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .exceptions import StoreError
+from .store import FORMAT, FORMAT_VERSION, ShardReader, dtype_name, library_version
+
+
+class MemoryBackend:
+    """Raw steps kept in memory: ``records[r] = {"tensors": {...}, "meta": {...}}``."""
+
+    def __init__(self):
+        self.records: list[dict[str, Any]] = []
+        self.final: dict[str, torch.Tensor] | None = None
+
+    def n_raw(self) -> int:
+        """Number of raw optimizer steps held."""
+        return len(self.records)
+
+    def tensor(self, raw: int, key: str) -> torch.Tensor | None:
+        """Tensor ``key`` of raw step ``raw`` (None when absent)."""
+        return self.records[raw]["tensors"].get(f"{raw}/{key}")
+
+    def meta(self, raw: int) -> dict[str, Any]:
+        """Metadata of raw step ``raw`` (learning rates, flags)."""
+        return self.records[raw]["meta"]
+
+    def has(self, raw: int, key: str) -> bool:
+        """Whether raw step ``raw`` holds tensor ``key``."""
+        return f"{raw}/{key}" in self.records[raw]["tensors"]
+
+    def final_params(self) -> dict[str, torch.Tensor] | None:
+        """The final parameters, or None for an interrupted run."""
+        return self.final
+
+    def has_final(self) -> bool:
+        """Whether the final parameters were recorded."""
+        return self.final is not None
+
+
+class DiskBackend:
+    """Raw steps read from a store folder through its manifest."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], verify: bool = True):
+        self.root = root
+        self.manifest = manifest
+        self.reader = ShardReader(root, verify=verify)
+        self._shard_of: list[dict[str, Any]] = []
+        for entry in manifest["shards"]:
+            self._shard_of.extend([entry] * entry["n_steps"])
+        if len(self._shard_of) != len(manifest["steps"]):
+            raise StoreError(
+                f"{root / 'manifest.json'} lists {len(manifest['steps'])} steps but its shards "
+                f"hold {len(self._shard_of)}: the manifest was edited by hand; re-record the run"
+            )
+
+    def n_raw(self) -> int:
+        """Number of raw optimizer steps held."""
+        return len(self._shard_of)
+
+    def tensor(self, raw: int, key: str) -> torch.Tensor | None:
+        """Tensor ``key`` of raw step ``raw`` (None when absent)."""
+        return self.reader.get(self._shard_of[raw], f"{raw}/{key}")
+
+    def has(self, raw: int, key: str) -> bool:
+        """Whether raw step ``raw`` holds tensor ``key``."""
+        return f"{raw}/{key}" in self.reader.keys(self._shard_of[raw])
+
+    def meta(self, raw: int) -> dict[str, Any]:
+        """Metadata of raw step ``raw`` (learning rates, flags)."""
+        return self.manifest["steps"][raw]
+
+    def has_final(self) -> bool:
+        """Whether the final parameters were recorded."""
+        return self.manifest.get("final") is not None
+
+    def final_params(self) -> dict[str, torch.Tensor] | None:
+        """The final parameters, or None for an interrupted run."""
+        entry = self.manifest.get("final")
+        if entry is None:
+            return None
+        return {name: self.reader.get(entry, f"w/{name}") for name in names(self.manifest)}
+
+
+def names(manifest: dict[str, Any]) -> list[str]:
+    """Recorded parameter names, in model order."""
+    return [p["name"] for p in manifest["params"]]
+
+
+def raw_keys(backend: MemoryBackend | DiskBackend, raw: int) -> list[str]:
+    """The tensor keys (without the step prefix) of raw step ``raw``."""
+    if isinstance(backend, MemoryBackend):
+        prefix = f"{raw}/"
+        return [k[len(prefix) :] for k in backend.records[raw]["tensors"]]
+    entry = backend._shard_of[raw]
+    prefix = f"{raw}/"
+    return [k[len(prefix) :] for k in backend.reader.keys(entry) if k.startswith(prefix)]
+
+
+def new_manifest(
+    params: Mapping[str, torch.Tensor],
+    optimizer: dict[str, Any] | None,
+    dataset_size: int | None,
+    every: int,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """A fresh manifest for the given parameters (values only give names, shapes, dtypes)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": library_version(),
+        "source": "recorder",
+        "params": [
+            {"name": n, "shape": list(t.shape), "dtype": dtype_name(dtype or t.dtype)}
+            for n, t in params.items()
+        ],
+        "optimizer": optimizer,
+        "dataset_size": dataset_size,
+        "every": every,
+        "approximate": False,
+        "approximate_reasons": [],
+        "steps": [],
+        "shards": [],
+        "final": None,
+        "complete": False,
+    }

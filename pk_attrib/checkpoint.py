@@ -1,0 +1,128 @@
+"""Checkpoint mode (TracIn): the left endpoint on a few checkpoints, no optimizer rule.
+
+c_i(x) ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k), summed over every training example at each
+checkpoint of a `TrainingPath.from_checkpoints` path, or over the batch members of each
+interval of a path recorded with ``every > 1``. With the same checkpoints and learning rates
+this is Captum's TracInCP with ``test_loss_fn`` = the explained output, up to sign.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .decomposition import Decomposition, Diagnostics
+from .engine import Engine, _check_finite, example_weights
+from .gradients import OutputFn
+from .path import Step
+
+
+def decompose(
+    engine: Engine,
+    inputs,
+    target,
+    output_fn: OutputFn,
+    columns: tuple[int, int] | None = None,
+    cache: dict | None = None,
+):
+    """TracIn-style decomposition: c_i ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k), (n, n_train).
+
+    With ``columns=(a, b)``, only training examples a..b−1, returned as (n, b − a);
+    ``cache`` (a dict kept by the caller) then holds the query gradients between blocks.
+    """
+    fm, path, p = engine.fm, engine.p.path, engine.p
+    n, S = inputs[0].shape[0], len(path)
+    dtype, device = fm.dtype, fm.device
+    first, last = columns if columns is not None else (0, engine.n_train)
+    contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
+    cache = {} if cache is None else cache
+    chunk = max(1, fm.chunk_size())
+    query_evals = train_evals = 0
+    for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
+        step = path.step(s)
+        w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones
+        if s not in cache:
+            grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
+            _check_finite(grads, "query gradient", s)
+            cache[s] = grads[0]
+            query_evals += n
+        query = cache[s]
+        for lr, indices, kappa in _parts(engine, step, first, last):
+            scaled = query * engine.vectors.vec(lr)
+            for a in range(0, len(indices), chunk):
+                idx = indices[a : a + chunk]
+                g = fm.loss_grads(w, engine._batch(idx + first), p.loss_fn)
+                _check_finite(g, "training gradient", s)
+                train_evals += len(idx)
+                scores = scaled @ g.T
+                contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
+    if columns is not None:
+        return contributions
+    prediction = engine._forward(fm.flatten(path.final), inputs, target, output_fn)
+    initial = engine._forward(fm.flatten(path.initial), inputs, target, output_fn)
+    nodes = torch.ones(S, dtype=torch.int64)
+    diagnostics = Diagnostics(
+        "checkpoint", "left", dtype, nodes, torch.zeros(0), query_evals, train_evals
+    )
+    explained = contributions.sum(1)
+    zero = torch.zeros_like(initial)
+    terms = {"initial": initial, "weight_decay": zero, "unexplained": zero.clone()}
+    return Decomposition(
+        contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
+    )
+
+
+def _parts(engine: Engine, step: Step, first: int = 0, last: int | None = None):
+    """``(lr, indices − first, κ)`` of the examples in [first, last) a step weighs."""
+    dtype, device = engine.fm.dtype, engine.fm.device
+    last = engine.n_train if last is None else last
+    if not step.parts:  # a checkpoint: every training example, weight η_k
+        ones = torch.ones(last - first, dtype=dtype, device=device)
+        return [(step.lr, torch.arange(last - first), ones)]
+    out = []
+    for lr, indices, sizes in step.parts:
+        kappa = example_weights(sizes, engine.p.reduction, engine.p.accumulation)
+        keep = (indices >= first) & (indices < last)
+        out.append((lr, indices[keep] - first, kappa[keep].to(dtype=dtype, device=device)))
+    return out
+
+
+def self_influence(engine: Engine, indices: torch.Tensor | None, batch=None) -> torch.Tensor:
+    """Checkpoint-mode self-influence Σ_k η_k κ ‖∇ℓ_i(w_k)‖² (η per coordinate).
+
+    Args:
+        engine: The explainer's engine.
+        indices: Training indices (m,), or None when ``batch`` gives the examples.
+        batch: ``(inputs..., labels)`` of m examples (weighted as in a checkpoint).
+
+    Returns:
+        (m,) self-influence scores.
+    """
+    fm, path, p = engine.fm, engine.p.path, engine.p
+    m = len(indices) if indices is not None else batch[-1].shape[0]
+    out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
+    chunk = max(1, fm.chunk_size())
+    for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
+        step = path.step(s)
+        w = fm.flatten(step.params)
+        if batch is not None or not step.parts:
+            weights = [(step.lr, torch.arange(m), torch.ones(m, dtype=fm.dtype))]
+        else:
+            weights = []
+            for lr, idx, sizes in step.parts:
+                kappa = example_weights(sizes, p.reduction, p.accumulation).to(fm.dtype)
+                # position of each wanted index in this part (an index may repeat)
+                hits = (indices[:, None] == idx[None, :]).nonzero()
+                weights.append((lr, hits[:, 0], kappa[hits[:, 1]]))
+        for lr, rows, kappa in weights:
+            eta = engine.vectors.vec(lr)
+            for a in range(0, len(rows), chunk):
+                r = rows[a : a + chunk]
+                if batch is not None:
+                    examples = fm.cast(tuple(t[r] for t in batch))
+                else:
+                    examples = engine._batch(indices[r])
+                g = fm.loss_grads(w, examples, p.loss_fn)
+                _check_finite(g, "training gradient", s)
+                out.index_add_(0, r.to(fm.device), (g * g * eta).sum(1) * kappa[a : a + chunk])
+    return out

@@ -1,0 +1,90 @@
+"""Approximate paths from a few saved checkpoints (for users who did not record).
+
+Checkpoint k holds w_k and a learning rate η_k; checkpoint mode explains such a path
+TracIn-style: c_i(x) ≈ −Σ_k η_k ∇f(x; w_k) · ∇ℓ_i(w_k).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .backends import MemoryBackend, new_manifest
+from .exceptions import StoreMismatchError
+
+
+def path_from_checkpoints(
+    checkpoints: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike],
+    learning_rates: float | Sequence[float],
+    model: torch.nn.Module | None = None,
+):
+    """See `TrainingPath.from_checkpoints`."""
+    from .path import TrainingPath
+
+    states = [_load_checkpoint(c) for c in checkpoints]
+    if not states:
+        raise ValueError("from_checkpoints needs at least one checkpoint")
+    if isinstance(learning_rates, (int, float)):
+        lrs = [float(learning_rates)] * len(states)
+    else:
+        lrs = [float(v) for v in learning_rates]
+    if len(lrs) != len(states):
+        raise ValueError(
+            f"got {len(states)} checkpoints but {len(lrs)} learning rates: give one "
+            "learning rate per checkpoint, or a single number"
+        )
+    if model is not None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        names = [n for n, t in states[0].items() if t.is_floating_point()]
+    for k, state in enumerate(states):
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise StoreMismatchError(
+                f"checkpoint {k} lacks parameters {missing[:5]}: all checkpoints must "
+                "come from the same model"
+            )
+    backend = MemoryBackend()
+    for k, (state, lr) in enumerate(zip(states, lrs, strict=True)):
+        tensors = {f"{k}/w/{n}": state[n].detach().cpu().clone() for n in names}
+        backend.records.append({"tensors": tensors, "meta": {"lr": [lr]}})
+    backend.final = {n: states[-1][n].detach().cpu().clone() for n in names}
+    manifest = new_manifest(
+        {n: states[0][n] for n in names}, optimizer=None, dataset_size=None, every=1
+    )
+    manifest.update(
+        source="checkpoints",
+        approximate=True,
+        approximate_reasons=["built from checkpoints: only checkpoint mode applies"],
+        complete=True,
+    )
+    return TrainingPath(manifest, backend)
+
+
+def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:
+    if isinstance(checkpoint, Mapping):
+        state = dict(checkpoint)
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            import safetensors.torch
+
+            state = safetensors.torch.load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state.get(key), Mapping):
+            state = dict(state[key])
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
+        raise StoreMismatchError(
+            f"checkpoint entries {bad} are not tensors: pass a model state_dict "
+            "(or a file holding one)"
+        )
+    return state
