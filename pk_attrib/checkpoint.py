@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .decomposition import Decomposition, Diagnostics
 from .engine import Engine, _check_finite, example_weights
 from .gradients import OutputFn
+from .linear import capture, dot_products, linear_layers
 from .path import Step
 
 
@@ -38,9 +39,52 @@ def decompose(
     cache = {} if cache is None else cache
     chunk = max(1, fm.chunk_size())
     query_evals = train_evals = 0
+    layers, rest = linear_layers(fm)
     for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
         step = path.step(s)
         w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones
+        if layers:  # Linear layers: per-layer dot products, no per-example gradients
+            if s not in cache:
+                cache[s] = capture(
+                    fm,
+                    w,
+                    inputs,
+                    lambda out: output_fn(out, target),
+                    layers,
+                    rest,
+                    lambda names: fm.output_grads(w[None], inputs, target, output_fn, names=names)[
+                        0
+                    ][0],
+                )
+                query_evals += n
+            size = max(1, min(chunk, fm.memory_budget // max(1, 16 * n * dtype.itemsize)))
+            for lr, indices, kappa in _parts(engine, step, first, last):
+                rest_lr = _rest_scale(engine, lr, rest)
+                for a in range(0, len(indices), size):
+                    idx = indices[a : a + size]
+                    *x, labels = engine._batch(idx + first)
+                    train = capture(
+                        fm,
+                        w,
+                        x,
+                        lambda out, labels=labels: fm.per_example_losses(out, labels, p.loss_fn),
+                        layers,
+                        rest,
+                        lambda names, x=x, labels=labels, w=w: fm.loss_grads(
+                            w, (*x, labels), p.loss_fn, names=names
+                        ),
+                    )
+                    train_evals += len(idx)
+                    scores = dot_products(
+                        cache[s],
+                        train,
+                        layers,
+                        lambda name, lr=lr: _lr_of(engine, lr, name),
+                        rest_lr,
+                    )
+                    _check_finite(scores, "gradient dot product", s)
+                    contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + size])
+            continue
         if s not in cache:
             grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
             _check_finite(grads, "query gradient", s)
@@ -69,6 +113,30 @@ def decompose(
     terms = {"initial": initial, "weight_decay": zero, "unexplained": zero.clone()}
     return Decomposition(
         contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
+    )
+
+
+def _lr_of(engine: Engine, lr, name: str) -> float:
+    """The learning rate of parameter ``name``'s group."""
+    groups = (engine.p.path.optimizer or {}).get("groups") or [{"params": [name]}]
+    for g, group in enumerate(groups):
+        if name in group["params"]:
+            return float(lr[g])
+    return float(lr[0])
+
+
+def _rest_scale(engine: Engine, lr, rest: list[str]):
+    """Learning rate per coordinate of the parameters outside Linear layers."""
+    if not rest:
+        return 1.0
+    sizes = dict(zip(engine.fm.names, engine.fm.sizes, strict=True))
+    return torch.cat(
+        [
+            torch.full(
+                (sizes[n],), _lr_of(engine, lr, n), dtype=engine.fm.dtype, device=engine.fm.device
+            )
+            for n in rest
+        ]
     )
 
 

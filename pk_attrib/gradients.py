@@ -242,6 +242,8 @@ class FunctionalModel:
         inputs: Sequence[torch.Tensor],
         target: torch.Tensor | None,
         output_fn: OutputFn,
+        weights: torch.Tensor | None = None,
+        names: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of the explained output of each query at several points.
 
@@ -250,11 +252,15 @@ class FunctionalModel:
             inputs: Query inputs, each (n, ...).
             target: Per-query target, (n,), or None.
             output_fn: ``output_fn(outputs, target) -> (n,)``.
+            weights: Optional (q,) weights: then the weighted sum over the points is
+                returned, (n, d), formed per parameter before flattening (quadrature).
+            names: Restrict the gradient to these parameters (default: the active ones).
 
         Returns:
-            ``(grads, values)``: ∇_w f(x_j; ws[k]) as (q, n, d) and f(x_j; ws[k]) as (q, n).
+            ``(grads, values)``: ∇_w f(x_j; ws[k]) as (q, n, d) (or the weighted sum (n, d))
+            and f(x_j; ws[k]) as (q, n).
         """
-        act, passive = self._split(self.unflatten(ws))
+        act, passive = self._split(self.unflatten(ws), names)
         n = inputs[0].shape[0]
         tgt = target if target is not None else torch.zeros(n, dtype=torch.int64)
         has_target = target is not None
@@ -271,9 +277,15 @@ class FunctionalModel:
         for a in range(0, n, size):
             part = tuple(x[a : a + size] for x in inputs)
             g, v = per_point(act, passive, part, tgt[a : a + size])
-            grads.append(self._flat_grads(g, 2))
+            if weights is None:
+                grads.append(self._flat_grads(g, 2))
+            else:
+                summed = {k: torch.tensordot(weights, t, dims=1) for k, t in g.items()}
+                grads.append(self._flat_grads(summed, 1))
             values.append(v)
-        return torch.cat(grads, 1), torch.cat(values, 1)
+        if len(grads) == 1:
+            return grads[0], values[0]
+        return torch.cat(grads, 0 if weights is not None else 1), torch.cat(values, 1)
 
     def loss_jacobians(
         self,

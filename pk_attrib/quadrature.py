@@ -103,22 +103,32 @@ class StepIntegrator:
         self._rung = 0
         self._since_lowered = 0
         self.unconverged: list[int] = []  # steps where the adaptive rule ran out of nodes
+        self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _phi(self, w: torch.Tensor, delta: torch.Tensor, nodes, weights) -> torch.Tensor:
         n = self.inputs[0].shape[0]
         per_node = max(
             1, self.fm.memory_budget // max(1, 3 * n * self.fm.d_active * self.fm.dtype.itemsize)
         )
-        phi = torch.zeros(n, self.fm.d_active, dtype=self.fm.dtype, device=self.fm.device)
+        phi = None
         for a in range(0, len(nodes), per_node):
-            t = torch.tensor(nodes[a : a + per_node], dtype=self.fm.dtype, device=self.fm.device)
-            om = torch.tensor(weights[a : a + per_node], dtype=self.fm.dtype, device=self.fm.device)
-            grads, _ = self.fm.output_grads(
-                w + t[:, None] * delta, self.inputs, self.target, self.output_fn
+            t, om = self._rule_tensors(nodes[a : a + per_node], weights[a : a + per_node])
+            part, _ = self.fm.output_grads(
+                w + t[:, None] * delta, self.inputs, self.target, self.output_fn, weights=om
             )
-            phi += torch.einsum("k,knd->nd", om, grads)
+            phi = part if phi is None else phi + part
         self.evaluations += len(nodes) * n
         return phi
+
+    def _rule_tensors(self, nodes, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (nodes, weights)
+        if key not in self._tensors:
+            fm = self.fm
+            self._tensors[key] = (
+                torch.tensor(nodes, dtype=fm.dtype, device=fm.device),
+                torch.tensor(weights, dtype=fm.dtype, device=fm.device),
+            )
+        return self._tensors[key]
 
     def integrate(self, w, delta, exact_change, scale, step: int = -1) -> tuple[torch.Tensor, int]:
         """φ_s (n, d) and the node count used.

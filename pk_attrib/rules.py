@@ -45,10 +45,21 @@ class GroupVectors:
         self.dtype = dtype
         self.device = device
         self.n_groups = max(1, len((path.optimizer or {}).get("groups", [])))
+        self._cache: dict[tuple[float, ...], torch.Tensor] = {}
 
     def vec(self, values) -> torch.Tensor:
-        """(n_groups,) values -> (d,) vector."""
-        return torch.as_tensor(values, dtype=self.dtype, device=self.device)[self.ids]
+        """(n_groups,) values -> (d,) vector (a 0-dim tensor when all groups agree)."""
+        key = tuple(float(v) for v in values)
+        found = self._cache.get(key)
+        if found is None:
+            if len(set(key)) == 1:  # broadcasts like the (d,) vector, at no cost
+                found = torch.tensor(key[0], dtype=self.dtype, device=self.device)
+            else:
+                found = torch.tensor(key, dtype=self.dtype, device=self.device)[self.ids]
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
 
     def hyper(self, step: Step, key: str, default: Any = 0.0) -> torch.Tensor:
         """Per-coordinate value of hyperparameter ``key`` at this step."""
