@@ -52,9 +52,7 @@ def decompose(
                     lambda out: output_fn(out, target),
                     layers,
                     rest,
-                    lambda names: fm.output_grads(w[None], inputs, target, output_fn, names=names)[
-                        0
-                    ][0],
+                    lambda names, w=w: _query_grads(fm, w, inputs, target, output_fn, names),
                 )
                 query_evals += n
             size = max(1, min(chunk, fm.memory_budget // max(1, 16 * n * dtype.itemsize)))
@@ -114,6 +112,11 @@ def decompose(
     return Decomposition(
         contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
     )
+
+
+def _query_grads(fm, w, inputs, target, output_fn, names) -> torch.Tensor:
+    """Per-query gradients of the explained output w.r.t. ``names`` at w, (n, d_names)."""
+    return fm.output_grads(w[None], inputs, target, output_fn, names=names)[0][0]
 
 
 def _lr_of(engine: Engine, lr, name: str) -> float:
