@@ -132,9 +132,17 @@ class Engine:
         explained_exact = torch.zeros(n, dtype=dtype, device=device)
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
+        flat: dict[int, torch.Tensor] = {}
+        block = max(1, min(16, fm.memory_budget // max(1, 12 * n * fm.d * dtype.itemsize)))
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
-            w_full = fm.flatten(step.params)
+            if columns is None and s not in flat:  # integrate a block of steps in one call
+                steps = list(range(max(0, s - block + 1), s + 1))
+                flat = {j: fm.flatten(path.step(j).params) for j in steps}
+                flat[s + 1] = w_next
+                segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]
+                integrator.prefetch(segments, steps)
+            w_full = flat.pop(s) if s in flat else fm.flatten(step.params)
             delta_full = w_next - w_full
             w, delta = fm.active(w_full), fm.active(delta_full)  # differentiated coordinates
             f_s = self._forward(w_full, inputs, target, output_fn)

@@ -253,7 +253,8 @@ class FunctionalModel:
             target: Per-query target, (n,), or None.
             output_fn: ``output_fn(outputs, target) -> (n,)``.
             weights: Optional (q,) weights: then the weighted sum over the points is
-                returned, (n, d), formed per parameter before flattening (quadrature).
+                returned, (n, d), formed per parameter before flattening (quadrature);
+                or (g, q) weights for g groups of q consecutive points: (g, n, d).
             names: Restrict the gradient to these parameters (default: the active ones).
 
         Returns:
@@ -279,13 +280,21 @@ class FunctionalModel:
             g, v = per_point(act, passive, part, tgt[a : a + size])
             if weights is None:
                 grads.append(self._flat_grads(g, 2))
-            else:
+            elif weights.dim() == 1:
                 summed = {k: torch.tensordot(weights, t, dims=1) for k, t in g.items()}
                 grads.append(self._flat_grads(summed, 1))
+            else:  # (groups, q): one weighted sum per group of q consecutive points
+                groups, q = weights.shape
+                summed = {
+                    k: torch.einsum("gq,gq...->g...", weights, t.reshape(groups, q, *t.shape[1:]))
+                    for k, t in g.items()
+                }
+                grads.append(self._flat_grads(summed, 2))
             values.append(v)
         if len(grads) == 1:
             return grads[0], values[0]
-        return torch.cat(grads, 0 if weights is not None else 1), torch.cat(values, 1)
+        axis = 0 if weights is not None and weights.dim() == 1 else 1
+        return torch.cat(grads, axis), torch.cat(values, 1)
 
     def loss_jacobians(
         self,

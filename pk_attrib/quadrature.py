@@ -104,6 +104,37 @@ class StepIntegrator:
         self._since_lowered = 0
         self.unconverged: list[int] = []  # steps where the adaptive rule ran out of nodes
         self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prefetched: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def first_rule(self) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+        """Nodes, weights and node count the next step is tried with first."""
+        if self.rule.kind is Quadrature.LEFT:
+            return (0.0,), (1.0,), 1
+        if self.rule.kind is Quadrature.MIDPOINT:
+            return (0.5,), (1.0,), 1
+        q = self.rule.q if self.rule.kind is Quadrature.GAUSS else LADDER[self._rung]
+        return (*gauss_legendre(q), q)
+
+    def prefetch(self, segments: list[tuple[torch.Tensor, torch.Tensor]], steps: list[int]):
+        """Integrate several steps at once with the first rule (one batched gradient call).
+
+        ``integrate`` then starts from these and only redoes steps whose check fails.
+        """
+        if self.rule.kind is Quadrature.ADAPTIVE:  # the occasional try one rung lower
+            self._since_lowered += len(steps)
+            if self._since_lowered >= 16 and self._rung > 0:
+                self._rung -= 1
+                self._since_lowered = 0
+        nodes, weights, q = self.first_rule()
+        t, om = self._rule_tensors(nodes, weights)
+        points = torch.cat([w + t[:, None] * delta for w, delta in segments])
+        grid = om.expand(len(segments), -1)
+        phis, _ = self.fm.output_grads(
+            points, self.inputs, self.target, self.output_fn, weights=grid
+        )
+        self.evaluations += len(steps) * q * self.inputs[0].shape[0]
+        for k, step in enumerate(steps):
+            self._prefetched[step] = (phis[k], q)
 
     def _phi(self, w: torch.Tensor, delta: torch.Tensor, nodes, weights) -> torch.Tensor:
         n = self.inputs[0].shape[0]
@@ -142,6 +173,9 @@ class StepIntegrator:
             step: The step number, for diagnostics.
         """
         rule = self.rule
+        ready = self._prefetched.pop(step, None)
+        if ready is not None and rule.kind is not Quadrature.ADAPTIVE:
+            return ready
         if rule.kind is Quadrature.LEFT:
             return self._phi(w, delta, (0.0,), (1.0,)), 1
         if rule.kind is Quadrature.MIDPOINT:
@@ -149,17 +183,23 @@ class StepIntegrator:
         if rule.kind is Quadrature.GAUSS:
             return self._phi(w, delta, *gauss_legendre(rule.q)), rule.q
         # adaptive: start from the rung the previous step needed; try one lower now and then
-        self._since_lowered += 1
-        if self._since_lowered >= 16 and self._rung > 0:
-            self._rung -= 1
-            self._since_lowered = 0
+        if ready is None:
+            self._since_lowered += 1
+            if self._since_lowered >= 16 and self._rung > 0:
+                self._rung -= 1
+                self._since_lowered = 0
+        elif LADDER[self._rung] != ready[1]:
+            ready = None  # a step of the block moved the rung: its first rule is stale
         start = self._rung
         eps = torch.finfo(self.fm.dtype).eps
         d_delta = self.fm.active(delta)
         previous = None
         while True:
             q = LADDER[self._rung]
-            phi = self._phi(w, delta, *gauss_legendre(q))
+            if ready is not None:
+                phi, ready = ready[0], None
+            else:
+                phi = self._phi(w, delta, *gauss_legendre(q))
             err = (phi @ d_delta - exact_change).abs()
             tol = torch.maximum(rule.rtol * exact_change.abs(), scale)
             if bool((err <= tol).all()):
