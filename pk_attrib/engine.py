@@ -206,9 +206,10 @@ class Engine:
                 grads = fm.loss_grads(w_full, batch, p.loss_fn)
             _check_finite(grads, "training gradient", s)
             train_evals += len(indices)
-            signed = grads * sign
+            signed = grads if _is_one(sign) else grads * sign
             contributions.index_add_(1, indices.to(device), -(v @ signed.T) * kappa)
-            decay -= v @ (lam * w)
+            if not _is_zero(lam):
+                decay -= v @ (lam * w)
             if kernel:
                 k_step = torch.einsum("nd,bcd->nbc", v, jac * sign) * kappa[None, :, None]
                 if kern is None:
@@ -321,6 +322,14 @@ class Engine:
                 ReconstructionWarning,
                 stacklevel=4,
             )
+
+
+def _is_one(x: torch.Tensor) -> bool:
+    return x.dim() == 0 and float(x) == 1.0
+
+
+def _is_zero(x: torch.Tensor) -> bool:
+    return x.dim() == 0 and float(x) == 0.0
 
 
 def _kernel_weights(kern: torch.Tensor, num: torch.Tensor):
