@@ -133,6 +133,7 @@ class Engine:
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
         flat: dict[int, torch.Tensor] = {}
+        train_grads: dict[int, torch.Tensor] = {}
         block = max(1, min(16, fm.memory_budget // max(1, 12 * n * fm.d * dtype.itemsize)))
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
@@ -142,6 +143,8 @@ class Engine:
                 flat[s + 1] = w_next
                 segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]
                 integrator.prefetch(segments, steps)
+                if not kernel and projector is None:
+                    train_grads = self._block_train_grads(path, steps, flat)
             w_full = flat.pop(s) if s in flat else fm.flatten(step.params)
             delta_full = w_next - w_full
             w, delta = fm.active(w_full), fm.active(delta_full)  # differentiated coordinates
@@ -202,6 +205,8 @@ class Engine:
             if kernel:
                 jac, dloss = fm.loss_jacobians(w_full, batch, p.loss_fn)
                 grads = torch.einsum("bc,bcd->bd", dloss, jac)
+            elif s in train_grads:
+                grads = train_grads.pop(s)
             else:
                 grads = fm.loss_grads(w_full, batch, p.loss_fn)
             _check_finite(grads, "training gradient", s)
@@ -219,8 +224,7 @@ class Engine:
                 kern.index_add_(1, indices.to(device), k_step)
                 weights_num.index_add_(1, indices.to(device), -k_step * dloss[None])
             if columns is None:
-                effective = (kappa[:, None] * signed).sum(0)
-                explained_exact -= v @ effective
+                effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
                 rule.finish_step(s, step, delta, effective + lam * w, w)
             w_next, f_next = w_full, f_s
         if columns is not None:
@@ -238,7 +242,9 @@ class Engine:
                 stacklevel=3,
             )
         explained = contributions.sum(1)
-        unexplained = phi_delta - explained_exact - decay
+        # without projection the contributions are exact and add up to the explained part
+        exact_total = explained if projector is None else explained_exact
+        unexplained = phi_delta - exact_total - decay
         terms = {"initial": f_next, "weight_decay": decay, "unexplained": unexplained}
         bias = f_next + decay + unexplained
         diagnostics = Diagnostics(
@@ -257,6 +263,14 @@ class Engine:
             k_out,
             w_out,
         )
+
+    def _block_train_grads(self, path, steps, flat) -> dict[int, torch.Tensor]:
+        """Per-example gradients of the batches of several steps, in one vmap call."""
+        parts = [path.step(j).indices for j in steps]
+        indices = torch.cat(parts)
+        ws = torch.cat([flat[j].expand(len(idx), -1) for j, idx in zip(steps, parts, strict=True)])
+        grads = self.fm.loss_grads_at(ws, self._batch(indices), self.p.loss_fn)
+        return dict(zip(steps, torch.split(grads, [len(idx) for idx in parts]), strict=True))
 
     def _projected_step(
         self,

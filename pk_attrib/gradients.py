@@ -216,6 +216,38 @@ class FunctionalModel:
             return torch.zeros(0, width, dtype=self.dtype, device=self.device)
         return torch.cat(chunks)
 
+    def loss_grads_at(
+        self,
+        ws: torch.Tensor,
+        batch: Sequence[torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-example loss gradients, each at its own parameters, (B, d_active).
+
+        Lets the engine take the batches of several steps in one vmap call.
+
+        Args:
+            ws: Flat parameters of each example, (B, d).
+            batch: ``(inputs..., labels)`` of B examples.
+            loss_fn: The training loss.
+        """
+        *inputs, labels = batch
+
+        def single(pa, pp, x, label):
+            out = self._call({**pa, **pp}, tuple(v.unsqueeze(0) for v in x))
+            return loss_fn(out, label.unsqueeze(0)).sum()
+
+        step = vmap(grad(single), in_dims=(0, 0, 0, 0))
+        size = max(1, self.chunk_size(2))  # the parameters are replicated per example
+        chunks = []
+        for a in range(0, labels.shape[0], size):
+            act, passive = self._split(self.unflatten(ws[a : a + size]))
+            part = tuple(x[a : a + size] for x in inputs)
+            chunks.append(self._flat_grads(step(act, passive, part, labels[a : a + size]), 1))
+        if not chunks:
+            return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
+        return torch.cat(chunks)
+
     @staticmethod
     def per_example_losses(outputs, labels, loss_fn) -> torch.Tensor:
         """ℓ_i for each row of a batch's outputs, (B,), whatever the loss's reduction."""
