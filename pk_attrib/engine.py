@@ -134,11 +134,15 @@ class Engine:
         train_evals = 0
         flat: dict[int, torch.Tensor] = {}
         train_grads: dict[int, torch.Tensor] = {}
+        size, climbs = 1, 0
         block = max(1, min(16, fm.memory_budget // max(1, 12 * n * fm.d * dtype.itemsize)))
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
             if columns is None and s not in flat:  # integrate a block of steps in one call
-                steps = list(range(max(0, s - block + 1), s + 1))
+                # shrink the block while steps keep needing more nodes (their share is wasted)
+                size = max(1, size // 2) if integrator.climbs > climbs else min(block, 2 * size)
+                climbs = integrator.climbs
+                steps = list(range(max(0, s - size + 1), s + 1))
                 flat = {j: fm.flatten(path.step(j).params) for j in steps}
                 flat[s + 1] = w_next
                 segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]

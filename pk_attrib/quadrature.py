@@ -105,6 +105,7 @@ class StepIntegrator:
         self.unconverged: list[int] = []  # steps where the adaptive rule ran out of nodes
         self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefetched: dict[int, tuple[torch.Tensor, int]] = {}
+        self.climbs = 0  # steps whose first rule failed (their prefetched rule was wasted)
 
     def first_rule(self) -> tuple[tuple[float, ...], tuple[float, ...], int]:
         """Nodes, weights and node count the next step is tried with first."""
@@ -122,7 +123,7 @@ class StepIntegrator:
         """
         if self.rule.kind is Quadrature.ADAPTIVE:  # the occasional try one rung lower
             self._since_lowered += len(steps)
-            if self._since_lowered >= 16 and self._rung > 0:
+            if self._since_lowered >= 64 and self._rung > 0:
                 self._rung -= 1
                 self._since_lowered = 0
         nodes, weights, q = self.first_rule()
@@ -207,7 +208,7 @@ class StepIntegrator:
             # rounding of φ·Δ itself (a dot product of d terms) bounds what nodes can achieve
             noise = eps * (self.fm.d_active**0.5) * (phi.abs() @ d_delta.abs())
             stalled = previous is not None and bool((err > 0.5 * previous).any())
-            if stalled and bool((err <= torch.maximum(tol, 64 * noise)).all()):
+            if stalled and bool((err <= torch.maximum(tol, 4 * noise)).all()):
                 self._rung = start  # limited by rounding, not by the rule: do not stay up
                 return phi, q
             if self._rung == len(LADDER) - 1:
@@ -216,3 +217,4 @@ class StepIntegrator:
                 return phi, q
             previous = err
             self._rung += 1
+            self.climbs += 1
