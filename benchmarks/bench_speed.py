@@ -1,0 +1,467 @@
+"""Benchmark: how fast are pk_attrib's checkpoint and exact modes on the digits MLP?
+
+Workload: scikit-learn's 8x8 digits (pixels / 16, float32), the first 1,500 images as the
+training set, an MLP 64 -> 32 -> 10 with **Tanh**, trained with plain SGD (lr 0.1, batch 32,
+shuffled, 10 epochs = 470 steps) while `pk.PathRecorder` records every step in memory and a
+``torch.save(state_dict)`` checkpoint is written at the end of each epoch. The queries are
+100 held-out digits (indices 1500..1599); the explained quantity is the logit of each
+query's label.
+
+(a) Checkpoint mode against Captum's ``TracInCP`` on the same 10 checkpoint files.
+    ``TracInCP.influence((test_x, test_y))`` is timed in Captum's two settings,
+
+    * default: ``loss_fn=CrossEntropyLoss(reduction="none")`` and a per-example test loss
+      (the explained logit, ``reduction = "none"``): one ``autograd.grad`` per example;
+    * ``sample_wise_grads_per_batch=True``: ``loss_fn=CrossEntropyLoss(reduction="sum")``
+      and the summed logit as test loss (``reduction = "sum"``, which must match), per-sample
+      gradients from Captum's Linear-layer hooks;
+
+    each for a few training ``batch_size`` values (the fastest counts); the checkpoint
+    loader reads the file with ``torch.load`` and returns the learning rate (Captum calls it
+    once per checkpoint and training batch, which is part of its cost). pk_attrib is timed on
+    ``PathKernelInfluence(...).attribute(test_x, target=test_y)`` over
+    ``TrainingPath.from_checkpoints`` of the same files (construction is reported apart).
+    Agreement: max |pk + captum| / max |captum| <= 1e-5 for every Captum setting.
+    Target: pk_attrib at least 2x faster than Captum's fastest setting.
+
+(b) Exact mode (default adaptive quadrature) against the bare gradient work it cannot avoid:
+    for each step s, one nested ``vmap(vmap(grad))`` call over the ``dec.diagnostics.nodes[s]``
+    Gauss-Legendre nodes x the queries (as `FunctionalModel.output_grads` does it), and one
+    ``vmap(grad)`` of the per-example loss over the step's batch at w_s. The bare loop is
+    written here with ``torch.func`` (functional_call + vmap + grad); only those calls are
+    timed (building node parameters and gathering batches is not). Target: exact-mode wall
+    time / bare time <= 1.5.
+
+Every time is the median of ``--repeats`` rounds after one untimed warm-up round; each
+round runs all contenders of a part once, in rotating order, so that changing background
+load hits them alike. The load average is printed before and after: on a shared machine
+with more runnable processes than cores, torch's intra-op threads spin against each other
+and times can be off by 10x; compare with ``--threads 1`` then.
+
+Run from the repository root::
+
+    python benchmarks/bench_speed.py            # default run, a few minutes on 2 cores
+    python benchmarks/bench_speed.py --quick    # smoke run (300 train, 2 epochs, 20 queries)
+    python benchmarks/bench_speed.py --profile  # also cProfile one exact-mode attribute()
+    python benchmarks/bench_speed.py --threads 1 --repeats 5
+
+The exit status is 0 when both targets pass and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from captum.influence import TracInCP
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    import pk_attrib as pk
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import pk_attrib as pk
+
+LR = 0.1
+BATCH = 32
+HIDDEN = 32
+N_HELD_OUT_START = 1500  # queries come from the digits after the first 1,500
+SEED = 0
+AGREEMENT_TOL = 1e-5
+MIN_CHECKPOINT_SPEEDUP = 2.0
+MAX_EXACT_OVERHEAD = 1.5
+
+
+@dataclass
+class Config:
+    """Problem size and measurement settings."""
+
+    n_train: int
+    epochs: int
+    n_queries: int
+    repeats: int
+    # Captum's default mode takes one autograd.grad per example: its batch size matters little
+    captum_default_batch_sizes: tuple[int, ...]
+    captum_sample_wise_batch_sizes: tuple[int, ...]
+
+
+DEFAULT = Config(
+    n_train=1500,
+    epochs=10,
+    n_queries=100,
+    repeats=3,
+    captum_default_batch_sizes=(64, 256),
+    captum_sample_wise_batch_sizes=(64, 128, 256),
+)
+QUICK = Config(
+    n_train=300,
+    epochs=2,
+    n_queries=20,
+    repeats=2,
+    captum_default_batch_sizes=(128,),
+    captum_sample_wise_batch_sizes=(64, 128),
+)
+
+
+@dataclass
+class Trained:
+    """A trained model with its recorded path, checkpoint files and queries."""
+
+    model: torch.nn.Module
+    train_set: TensorDataset
+    queries: torch.Tensor
+    targets: torch.Tensor
+    path: pk.TrainingPath
+    checkpoints: list[str]
+    learning_rates: list[float]
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+Measurement = Callable[[], tuple[float, object]]  # runs once: (seconds, result)
+
+
+def wall(fn: Callable[[], object]) -> Measurement:
+    """A measurement of the wall time of ``fn()``."""
+
+    def measure() -> tuple[float, object]:
+        start = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - start, result
+
+    return measure
+
+
+def interleaved_medians(
+    cases: dict[str, Measurement], repeats: int
+) -> dict[str, tuple[float, object]]:
+    """Median seconds (and last result) of each case over ``repeats`` rounds after a warm-up.
+
+    Each round runs every case once, starting one later each round, so that a change in
+    background load hits all cases alike.
+    """
+    names = list(cases)
+    results = {name: cases[name]()[1] for name in names}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds, results[name] = cases[name]()
+            times[name].append(seconds)
+    return {name: (statistics.median(times[name]), results[name]) for name in names}
+
+
+# -- workload ----------------------------------------------------------------------------------
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as float32 pixels / 16 and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+def make_mlp() -> torch.nn.Module:
+    """The 64 -> 32 -> 10 Tanh MLP."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 10)
+    )
+
+
+def train(cfg: Config, checkpoint_dir: Path) -> Trained:
+    """Train with SGD, recording every step and saving a checkpoint after each epoch."""
+    x, y = digits()
+    train_set = TensorDataset(x[: cfg.n_train], y[: cfg.n_train])
+    queries = x[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    targets = y[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    torch.manual_seed(SEED)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(
+        train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
+    )
+    recorder = pk.PathRecorder(model, optimizer, store=None)
+    checkpoints = []
+    for epoch in range(cfg.epochs):
+        for xb, yb in recorder.watch(loader):
+            optimizer.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            optimizer.step()
+        checkpoints.append(str(checkpoint_dir / f"epoch{epoch:02d}.pt"))
+        torch.save(model.state_dict(), checkpoints[-1])
+    recorder.close()
+    model.eval()
+    return Trained(
+        model, train_set, queries, targets, recorder.path, checkpoints, [LR] * len(checkpoints)
+    )
+
+
+# -- (a) checkpoint mode against Captum's TracInCP ----------------------------------------------
+
+
+class ExplainedLogit:
+    """Captum test loss: the logit of the label, per example or summed over the batch."""
+
+    def __init__(self, reduction: str):
+        self.reduction = reduction
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = outputs.gather(1, targets[:, None])[:, 0]
+        return logits.sum() if self.reduction == "sum" else logits
+
+
+def make_tracin(run: Trained, sample_wise: bool, batch_size: int) -> TracInCP:
+    """Captum's TracInCP over the checkpoint files, on its own copy of the model."""
+    lr_of = dict(zip(run.checkpoints, run.learning_rates, strict=True))
+
+    def load(net: torch.nn.Module, file: str) -> float:
+        net.load_state_dict(torch.load(file, weights_only=True))
+        return lr_of[file]
+
+    reduction = "sum" if sample_wise else "none"
+    return TracInCP(
+        copy.deepcopy(run.model),
+        run.train_set,
+        checkpoints=run.checkpoints,
+        checkpoints_load_func=load,
+        loss_fn=torch.nn.CrossEntropyLoss(reduction=reduction),
+        batch_size=batch_size,
+        test_loss_fn=ExplainedLogit(reduction),
+        sample_wise_grads_per_batch=sample_wise,
+    )
+
+
+def bench_checkpoint_mode(run: Trained, cfg: Config) -> bool:
+    """Part (a): time pk_attrib's checkpoint mode and Captum; check agreement and speed."""
+    print("\n(a) checkpoint mode vs Captum TracInCP")
+    print(f"    {len(run.checkpoints)} checkpoints, {cfg.n_train} train, {cfg.n_queries} queries")
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(torch.load(run.checkpoints[-1], weights_only=True))
+    start = time.perf_counter()
+    path = pk.TrainingPath.from_checkpoints(run.checkpoints, run.learning_rates, model=model)
+    explainer = pk.PathKernelInfluence(
+        model, run.train_set, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    setup = time.perf_counter() - start
+    assert explainer.mode == "checkpoint"
+    pk_name = "pk_attrib checkpoint attribute()"
+    cases = {pk_name: wall(lambda: explainer.attribute(run.queries, target=run.targets))}
+    settings = [(False, size) for size in cfg.captum_default_batch_sizes]
+    settings += [(True, size) for size in cfg.captum_sample_wise_batch_sizes]
+    for sample_wise, batch_size in settings:
+        tracin = make_tracin(run, sample_wise, batch_size)
+        name = f"captum {'sample_wise' if sample_wise else 'default'} batch_size={batch_size}"
+        cases[name] = wall(lambda t=tracin: t.influence((run.queries, run.targets)))
+    timed = interleaved_medians(cases, cfg.repeats)
+    for name, (seconds, _) in timed.items():
+        print(f"    {name:<40s} {seconds * 1e3:9.1f} ms")
+    print(f"    {'(pk_attrib from_checkpoints + __init__)':<40s} {setup * 1e3:9.1f} ms")
+
+    pk_seconds, dec = timed.pop(pk_name)
+    agree = True
+    for name, (_, scores) in timed.items():
+        scale = float(scores.abs().max())
+        diff = float((dec.contributions + scores).abs().max())
+        ok = diff <= AGREEMENT_TOL * scale
+        agree &= ok
+        print(
+            f"    max |pk + {name}| = {diff:.3e} (max |score| {scale:.3e}, "
+            f"relative {diff / scale:.2e}) {'ok' if ok else 'MISMATCH'}"
+        )
+    fastest = min(timed, key=lambda k: timed[k][0])
+    speedup = timed[fastest][0] / pk_seconds
+    fast = speedup >= MIN_CHECKPOINT_SPEEDUP
+    print(f"    fastest Captum setting: {fastest} ({timed[fastest][0] * 1e3:.1f} ms)")
+    print(
+        f"    speedup of pk_attrib over it: {speedup:.2f}x (target >= {MIN_CHECKPOINT_SPEEDUP}x); "
+        f"agreement within {AGREEMENT_TOL:g}: {'yes' if agree else 'no'}"
+    )
+    passed = agree and fast
+    print(f"    (a) {'PASS' if passed else 'FAIL'}")
+    return passed
+
+
+# -- (b) exact mode against its bare gradient evaluations ---------------------------------------
+
+
+def gauss_legendre(q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights of q-point Gauss-Legendre quadrature on [0, 1]."""
+    x, w = np.polynomial.legendre.leggauss(q)
+    return torch.tensor((x + 1.0) / 2.0), torch.tensor(w / 2.0)
+
+
+@dataclass
+class BareStep:
+    """Inputs of one step's gradient calls, built before the clock starts."""
+
+    node_params: dict[str, torch.Tensor]  # (q, *shape) per parameter: w_s + t_k Δ_s
+    params: dict[str, torch.Tensor]  # w_s
+    batch_x: torch.Tensor
+    batch_y: torch.Tensor
+
+
+def prepare_bare_steps(run: Trained, nodes: torch.Tensor) -> list[BareStep]:
+    """Node parameters and batches for every step, with the node counts exact mode used."""
+    path, (x, y) = run.path, run.train_set.tensors
+    steps = []
+    for s in range(len(path)):
+        w, w_next = path.params(s), path.params(s + 1)
+        t, _ = gauss_legendre(int(nodes[s]))
+        at_nodes = {}
+        for name, value in w.items():
+            t_shaped = t.to(value.dtype).reshape(-1, *([1] * value.dim()))
+            at_nodes[name] = value[None] + t_shaped * (w_next[name] - value)[None]
+        indices = path.step(s).indices
+        steps.append(BareStep(at_nodes, dict(w), x[indices], y[indices]))
+    return steps
+
+
+def bare_gradients(run: Trained, steps: list[BareStep]) -> tuple[float, None]:
+    """Seconds spent in the torch.func gradient calls exact mode cannot avoid, all steps."""
+    model = copy.deepcopy(run.model).eval()
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def query_value(params, x, t):
+        out = functional_call(model, params, (x.unsqueeze(0),))
+        return out.gather(1, t.reshape(1, 1)).reshape(())
+
+    def example_loss(params, x, label):
+        return loss_fn(functional_call(model, params, (x.unsqueeze(0),)), label.unsqueeze(0))
+
+    per_query = vmap(grad(query_value), in_dims=(None, 0, 0))
+    query_grads = vmap(per_query, in_dims=(0, None, None))  # nodes x queries
+    loss_grads = vmap(grad(example_loss), in_dims=(None, 0, 0))  # batch members
+    total = 0.0
+    for step in steps:
+        start = time.perf_counter()
+        query_grads(step.node_params, run.queries, run.targets)
+        loss_grads(step.params, step.batch_x, step.batch_y)
+        total += time.perf_counter() - start
+    return total, None
+
+
+def profile_exact(explainer: pk.PathKernelInfluence, run: Trained, lines: int = 30) -> None:
+    """Print the top of a cProfile of one exact-mode attribute() (cumulative time)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    explainer.attribute(run.queries, target=run.targets)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(lines)
+    print(out.getvalue())
+
+
+def bench_exact_mode(run: Trained, cfg: Config, profile: bool) -> bool:
+    """Part (b): exact-mode wall time over the bare gradient time."""
+    print("\n(b) exact mode vs bare torch.func gradients")
+    explainer = pk.PathKernelInfluence(
+        run.model, run.train_set, run.path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    assert explainer.mode == "exact"
+
+    def attribute():
+        return explainer.attribute(run.queries, target=run.targets)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pk.PkAttribWarning)
+        dec = attribute()  # the node counts the bare loop needs
+    for message in sorted({str(w.message) for w in caught}):
+        print(f"    warning: {message}")
+    diag = dec.diagnostics
+    nodes = diag.nodes
+    used = int(nodes.sum()) * cfg.n_queries
+    counts = {int(q): int((nodes == q).sum()) for q in nodes.unique()}
+    print(f"    steps {len(run.path)}, nodes per step {counts}, mean {nodes.float().mean():.2f}")
+    print(
+        f"    query gradients: {diag.query_gradients} evaluated, {used} in accepted rules "
+        f"({diag.query_gradients - used} rejected); train gradients: {diag.train_gradients}"
+    )
+    print(f"    |delta| max {float(dec.delta.abs().max()):.2e}")
+    steps = prepare_bare_steps(run, nodes)
+    exact_name, bare_name = "pk_attrib exact attribute()", "bare gradient calls"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pk.PkAttribWarning)  # reported above
+        timed = interleaved_medians(
+            {exact_name: wall(attribute), bare_name: lambda: bare_gradients(run, steps)},
+            cfg.repeats,
+        )
+    seconds, bare = timed[exact_name][0], timed[bare_name][0]
+    print(f"    {exact_name:<40s} {seconds * 1e3:9.1f} ms")
+    print(f"    {bare_name:<40s} {bare * 1e3:9.1f} ms")
+    ratio = seconds / bare
+    passed = ratio <= MAX_EXACT_OVERHEAD
+    print(f"    ratio {ratio:.2f} (target <= {MAX_EXACT_OVERHEAD})")
+    print(f"    (b) {'PASS' if passed else 'FAIL'}")
+    if profile:
+        print("\n    cProfile of one exact-mode attribute():")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pk.PkAttribWarning)
+            profile_exact(explainer, run)
+    return passed
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def print_load(label: str) -> None:
+    """Print the 1-minute load average against the core count."""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    note = " (busy machine: times are unreliable)" if load > cores + 0.5 else ""
+    print(f"{label}: {load:.2f} on {cores} cores{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both parts and print PASS/FAIL; return the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--repeats", type=int, help="timed repeats per measurement")
+    parser.add_argument("--profile", action="store_true", help="cProfile exact mode")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Captum's sample-wise path sets requires_grad on the inputs itself and says so each time
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    cfg = QUICK if args.quick else DEFAULT
+    if args.repeats:
+        cfg.repeats = args.repeats
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; pk_attrib "
+        f"{getattr(pk, '__version__', '?')}; MLP 64-{HIDDEN}-10 Tanh, float32, SGD lr {LR}, "
+        f"batch {BATCH}, {cfg.epochs} epochs on {cfg.n_train} digits, {cfg.n_queries} queries, "
+        f"median of {cfg.repeats} after a warm-up"
+    )
+    print_load("load average at start")
+    with tempfile.TemporaryDirectory(prefix="pk_bench_speed_") as folder:
+        start = time.perf_counter()
+        run = train(cfg, Path(folder))
+        print(f"trained {len(run.path)} steps in {time.perf_counter() - start:.1f} s")
+        passed_a = bench_checkpoint_mode(run, cfg)
+        passed_b = bench_exact_mode(run, cfg, args.profile)
+    print_load("\nload average at end")
+    overall = passed_a and passed_b
+    print(f"\noverall: {'PASS' if overall else 'FAIL'}")
+    return 0 if overall else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
