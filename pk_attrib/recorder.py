@@ -44,6 +44,7 @@ from .store import (
     FINAL,
     MANIFEST,
     AsyncShardWriter,
+    BufferPool,
     read_manifest,
     write_manifest,
     write_tensor_file,
@@ -141,6 +142,8 @@ class PathRecorder:
         self._base_hyper = [g["hyper"] for g in description["groups"]]
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         self._pending: list[torch.Tensor] = []
+        self._pool: BufferPool | None = None  # recycled snapshot buffers (disk mode)
+        self._pooled: list[torch.Tensor] = []  # the in-flight step's buffers from the pool
         self._inflight: tuple[int, dict, dict] | None = None
         self._closed = False
         self._session_first = True
@@ -162,12 +165,16 @@ class PathRecorder:
         else:
             self._manifest = self._open_store(fresh)
             self._raw = len(self._manifest["steps"])
+            queue_steps = max(2, min(256, max_queue_bytes // max(step_bytes, 1)))
+            # snapshots in flight: the queue, the shard being gathered, the step being taken
+            self._pool = BufferPool(max_bytes=(queue_steps + 2) * step_bytes + shard_bytes)
             self._writer = AsyncShardWriter(
                 self.store,
                 self._manifest,
-                queue_steps=max(2, min(256, max_queue_bytes // max(step_bytes, 1))),
+                queue_steps=queue_steps,
                 shard_bytes=shard_bytes,
                 flush_interval=flush_interval,
+                pool=self._pool,
             )
             atexit.register(_flush_at_exit, weakref.ref(self))
         self._dataset_size = self._manifest.get("dataset_size")
@@ -276,7 +283,7 @@ class PathRecorder:
                 "optimizer.step()"
             )
         r = self._raw
-        indices = torch.cat(self._pending)
+        indices = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
@@ -296,8 +303,10 @@ class PathRecorder:
                         )
                         kept.add(key)
             meta["initial_state"] = sorted(kept)
+        self._pooled = []
         if r % self.every == 0:
-            tensors.update({f"{r}/w/{n}": t for n, t in self._snapshot().items()})
+            for name, p in self._params.items():
+                tensors[f"{r}/w/{name}"] = self._take(p, self.dtype)
         self._inflight = (r, tensors, meta)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -311,8 +320,10 @@ class PathRecorder:
                 for key in _STATE_AFTER_STEP:
                     if isinstance(state.get(key), torch.Tensor):
                         value = state[key]
-                        tensors[f"{r}/{key}/{name}"] = _copy(
-                            value, torch.float64 if value.dim() == 0 else self.dtype
+                        tensors[f"{r}/{key}/{name}"] = (
+                            _copy(value, torch.float64)
+                            if value.dim() == 0
+                            else self._take(value, self.dtype)
                         )
         self._pending = []
         self._session_first = False
@@ -321,7 +332,9 @@ class PathRecorder:
             "tensors": tensors,
             "meta": meta,
             "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "pooled": self._pooled,
         }
+        self._pooled = []
         if self._writer is None:
             self._backend.records.append(record)
         else:
@@ -330,6 +343,15 @@ class PathRecorder:
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: _copy(p, self.dtype) for n, p in self._params.items()}
+
+    def _take(self, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """A CPU copy of ``tensor``; in disk mode into a recycled buffer of the pool."""
+        if self._pool is None:
+            return _copy(tensor, dtype)
+        buffer = self._pool.take(tensor.shape, dtype or tensor.dtype)
+        buffer.copy_(tensor.detach())
+        self._pooled.append(buffer)
+        return buffer
 
     # -- results and lifecycle --------------------------------------------------------------
 
@@ -385,7 +407,7 @@ class PathRecorder:
                 {"format": "pk_attrib.final"},
             )
             self._manifest["complete"] = True
-            write_manifest(self.store, self._manifest)
+            self._writer.write_manifest()
 
     def __enter__(self) -> PathRecorder:
         return self

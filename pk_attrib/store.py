@@ -15,12 +15,14 @@ prefix of the run. No pickle is involved anywhere: loading a store never execute
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -80,21 +82,105 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# safetensors' dtype codes of the torch dtypes a store holds
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _as_bytes(tensor: torch.Tensor):
+    """A zero-copy uint8 view of a CPU tensor's data (a buffer for ``write`` and hashing)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def write_tensor_file(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> dict[str, Any]:
-    """Write a safetensors file atomically; return its manifest entry (file, sha256, bytes)."""
-    data = safetensors.torch.save(
-        {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
-    )
-    _write_atomic(path, data)
-    return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    """Write a safetensors file atomically; return its manifest entry (file, sha256, bytes).
+
+    The file is streamed: the header, then each tensor's bytes straight from its memory,
+    hashed on the way (no serialized copy of the whole file is built). Tensors are laid
+    out by decreasing item size, so every tensor starts at an offset aligned to its dtype,
+    as ``safetensors.torch.save`` does. The file appears under its name only when complete.
+
+    Args:
+        path: Destination file.
+        tensors: Name -> CPU tensor of any shape.
+        metadata: String metadata stored in the safetensors header.
+    """
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):  # rare: let
+        data = safetensors.torch.save(  # safetensors serialize what we do not stream
+            {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
+        )
+        _write_atomic(path, data)
+        return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # pad (with spaces, as the format allows) to 8 bytes
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            digest.update(chunk)
+            f.write(chunk)
+        for key in order:
+            data = _as_bytes(tensors[key])
+            digest.update(data)  # hashlib and write release the GIL for large buffers
+            f.write(data)
+    os.replace(tmp, path)
+    return {"file": path.name, "sha256": digest.hexdigest(), "bytes": 8 + len(head) + offset}
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` atomically (temp file + rename)."""
+def _manifest_text(manifest: dict[str, Any], steps_json: list[str] | None = None) -> str:
+    """The manifest as JSON text: one line per key, one line per step entry."""
+    steps = manifest.get("steps", [])
+    if steps_json is None or len(steps_json) != len(steps):
+        steps_json = [json.dumps(step, separators=(",", ":")) for step in steps]
+    lines = []
+    for key, value in manifest.items():
+        if key == "steps":
+            body = ",\n  ".join(steps_json)
+            lines.append(f'"steps": [\n  {body}\n ]' if steps_json else '"steps": []')
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
+def write_manifest(
+    root: Path, manifest: dict[str, Any], steps_json: list[str] | None = None
+) -> None:
+    """Write ``manifest.json`` atomically (temp file + rename).
+
+    Args:
+        root: The store folder.
+        manifest: The manifest; its ``updated`` time is set.
+        steps_json: Optional cache of the JSON text of ``manifest["steps"]``, one string
+            per step, that the caller extends as steps are added (saves re-serializing a
+            long run's steps for every shard); ignored when its length does not match.
+    """
     manifest["updated"] = time.time()
-    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode())
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -138,12 +224,19 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 
 class ShardReader:
-    """Lazy, verified, memory-mapped access to the tensor files of a store."""
+    """Lazy, verified, memory-mapped access to the tensor files of a store.
 
-    def __init__(self, root: Path, verify: bool = True):
+    Each file is hashed once, on first use. At most ``max_open`` files stay open (least
+    recently used first out), so reading a long path does not keep every shard mapped.
+    """
+
+    def __init__(self, root: Path, verify: bool = True, max_open: int = 4):
         self.root = root
         self.verify = verify
-        self._handles: dict[str, tuple[Any, set[str]]] = {}
+        self.max_open = max(1, max_open)
+        self._handles: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._keys: dict[str, set[str]] = {}
+        self._checked: set[str] = set()
 
     def check(self, entry: dict[str, Any]) -> Path:
         """Check that a listed tensor file exists and matches its hash; return its path."""
@@ -165,22 +258,73 @@ class ShardReader:
     def handle(self, entry: dict[str, Any]):
         """An open ``safe_open`` handle of a tensor file (verified on first use)."""
         name = entry["file"]
-        if name not in self._handles:
-            path = self.check(entry) if self.verify else self.root / name
-            if not path.is_file():
+        if name in self._handles:
+            self._handles.move_to_end(name)
+            return self._handles[name]
+        path = self.root / name
+        if name not in self._checked:
+            if self.verify or not path.is_file():
                 self.check(entry)
-            handle = safetensors.safe_open(str(path), framework="pt", device="cpu")
-            self._handles[name] = (handle, set(handle.keys()))
-        return self._handles[name]
+            self._checked.add(name)
+        handle = safetensors.safe_open(str(path), framework="pt", device="cpu")
+        self._handles[name] = handle
+        self._keys.setdefault(name, set(handle.keys()))
+        while len(self._handles) > self.max_open:
+            self._handles.popitem(last=False)
+        return handle
 
     def get(self, entry: dict[str, Any], key: str) -> torch.Tensor | None:
         """The tensor ``key`` of a file, or None when the file has no such tensor."""
-        handle, keys = self.handle(entry)
-        return handle.get_tensor(key) if key in keys else None
+        if key not in self.keys(entry):
+            return None
+        return self.handle(entry).get_tensor(key)
 
     def keys(self, entry: dict[str, Any]) -> set[str]:
         """The tensor names of a file."""
-        return self.handle(entry)[1]
+        name = entry["file"]
+        if name not in self._keys:
+            self.handle(entry)
+        return self._keys[name]
+
+
+class BufferPool:
+    """Recycled CPU tensors for step snapshots: recording to disk reuses memory.
+
+    Copying into fresh memory every step costs page faults that rival the copy itself.
+    The recorder `take`s a buffer per tensor it copies; the writer `give`s the buffers
+    back once their shard is on disk. Thread-safe (deque append/pop are atomic); holds at
+    most ``max_bytes`` of idle buffers.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._idle_bytes = 0
+        self._free: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized CPU tensor of this shape and dtype (recycled when one is idle)."""
+        free = self._free.get((tuple(shape), dtype))
+        if free:
+            try:
+                buffer = free.pop()
+            except IndexError:  # taken by a race; allocate below
+                pass
+            else:
+                with self._lock:
+                    self._idle_bytes -= buffer.numel() * buffer.element_size()
+                return buffer
+        return torch.empty(shape, dtype=dtype)
+
+    def give(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Return buffers obtained from `take` (the caller no longer uses them)."""
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            with self._lock:
+                if self._idle_bytes + size > self.max_bytes:
+                    return
+                self._idle_bytes += size
+            self._free[(tuple(t.shape), t.dtype)].append(t)
 
 
 _STOP = object()
@@ -197,7 +341,8 @@ class AsyncShardWriter:
     `put` blocks when the queue is full (memory stays bounded, no step is dropped).
     A shard is written when it reaches ``shard_bytes``, or ``flush_interval`` seconds after
     its first step arrived, or on `flush`/`close`; the manifest is rewritten after each
-    shard, so a killed process loses only the steps not yet written.
+    shard, so a killed process loses only the steps not yet written. A record's
+    ``"pooled"`` tensors go back to ``pool`` once its shard is written.
     """
 
     def __init__(
@@ -207,9 +352,12 @@ class AsyncShardWriter:
         queue_steps: int = 8,
         shard_bytes: int = 128 << 20,
         flush_interval: float = 1.0,
+        pool: BufferPool | None = None,
     ):
         self.root = root
         self.manifest = manifest
+        self.pool = pool
+        self._steps_json = [json.dumps(m, separators=(",", ":")) for m in manifest["steps"]]
         self.shard_bytes = shard_bytes
         self.flush_interval = flush_interval
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_steps))
@@ -287,4 +435,14 @@ class AsyncShardWriter:
         entry.update(first_step=first, n_steps=len(records))
         self.manifest["shards"].append(entry)
         self.manifest["steps"].extend(record["meta"] for record in records)
-        write_manifest(self.root, self.manifest)
+        self._steps_json.extend(
+            json.dumps(record["meta"], separators=(",", ":")) for record in records
+        )
+        self.write_manifest()
+        if self.pool is not None:
+            for record in records:
+                self.pool.give(record.get("pooled", ()))
+
+    def write_manifest(self) -> None:
+        """Rewrite the manifest (call only while the writer thread is idle or stopped)."""
+        write_manifest(self.root, self.manifest, self._steps_json)

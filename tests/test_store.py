@@ -229,3 +229,60 @@ def test_many_steps_make_few_files(tmp_path):
     assert len(path) == 400
     assert len(files) < 60  # ~1.5 KB per step, 20 KB shards
     assert_matches_replay(path, replay(400))
+
+
+def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
+    import safetensors.torch
+
+    from pk_attrib.store import sha256_file, write_tensor_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g),
+        "idx": torch.arange(7),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "half": torch.randn(5, generator=g).half(),
+        "bf16": torch.randn(3, generator=g).bfloat16(),
+        "mask": torch.tensor([True, False, True]),
+        "transposed": torch.randn(2, 3, generator=g).t(),
+        "empty": torch.empty(0, 4),
+    }
+    entry = write_tensor_file(tmp_path / "t.safetensors", tensors, {"format": "test"})
+    assert entry["sha256"] == sha256_file(tmp_path / "t.safetensors")
+    assert entry["bytes"] == (tmp_path / "t.safetensors").stat().st_size
+    loaded = safetensors.torch.load_file(tmp_path / "t.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_recycled_snapshot_buffers_keep_every_step_exact(tmp_path):
+    """Disk mode copies w_s and Adam's state into recycled buffers: none may be overwritten
+    before its shard is on disk, so the disk path equals the memory path bit for bit."""
+    paths = []
+    for store in (None, tmp_path / "s"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+        recorder = pk.PathRecorder(
+            model, optimizer, store=store, dataset_size=40, shard_bytes=3_000, flush_interval=0.01
+        )
+        run_steps(model, optimizer, x, y, recorder, 0, 60)
+        recorder.close()
+        if store is not None:
+            assert recorder._pool._idle_bytes > 0  # buffers came back to the pool for reuse
+        paths.append(recorder.path)
+    memory, disk = paths
+    assert len(disk.manifest["shards"]) > 10  # many shards: buffers were recycled many times
+    reader = disk._backend.reader
+    for s in range(60):
+        a, b = memory.step(s), disk.step(s)
+        for name in a.params:
+            assert torch.equal(a.params[name], b.params[name]), (s, name)
+            assert torch.equal(
+                a.optimizer_state["exp_avg_sq"][name], b.optimizer_state["exp_avg_sq"][name]
+            ), (s, name)
+    assert len(reader._handles) <= reader.max_open  # a long path keeps few shards mapped
