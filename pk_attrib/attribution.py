@@ -5,6 +5,7 @@ This module imports captum (and through it matplotlib), so `pk_attrib` loads it 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -74,9 +75,10 @@ class PathKernelInfluence(DataInfluence):
         show_progress: Show tqdm progress bars in `attribute`.
         projection_dim: Project gradients to this many dimensions (per Linear layer with
             ``projector="factorized"``) so memory stays bounded: contributions become
-            unbiased estimates with variance ~ 1/projection_dim, while prediction, bias and
-            Σ φ·Δ stay exact (``delta`` then measures the projection noise). Queries are
-            processed in chunks whose gradients fit ``memory_budget``.
+            unbiased estimates with variance ~ 1/projection_dim (~ 1/√projection_dim with
+            ``"factorized"``, see `ProjectorKind`), while prediction, bias and Σ φ·Δ stay
+            exact (``delta`` then measures the projection noise). Queries are processed in
+            chunks whose gradients fit ``memory_budget``.
         projector: A `ProjectorKind`: ``"gaussian"``, ``"rademacher"``, ``"sparse"``,
             ``"factorized"``.
         projection_seed: Seed of the projection (same seed, same numbers).
@@ -293,27 +295,42 @@ class PathKernelInfluence(DataInfluence):
     def _projected(self, queries, target, output_fn) -> Decomposition:
         """Exact sweep with projected contributions, queries in memory-bounded chunks."""
         n = queries[0].shape[0]
-        per_query = 6 * self._fm.d_active * self.dtype.itemsize  # φ, adjoint, quadrature grads
-        size = max(1, self.memory_budget // per_query)
+        size = self._query_chunk()
         features = self._features if self._features is not None else {}
         parts = []
         for a in range(0, n, size):
             chunk = tuple(q[a : a + size] for q in queries)
             tgt = None if target is None else target[a : a + size]
-            parts.append(
-                self._engine.exact(
-                    chunk,
-                    tgt,
-                    output_fn,
-                    self.quadrature,
-                    False,
-                    projector=self._projector,
-                    features=features,
-                )
+            part = self._engine.exact(
+                chunk,
+                tgt,
+                output_fn,
+                self.quadrature,
+                False,
+                projector=self._projector,
+                features=features,
+                reconstruct=not parts,  # the step check does not depend on the queries
             )
+            if parts:  # report the first chunk's check with every chunk
+                errors = parts[0].diagnostics.reconstruction_error
+                diagnostics = dataclasses.replace(part.diagnostics, reconstruction_error=errors)
+                part = dataclasses.replace(part, diagnostics=diagnostics)
+            parts.append(part)
         if self._features is not None:
             self._features.flush()
         return Decomposition.concat(parts)
+
+    def _query_chunk(self) -> int:
+        """Queries per chunk of a projected sweep, from ``memory_budget`` (at least 1)."""
+        d, k = self._fm.d_active, self._projector.dim
+        steps = [self.path.step(s) for s in {0, len(self.path) - 1}] if len(self.path) else []
+        batch = max((len(st.indices) for st in steps if st.indices is not None), default=0)
+        # fixed: ~8 d for the model's vectors (w_s, w_s+1, Δ_s, the batch gradient, ...) and
+        # a step's training features with their cast (2 B k); per query: φ, the adjoint, the
+        # quadrature nodes' gradients and their temporaries (~8 d, as measured)
+        reserve = (8 * d + 2 * batch * k) * self.dtype.itemsize
+        per_query = 8 * d * self.dtype.itemsize
+        return max(1, (self.memory_budget - reserve) // per_query)
 
     # -- Captum contract ------------------------------------------------------------------------
 

@@ -1,12 +1,19 @@
 """Random projection: unbiased, deterministic, factorized = Kronecker, identity = exact."""
 
+import warnings
+
 import pytest
 import torch
 from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
 
 import pk_attrib as pk
 from pk_attrib.gradients import FunctionalModel
-from pk_attrib.projection import FactorizedProjector, make_projector
+from pk_attrib.projection import (
+    FactorizedProjector,
+    _capture,
+    _linear_layers,
+    make_projector,
+)
 
 F64 = torch.float64
 
@@ -97,6 +104,48 @@ def test_factorized_linear_projection_equals_the_kronecker_projection_of_the_gra
     )
 
 
+class Reused(torch.nn.Module):
+    """A Linear layer whose gradient its captured terms do not rebuild (``how``)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.inner = torch.nn.Linear(5, 5)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        if self.how == "called twice":
+            h = torch.tanh(self.inner(h))
+        else:  # "weight used elsewhere" too
+            h = torch.tanh(torch.nn.functional.linear(h, self.inner.weight))
+        return self.head(h).reshape(x.shape[0], -1, 3).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("model", ["sequence", "called twice", "weight used elsewhere"])
+def test_dense_training_features_equal_the_projected_per_example_gradients(kind, model):
+    torch.manual_seed(44)
+    net = (SequenceModel() if model == "sequence" else Reused(model)).to(F64)
+    names = [n for n, _ in net.named_parameters()]
+    shapes = {n: p.shape for n, p in net.named_parameters()}
+    # a tiny budget: several forward passes, several groups of rows, rows of a block in parts
+    fm = FunctionalModel(net, names, shapes, F64, memory_budget=4000)
+    w = fm.flatten(dict(net.named_parameters())).detach()
+    proj = make_projector(fm, kind, 16, seed=5)
+    proj.chunk = 3  # blocks of P that start and end inside rows of a weight
+    loss_fn = torch.nn.CrossEntropyLoss()
+    layers = _linear_layers(fm.model, fm.active_names)
+    y = torch.randint(0, 3, (7,))
+    for x in (torch.randn(7, 4, 5, dtype=F64), torch.randn(7, 1, 5, dtype=F64)):
+        rebuilt = _capture(fm, w, (x,), y, loss_fn, layers, check=True) is not None
+        assert rebuilt == (model == "sequence")  # otherwise: torch.func per-example gradients
+        features = proj.training_features(w, (x, y), loss_fn)
+        expected = proj.project(fm.loss_grads(w, (x, y), loss_fn))
+        torch.testing.assert_close(features, expected, rtol=1e-10, atol=1e-12)
+        assert torch.equal(features, proj.training_features(w, (x, y), loss_fn))
+
+
 @pytest.fixture(scope="module")
 def run():
     torch.manual_seed(43)
@@ -180,6 +229,30 @@ def test_query_chunks_and_cached_features_give_the_same_numbers(run, tmp_path):
     ).attribute(x[1500:1504], target=y[1500:1504])
     scale = float(first.contributions.abs().max())
     assert float((half.contributions - first.contributions).abs().max()) < 1e-2 * scale
+
+
+def test_query_chunks_check_the_steps_once_and_report_it_with_every_chunk(run):
+    model, data, path = run
+    x, y = digits()
+    wrong = torch.nn.CrossEntropyLoss(reduction="sum")  # recorded with "mean": steps not rebuilt
+
+    def explain(**kwargs):
+        explainer = pk.PathKernelInfluence(
+            model, data, path, wrong, show_progress=False, quadrature=3, projection_dim=16, **kwargs
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dec = explainer.attribute(x[1500:1504], target=y[1500:1504])
+        return dec, [w for w in caught if issubclass(w.category, pk.ReconstructionWarning)]
+
+    whole, warned = explain()
+    chunked, warned_chunked = explain(memory_budget=20_000)  # one query per chunk
+    assert len(warned) == len(warned_chunked) == 1
+    errors = whole.diagnostics.reconstruction_error
+    assert float(errors.min()) > 1e-2
+    torch.testing.assert_close(chunked.diagnostics.reconstruction_error, errors, rtol=0, atol=0)
+    torch.testing.assert_close(chunked.contributions, whole.contributions, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(chunked.bias, whole.bias, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_projection_options_are_refused(run):
