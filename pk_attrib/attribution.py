@@ -23,9 +23,10 @@ from . import influence as scores
 from .decomposition import Decomposition
 from .engine import Engine, Problem
 from .exceptions import StoreMismatchError, UnsupportedError
+from .features import FeatureCache
 from .gradients import FunctionalModel, OutputFn, prepare_target, select_output
 from .path import TrainingPath
-from .projection import FeatureCache, ProjectorKind, make_projector
+from .projection import ProjectorKind, make_projector
 from .quadrature import Quadrature, QuadratureRule
 from .store import MANIFEST
 

@@ -87,7 +87,21 @@ class Engine:
         return self.fm.cast(gather_examples(self.p.train_dataset, indices))
 
     def _forward(self, w, inputs, target, output_fn) -> torch.Tensor:
-        return output_fn(self.fm.outputs(w, inputs), target).reshape(-1)
+        return self._forward_and_scale(w, inputs, target, output_fn)[0]
+
+    def _forward_and_scale(self, w, inputs, target, output_fn):
+        """The explained outputs f (n,) and the largest |model output| per query (n,).
+
+        The second bounds the rounding of f: a loss or a log-probability computed from
+        logits carries the logits' rounding (~eps·|logit|), however small f itself is.
+        """
+        outputs = self.fm.outputs(w, inputs)
+        f = output_fn(outputs, target).reshape(-1)
+        if isinstance(outputs, torch.Tensor) and outputs.numel() and outputs.shape[0] == len(f):
+            scale = outputs.detach().abs().reshape(len(f), -1).amax(1).to(f.dtype)
+        else:
+            scale = torch.zeros_like(f)
+        return f, scale
 
     # -- exact ----------------------------------------------------------------------------
 
@@ -126,7 +140,8 @@ class Engine:
         contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
         kern = weights_num = None
         w_next = fm.flatten(path.final)
-        f_next = prediction = self._forward(w_next, inputs, target, output_fn)
+        f_next, m_next = self._forward_and_scale(w_next, inputs, target, output_fn)
+        prediction = f_next
         _check_finite(prediction, "output of the final model", S)
         f_initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
         eps = torch.finfo(dtype).eps
@@ -157,10 +172,11 @@ class Engine:
             w_full = flat.pop(s) if s in flat else fm.flatten(step.params)
             delta_full = w_next - w_full
             w, delta = fm.active(w_full), fm.active(delta_full)  # differentiated coordinates
-            f_s = self._forward(w_full, inputs, target, output_fn)
+            f_s, m_s = self._forward_and_scale(w_full, inputs, target, output_fn)
             _check_finite(f_s, "query output", s)
             change = f_next - f_s
-            floor = 16 * eps * (f_s.abs() + f_next.abs())
+            # what rounding leaves of the exact change f(w_s+1) − f(w_s) the check compares to
+            floor = 16 * eps * (f_s.abs() + f_next.abs() + m_s + m_next)
             indices = step.indices
             kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
             kappa = kappa.to(dtype=dtype, device=device)
@@ -172,7 +188,7 @@ class Engine:
                 if not len(indices) and rule.memoryless(step):
                     # nothing to attribute here and no state to carry: skip the query side
                     rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)
-                    w_next, f_next = w_full, f_s
+                    w_next, f_next, m_next = w_full, f_s, m_s
                     continue
             tol = torch.maximum(share, floor)
             phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
@@ -183,7 +199,7 @@ class Engine:
                 decay += extra
             sign, lam = rule.coefficients(step)
             if columns is not None and not len(indices):
-                w_next, f_next = w_full, f_s
+                w_next, f_next, m_next = w_full, f_s, m_s
                 continue
             if projector is not None:
                 train_evals += self._projected_step(
@@ -209,7 +225,7 @@ class Engine:
                     columns is None,
                     reconstruct,
                 )
-                w_next, f_next = w_full, f_s
+                w_next, f_next, m_next = w_full, f_s, m_s
                 continue
             batch = self._batch(indices + first)
             if kernel:
@@ -236,7 +252,7 @@ class Engine:
             if columns is None and reconstruct:
                 effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
                 rule.finish_step(s, step, delta, effective + lam * w, w)
-            w_next, f_next = w_full, f_s
+            w_next, f_next, m_next = w_full, f_s, m_s
         if columns is not None:
             return contributions
         errors = torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)

@@ -250,3 +250,43 @@ def test_top_k_returns_sorted_proponents_and_opponents(recorded):
     assert torch.equal(top.opponents.indices, order.flip(1)[:, :4])
     assert (top.proponents.values[:, :-1] >= top.proponents.values[:, 1:]).all()
     assert (top.opponents.values <= 0).all()
+
+
+def test_float32_loss_of_a_well_fitted_example_needs_no_extra_nodes():
+    """Explaining a small loss computed from logits: the exact change f(w_s+1) − f(w_s)
+    carries the logits' rounding, which no number of nodes removes. The adaptive rule must
+    count it as rounding (stay at 2 nodes, no QuadratureWarning), not climb to 64 nodes."""
+    import warnings
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data[:600], dtype=torch.float32) / 16
+    y = torch.tensor(digits.target[:600])
+    data = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for _ in range(20):
+            for xb, yb in recorder.watch(loader):
+                optimizer.zero_grad()
+                loss_fn(model(xb), yb).backward()
+                optimizer.step()
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    best = losses.argsort()[:5]  # the best-fitted training examples
+
+    def neg_loss(out, t):
+        return -torch.nn.functional.cross_entropy(out, t, reduction="none")
+
+    explainer = pk.PathKernelInfluence(model, data, recorder.path, loss_fn, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.QuadratureWarning)
+        dec = explainer.attribute(x[best], target=y[best], output_fn=neg_loss)
+    assert int(dec.diagnostics.nodes.max()) <= 4
+    assert float(dec.relative_delta.abs().max()) < 1e-4

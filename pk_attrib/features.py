@@ -1,0 +1,88 @@
+"""Cache of training-side projected features, so many query batches share one pass.
+
+Per step s the projected sweep needs P g_i(w_s) for the batch members (``"f<s>"``) and the
+exact batch gradient (``"g<s>"``). They depend on the path and the projector only, not on
+the queries, so they are computed once and kept in memory or in safetensors shards under
+the store, with a JSON index and a sha256 per file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import safetensors
+import torch
+
+from .store import ShardReader, write_tensor_file
+
+
+class FeatureCache:
+    """Training-side projected features P g_i(w_s) per step, reused across query batches.
+
+    Kept in memory, and written to ``folder`` (inside the store, when the path is stored)
+    as safetensors shards with a JSON index, so later sessions reuse them too. Features are
+    stored in ``dtype`` (float32, or float16 / bfloat16 to halve the space).
+
+    Args:
+        folder: Where to persist them (None: memory only).
+        dtype: Storage dtype.
+        shard_bytes: Size at which a shard is written.
+    """
+
+    def __init__(
+        self, folder=None, dtype: torch.dtype = torch.float32, shard_bytes: int = 64 << 20
+    ):
+        self.folder = None if folder is None else Path(folder)
+        self.dtype = dtype
+        self.shard_bytes = shard_bytes
+        self._memory: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._index: dict[str, str] = {}
+        self._files: dict[str, dict] = {}  # file name -> manifest entry (with its sha256)
+        self._verified: set[str] = set()
+        if self.folder is not None and (self.folder / "index.json").is_file():
+            index = json.loads((self.folder / "index.json").read_text())
+            self._index, self._files = index["steps"], index["files"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory or key in self._pending or key in self._index
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._memory:
+            return self._memory[key]
+        if key in self._pending:
+            return self._pending[key]
+        name = self._index[key]
+        if name not in self._verified:  # a damaged cache is an error, never a wrong number
+            ShardReader(self.folder).check(self._files[name])
+            self._verified.add(name)
+        with safetensors.safe_open(str(self.folder / name), "pt") as f:
+            return f.get_tensor(key)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        # features ("f…") take the storage dtype; exact batch gradients ("g…") keep theirs
+        stored = value.detach().to("cpu", self.dtype if key.startswith("f") else value.dtype)
+        if self.folder is None:
+            self._memory[key] = stored
+            return
+        self._pending[key] = stored
+        if sum(t.numel() * t.element_size() for t in self._pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending features to a new shard and the index (atomically)."""
+        if self.folder is None or not self._pending:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"features-{len(set(self._index.values())):06d}.safetensors"
+        meta = {"format": "pk_attrib.features"}
+        self._files[name] = write_tensor_file(self.folder / name, dict(self._pending), meta)
+        self._verified.add(name)
+        self._index.update({k: name for k in self._pending})
+        self._pending = {}
+        tmp = self.folder / "index.json.tmp"
+        index = {"format": "pk_attrib.features", "steps": self._index, "files": self._files}
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, self.folder / "index.json")
