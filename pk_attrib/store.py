@@ -230,7 +230,7 @@ class ShardReader:
     recently used first out), so reading a long path does not keep every shard mapped.
     """
 
-    def __init__(self, root: Path, verify: bool = True, max_open: int = 4):
+    def __init__(self, root: Path, verify: bool = True, max_open: int = 2):
         self.root = root
         self.verify = verify
         self.max_open = max(1, max_open)
