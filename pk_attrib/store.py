@@ -102,6 +102,17 @@ def _as_bytes(tensor: torch.Tensor):
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+def _write_all(f, data) -> None:
+    """Write a whole buffer to an unbuffered file (a raw write may take only part of it).
+
+    Unbuffered: a buffered writer would copy multi-MiB tensors through its buffer, and
+    that measurably slows the training thread (1M MLP: 7.1 -> 5.5 ms per step, no hash).
+    """
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[f.write(view) :]
+
+
 def write_tensor_file(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> dict[str, Any]:
@@ -140,14 +151,14 @@ def write_tensor_file(
     head += b" " * (-len(head) % 8)  # pad (with spaces, as the format allows) to 8 bytes
     digest = hashlib.sha256()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb", buffering=0) as f:
         for chunk in (len(head).to_bytes(8, "little"), head):
             digest.update(chunk)
-            f.write(chunk)
+            _write_all(f, chunk)
         for key in order:
             data = _as_bytes(tensors[key])
             digest.update(data)  # hashlib and write release the GIL for large buffers
-            f.write(data)
+            _write_all(f, data)
     os.replace(tmp, path)
     return {"file": path.name, "sha256": digest.hexdigest(), "bytes": 8 + len(head) + offset}
 
