@@ -303,8 +303,11 @@ class BufferPool:
 
     Copying into fresh memory every step costs page faults that rival the copy itself.
     The recorder `take`s a buffer per tensor it copies; the writer `give`s the buffers
-    back once their shard is on disk. Thread-safe (deque append/pop are atomic); holds at
-    most ``max_bytes`` of idle buffers.
+    back once their shard is on disk. Thread-safe (deque append/pop are atomic).
+
+    Args:
+        max_bytes: The most idle buffer memory kept for reuse; buffers given back beyond
+            it are released.
     """
 
     def __init__(self, max_bytes: int):
@@ -314,7 +317,12 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialized CPU tensor of this shape and dtype (recycled when one is idle)."""
+        """An uninitialized CPU tensor of this shape and dtype (recycled when one is idle).
+
+        Args:
+            shape: The tensor's shape, any number of dimensions.
+            dtype: Its dtype.
+        """
         free = self._free.get((tuple(shape), dtype))
         if free:
             try:
@@ -328,7 +336,11 @@ class BufferPool:
         return torch.empty(shape, dtype=dtype)
 
     def give(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Return buffers obtained from `take` (the caller no longer uses them)."""
+        """Return buffers obtained from `take` (the caller no longer uses them).
+
+        Args:
+            tensors: The buffers, any shapes.
+        """
         for t in tensors:
             size = t.numel() * t.element_size()
             with self._lock:
