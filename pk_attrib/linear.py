@@ -22,13 +22,20 @@ from torch.func import functional_call
 from .gradients import FunctionalModel
 
 
-def linear_layers(fm: FunctionalModel) -> tuple[list[tuple[str, str, str | None]], list[str]]:
+def linear_layers(
+    fm: FunctionalModel, names: Sequence[str] | None = None
+) -> tuple[list[tuple[str, str, str | None]], list[str]]:
     """The model's Linear layers whose parameters are all differentiated, and the rest.
 
+    Args:
+        fm: The functional model.
+        names: The parameters to consider, in flat-vector order (default: the active ones).
+
     Returns:
-        ``([(module, weight name, bias name or None)], [other active parameter names])``.
+        ``([(module, weight name, bias name or None)], [the other names])``.
     """
-    active = set(fm.active_names)
+    names = list(fm.active_names if names is None else names)
+    active = set(names)
     layers = []
     for mod_name, module in fm.model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -38,7 +45,7 @@ def linear_layers(fm: FunctionalModel) -> tuple[list[tuple[str, str, str | None]
         if weight in active and (module.bias is None or bias in active):
             layers.append((mod_name, weight, bias if module.bias is not None else None))
     covered = {n for _, w, b in layers for n in (w, b) if n}
-    return layers, [n for n in fm.active_names if n not in covered]
+    return layers, [n for n in names if n not in covered]
 
 
 @dataclass

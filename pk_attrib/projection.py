@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .gradients import FunctionalModel
+from .linear import linear_layers
 
 
 class ProjectorKind(str, enum.Enum):
@@ -170,11 +171,9 @@ class DenseProjector(Projector):
         fit half of ``memory_budget``: a single group, so P made once, unless the batch is huge.
         """
         fm = self.fm
-        layers = _linear_layers(fm.model, self.names)
+        layers, rest = linear_layers(fm, self.names)
         if not layers:
             return super().training_features(w, batch, loss_fn)
-        covered = {n for _, wn, bn in layers for n in (wn, bn) if n}
-        rest = [n for n in self.names if n not in covered]
         *inputs, labels = batch
         rows = fm.chunk_size()  # a forward/backward pass at most as large as a gradient chunk
         out, group, held = [], [], 0
@@ -241,20 +240,6 @@ class DenseProjector(Projector):
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _linear_layers(model: torch.nn.Module, names) -> list[tuple[str, str, str | None]]:
-    """(module, weight name, bias name or None) of the ``nn.Linear`` layers within ``names``."""
-    layers = []
-    active = set(names)
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        weight, bias = prefix + "weight", prefix + "bias"
-        if weight in active and (module.bias is None or bias in active):
-            layers.append((mod_name, weight, bias if module.bias is not None else None))
-    return layers
 
 
 def _capture(fm, w, inputs, labels, loss_fn, layers, check: bool = False):
@@ -374,9 +359,8 @@ class FactorizedProjector(Projector):
         super().__init__(fm, dim, seed)
         self.k_in = max(1, math.isqrt(int(dim)))
         self.k_out = max(1, int(dim) // self.k_in)
-        self.layers = _linear_layers(fm.model, self.names)  # (module, weight name, bias name)
-        covered = {n for _, wn, bn in self.layers for n in (wn, bn) if n}
-        self.rest = [n for n in self.names if n not in covered]
+        # (module, weight name, bias name) of the Linear layers, and the other parameters
+        self.layers, self.rest = linear_layers(fm, self.names)
         self.offsets = {}
         offset = 0
         for name, size in zip(self.names, self.sizes, strict=True):

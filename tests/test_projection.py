@@ -8,10 +8,10 @@ from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
 
 import pk_attrib as pk
 from pk_attrib.gradients import FunctionalModel
+from pk_attrib.linear import linear_layers
 from pk_attrib.projection import (
     FactorizedProjector,
     _capture,
-    _linear_layers,
     make_projector,
 )
 
@@ -135,7 +135,7 @@ def test_dense_training_features_equal_the_projected_per_example_gradients(kind,
     proj = make_projector(fm, kind, 16, seed=5)
     proj.chunk = 3  # blocks of P that start and end inside rows of a weight
     loss_fn = torch.nn.CrossEntropyLoss()
-    layers = _linear_layers(fm.model, fm.active_names)
+    layers, _ = linear_layers(fm)
     y = torch.randint(0, 3, (7,))
     for x in (torch.randn(7, 4, 5, dtype=F64), torch.randn(7, 1, 5, dtype=F64)):
         rebuilt = _capture(fm, w, (x,), y, loss_fn, layers, check=True) is not None
