@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .backends import DiskBackend, MemoryBackend, new_manifest
+from .buffers import BufferPool, SlabAllocator
 from .exceptions import (
     IndexOutOfRangeError,
     MissingBatchIndicesError,
@@ -44,7 +45,6 @@ from .store import (
     FINAL,
     MANIFEST,
     AsyncShardWriter,
-    BufferPool,
     read_manifest,
     write_manifest,
     write_tensor_file,
@@ -143,6 +143,7 @@ class PathRecorder:
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         self._pending: list[torch.Tensor] = []
         self._pool: BufferPool | None = None  # recycled snapshot buffers (disk mode)
+        self._slab: SlabAllocator | None = None  # packed kept snapshots (memory mode)
         self._pooled: list[torch.Tensor] = []  # the in-flight step's buffers from the pool
         self._inflight: tuple[int, dict, dict] | None = None
         self._closed = False
@@ -162,6 +163,7 @@ class PathRecorder:
             self._manifest = fresh
             self._backend = MemoryBackend()
             self._writer = None
+            self._slab = SlabAllocator(slab_bytes=max(64 << 20, step_bytes))
         else:
             self._manifest = self._open_store(fresh)
             self._raw = len(self._manifest["steps"])
@@ -345,12 +347,17 @@ class PathRecorder:
         return {n: _copy(p, self.dtype) for n, p in self._params.items()}
 
     def _take(self, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """A CPU copy of ``tensor``; in disk mode into a recycled buffer of the pool."""
+        """A CPU copy of ``tensor``, in a slab (memory mode) or a pool buffer (disk mode).
+
+        Memory mode keeps its snapshots; disk mode gives a buffer back to the pool once
+        its shard is written.
+        """
         if self._pool is None:
-            return _copy(tensor, dtype)
-        buffer = self._pool.take(tensor.shape, dtype or tensor.dtype)
+            buffer = self._slab.take(tensor.shape, dtype or tensor.dtype)
+        else:
+            buffer = self._pool.take(tensor.shape, dtype or tensor.dtype)
+            self._pooled.append(buffer)
         buffer.copy_(tensor.detach())
-        self._pooled.append(buffer)
         return buffer
 
     # -- results and lifecycle --------------------------------------------------------------

@@ -22,7 +22,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .buffers import BufferPool
 from .exceptions import (
     CorruptStoreError,
     FormatVersionError,
@@ -131,8 +131,8 @@ def write_tensor_file(
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):  # rare: let
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
-            {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
-        )
+            {k: v.clone() for k, v in tensors.items()}, metadata=metadata
+        )  # (clones: a slab's views share one storage, which safetensors refuses)
         _write_atomic(path, data)
         return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order
@@ -296,58 +296,6 @@ class ShardReader:
         if name not in self._keys:
             self.handle(entry)
         return self._keys[name]
-
-
-class BufferPool:
-    """Recycled CPU tensors for step snapshots: recording to disk reuses memory.
-
-    Copying into fresh memory every step costs page faults that rival the copy itself.
-    The recorder `take`s a buffer per tensor it copies; the writer `give`s the buffers
-    back once their shard is on disk. Thread-safe (deque append/pop are atomic).
-
-    Args:
-        max_bytes: The most idle buffer memory kept for reuse; buffers given back beyond
-            it are released.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._idle_bytes = 0
-        self._free: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
-        self._lock = threading.Lock()
-
-    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialized CPU tensor of this shape and dtype (recycled when one is idle).
-
-        Args:
-            shape: The tensor's shape, any number of dimensions.
-            dtype: Its dtype.
-        """
-        free = self._free.get((tuple(shape), dtype))
-        if free:
-            try:
-                buffer = free.pop()
-            except IndexError:  # taken by a race; allocate below
-                pass
-            else:
-                with self._lock:
-                    self._idle_bytes -= buffer.numel() * buffer.element_size()
-                return buffer
-        return torch.empty(shape, dtype=dtype)
-
-    def give(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Return buffers obtained from `take` (the caller no longer uses them).
-
-        Args:
-            tensors: The buffers, any shapes.
-        """
-        for t in tensors:
-            size = t.numel() * t.element_size()
-            with self._lock:
-                if self._idle_bytes + size > self.max_bytes:
-                    return
-                self._idle_bytes += size
-            self._free[(tuple(t.shape), t.dtype)].append(t)
 
 
 _STOP = object()

@@ -286,3 +286,50 @@ def test_recycled_snapshot_buffers_keep_every_step_exact(tmp_path):
                 a.optimizer_state["exp_avg_sq"][name], b.optimizer_state["exp_avg_sq"][name]
             ), (s, name)
     assert len(reader._handles) <= reader.max_open  # a long path keeps few shards mapped
+
+
+def test_slab_snapshots_are_aligned_disjoint_and_survive_their_allocator():
+    from pk_attrib.buffers import SlabAllocator
+
+    slab = SlabAllocator(slab_bytes=1000)
+    shapes = [(3, 5), (7,), (), (0, 4), (300,), (2, 2), (40, 10)]  # (40, 10) > one slab
+    dtypes = [
+        torch.float32,
+        torch.float64,
+        torch.float64,
+        torch.float32,
+        torch.float32,
+        torch.bfloat16,
+        torch.float32,
+    ]
+    taken = []
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True)):
+        t = slab.take(torch.Size(shape), dtype)
+        assert t.shape == torch.Size(shape) and t.dtype == dtype and t.is_contiguous()
+        if t.numel():
+            assert t.data_ptr() % 64 == 0
+        t.fill_(i + 1)
+        taken.append(t)
+    del slab  # the tensors keep their slabs mapped
+    for i, t in enumerate(taken):  # no write reached another tensor's memory
+        assert torch.equal(t, torch.full_like(t, i + 1)), i
+
+
+def test_a_path_recorded_in_memory_saves_and_loads_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=40)
+    run_steps(model, optimizer, x, y, recorder, 0, 30)
+    recorder.close()
+    recorder.path.save(tmp_path / "saved")
+    loaded = pk.TrainingPath.load(tmp_path / "saved")
+    for s in range(30):
+        a, b = recorder.path.step(s), loaded.step(s)
+        for name in a.params:
+            assert torch.equal(a.params[name], b.params[name]), (s, name)
+            assert torch.equal(
+                a.optimizer_state["exp_avg_sq"][name], b.optimizer_state["exp_avg_sq"][name]
+            ), (s, name)
