@@ -348,15 +348,27 @@ class PathKernelInfluence(DataInfluence):
         *x, labels = batch
         return self._queries(tuple(x)), labels.to(self._fm.device)
 
-    def _scores_block(self, queries, labels, output_fn, cache):
+    def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
+        norms = {} if score == "cosine" else None
+
         def block(a: int, b: int) -> torch.Tensor:
             if self.mode == "exact":
-                return self._engine.exact(
-                    queries, labels, output_fn, self.quadrature, False, columns=(a, b)
+                values = self._engine.exact(
+                    queries,
+                    labels,
+                    output_fn,
+                    self.quadrature,
+                    False,
+                    columns=(a, b),
+                    norms=norms,
                 )
-            return checkpoint.decompose(
-                self._engine, queries, labels, output_fn, columns=(a, b), cache=cache
-            )
+            else:
+                values = checkpoint.decompose(
+                    self._engine, queries, labels, output_fn, (a, b), cache, norms
+                )
+            if norms is None:
+                return values
+            return scores.cosine(values, norms["query"], norms["train"])
 
         return block
 
@@ -366,11 +378,21 @@ class PathKernelInfluence(DataInfluence):
         k: int | None = None,
         proponents: bool = True,
         show_progress: bool = False,
+        *,
+        score: str = "contribution",
     ) -> torch.Tensor | KMostInfluentialResults:
         """Influence of each training example on each test example's loss (Captum contract).
 
         A score is the exact contribution of training example i to the *decrease* of the test
         loss (``test_loss_fn``) along the path, so positive means proponent, as in Captum.
+
+        With ``score="cosine"`` each contribution is divided by its Cauchy–Schwarz bound,
+        the largest value it could take for gradients of their sizes over the steps that used
+        the example: c_i / sqrt(Σ_s κ_i ‖u_s(x)‖² · Σ_s κ_i ‖g_i(w_s)‖²) in [−1, 1], where
+        c_i = Σ_s κ_i u_s(x) · g_i(w_s) (u_s: the test side, the adjoint σ v_s in exact mode,
+        η_k ∇f(x; w_k) in checkpoint mode). Raw contributions favour examples with large
+        gradients (hard or mislabeled ones); the cosine favours examples whose gradients
+        point the test example's way, e.g. its duplicates (their cosine is ~1).
 
         Args:
             inputs: A batch ``(inputs..., labels)`` (``model(*inputs[:-1])``, labels last),
@@ -379,11 +401,14 @@ class PathKernelInfluence(DataInfluence):
                 streamed over the training set in blocks (memory O(n_test × (k + block))).
             proponents: With ``k``: the most positive (True) or most negative (False).
             show_progress: Show progress bars.
+            score: ``"contribution"`` (default) or ``"cosine"``.
 
         Returns:
             (n_test, n_train) scores, or ``KMostInfluentialResults(indices, influence_scores)``,
             each (n_test, k), sorted.
         """
+        if score not in ("contribution", "cosine"):
+            raise ValueError(f"score={score!r}: use 'contribution' or 'cosine'")
         batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
         output_fn = scores.negative_loss(self.test_loss_fn)
         n_train = len(self.train_dataset)
@@ -392,11 +417,11 @@ class PathKernelInfluence(DataInfluence):
             results = []
             for batch in batches:
                 queries, labels = self._split_batch(batch)
-                block = self._scores_block(queries, labels, output_fn, {})
+                block = self._scores_block(queries, labels, output_fn, {}, score)
                 if k is None:
                     results.append(block(0, n_train))
                     continue
-                size = self._block(queries[0].shape[0])
+                size = self._block(queries[0].shape[0] * (2 if score == "cosine" else 1))
                 results.append(
                     scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
                 )

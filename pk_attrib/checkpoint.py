@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .decomposition import Decomposition, Diagnostics
-from .engine import Engine, _check_finite, example_weights
+from .engine import Engine, _check_finite, add_norms, example_weights
 from .gradients import OutputFn
-from .linear import capture, dot_products, linear_layers
+from .linear import capture, dot_products, linear_layers, squared_norms
 from .path import Step
 
 
@@ -25,17 +25,25 @@ def decompose(
     output_fn: OutputFn,
     columns: tuple[int, int] | None = None,
     cache: dict | None = None,
+    norms: dict | None = None,
 ):
     """TracIn-style decomposition: c_i ≈ −Σ_k η_k ∇f(x; w_k) · g_i(w_k), (n, n_train).
 
     With ``columns=(a, b)``, only training examples a..b−1, returned as (n, b − a);
     ``cache`` (a dict kept by the caller) then holds the query gradients between blocks.
+    ``norms`` (an empty dict, with ``columns``) receives ``"query"`` (n, b − a) =
+    Σ_k κ ‖η_k ∇f(x; w_k)‖² and ``"train"`` (b − a,) = Σ_k κ ‖g_i(w_k)‖², as in `Engine.exact`.
     """
     fm, path, p = engine.fm, engine.p.path, engine.p
     n, S = inputs[0].shape[0], len(path)
     dtype, device = fm.dtype, fm.device
     first, last = columns if columns is not None else (0, engine.n_train)
     contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
+    if norms is not None:
+        if columns is None:
+            raise ValueError("norms are computed for a block of columns")
+        norms["query"] = torch.zeros_like(contributions)
+        norms["train"] = torch.zeros(last - first, dtype=dtype, device=device)
     cache = {} if cache is None else cache
     chunk = max(1, fm.chunk_size())
     query_evals = train_evals = 0
@@ -58,6 +66,13 @@ def decompose(
             size = max(1, min(chunk, fm.memory_budget // max(1, 16 * n * dtype.itemsize)))
             for lr, indices, kappa in _parts(engine, step, first, last):
                 rest_lr = _rest_scale(engine, lr, rest)
+                if norms is not None:  # ‖η ∇f(x)‖² per query, η per parameter
+                    query_norms = squared_norms(
+                        cache[s],
+                        layers,
+                        lambda name, lr=lr: _lr_of(engine, lr, name) ** 2,
+                        rest_lr * rest_lr if rest else 1.0,
+                    )
                 for a in range(0, len(indices), size):
                     idx = indices[a : a + size]
                     *x, labels = engine._batch(idx + first)
@@ -82,6 +97,14 @@ def decompose(
                     )
                     _check_finite(scores, "gradient dot product", s)
                     contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + size])
+                    if norms is not None:
+                        _add_factor_norms(
+                            norms,
+                            idx.to(device),
+                            kappa[a : a + size],
+                            query_norms,
+                            squared_norms(train, layers),
+                        )
             continue
         if s not in cache:
             grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
@@ -98,6 +121,8 @@ def decompose(
                 train_evals += len(idx)
                 scores = scaled @ g.T
                 contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
+                if norms is not None:
+                    add_norms(norms, idx.to(device), kappa[a : a + chunk], scaled, g)
     if columns is not None:
         return contributions
     prediction = engine._forward(fm.flatten(path.final), inputs, target, output_fn)
@@ -112,6 +137,12 @@ def decompose(
     return Decomposition(
         contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
     )
+
+
+def _add_factor_norms(norms, indices, kappa, query_norms, train_norms) -> None:
+    """`add_norms` from squared norms already summed per query (n,) and per example (m,)."""
+    norms["query"].index_add_(1, indices, query_norms[:, None] * kappa)
+    norms["train"].index_add_(0, indices, train_norms * kappa)
 
 
 def _query_grads(fm, w, inputs, target, output_fn, names) -> torch.Tensor:

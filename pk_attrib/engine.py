@@ -116,6 +116,7 @@ class Engine:
         projector=None,
         features: dict | None = None,
         reconstruct: bool = True,
+        norms: dict | None = None,
     ):
         """Exact decomposition by the backward adjoint sweep.
 
@@ -131,6 +132,11 @@ class Engine:
         ``reconstruct=False`` skips the step check (Δ_s rebuilt from the example gradients,
         which does not depend on the queries): ``diagnostics.reconstruction_error`` is then
         NaN and no `ReconstructionWarning` is raised. For the query chunks after the first.
+
+        ``norms`` (an empty dict, with ``columns``) receives the two sides' energies over the
+        steps that used each example, for cosine scores: ``norms["query"]`` (n, b − a) =
+        Σ_{s∋j} κ_j ‖σ v_s‖² and ``norms["train"]`` (b − a,) = Σ_{s∋j} κ_j ‖g_j(w_s)‖², so
+        that |c_j| ≤ sqrt(query · train).
         """
         fm, path, p = self.fm, self.p.path, self.p
         rule = make_rule(path, self.vectors, fm.active_names)
@@ -138,6 +144,11 @@ class Engine:
         dtype, device = fm.dtype, fm.device
         first, last = columns if columns is not None else (0, self.n_train)
         contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
+        if norms is not None:
+            if columns is None or kernel or projector is not None:
+                raise ValueError("norms: for a block of columns, unprojected, without the kernel")
+            norms["query"] = torch.zeros_like(contributions)
+            norms["train"] = torch.zeros(last - first, dtype=dtype, device=device)
         kern = weights_num = None
         w_next = fm.flatten(path.final)
         f_next, m_next = self._forward_and_scale(w_next, inputs, target, output_fn)
@@ -239,6 +250,8 @@ class Engine:
             train_evals += len(indices)
             signed = grads if _is_one(sign) else grads * sign
             contributions.index_add_(1, indices.to(device), -(v @ signed.T) * kappa)
+            if norms is not None:
+                add_norms(norms, indices.to(device), kappa, v, grads)
             if not _is_zero(lam):
                 decay -= v @ (lam * w)
             if kernel:
@@ -364,6 +377,22 @@ class Engine:
                 ReconstructionWarning,
                 stacklevel=4,
             )
+
+
+def add_norms(
+    norms: dict, indices: torch.Tensor, kappa: torch.Tensor, query: torch.Tensor, train
+) -> None:
+    """Accumulate one step's energies for cosine scores (see `Engine.exact`'s ``norms``).
+
+    Args:
+        norms: ``{"query": (n, b), "train": (b,)}``, accumulated in place.
+        indices: Block columns of the step's examples, (m,).
+        kappa: Their weights κ_j, (m,).
+        query: The query-side vectors paired with the examples' gradients, (n, D).
+        train: The examples' gradients (or projected gradients), (m, D).
+    """
+    norms["query"].index_add_(1, indices, (query * query).sum(1)[:, None] * kappa)
+    norms["train"].index_add_(0, indices, (train * train).sum(1) * kappa)
 
 
 def _is_one(x: torch.Tensor) -> bool:

@@ -28,6 +28,24 @@ def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     return explained
 
 
+def cosine(
+    contributions: torch.Tensor, query_energy: torch.Tensor, train_energy: torch.Tensor
+) -> torch.Tensor:
+    """Contributions divided by their Cauchy–Schwarz bound, in [−1, 1] (0 where a side is 0).
+
+    Args:
+        contributions: c_ij, (n, b).
+        query_energy: Σ_s κ_j ‖u_s(x_i)‖² over the steps that used example j, (n, b).
+        train_energy: Σ_s κ_j ‖g_j(w_s)‖², (b,).
+
+    Returns:
+        (n, b) cosine scores.
+    """
+    bound = (query_energy * train_energy).sqrt()
+    out = contributions / bound.clamp_min(torch.finfo(bound.dtype).tiny)
+    return torch.where(bound > 0, out.clamp(-1.0, 1.0), torch.zeros_like(out))
+
+
 class TopKAccumulator:
     """Running top-k over column blocks: memory O(n × (k + block))."""
 

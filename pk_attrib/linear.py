@@ -136,3 +136,33 @@ def dot_products(
         term = (left.rest * rest_scale) @ right.rest.T
         out = term if out is None else out + term
     return out
+
+
+def squared_norms(
+    factors: LayerFactors,
+    layers: list[tuple[str, str, str | None]],
+    scale: Callable[[str], float] | None = None,
+    rest_scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """Σ_params scale(param) ‖∇_p(example)‖², (B,): the diagonal of `dot_products`.
+
+    Args:
+        factors: Factors of the examples.
+        layers: From `linear_layers`.
+        scale: A parameter name's weight (default 1).
+        rest_scale: Per-coordinate weight of the other parameters, scalar or (d_rest,).
+    """
+    out = None
+    for mod_name, weight, bias in layers:
+        a, d = factors.factors[mod_name]
+        dd = torch.einsum("bto,bso->bts", d, d)
+        term = (dd * torch.einsum("bti,bsi->bts", a, a)).sum((1, 2))
+        if scale is not None:
+            term = scale(weight) * term
+        if bias is not None:
+            term = term + (1.0 if scale is None else scale(bias)) * dd.sum((1, 2))
+        out = term if out is None else out + term
+    if factors.rest is not None:
+        term = (factors.rest * factors.rest * rest_scale).sum(1)
+        out = term if out is None else out + term
+    return out

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from captum.influence import TracInCP
 from captum.influence._utils.common import KMostInfluentialResults
-from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
+from test_engine import OPTIMIZERS, digits, digits_mlp, layernorm_gelu, record, train_set
 from torch.utils.data import DataLoader
 
 import pk_attrib as pk
@@ -237,3 +237,97 @@ def test_top_k_over_a_million_training_examples_stays_in_a_fixed_memory_bound():
         growth[kind] = float(out.stdout.split()[-1])  # MiB of peak RSS added by influence()
     assert growth["full"] > 60, growth  # the full matrix really is big ...
     assert growth["topk"] < 30, growth  # ... and streaming top-k stays far below it
+
+
+def _loss_grad(model, w: dict, x, y) -> torch.Tensor:
+    """∇_w ℓ(x, y) at parameters w, flattened in the model's parameter order, (d,)."""
+    params = {n: t.detach().clone().requires_grad_(True) for n, t in w.items()}
+    loss = F.cross_entropy(torch.func.functional_call(model, params, (x[None],)), y[None])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
+
+
+def test_cosine_scores_are_contributions_over_their_cauchy_schwarz_bound_in_checkpoint_mode(
+    tmp_path,
+):
+    """TracIn's cosine by hand: Σ_k η_k q_k·g_k / sqrt(Σ_k η_k² ‖q_k‖² · Σ_k ‖g_k‖²)."""
+    torch.manual_seed(22)
+    model = layernorm_gelu(hidden=6)  # Linear layers (factor path) and LayerNorm (the rest)
+    data = train_set(n=12)
+    files, lrs = [], [0.3, 0.2, 0.1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        for xb, yb in DataLoader(data, batch_size=4):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+        files.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+    path = pk.TrainingPath.from_checkpoints(files, lrs)
+    x, y = digits()
+    queries = (x[1500:1503], y[1500:1503])
+    ex = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), mode="checkpoint", show_progress=False
+    )
+    cosine = ex.influence(queries, score="cosine")
+    q = [[_loss_grad(model, w, queries[0][i], queries[1][i]) for w in files] for i in range(3)]
+    g = [[_loss_grad(model, w, *data[j]) for w in files] for j in range(12)]
+    expected = torch.zeros(3, 12, dtype=F64)
+    for i in range(3):
+        for j in range(12):
+            dot = sum(lr * (q[i][k] @ g[j][k]) for k, lr in enumerate(lrs))
+            query = sum(lr**2 * (q[i][k] @ q[i][k]) for k, lr in enumerate(lrs))
+            train = sum(g[j][k] @ g[j][k] for k in range(3))
+            expected[i, j] = dot / (query * train).sqrt()
+    torch.testing.assert_close(cosine, expected, rtol=1e-10, atol=1e-12)
+    raw = ex.influence(queries)
+    assert not torch.allclose(raw.argsort(1), cosine.argsort(1))  # a different ranking
+    top = ex.influence(queries, k=5, score="cosine", proponents=False)
+    order = torch.sort(cosine, dim=1)
+    torch.testing.assert_close(top.influence_scores, order.values[:, :5])
+    assert torch.equal(top.indices, order.indices[:, :5])
+
+
+@pytest.mark.parametrize("quadrature", ["left", "adaptive"])
+def test_cosine_in_exact_mode_finds_duplicates_and_matches_the_closed_form(quadrature):
+    """Plain SGD with the left endpoint: c_ij = Σ_{s∋j} κ η ∇ℓ_i(w_s)·g_j(w_s), the bound's
+    sides are Σ_{s∋j} κ η² ‖∇ℓ_i(w_s)‖² and Σ_{s∋j} κ ‖g_j(w_s)‖², and a training copy of a
+    query has cosine 1 exactly (≈ 1 with the exact, adaptive quadrature)."""
+    torch.manual_seed(23)
+    model = digits_mlp(hidden=8)
+    x, y = digits()
+    copies = torch.arange(1500, 1504)
+    data = torch.utils.data.TensorDataset(
+        torch.cat([x[:36], x[copies]]), torch.cat([y[:36], y[copies]])
+    )
+    path = record(model, torch.optim.SGD(model.parameters(), lr=0.2), data, epochs=3)
+    queries = (x[copies], y[copies])
+    ex = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), quadrature=quadrature, show_progress=False
+    )
+    cosine = ex.influence(queries, score="cosine")
+    assert cosine.abs().max() <= 1.0
+    duplicates = cosine[torch.arange(4), torch.arange(36, 40)]
+    assert torch.equal(cosine.argmax(1), torch.arange(36, 40))
+    if quadrature == "adaptive":
+        assert duplicates.min() > 0.99  # the path average of the gradient, not w_s's
+        return
+    torch.testing.assert_close(duplicates, torch.ones(4, dtype=F64), rtol=1e-12, atol=0)
+    dot, query, train = (
+        torch.zeros(4, 40, dtype=F64),
+        torch.zeros(4, 40, dtype=F64),
+        torch.zeros(40, dtype=F64),
+    )
+    for s in range(len(path)):
+        step = path.step(s)
+        kappa = 1.0 / len(step.indices)
+        qs = torch.stack(
+            [_loss_grad(model, step.params, *pair) for pair in zip(*queries, strict=True)]
+        )
+        for j in step.indices.tolist():
+            gj = _loss_grad(model, step.params, *data[j])
+            dot[:, j] += kappa * 0.2 * (qs @ gj)
+            query[:, j] += kappa * 0.04 * (qs * qs).sum(1)
+            train[j] += kappa * (gj @ gj)
+    torch.testing.assert_close(ex.influence(queries), dot, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(cosine, dot / (query * train).sqrt(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="score='angle'"):
+        ex.influence(queries, score="angle")
