@@ -79,7 +79,8 @@ class PathKernelInfluence(DataInfluence):
             unbiased estimates with variance ~ 1/projection_dim (~ 1/√projection_dim with
             ``"factorized"``, see `ProjectorKind`), while prediction, bias and Σ φ·Δ stay
             exact (``delta`` then measures the projection noise). Queries are processed in
-            chunks whose gradients fit ``memory_budget``.
+            chunks whose gradients fit ``memory_budget``. Applies to `attribute` and
+            `influence` in exact mode; `self_influence` stays exact.
         projector: A `ProjectorKind`: ``"gaussian"``, ``"rademacher"``, ``"sparse"``,
             ``"factorized"``.
         projection_seed: Seed of the projection (same seed, same numbers).
@@ -349,17 +350,29 @@ class PathKernelInfluence(DataInfluence):
         return self._queries(tuple(x)), labels.to(self._fm.device)
 
     def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
-        norms = {} if score == "cosine" else None
+        """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
+        projected = self._projector.kind is not ProjectorKind.IDENTITY
+        if projected and self.mode != "exact":
+            raise UnsupportedError(
+                "random projection applies to exact mode, not to checkpoint mode: drop "
+                "projection_dim= or use mode='exact'"
+            )
+        n = queries[0].shape[0]
+        size = self._query_chunk() if projected else n
+        features = self._features if self._features is not None else {}  # shared by blocks
 
-        def block(a: int, b: int) -> torch.Tensor:
+        def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
+            norms = {} if score == "cosine" else None
             if self.mode == "exact":
                 values = self._engine.exact(
-                    queries,
-                    labels,
+                    tuple(q[rows] for q in queries),
+                    labels[rows],
                     output_fn,
                     self.quadrature,
                     False,
                     columns=(a, b),
+                    projector=self._projector if projected else None,
+                    features=features,
                     norms=norms,
                 )
             else:
@@ -369,6 +382,9 @@ class PathKernelInfluence(DataInfluence):
             if norms is None:
                 return values
             return scores.cosine(values, norms["query"], norms["train"])
+
+        def block(a: int, b: int) -> torch.Tensor:
+            return torch.cat([chunk(a, b, slice(r, r + size)) for r in range(0, n, size)])
 
         return block
 
@@ -427,6 +443,8 @@ class PathKernelInfluence(DataInfluence):
                 )
         finally:
             self._problem.show_progress = previous
+            if self._features is not None:
+                self._features.flush()
         if k is None:
             return torch.cat(results)
         indices = torch.cat([r[0] for r in results])

@@ -135,8 +135,8 @@ class Engine:
 
         ``norms`` (an empty dict, with ``columns``) receives the two sides' energies over the
         steps that used each example, for cosine scores: ``norms["query"]`` (n, b − a) =
-        Σ_{s∋j} κ_j ‖σ v_s‖² and ``norms["train"]`` (b − a,) = Σ_{s∋j} κ_j ‖g_j(w_s)‖², so
-        that |c_j| ≤ sqrt(query · train).
+        Σ_{s∋j} κ_j ‖σ v_s‖² and ``norms["train"]`` (b − a,) = Σ_{s∋j} κ_j ‖g_j(w_s)‖² (of
+        the projected vectors with a ``projector``), so that |c_j| ≤ sqrt(query · train).
         """
         fm, path, p = self.fm, self.p.path, self.p
         rule = make_rule(path, self.vectors, fm.active_names)
@@ -145,8 +145,8 @@ class Engine:
         first, last = columns if columns is not None else (0, self.n_train)
         contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
         if norms is not None:
-            if columns is None or kernel or projector is not None:
-                raise ValueError("norms: for a block of columns, unprojected, without the kernel")
+            if columns is None or kernel:
+                raise ValueError("norms are computed for a block of columns, without the kernel")
             norms["query"] = torch.zeros_like(contributions)
             norms["train"] = torch.zeros(last - first, dtype=dtype, device=device)
         kern = weights_num = None
@@ -235,6 +235,7 @@ class Engine:
                     delta,
                     columns is None,
                     reconstruct,
+                    norms,
                 )
                 w_next, f_next, m_next = w_full, f_s, m_s
                 continue
@@ -334,18 +335,22 @@ class Engine:
         delta,
         full,
         reconstruct,
+        norms=None,
     ) -> int:
         """One step of a projected sweep; returns the training gradients it evaluated."""
         fm, p = self.fm, self.p
         evals = 0
         features = {} if features is None else features
+        batch = None
         if f"f{s}" not in features:  # once per step, whatever the number of query chunks
             batch = self._batch(all_indices)
             feats = projector.training_features(w_full, batch, p.loss_fn)
             _check_finite(feats, "projected training gradient", s)
             evals = len(all_indices)
             features[f"f{s}"] = feats
+        if full and f"g{s}" not in features:  # (a block of columns needs no bookkeeping)
             # the whole batch gradient, for the exact bookkeeping (one backward pass)
+            batch = self._batch(all_indices) if batch is None else batch
             features[f"g{s}"] = fm.batch_grad(w_full, batch, p.loss_fn, all_kappa)
         feats = features[f"f{s}"].to(fm.device)  # read back: every chunk sees the same numbers
         if keep is not None:
@@ -353,6 +358,8 @@ class Engine:
         projected = projector.project(v * sign)
         scores = projected @ feats.to(projected.dtype).T
         contributions.index_add_(1, indices.to(fm.device), -scores * kappa)
+        if norms is not None:  # the bound of the projected inner product
+            add_norms(norms, indices.to(fm.device), kappa, projected, feats.to(projected.dtype))
         if full:
             effective = features[f"g{s}"].to(fm.device, fm.dtype) * sign
             explained_exact -= v @ effective

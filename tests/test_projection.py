@@ -263,3 +263,32 @@ def test_bad_projection_options_are_refused(run):
     x, y = digits()
     with pytest.raises(pk.UnsupportedError, match="kernel"):
         make(run, projection_dim=8).attribute(x[:1], target=y[:1], kernel=True)
+    with pytest.raises(pk.UnsupportedError, match="checkpoint mode"):
+        make(run, projection_dim=8, mode="checkpoint").influence((x[:1], y[:1]))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "factorized"])
+def test_influence_uses_the_projection_in_memory_bounded_chunks_and_blocks(run, kind):
+    """influence() scores are the projected sweep's contributions to −loss, whether the
+    queries come in one chunk or one by one and the training set in one block or in 7s."""
+    from pk_attrib.influence import negative_loss
+
+    x, y = digits()
+    queries = (x[1500:1505], y[1500:1505])
+    ex = make(run, projection_dim=64, projector=kind, cache_features=False)
+    scores = ex.influence(queries)
+    loss = negative_loss(torch.nn.CrossEntropyLoss())
+    projected = ex.attribute(*queries, output_fn=loss).contributions
+    torch.testing.assert_close(scores, projected, rtol=1e-12, atol=1e-15)
+    exact = make(run).influence(queries)
+    assert not torch.allclose(scores, exact, rtol=1e-3)  # projected, not the exact scores
+    tiny = make(
+        run, projection_dim=64, projector=kind, memory_budget=5 * 7 * 8 * 4, cache_features=False
+    )  # (a feature cache would keep float32 features)
+    assert tiny._block(5) == 7 and tiny._query_chunk() == 1
+    top = tiny.influence(queries, k=4)
+    order = torch.sort(scores, dim=1, descending=True)
+    torch.testing.assert_close(top.influence_scores, order.values[:, :4], rtol=1e-10, atol=1e-14)
+    assert torch.equal(top.indices, order.indices[:, :4])
+    cosine = tiny.influence(queries, score="cosine")
+    assert cosine.abs().max() <= 1.0 and torch.equal(cosine.sign(), scores.sign())
