@@ -42,6 +42,7 @@ Run from the repository root::
     python benchmarks/bench_recorder.py            # default run, about 2-3 minutes on 2 cores
     python benchmarks/bench_recorder.py --quick    # smoke run in one process, ~10 seconds
     python benchmarks/bench_recorder.py --steps 500 --repeats 5 --out-dir /some/disk --keep
+    python benchmarks/bench_recorder.py --threads 1  # torch on one core, the writer on another
 
 The exit status is 0 when every target passes and 1 otherwise.
 """
@@ -137,6 +138,9 @@ def synthetic_dataset(n: int = 8192, d_in: int = 512, n_classes: int = 10) -> Te
     x = torch.randn(n, d_in, generator=gen)
     teacher = torch.randn(d_in, n_classes, generator=gen)
     return TensorDataset(x, (x @ teacher).argmax(dim=1))
+
+
+THREADS_ENV = "PK_BENCH_RECORDER_THREADS"
 
 
 def workloads(steps: int | None = None, quick: bool = False) -> dict[str, Workload]:
@@ -282,6 +286,8 @@ def measure_in_child(work: Workload, mode: str, store: Path | None) -> dict[str,
 
 
 def child_main(key: str, mode: str, steps: str, warmup: str, store: str) -> int:
+    if os.environ.get(THREADS_ENV):  # --threads, passed on by the parent
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
     work = workloads()[key]
     work.steps, work.warmup = int(steps), int(warmup)
     print(json.dumps(measure_once(work, mode, Path(store) if store else None)))
@@ -489,6 +495,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny smoke run, all in this process (about 10 s)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the stores on disk")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for every mode (default: torch's, one per core); "
+        "--threads 1 on 2 cores leaves the store's writer thread a core of its own",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -497,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(*args.child)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ[THREADS_ENV] = str(args.threads)  # for the measurement processes
     repeats = args.repeats or (1 if args.quick else 3)
     retries = args.retries if args.retries is not None else (0 if args.quick else 1)
     # a terminated run still removes its stores (and its measurement process) on the way out
