@@ -48,6 +48,12 @@ def decompose(
     chunk = max(1, fm.chunk_size())
     query_evals = train_evals = 0
     layers, rest = linear_layers(fm)
+    if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
+        w = fm.flatten(path.step(0).params)
+        probe = capture(fm, w, inputs, lambda out: output_fn(out, target), layers, check=True)
+        cache["layers"] = probe is not None  # (a weight also used outside its module: no)
+    if not cache.get("layers", True):
+        layers = []  # the general path: per-example gradients of every parameter
     for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
         step = path.step(s)
         w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones

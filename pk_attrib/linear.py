@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -62,10 +63,16 @@ def capture(
     inputs: Sequence[torch.Tensor],
     scalars: Callable[[torch.Tensor], torch.Tensor],
     layers: list[tuple[str, str, str | None]],
-    rest: list[str],
-    per_example_rest: Callable[[list[str]], torch.Tensor] | None,
-) -> LayerFactors:
+    rest: list[str] = (),
+    per_example_rest: Callable[[list[str]], torch.Tensor] | None = None,
+    check: bool = False,
+) -> LayerFactors | None:
     """Activations and output gradients of each Linear layer for ∂(Σ_i scalars_i)/∂outputs.
+
+    One batched forward and backward pass (T: positions of a sequence, 1 for plain vectors;
+    a layer called several times has the positions of all its calls), so example i's
+    gradient of a layer is Σ_t δ_t a_tᵀ (bias: Σ_t δ_t). A layer whose output does not
+    reach the scalars gets δ = 0.
 
     Args:
         fm: The functional model.
@@ -75,35 +82,81 @@ def capture(
         layers: From `linear_layers`.
         rest: Active parameters outside those layers.
         per_example_rest: ``names -> (B, d_rest)`` per-example gradients of ``rest``.
+        check: Return None unless every call ran on batched inputs and the captured terms
+            add up to autograd's batch gradient of each weight and bias (a weight also used
+            outside its module fails this).
+
+    Returns:
+        The factors (a (B, T, in), δ (B, T, out)) per layer, with ``rest``'s gradients.
     """
     modules = dict(fm.model.named_modules())
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    calls: dict[str, list[tuple[Any, torch.Tensor]]] = {m: [] for m, _, _ in layers}
     handles = []
     for mod_name, _, _ in layers:
 
         def hook(module, args, output, mod_name=mod_name):
-            captured[mod_name] = (args[0], output)
+            calls[mod_name].append((args[0] if args else None, output))
 
         handles.append(modules[mod_name].register_forward_hook(hook))
+    owned = [n for _, weight, bias in layers for n in (weight, bias) if n]
+    batch = inputs[0].shape[0]
     try:
         with torch.enable_grad():
-            params = {n: p.detach().requires_grad_(True) for n, p in fm.unflatten(w).items()}
+            params = {n: p.detach() for n, p in fm.unflatten(w).items()}
+            for n in owned:
+                params[n].requires_grad_(True)
             outputs = functional_call(fm.model, {**fm.constants, **params}, tuple(inputs))
             total = scalars(outputs).sum()
-            deltas = torch.autograd.grad(total, [captured[m][1] for m, _, _ in layers])
+            batched = all(
+                isinstance(a, torch.Tensor) and a.shape[:1] == (batch,) == out.shape[:1]
+                for made in calls.values()
+                for a, out in made
+            )
+            if not batched:
+                if check:
+                    return None
+                raise ValueError("a Linear layer ran on inputs without the batch dimension")
+            outs = [out for m, _, _ in layers for _, out in calls[m]]
+            wanted = outs + ([params[n] for n in owned] if check else [])
+            grads = torch.autograd.grad(total, wanted, allow_unused=True) if wanted else ()
     finally:
         for handle in handles:
             handle.remove()
-    batch = inputs[0].shape[0]
-    factors = {}
-    for (mod_name, _, _), delta in zip(layers, deltas, strict=True):
-        act = captured[mod_name][0].detach()
+    factors, k = {}, 0
+    for mod_name, _, _ in layers:  # every call of a layer adds its positions to T
+        acts, deltas = [], []
+        for a, out in calls[mod_name]:
+            delta = torch.zeros_like(out) if grads[k] is None else grads[k]
+            acts.append(a.detach().reshape(batch, -1, a.shape[-1]))
+            deltas.append(delta.reshape(batch, -1, delta.shape[-1]))
+            k += 1
+        module = modules[mod_name]
+        like = {"dtype": fm.dtype, "device": fm.device}
         factors[mod_name] = (
-            act.reshape(batch, -1, act.shape[-1]),
-            delta.reshape(batch, -1, delta.shape[-1]),
+            torch.cat(acts, 1) if acts else torch.zeros(batch, 0, module.in_features, **like),
+            torch.cat(deltas, 1) if deltas else torch.zeros(batch, 0, module.out_features, **like),
         )
-    grads = per_example_rest(rest) if rest and per_example_rest is not None else None
-    return LayerFactors(factors, grads)
+    if check and not _rebuilds(fm, layers, factors, dict(zip(owned, grads[k:], strict=True))):
+        return None
+    rest_grads = per_example_rest(list(rest)) if rest and per_example_rest is not None else None
+    return LayerFactors(factors, rest_grads)
+
+
+def _rebuilds(fm, layers, factors, batch_grads) -> bool:
+    """Do the captured terms add up to autograd's batch gradients (to √eps of their size)?"""
+    tol = torch.finfo(fm.dtype).eps ** 0.5
+    for mod_name, weight, bias in layers:
+        act, delta = factors[mod_name]
+        pairs = [(weight, "bto,bti->oi", act)] + ([(bias, "bto->o", None)] if bias else [])
+        for name, spec, other in pairs:
+            ops = (delta,) if other is None else (delta, other)
+            mine = torch.einsum(spec, *ops)
+            bound = torch.einsum(spec, *(x.abs() for x in ops))
+            ref = batch_grads[name]
+            ref = torch.zeros_like(mine) if ref is None else ref.reshape(mine.shape)
+            if not bool(((mine - ref).abs() <= tol * bound + torch.finfo(fm.dtype).tiny).all()):
+                return False
+    return True
 
 
 def dot_products(

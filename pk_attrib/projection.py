@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .exceptions import UnsupportedError
 from .gradients import FunctionalModel
-from .linear import linear_layers
+from .linear import capture, linear_layers
 
 
 class ProjectorKind(str, enum.Enum):
@@ -179,9 +180,10 @@ class DenseProjector(Projector):
         out, group, held = [], [], 0
         for a in range(0, labels.shape[0], rows):
             part = (*(x[a : a + rows] for x in inputs), labels[a : a + rows])
-            terms = _capture(fm, w, part[:-1], part[-1], loss_fn, layers, check=True)
-            if terms is None:  # the captured terms do not rebuild a layer's gradient
+            captured = capture(fm, w, part[:-1], _losses(fm, part[-1], loss_fn), layers, check=True)
+            if captured is None:  # the captured terms do not rebuild a layer's gradient
                 return super().training_features(w, batch, loss_fn)
+            terms = captured.factors
             grads = fm.loss_grads(w, part, loss_fn, names=rest) if rest else None
             group.append((terms, grads))
             held += sum(_nbytes(t) for pair in terms.values() for t in pair)
@@ -242,71 +244,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _capture(fm, w, inputs, labels, loss_fn, layers, check: bool = False):
-    """Each Linear layer's input a and output gradient δ, ``{module: (a, δ)}``, (B, T, ·).
-
-    One batched forward and backward pass of Σ_i ℓ_i (T: positions of a sequence, 1 for
-    plain vectors), so the per-example gradient of a layer is Σ_t δ_t a_tᵀ (bias: Σ_t δ_t).
-    With ``check``, returns None unless every layer ran once on batched inputs and those
-    terms add up to autograd's batch gradient of its weight and bias.
-    """
-    params = {n: p.detach() for n, p in fm.unflatten(w).items()}
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    calls = dict.fromkeys((m for m, _, _ in layers), 0)
-    modules = dict(fm.model.named_modules())
-    handles = []
-    for mod_name, _, _ in layers:
-
-        def hook(module, args, output, mod_name=mod_name):
-            calls[mod_name] += 1
-            captured[mod_name] = (args[0] if args else None, output)
-
-        handles.append(modules[mod_name].register_forward_hook(hook))
-    owned = [n for _, wn, bn in layers for n in (wn, bn) if n]
-    batch = labels.shape[0]
-    try:
-        with torch.enable_grad():
-            for n in owned:
-                params[n].requires_grad_(True)
-            outputs = torch.func.functional_call(
-                fm.model, {**fm.constants, **params}, tuple(inputs)
-            )
-            total = fm.per_example_losses(outputs, labels, loss_fn).sum()
-            if check and any(
-                calls[m] != 1
-                or not isinstance(captured[m][0], torch.Tensor)
-                or captured[m][0].shape[:1] != (batch,)
-                or captured[m][1].shape[:1] != (batch,)
-                for m in calls
-            ):
-                return None
-            outs = [captured[m][1] for m, _, _ in layers]
-            wanted = outs + ([params[n] for n in owned] if check else [])
-            grads = torch.autograd.grad(total, wanted, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    result = {}
-    for (mod_name, _, _), out, delta in zip(layers, outs, grads, strict=False):
-        act = captured[mod_name][0].detach()
-        delta = torch.zeros_like(out) if delta is None else delta
-        delta = delta.reshape(batch, -1, delta.shape[-1])
-        result[mod_name] = (act.reshape(batch, -1, act.shape[-1]), delta)
-    if check:
-        batch_grads = dict(zip(owned, grads[len(outs) :], strict=True))
-        tol = torch.finfo(fm.dtype).eps ** 0.5
-        for mod_name, weight, bias in layers:
-            act, delta = result[mod_name]
-            pairs = [(weight, "bto,bti->oi", act)] + ([(bias, "bto->o", None)] if bias else [])
-            for name, spec, other in pairs:
-                ops = (delta,) if other is None else (delta, other)
-                mine = torch.einsum(spec, *ops)
-                bound = torch.einsum(spec, *(x.abs() for x in ops))
-                ref = batch_grads[name]
-                ref = torch.zeros_like(mine) if ref is None else ref.reshape(mine.shape)
-                if not bool(((mine - ref).abs() <= tol * bound + torch.finfo(fm.dtype).tiny).all()):
-                    return None
-    return result
+def _losses(fm: FunctionalModel, labels: torch.Tensor, loss_fn) -> Callable:
+    """``outputs -> (B,)`` per-example training losses, for `capture`."""
+    return lambda outputs: fm.per_example_losses(outputs, labels, loss_fn)
 
 
 class SparseProjector(Projector):
@@ -361,6 +301,7 @@ class FactorizedProjector(Projector):
         self.k_out = max(1, int(dim) // self.k_in)
         # (module, weight name, bias name) of the Linear layers, and the other parameters
         self.layers, self.rest = linear_layers(fm, self.names)
+        self._checked = False  # whether capture() was seen to rebuild the layers' gradients
         self.offsets = {}
         offset = 0
         for name, size in zip(self.names, self.sizes, strict=True):
@@ -421,7 +362,17 @@ class FactorizedProjector(Projector):
 
     def _features(self, w, inputs, labels, loss_fn):
         fm = self.fm
-        captured = _capture(fm, w, inputs, labels, loss_fn, self.layers)
+        check = not self._checked  # once: the model's structure does not change
+        captured = capture(fm, w, inputs, _losses(fm, labels, loss_fn), self.layers, check=check)
+        if captured is None:
+            raise UnsupportedError(
+                "projector='factorized' builds each Linear layer's gradient from the layer's "
+                "own inputs and output gradients, but some Linear weight is also used outside "
+                "its module (e.g. tied weights), so they do not add up to its gradient: use "
+                "projector='gaussian', 'rademacher' or 'sparse'"
+            )
+        self._checked = True
+        captured = captured.factors
         parts = []
         batch = labels.shape[0]
         for mod_name, _, bias in self.layers:

@@ -8,10 +8,9 @@ from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
 
 import pk_attrib as pk
 from pk_attrib.gradients import FunctionalModel
-from pk_attrib.linear import linear_layers
+from pk_attrib.linear import capture, linear_layers
 from pk_attrib.projection import (
     FactorizedProjector,
-    _capture,
     make_projector,
 )
 
@@ -138,8 +137,10 @@ def test_dense_training_features_equal_the_projected_per_example_gradients(kind,
     layers, _ = linear_layers(fm)
     y = torch.randint(0, 3, (7,))
     for x in (torch.randn(7, 4, 5, dtype=F64), torch.randn(7, 1, 5, dtype=F64)):
-        rebuilt = _capture(fm, w, (x,), y, loss_fn, layers, check=True) is not None
-        assert rebuilt == (model == "sequence")  # otherwise: torch.func per-example gradients
+        losses = lambda out: fm.per_example_losses(out, y, loss_fn)  # noqa: E731
+        rebuilt = capture(fm, w, (x,), losses, layers, check=True) is not None
+        # the terms of all calls add up; a weight used outside its module: torch.func instead
+        assert rebuilt == (model != "weight used elsewhere")
         features = proj.training_features(w, (x, y), loss_fn)
         expected = proj.project(fm.loss_grads(w, (x, y), loss_fn))
         torch.testing.assert_close(features, expected, rtol=1e-10, atol=1e-12)
@@ -292,3 +293,46 @@ def test_influence_uses_the_projection_in_memory_bounded_chunks_and_blocks(run, 
     assert torch.equal(top.indices, order.indices[:, :4])
     cosine = tiny.influence(queries, score="cosine")
     assert cosine.abs().max() <= 1.0 and torch.equal(cosine.sign(), scores.sign())
+
+
+@pytest.mark.parametrize("model", ["called twice", "weight used elsewhere"])
+def test_linear_layers_called_twice_or_sharing_a_weight_give_exact_numbers_or_an_error(model):
+    """The per-layer shortcuts (checkpoint mode's dot products, factorized features) take a
+    layer's gradient from its captured calls: every call counts, and a weight also used
+    outside its module is caught (checkpoint mode: general path; factorized: an error)."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(45)
+    net = Reused(model).to(F64)
+    names = [n for n, _ in net.named_parameters()]
+    fm = FunctionalModel(net, names, {n: p.shape for n, p in net.named_parameters()}, F64)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(7, 1, 5, dtype=F64, generator=g), torch.randint(0, 3, (7,), generator=g)
+    data = TensorDataset(torch.randn(12, 1, 5, dtype=F64, generator=g), torch.randint(0, 3, (12,)))
+    optimizer, states = torch.optim.SGD(net.parameters(), lr=0.1), []
+    for _ in range(2):
+        for i in range(0, 12, 4):
+            optimizer.zero_grad()
+            loss_fn(net(data.tensors[0][i : i + 4]), data.tensors[1][i : i + 4]).backward()
+            optimizer.step()
+        states.append({n: t.detach().clone() for n, t in net.state_dict().items()})
+    path = pk.TrainingPath.from_checkpoints(states, [0.1, 0.2])
+    ex = pk.PathKernelInfluence(net, data, path, loss_fn, mode="checkpoint", show_progress=False)
+    expected = torch.zeros(7, 12, dtype=F64)
+    for state, lr in zip(states, [0.1, 0.2], strict=True):
+        w = fm.flatten({n: state[n] for n in names})
+        expected += (
+            lr * fm.loss_grads(w, (x, y), loss_fn) @ fm.loss_grads(w, data.tensors, loss_fn).T
+        )
+    torch.testing.assert_close(ex.influence((x, y)), expected, rtol=1e-10, atol=1e-14)
+
+    proj = make_projector(fm, "factorized", 16, seed=5)
+    w = fm.flatten(dict(net.named_parameters())).detach()
+    if model == "weight used elsewhere":
+        with pytest.raises(pk.UnsupportedError, match="also used outside its module"):
+            proj.training_features(w, (x, y), loss_fn)
+        return
+    features = proj.training_features(w, (x, y), loss_fn)
+    expected = proj.project(fm.loss_grads(w, (x, y), loss_fn))
+    torch.testing.assert_close(features, expected, rtol=1e-10, atol=1e-13)
