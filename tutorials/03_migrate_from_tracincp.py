@@ -351,6 +351,28 @@ plt.close(fig)
 print("wrote", out / "03_exact_vs_tracin.png")
 
 # %% [markdown]
+# ## Step 6: a score TracInCP does not have, `score="cosine"`
+#
+# A raw score is large for training examples with large gradients: hard, atypical or
+# mislabeled ones. `influence(..., score="cosine")` divides each exact contribution by its
+# Cauchy–Schwarz bound (the largest value gradients of those sizes could give over the
+# steps that used the example), a number in [−1, 1] that asks "which examples pushed the
+# way this test point needed?" rather than "which moved its loss most?". A training copy of
+# a test point scores ≈ 1. Compare the final training loss of the top-5 each way (the raw
+# score's favourites are the examples the model still finds hard):
+
+# %%
+cosine_top = exact_influencer.influence((test_x, test_y), k=5, proponents=True, score="cosine")
+with torch.no_grad():
+    train_loss = F.cross_entropy(model(train.tensors[0]), train.tensors[1], reduction="none")
+print(f"median training loss of all 800 examples: {float(train_loss.median()):.4f}")
+for name, top in [("raw contribution", exact_top), ('score="cosine"', cosine_top)]:
+    median = float(train_loss[top.indices].median())
+    print(f"{name:>18}: median training loss of the top-5 {median:.4f}")
+print("top-5 by cosine of test example 0:", cosine_top.indices[0].tolist())
+assert float(cosine_top.influence_scores.abs().max()) <= 1.0
+
+# %% [markdown]
 # ## Recap: the diff
 #
 # ```python
