@@ -358,7 +358,7 @@ class PathKernelInfluence(DataInfluence):
                 "projection_dim= or use mode='exact'"
             )
         n = queries[0].shape[0]
-        size = self._query_chunk() if projected else n
+        size = self._query_chunk() if projected else max(1, n)
         features = self._features if self._features is not None else {}  # shared by blocks
 
         def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
@@ -384,6 +384,8 @@ class PathKernelInfluence(DataInfluence):
             return scores.cosine(values, norms["query"], norms["train"])
 
         def block(a: int, b: int) -> torch.Tensor:
+            if n == 0:
+                return torch.zeros(0, b - a, dtype=self.dtype, device=self._fm.device)
             return torch.cat([chunk(a, b, slice(r, r + size)) for r in range(0, n, size)])
 
         return block
@@ -414,7 +416,9 @@ class PathKernelInfluence(DataInfluence):
             inputs: A batch ``(inputs..., labels)`` (``model(*inputs[:-1])``, labels last),
                 or a DataLoader of such batches.
             k: None for all scores; an int for the k most influential per test example,
-                streamed over the training set in blocks (memory O(n_test × (k + block))).
+                streamed over the training set in blocks (memory O(n_test × (k + block));
+                with ``projection_dim``, plus the steps' projected training features,
+                which stay in the store's feature cache when the path is on disk).
             proponents: With ``k``: the most positive (True) or most negative (False).
             show_progress: Show progress bars.
             score: ``"contribution"`` (default) or ``"cosine"``.

@@ -8,8 +8,9 @@ gradients and activations land on fresh pages too. Two allocators avoid this:
 
 * `BufferPool` recycles buffers (recording to disk: a snapshot's memory is free again
   once its shard is written);
-* `SlabAllocator` hands out snapshots packed into large anonymous memory maps of their
-  own (recording in memory: snapshots are kept), away from the heap the loop uses.
+* `SlabAllocator` hands out snapshots packed into anonymous memory maps of their own, one
+  step's snapshot each (recording in memory: snapshots are kept), away from the heap the
+  loop uses.
 """
 
 from __future__ import annotations
@@ -82,14 +83,17 @@ class SlabAllocator:
     Each slab is a private anonymous ``mmap`` of ``slab_bytes`` (or of one tensor, when a
     tensor is larger), separate from the C heap, so that kept snapshots neither fragment
     the heap the training loop allocates from nor make it return memory to the system.
-    The tensors are views into a slab; a slab is unmapped once no tensor uses it.
-    Not thread-safe: one recorder takes from it.
+    The tensors are views into a slab; a slab is unmapped once no tensor uses it, and
+    saving, pickling or sharing one tensor handles its whole slab (as for any view), so
+    the recorder sizes slabs to one step's snapshot. Not thread-safe: one recorder takes
+    from it. Where anonymous memory maps are unavailable (Windows), tensors come from
+    ``torch.empty``.
 
     Args:
         slab_bytes: The size of each slab in bytes.
     """
 
-    def __init__(self, slab_bytes: int = 64 << 20):
+    def __init__(self, slab_bytes: int = 1 << 20):
         if slab_bytes <= 0:
             raise ValueError(f"slab_bytes must be positive, got {slab_bytes}")
         self.slab_bytes = slab_bytes
@@ -116,5 +120,7 @@ class SlabAllocator:
 
 def _anonymous_map(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` over a fresh private anonymous memory map (zeroed pages)."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no such maps; the heap will do
+        return torch.empty(nbytes, dtype=torch.uint8)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(memory, dtype=torch.uint8)  # the tensor keeps the map alive

@@ -41,7 +41,7 @@ def cosine(
     Returns:
         (n, b) cosine scores.
     """
-    bound = (query_energy * train_energy).sqrt()
+    bound = query_energy.sqrt() * train_energy.sqrt()  # (no product to under/overflow)
     out = contributions / bound.clamp_min(torch.finfo(bound.dtype).tiny)
     return torch.where(bound > 0, out.clamp(-1.0, 1.0), torch.zeros_like(out))
 

@@ -82,9 +82,11 @@ def capture(
         layers: From `linear_layers`.
         rest: Active parameters outside those layers.
         per_example_rest: ``names -> (B, d_rest)`` per-example gradients of ``rest``.
-        check: Return None unless every call ran on batched inputs and the captured terms
-            add up to autograd's batch gradient of each weight and bias (a weight also used
-            outside its module fails this).
+        check: Return None unless every call ran on batch-first inputs ((B, ...) or
+            flattened (B·T, ...)) and the captured terms add up to autograd's gradient of
+            each weight and bias, for the batch and for its first example alone (a weight
+            also used outside its module fails this, and so do positions grouped into the
+            wrong examples, e.g. time-major (T, B, ...) inputs).
 
     Returns:
         The factors (a (B, T, in), δ (B, T, out)) per layer, with ``rest``'s gradients.
@@ -106,19 +108,30 @@ def capture(
             for n in owned:
                 params[n].requires_grad_(True)
             outputs = functional_call(fm.model, {**fm.constants, **params}, tuple(inputs))
-            total = scalars(outputs).sum()
-            batched = all(
-                isinstance(a, torch.Tensor) and a.shape[:1] == (batch,) == out.shape[:1]
+            values = scalars(outputs)
+            batched = all(  # batch first: (B, ...) or flattened (B·T, ...)
+                isinstance(a, torch.Tensor)
+                and a.dim() >= 2
+                and a.shape[0] == out.shape[0]
+                and a.shape[0] % batch == 0
                 for made in calls.values()
                 for a, out in made
             )
             if not batched:
                 if check:
                     return None
-                raise ValueError("a Linear layer ran on inputs without the batch dimension")
+                raise ValueError("a Linear layer ran on inputs without the batch dimension first")
             outs = [out for m, _, _ in layers for _, out in calls[m]]
             wanted = outs + ([params[n] for n in owned] if check else [])
-            grads = torch.autograd.grad(total, wanted, allow_unused=True) if wanted else ()
+            grads = (
+                torch.autograd.grad(values.sum(), wanted, allow_unused=True, retain_graph=check)
+                if wanted
+                else ()
+            )
+            if check and owned:  # one example's own gradient, to check the grouping too
+                first = torch.autograd.grad(
+                    values[0], [params[n] for n in owned], allow_unused=True
+                )
     finally:
         for handle in handles:
             handle.remove()
@@ -136,14 +149,22 @@ def capture(
             torch.cat(acts, 1) if acts else torch.zeros(batch, 0, module.in_features, **like),
             torch.cat(deltas, 1) if deltas else torch.zeros(batch, 0, module.out_features, **like),
         )
-    if check and not _rebuilds(fm, layers, factors, dict(zip(owned, grads[k:], strict=True))):
+    if check and not (
+        _rebuilds(fm, layers, factors, dict(zip(owned, grads[k:], strict=True)))
+        and _rebuilds(fm, layers, _first(factors), dict(zip(owned, first, strict=True)))
+    ):
         return None
     rest_grads = per_example_rest(list(rest)) if rest and per_example_rest is not None else None
     return LayerFactors(factors, rest_grads)
 
 
+def _first(factors: dict) -> dict:
+    """The factors of the first example only."""
+    return {m: (a[:1], d[:1]) for m, (a, d) in factors.items()}
+
+
 def _rebuilds(fm, layers, factors, batch_grads) -> bool:
-    """Do the captured terms add up to autograd's batch gradients (to √eps of their size)?"""
+    """Do the captured terms add up to autograd's gradients (to √eps of their size)?"""
     tol = torch.finfo(fm.dtype).eps ** 0.5
     for mod_name, weight, bias in layers:
         act, delta = factors[mod_name]

@@ -366,10 +366,11 @@ class FactorizedProjector(Projector):
         captured = capture(fm, w, inputs, _losses(fm, labels, loss_fn), self.layers, check=check)
         if captured is None:
             raise UnsupportedError(
-                "projector='factorized' builds each Linear layer's gradient from the layer's "
-                "own inputs and output gradients, but some Linear weight is also used outside "
-                "its module (e.g. tied weights), so they do not add up to its gradient: use "
-                "projector='gaussian', 'rademacher' or 'sparse'"
+                "projector='factorized' builds each Linear layer's per-example gradient from "
+                "the layer's own inputs and output gradients, but here they do not add up to "
+                "it: a Linear weight is also used outside its module (tied weights), or a "
+                "layer runs on inputs whose first dimension is not the batch (e.g. time-major "
+                "(T, B, ...)): use projector='gaussian', 'rademacher' or 'sparse'"
             )
         self._checked = True
         captured = captured.factors

@@ -163,7 +163,8 @@ class PathRecorder:
             self._manifest = fresh
             self._backend = MemoryBackend()
             self._writer = None
-            self._slab = SlabAllocator(slab_bytes=max(64 << 20, step_bytes))
+            # a slab per step's snapshot (at least 1 MiB): a kept tensor keeps one step alive
+            self._slab = SlabAllocator(max(1 << 20, step_bytes + 64 * len(self._params)))
         else:
             self._manifest = self._open_store(fresh)
             self._raw = len(self._manifest["steps"])

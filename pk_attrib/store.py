@@ -131,8 +131,8 @@ def write_tensor_file(
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):  # rare: let
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
-            {k: v.clone() for k, v in tensors.items()}, metadata=metadata
-        )  # (clones: a slab's views share one storage, which safetensors refuses)
+            {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
+        )
         _write_atomic(path, data)
         return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order

@@ -104,7 +104,7 @@ def test_factorized_linear_projection_equals_the_kronecker_projection_of_the_gra
 
 
 class Reused(torch.nn.Module):
-    """A Linear layer whose gradient its captured terms do not rebuild (``how``)."""
+    """A Linear layer used in a way its captured terms must handle, or be refused for."""
 
     def __init__(self, how):
         super().__init__()
@@ -112,17 +112,27 @@ class Reused(torch.nn.Module):
         self.inner = torch.nn.Linear(5, 5)
         self.head = torch.nn.Linear(5, 3)
 
-    def forward(self, x):
-        h = torch.tanh(self.inner(x))
-        if self.how == "called twice":
-            h = torch.tanh(self.inner(h))
-        else:  # "weight used elsewhere" too
-            h = torch.tanh(torch.nn.functional.linear(h, self.inner.weight))
-        return self.head(h).reshape(x.shape[0], -1, 3).mean(1)
+    def forward(self, x):  # x: (B, T, 5)
+        b, t, _ = x.shape
+        if self.how == "flattened":  # batch and positions flattened: (B·T, 5)
+            h = torch.tanh(self.inner(x.reshape(b * t, 5))).reshape(b, t, 5)
+        elif self.how == "time major":  # (T, B, 5): positions grouped into wrong examples
+            h = torch.tanh(self.inner(x.transpose(0, 1))).transpose(0, 1)
+        else:
+            h = torch.tanh(self.inner(x))
+            if self.how == "called twice":
+                h = torch.tanh(self.inner(h))
+            else:  # "weight used elsewhere" too
+                h = torch.tanh(torch.nn.functional.linear(h, self.inner.weight))
+        return self.head(h).reshape(b, -1, 3).mean(1)
+
+
+REBUILT = ("sequence", "called twice", "flattened")  # captured terms give exact gradients
+USES = ["sequence", "called twice", "flattened", "weight used elsewhere", "time major"]
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("model", ["sequence", "called twice", "weight used elsewhere"])
+@pytest.mark.parametrize("model", USES)
 def test_dense_training_features_equal_the_projected_per_example_gradients(kind, model):
     torch.manual_seed(44)
     net = (SequenceModel() if model == "sequence" else Reused(model)).to(F64)
@@ -136,11 +146,12 @@ def test_dense_training_features_equal_the_projected_per_example_gradients(kind,
     loss_fn = torch.nn.CrossEntropyLoss()
     layers, _ = linear_layers(fm)
     y = torch.randint(0, 3, (7,))
-    for x in (torch.randn(7, 4, 5, dtype=F64), torch.randn(7, 1, 5, dtype=F64)):
+    for x in (torch.randn(7, t, 5, dtype=F64) for t in (4, 1, 7)):  # T = B: time major fails
         losses = lambda out: fm.per_example_losses(out, y, loss_fn)  # noqa: E731
         rebuilt = capture(fm, w, (x,), losses, layers, check=True) is not None
-        # the terms of all calls add up; a weight used outside its module: torch.func instead
-        assert rebuilt == (model != "weight used elsewhere")
+        # otherwise torch.func per-example gradients (a time-major layer runs on batch-first
+        # looking inputs when T = B, and only the first example's own gradient tells)
+        assert rebuilt == (model in REBUILT)
         features = proj.training_features(w, (x, y), loss_fn)
         expected = proj.project(fm.loss_grads(w, (x, y), loss_fn))
         torch.testing.assert_close(features, expected, rtol=1e-10, atol=1e-12)
@@ -291,15 +302,20 @@ def test_influence_uses_the_projection_in_memory_bounded_chunks_and_blocks(run, 
     order = torch.sort(scores, dim=1, descending=True)
     torch.testing.assert_close(top.influence_scores, order.values[:, :4], rtol=1e-10, atol=1e-14)
     assert torch.equal(top.indices, order.indices[:, :4])
-    cosine = tiny.influence(queries, score="cosine")
-    assert cosine.abs().max() <= 1.0 and torch.equal(cosine.sign(), scores.sign())
+    # the bounds' sides accumulate across query chunks and training blocks alike
+    cosine = ex.influence(queries, score="cosine")
+    torch.testing.assert_close(
+        tiny.influence(queries, score="cosine"), cosine, rtol=1e-10, atol=1e-14
+    )
+    assert float(cosine.abs().max()) > 0.1  # not all zero
 
 
-@pytest.mark.parametrize("model", ["called twice", "weight used elsewhere"])
-def test_linear_layers_called_twice_or_sharing_a_weight_give_exact_numbers_or_an_error(model):
+@pytest.mark.parametrize("model", USES[1:])
+def test_linear_layers_used_in_unusual_ways_give_exact_numbers_or_an_error(model):
     """The per-layer shortcuts (checkpoint mode's dot products, factorized features) take a
-    layer's gradient from its captured calls: every call counts, and a weight also used
-    outside its module is caught (checkpoint mode: general path; factorized: an error)."""
+    layer's gradient from its captured calls: every call counts, flattened (B·T, in) inputs
+    are regrouped, and a weight also used outside its module or a time-major input is
+    caught (checkpoint mode: the general path; factorized: an error)."""
     from torch.utils.data import TensorDataset
 
     torch.manual_seed(45)
@@ -308,8 +324,9 @@ def test_linear_layers_called_twice_or_sharing_a_weight_give_exact_numbers_or_an
     fm = FunctionalModel(net, names, {n: p.shape for n, p in net.named_parameters()}, F64)
     loss_fn = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(6)
-    x, y = torch.randn(7, 1, 5, dtype=F64, generator=g), torch.randint(0, 3, (7,), generator=g)
-    data = TensorDataset(torch.randn(12, 1, 5, dtype=F64, generator=g), torch.randint(0, 3, (12,)))
+    t = 7 if model == "time major" else 3  # T = B = 7 for the queries: looks batch-first
+    x, y = torch.randn(7, t, 5, dtype=F64, generator=g), torch.randint(0, 3, (7,), generator=g)
+    data = TensorDataset(torch.randn(12, t, 5, dtype=F64, generator=g), torch.randint(0, 3, (12,)))
     optimizer, states = torch.optim.SGD(net.parameters(), lr=0.1), []
     for _ in range(2):
         for i in range(0, 12, 4):
@@ -329,8 +346,8 @@ def test_linear_layers_called_twice_or_sharing_a_weight_give_exact_numbers_or_an
 
     proj = make_projector(fm, "factorized", 16, seed=5)
     w = fm.flatten(dict(net.named_parameters())).detach()
-    if model == "weight used elsewhere":
-        with pytest.raises(pk.UnsupportedError, match="also used outside its module"):
+    if model not in REBUILT:
+        with pytest.raises(pk.UnsupportedError, match="do not add up"):
             proj.training_features(w, (x, y), loss_fn)
         return
     features = proj.training_features(w, (x, y), loss_fn)

@@ -333,3 +333,23 @@ def test_a_path_recorded_in_memory_saves_and_loads_bit_for_bit(tmp_path):
             assert torch.equal(
                 a.optimizer_state["exp_avg_sq"][name], b.optimizer_state["exp_avg_sq"][name]
             ), (s, name)
+
+
+def test_views_of_one_storage_in_a_dtype_we_do_not_stream_are_written_whole(tmp_path):
+    """Rare dtypes go through safetensors' own serializer: slab snapshots (views of one
+    storage) come back byte for byte."""
+    import safetensors.torch
+
+    from pk_attrib.buffers import SlabAllocator
+    from pk_attrib.store import write_tensor_file
+
+    slab = SlabAllocator(slab_bytes=4096)
+    a, b = slab.take(torch.Size([3, 4]), torch.float8_e4m3fn), slab.take((5,), torch.float8_e4m3fn)
+    a.copy_(torch.linspace(-2, 2, 12).reshape(3, 4))
+    b.copy_(torch.linspace(0, 1, 5))
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one storage
+    write_tensor_file(tmp_path / "f8.safetensors", {"a": a, "b": b}, {"format": "test"})
+    loaded = safetensors.torch.load_file(tmp_path / "f8.safetensors")
+    for key, value in {"a": a, "b": b}.items():
+        assert loaded[key].dtype == value.dtype
+        assert torch.equal(loaded[key].view(torch.uint8), value.view(torch.uint8)), key
