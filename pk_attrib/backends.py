@@ -29,8 +29,12 @@ class MemoryBackend:
         return len(self.records)
 
     def tensor(self, raw: int, key: str) -> torch.Tensor | None:
-        """Tensor ``key`` of raw step ``raw`` (None when absent)."""
-        return self.records[raw]["tensors"].get(f"{raw}/{key}")
+        """A copy of tensor ``key`` of raw step ``raw`` (None when absent).
+
+        A copy, as from a store: editing what a path returns never changes the record.
+        """
+        value = self.records[raw]["tensors"].get(f"{raw}/{key}")
+        return None if value is None else value.clone()
 
     def meta(self, raw: int) -> dict[str, Any]:
         """Metadata of raw step ``raw`` (learning rates, flags)."""
@@ -41,8 +45,8 @@ class MemoryBackend:
         return f"{raw}/{key}" in self.records[raw]["tensors"]
 
     def final_params(self) -> dict[str, torch.Tensor] | None:
-        """The final parameters, or None for an interrupted run."""
-        return self.final
+        """A copy of the final parameters, or None for an interrupted run."""
+        return None if self.final is None else {n: t.clone() for n, t in self.final.items()}
 
     def has_final(self) -> bool:
         """Whether the final parameters were recorded."""

@@ -135,6 +135,12 @@ class PathRecorder:
         names_by_id = {id(p): n for n, p in named.items()}
         description = describe_optimizer(optimizer, names_by_id)
         self._params = {n: p for n, p in named.items() if id(p) in in_optimizer and p.requires_grad}
+        # what the optimizer holds but this recording leaves out (frozen now), and its groups'
+        # sizes: either changing mid-run would leave updated weights out of the path
+        self._left_out = [
+            p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad
+        ]
+        self._group_sizes = [len(g["params"]) for g in optimizer.param_groups]
         if not self._params:
             raise RecordingError(
                 "the optimizer updates no trainable parameter of the model: nothing to record"
@@ -254,7 +260,7 @@ class PathRecorder:
         idx = torch.as_tensor(indices).reshape(-1)
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
-        idx = idx.to(torch.int64).cpu()
+        idx = idx.to("cpu", torch.int64, copy=True)  # the caller may reuse its array
         size = self._dataset_size
         if idx.numel() and (int(idx.min()) < 0 or (size is not None and int(idx.max()) >= size)):
             raise IndexOutOfRangeError(
@@ -285,6 +291,7 @@ class PathRecorder:
                 "recorder.watch(loader), or call recorder.record_batch(indices) before "
                 "optimizer.step()"
             )
+        self._check_parameters(optimizer)
         r = self._raw
         indices = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
@@ -311,6 +318,36 @@ class PathRecorder:
             for name, p in self._params.items():
                 tensors[f"{r}/w/{name}"] = self._take(p, self.dtype)
         self._inflight = (r, tensors, meta)
+
+    def _check_parameters(self, optimizer) -> None:
+        """Refuse a step that would update a parameter the recording does not hold."""
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        unfrozen = [p for p in self._left_out if p.requires_grad and p.grad is not None]
+        if sizes == self._group_sizes and not unfrozen:
+            return
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        recorded = {id(p) for p in self._params.values()}
+        new = [
+            names.get(id(p), "<not in the model>")
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if id(p) not in recorded and p.requires_grad
+        ]
+        raise RecordingError(
+            f"optimizer step {self._raw} would update parameters this recording does not hold "
+            f"({', '.join(new[:5]) or 'added param groups'}): they were added to the optimizer "
+            "or unfrozen after the recorder was created. Create the PathRecorder after "
+            "setting which parameters train (a new recorder, into a new store for a new phase)"
+        )
+
+    def discard_batches(self) -> None:
+        """Forget the batches noted since the last optimizer step.
+
+        Call it when the loop skips ``optimizer.step()`` for a batch it has drawn, e.g. when
+        ``torch.amp.GradScaler`` found inf/NaN gradients (its scale then drops), so that the
+        skipped batch is not credited to the next step.
+        """
+        self._pending = []
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._closed or self._inflight is None:

@@ -159,6 +159,104 @@ def test_record_batch_in_a_custom_loop():
     assert recorder.path.dataset_size == 40
 
 
+@pytest.mark.parametrize("store", [False, True], ids=["memory", "disk"])
+def test_recorded_indices_are_a_copy_of_the_callers_array(store, tmp_path):
+    """A loop that reuses its index array (an epoch permutation shuffled in place) must not
+    rewrite what was recorded."""
+    np = pytest.importorskip("numpy")
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = indexed_dataset()
+    rng = np.random.default_rng(0)
+    perm = np.arange(40)
+    seen = []
+    recorder = pk.PathRecorder(model, optimizer, tmp_path / "s" if store else None)
+    for _ in range(2):
+        rng.shuffle(perm)  # in place, as many custom loops do
+        for start in range(0, 40, 10):
+            idx = perm[start : start + 10]  # a view of perm
+            seen.append(idx.tolist())
+            x, y, _ = data[torch.as_tensor(idx)]
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    recorder.close()
+    path = pk.TrainingPath.load(tmp_path / "s") if store else recorder.path
+    assert [step.indices.tolist() for step in path] == seen
+
+
+def test_a_skipped_step_can_discard_its_batch():
+    """GradScaler skips optimizer.step() on inf/NaN gradients: discard_batches() keeps the
+    skipped batch out of the next step."""
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = indexed_dataset()
+    with pk.PathRecorder(model, optimizer, dataset_size=len(data)) as recorder:
+        for start in range(0, 40, 10):
+            idx = torch.arange(start, start + 10)
+            x, y, _ = data[idx]
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if start == 10:  # "inf found": no step for this batch
+                recorder.discard_batches()
+                continue
+            optimizer.step()
+    assert [s.indices.tolist() for s in recorder.path] == [
+        list(range(a, a + 10)) for a in (0, 20, 30)
+    ]
+
+
+@pytest.mark.parametrize("change", ["add_param_group", "unfreeze"])
+def test_parameters_trained_after_the_recorder_started_are_refused(change):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    if change == "unfreeze":
+        model[1].weight.requires_grad_(False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=10)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+
+    def step():
+        recorder.record_batch(torch.arange(10))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    step()
+    if change == "unfreeze":
+        model[1].weight.requires_grad_(True)
+    else:
+        optimizer.add_param_group({"params": model[1].parameters(), "lr": 0.05})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(pk.RecordingError, match="1.weight"):
+        step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # refused before the update
+    recorder.discard_batches()  # the refused step's batch
+    recorder.close()
+    assert len(recorder.path) == 1  # the step before the change, intact
+    assert all(torch.equal(recorder.path.final[n], before[n]) for n in recorder.path.final)
+
+
+def test_editing_what_a_path_returns_leaves_the_record_intact():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(indexed_dataset(), batch_size=8)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        train(model, optimizer, loader, recorder, epochs=1)
+    path = recorder.path
+    kept = {n: t.clone() for n, t in path.params(0).items()}
+    final = {n: t.clone() for n, t in path.final.items()}
+    for values in (path.params(0), path.step(0).params, path.final):
+        for t in values.values():
+            t.zero_()
+    assert all(torch.equal(path.params(0)[n], kept[n]) for n in kept)
+    assert all(torch.equal(path.final[n], final[n]) for n in final)
+
+
 def test_every_k_keeps_every_kth_snapshot_and_all_indices():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
