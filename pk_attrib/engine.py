@@ -342,8 +342,12 @@ class Engine:
         evals = 0
         features = {} if features is None else features
         batch = None
+        if f"f{s}" in features and getattr(features, "unverified", False):
+            batch = self._batch(all_indices)  # a cache from an earlier session: check it once
+            features.verify(f"f{s}", projector.training_features(w_full, batch, p.loss_fn))
+            evals = len(all_indices)
         if f"f{s}" not in features:  # once per step, whatever the number of query chunks
-            batch = self._batch(all_indices)
+            batch = self._batch(all_indices) if batch is None else batch
             feats = projector.training_features(w_full, batch, p.loss_fn)
             _check_finite(feats, "projected training gradient", s)
             evals = len(all_indices)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import safetensors
 import torch
 
+from .exceptions import PkAttribWarning
 from .store import ShardReader, write_tensor_file
 
 
@@ -45,6 +47,8 @@ class FeatureCache:
         if self.folder is not None and (self.folder / "index.json").is_file():
             index = json.loads((self.folder / "index.json").read_text())
             self._index, self._files = index["steps"], index["files"]
+        # features from an earlier session are checked once against fresh ones (`verify`)
+        self.unverified = bool(self._index)
 
     def __contains__(self, key: str) -> bool:
         return key in self._memory or key in self._pending or key in self._index
@@ -86,3 +90,31 @@ class FeatureCache:
         index = {"format": "pk_attrib.features", "steps": self._index, "files": self._files}
         tmp.write_text(json.dumps(index))
         os.replace(tmp, self.folder / "index.json")
+
+    def verify(self, key: str, fresh: torch.Tensor) -> None:
+        """Compare stored features with freshly computed ones; drop the cache if they differ.
+
+        The cache is keyed by the projection, the loss's type and the dtype, not by the
+        training data or the loss's settings (label smoothing, class weights): a store
+        explained with other data or another loss would otherwise reuse stale features.
+
+        Args:
+            key: A stored features key (``"f<s>"``).
+            fresh: The same features computed now, (B, K).
+        """
+        self.unverified = False
+        stored = self[key].to(fresh.device, torch.float64)
+        expected = fresh.detach().to(self.dtype).to(torch.float64)
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        tol = 64 * max(torch.finfo(self.dtype).eps, torch.finfo(fresh.dtype).eps) * scale
+        if stored.shape == expected.shape and bool(((stored - expected).abs() <= tol).all()):
+            return
+        warnings.warn(
+            f"the training features cached in {self.folder} do not match this explainer's "
+            "training set or loss (they were computed with other data or another loss): "
+            "recomputing them",
+            PkAttribWarning,
+            stacklevel=2,
+        )
+        self._memory, self._pending, self._index, self._files = {}, {}, {}, {}
+        self._verified = set()

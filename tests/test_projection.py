@@ -222,8 +222,22 @@ def test_query_chunks_and_cached_features_give_the_same_numbers(run, tmp_path):
         **kwargs,  # one query per chunk
     )
     again = tiny.attribute(x[1500:1504], target=y[1500:1504])
-    assert again.diagnostics.train_gradients == 0
+    # no features recomputed, but one step's, once, to check that the cache fits
+    assert again.diagnostics.train_gradients == len(path.step(len(path) - 1).indices)
     torch.testing.assert_close(again.contributions, first.contributions, rtol=1e-6, atol=1e-9)
+    # another loss (label smoothing: the same cache key) finds the cache stale, warns and
+    # recomputes: the numbers of an explainer without a cache
+    smooth = torch.nn.CrossEntropyLoss(label_smoothing=0.2)  # (not the training loss: the
+    with pytest.warns(pk.ReconstructionWarning):  # step check says so, rightly)
+        uncached = pk.PathKernelInfluence(
+            model, data, stored, smooth, show_progress=False, cache_features=False, **kwargs
+        ).attribute(x[1500:1504], target=y[1500:1504])
+    with pytest.warns(pk.ReconstructionWarning), pytest.warns(pk.PkAttribWarning, match="do not"):
+        stale = pk.PathKernelInfluence(
+            model, data, stored, smooth, show_progress=False, **kwargs
+        ).attribute(x[1500:1504], target=y[1500:1504])
+    assert not torch.allclose(uncached.contributions, first.contributions, rtol=1e-2)
+    torch.testing.assert_close(stale.contributions, uncached.contributions, rtol=1e-6, atol=1e-9)
     shard = next((tmp_path / "store" / "features").glob("*/features-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-4] + b"oops")
     with pytest.raises(pk.CorruptStoreError):
