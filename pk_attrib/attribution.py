@@ -249,7 +249,9 @@ class PathKernelInfluence(DataInfluence):
         n = queries[0].shape[0]
         if output_fn is None:
             with torch.no_grad():
-                outputs = self._fm.outputs(self._fm.flatten(self.path.final), queries[:1])
+                outputs = self._fm.outputs(
+                    self._fm.flatten(self.path.final), tuple(q[:1] for q in queries)
+                )
             return prepare_target(target, n, outputs[0].numel()), select_output
         tgt = None if target is None else torch.as_tensor(target, device=self._fm.device)
         if tgt is not None and tgt.dim() == 0:

@@ -350,3 +350,34 @@ def test_an_empty_query_batch_gives_empty_scores(run):
     assert explainer(run).influence((x[:0], y[:0])).shape == (0, 40)
     top = ex.influence((x[:0], y[:0]), k=3, score="cosine")
     assert top.indices.shape == (0, 3) and top.influence_scores.shape == (0, 3)
+
+
+def test_a_model_with_two_inputs_is_explained_with_its_logit_target():
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 6), torch.nn.Linear(32, 6)
+            self.head = torch.nn.Linear(6, 10)
+
+        def forward(self, x1, x2):
+            return self.head(torch.tanh(self.a(x1) + self.b(x2)))
+
+    torch.manual_seed(24)
+    model = TwoInputs().to(F64)
+    x, y = digits()
+    data = torch.utils.data.TensorDataset(x[:30, :32], x[:30, 32:], y[:30])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for x1, x2, labels in recorder.watch(DataLoader(data, batch_size=10)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x1, x2), labels).backward()
+            optimizer.step()
+    ex = pk.PathKernelInfluence(
+        model, data, recorder.path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    queries, target = (x[1500:1503, :32], x[1500:1503, 32:]), y[1500:1503]
+    dec = ex.attribute(queries, target)  # was: TypeError, forward() missing x2
+    with torch.no_grad():
+        logits = model(*queries)[torch.arange(3), target]
+    torch.testing.assert_close(dec.prediction, logits, rtol=1e-12, atol=1e-12)
+    assert float(dec.relative_delta.max()) < 1e-6
