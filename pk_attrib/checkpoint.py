@@ -104,7 +104,7 @@ def decompose(
                     _check_finite(scores, "gradient dot product", s)
                     contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + size])
                     if norms is not None:
-                        _add_factor_norms(
+                        add_norms(
                             norms,
                             idx.to(device),
                             kappa[a : a + size],
@@ -128,7 +128,13 @@ def decompose(
                 scores = scaled @ g.T
                 contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
                 if norms is not None:
-                    add_norms(norms, idx.to(device), kappa[a : a + chunk], scaled, g)
+                    add_norms(
+                        norms,
+                        idx.to(device),
+                        kappa[a : a + chunk],
+                        (scaled * scaled).sum(1),
+                        (g * g).sum(1),
+                    )
     if columns is not None:
         return contributions
     prediction = engine._forward(fm.flatten(path.final), inputs, target, output_fn)
@@ -143,12 +149,6 @@ def decompose(
     return Decomposition(
         contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
     )
-
-
-def _add_factor_norms(norms, indices, kappa, query_norms, train_norms) -> None:
-    """`add_norms` from squared norms already summed per query (n,) and per example (m,)."""
-    norms["query"].index_add_(1, indices, query_norms[:, None] * kappa)
-    norms["train"].index_add_(0, indices, train_norms * kappa)
 
 
 def _query_grads(fm, w, inputs, target, output_fn, names) -> torch.Tensor:

@@ -252,7 +252,7 @@ class Engine:
             signed = grads if _is_one(sign) else grads * sign
             contributions.index_add_(1, indices.to(device), -(v @ signed.T) * kappa)
             if norms is not None:
-                add_norms(norms, indices.to(device), kappa, v, grads)
+                add_norms(norms, indices.to(device), kappa, (v * v).sum(1), (grads * grads).sum(1))
             if not _is_zero(lam):
                 decay -= v @ (lam * w)
             if kernel:
@@ -360,10 +360,11 @@ class Engine:
         if keep is not None:
             feats = feats[keep.to(feats.device)]
         projected = projector.project(v * sign)
-        scores = projected @ feats.to(projected.dtype).T
+        feats = feats.to(projected.dtype)
+        scores = projected @ feats.T
         contributions.index_add_(1, indices.to(fm.device), -scores * kappa)
         if norms is not None:  # the bound of the projected inner product
-            add_norms(norms, indices.to(fm.device), kappa, projected, feats.to(projected.dtype))
+            add_norms(norms, indices.to(fm.device), kappa, (projected**2).sum(1), (feats**2).sum(1))
         if full:
             effective = features[f"g{s}"].to(fm.device, fm.dtype) * sign
             explained_exact -= v @ effective
@@ -391,7 +392,11 @@ class Engine:
 
 
 def add_norms(
-    norms: dict, indices: torch.Tensor, kappa: torch.Tensor, query: torch.Tensor, train
+    norms: dict,
+    indices: torch.Tensor,
+    kappa: torch.Tensor,
+    query: torch.Tensor,
+    train: torch.Tensor,
 ) -> None:
     """Accumulate one step's energies for cosine scores (see `Engine.exact`'s ``norms``).
 
@@ -399,11 +404,12 @@ def add_norms(
         norms: ``{"query": (n, b), "train": (b,)}``, accumulated in place.
         indices: Block columns of the step's examples, (m,).
         kappa: Their weights κ_j, (m,).
-        query: The query-side vectors paired with the examples' gradients, (n, D).
-        train: The examples' gradients (or projected gradients), (m, D).
+        query: Squared norms of the query-side vectors paired with the examples'
+            gradients, (n,).
+        train: Squared norms of the examples' gradients (or projected gradients), (m,).
     """
-    norms["query"].index_add_(1, indices, (query * query).sum(1)[:, None] * kappa)
-    norms["train"].index_add_(0, indices, (train * train).sum(1) * kappa)
+    norms["query"].index_add_(1, indices, query[:, None] * kappa)
+    norms["train"].index_add_(0, indices, train * kappa)
 
 
 def _is_one(x: torch.Tensor) -> bool:

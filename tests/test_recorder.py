@@ -141,6 +141,14 @@ def test_indices_match_the_loader(loader_kwargs, accumulate):
         assert len(step.batch_sizes) == accumulate
 
 
+def record_and_backward(model, optimizer, data, recorder, idx):
+    """One batch of a custom loop up to the optimizer step: note its indices, backward."""
+    x, y, _ = data[torch.as_tensor(idx)]
+    recorder.record_batch(idx)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+
 def test_record_batch_in_a_custom_loop():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -148,10 +156,7 @@ def test_record_batch_in_a_custom_loop():
     with pk.PathRecorder(model, optimizer, dataset_size=len(data)) as recorder:
         for start in range(0, 40, 10):
             idx = torch.arange(start, start + 10)
-            x, y, _ = data[idx]
-            recorder.record_batch(idx)
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            record_and_backward(model, optimizer, data, recorder, idx)
             optimizer.step()
     assert [s.indices.tolist() for s in recorder.path] == [
         list(range(a, a + 10)) for a in range(0, 40, 10)
@@ -176,10 +181,7 @@ def test_recorded_indices_are_a_copy_of_the_callers_array(store, tmp_path):
         for start in range(0, 40, 10):
             idx = perm[start : start + 10]  # a view of perm
             seen.append(idx.tolist())
-            x, y, _ = data[torch.as_tensor(idx)]
-            recorder.record_batch(idx)
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            record_and_backward(model, optimizer, data, recorder, idx)
             optimizer.step()
     recorder.close()
     path = pk.TrainingPath.load(tmp_path / "s") if store else recorder.path
@@ -195,10 +197,7 @@ def test_a_skipped_step_can_discard_its_batch():
     with pk.PathRecorder(model, optimizer, dataset_size=len(data)) as recorder:
         for start in range(0, 40, 10):
             idx = torch.arange(start, start + 10)
-            x, y, _ = data[idx]
-            recorder.record_batch(idx)
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            record_and_backward(model, optimizer, data, recorder, idx)
             if start == 10:  # "inf found": no step for this batch
                 recorder.discard_batches()
                 continue
