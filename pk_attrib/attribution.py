@@ -164,6 +164,7 @@ class PathKernelInfluence(DataInfluence):
             active,
         )
         self.memory_budget = memory_budget
+        compat.check_examples(self.train_dataset, self._fm, self.path.final, loss_fn)
         if not from_tracincp:
             self._check_final(model)
         self._problem = Problem(

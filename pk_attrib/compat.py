@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .exceptions import LossReductionError
-from .gradients import Reduction
+from .gradients import Reduction, gather_examples
 from .path import TrainingPath
 
 
@@ -33,6 +33,40 @@ def dataset_of(train: Dataset | DataLoader) -> Dataset:
             )
         return train.dataset
     return train
+
+
+def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn) -> None:
+    """Check that the training set's items are ``(inputs..., label)``, on its first example.
+
+    Runs ``loss_fn(model(*inputs), label)`` once, so that a dataset of another layout fails
+    here with the convention named, not deep inside a sweep.
+
+    Raises:
+        TypeError: The items are not tuples of tensors, or the model or the loss refuses them.
+    """
+    if len(dataset) == 0:
+        return
+    item = dataset[0]
+    convention = (
+        "train_dataset's items must be (inputs..., label), as in Captum's TracInCP: "
+        "model(*item[:-1]) gives the outputs and loss_fn(outputs, item[-1]) the loss"
+    )
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError(
+            f"{convention}; item 0 is a {type(item).__name__}: wrap the dataset so that "
+            "__getitem__ returns (x, y)"
+        )
+    try:
+        batch = gather_examples(dataset, torch.tensor([0]))
+        *x, labels = fm.cast(batch)
+        with torch.no_grad():
+            loss_fn(fm.outputs(fm.flatten(final), x), labels)
+    except Exception as exc:  # name the convention, keep the cause
+        raise TypeError(
+            f"{convention}, but on item 0 this failed with {type(exc).__name__}: {exc}. A "
+            "dataset whose items carry more (e.g. (x, y, index)) needs a wrapper that "
+            "returns (x, y)"
+        ) from exc
 
 
 def loss_reduction(loss_fn, given: str | None, needed: bool) -> Reduction:
@@ -57,7 +91,17 @@ def loss_reduction(loss_fn, given: str | None, needed: bool) -> Reduction:
 
 def example_key(items) -> bytes:
     """A byte key identifying an example by its tensors, to find it in the training set."""
-    return b"".join(torch.as_tensor(t).cpu().numpy().tobytes() for t in items)
+    return b"".join(
+        torch.as_tensor(t)
+        .detach()
+        .cpu()
+        .contiguous()
+        .reshape(-1)
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+        for t in items
+    )
 
 
 def checkpoint_files(checkpoints: Any) -> list[str]:
@@ -90,6 +134,8 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     """Recorded parameter names inside the given modules (None: all)."""
     if layers is None:
         return None
+    if "" in layers:  # the model itself: every parameter, so the kernel stays exact
+        return None
     modules = dict(model.named_modules())
     unknown = [name for name in layers if name not in modules]
     if unknown:
@@ -108,25 +154,61 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
 
 
 def locate(dataset: Dataset, inputs: Any) -> torch.Tensor:
-    """Training indices of the given examples (a batch or a DataLoader of batches).
+    """Training indices of the given examples (a batch or a DataLoader of batches), (n,).
+
+    An example matches a training example when its tensors, cast to the dtypes of the
+    dataset's items, equal that example's bit for bit (and the cast loses nothing).
 
     Raises:
-        ValueError: An example is not in the dataset.
+        ValueError: An example is not in the dataset, or occurs in it more than once (its
+            copies sit in different batches, so their exact self-influences differ).
     """
     batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
-    lookup: dict[bytes, int] = {}
+    if len(dataset) == 0:
+        raise ValueError("train_dataset is empty: no example can be located in it")
+    lookup: dict[bytes, list[int]] = {}
     for i in range(len(dataset)):
-        lookup.setdefault(example_key(dataset[i]), i)
+        lookup.setdefault(example_key(dataset[i]), []).append(i)
+    reference = [torch.as_tensor(t) for t in dataset[0]]
     found = []
     for batch in batches:
-        *x, labels = batch
-        for r in range(labels.shape[0]):
-            key = example_key([t[r] for t in x] + [labels[r]])
-            if key not in lookup:
+        items = [torch.as_tensor(t) for t in batch]
+        if len(items) != len(reference):
+            raise ValueError(
+                f"the inputs have {len(items)} tensors per example (inputs..., labels), "
+                f"train_dataset's items {len(reference)}"
+            )
+        cast, lossless = [], torch.ones(items[-1].shape[0], dtype=torch.bool)
+        for pos, (t, ref) in enumerate(zip(items, reference, strict=True)):
+            if tuple(t.shape[1:]) != tuple(ref.shape):
                 raise ValueError(
-                    f"example {r} of the inputs is not in train_dataset: exact "
-                    "self-influence is defined for training examples; use "
+                    f"tensor {pos} of the inputs has examples of shape {tuple(t.shape[1:])}, "
+                    f"train_dataset's {tuple(ref.shape)}"
+                )
+            c = t.detach().cpu().to(ref.dtype)
+            lossless &= (c.to(t.dtype) == t.detach().cpu()).reshape(len(t), -1).all(1)
+            cast.append(c)
+        for r in range(len(lossless)):
+            rows = lookup.get(example_key([c[r] for c in cast])) if lossless[r] else None
+            if rows is None:
+                changed = [
+                    f"{t.dtype} (train_dataset: {ref.dtype})"
+                    for t, ref in zip(items, reference, strict=True)
+                    if t.dtype != ref.dtype
+                ]
+                raise ValueError(
+                    f"example {r} of the inputs is not in train_dataset"
+                    + (f" (it differs in dtype: {', '.join(changed)})" if changed else "")
+                    + ": exact self-influence is defined for training examples; use "
                     "mode='checkpoint' for TracIn's self-influence of other examples"
                 )
-            found.append(lookup[key])
+            if len(rows) > 1:
+                shown = rows[:5] + (["..."] if len(rows) > 5 else [])
+                raise ValueError(
+                    f"example {r} of the inputs occurs {len(rows)} times in train_dataset "
+                    f"(indices {', '.join(map(str, shown))}), and the copies' exact "
+                    "self-influences differ (they sit in different batches): call "
+                    "self_influence() without inputs and index its result"
+                )
+            found.append(rows[0])
     return torch.tensor(found, dtype=torch.int64)

@@ -111,6 +111,67 @@ def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(ru
     torch.testing.assert_close(small_blocks.self_influence(), self_scores, rtol=1e-9, atol=1e-13)
 
 
+def test_self_influence_of_given_inputs_casts_dtypes_and_refuses_ambiguous_copies(run):
+    model, data, path = run
+    ex = explainer(run)
+    self_scores = ex.self_influence()
+    x, y = data.tensors
+    picked = torch.tensor([4, 11])
+    # float32 inputs and int32 labels of float64 / int64 training examples: the same examples
+    narrow = ex.self_influence((x[picked].float(), y[picked].int()))
+    torch.testing.assert_close(narrow, self_scores[picked], rtol=1e-9, atol=1e-13)
+    # a value float64 holds but the query's float32 cannot: not a training example
+    off = x[4:5].clone()
+    off[0, 10] += 1e-12
+    with pytest.raises(ValueError, match="not in train_dataset"):
+        ex.self_influence((off, y[4:5]))
+    lossy = (x[4:5].float() + 1e-3, y[4:5])
+    with pytest.raises(ValueError, match=r"differs in dtype: torch\.float32 \(train_dataset"):
+        ex.self_influence(lossy)
+    with pytest.raises(ValueError, match="shape"):
+        ex.self_influence((x[4:5, :10], y[4:5]))
+
+    # a training set holding an example twice: its copies' exact self-influences differ
+    torch.manual_seed(22)
+    twice = torch.utils.data.TensorDataset(torch.cat([x[:20], x[3:4]]), torch.cat([y[:20], y[3:4]]))
+    net = digits_mlp(hidden=8)
+    twice_path = record(net, torch.optim.SGD(net.parameters(), lr=0.1), twice, batch_size=7)
+    dup = explainer((net, twice, twice_path))
+    both = dup.self_influence()[[3, 20]]
+    assert abs(float(both[0] - both[1])) > 1e-6 * float(both.abs().max())
+    with pytest.raises(ValueError, match=r"occurs 2 times in train_dataset \(indices 3, 20\)"):
+        dup.self_influence((x[3:4], y[3:4]))
+    torch.testing.assert_close(
+        dup.self_influence((x[5:6], y[5:6])), dup.self_influence()[5:6], rtol=1e-9, atol=1e-13
+    )
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"x": x, "y": y}
+
+
+class _WithIndex(_Dicts):
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x, y, i
+
+
+def test_training_sets_of_another_layout_are_refused_naming_the_convention(run):
+    model, data, path = run
+    for wrong, said in [(_Dicts(data), "item 0 is a dict"), (_WithIndex(data), "x, y, index")]:
+        with pytest.raises(TypeError, match=r"\(inputs\.\.\., label\)") as info:
+            explainer((model, wrong, path))
+        assert said in str(info.value)
+
+
 def _checkpoints(tmp_path, n=40):
     torch.manual_seed(21)
     model = digits_mlp(hidden=8)
@@ -172,6 +233,10 @@ def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
     torch.testing.assert_close(ours[2], captum[2], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="not modules"):
         tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers=["nope"])
+    # the model itself ("") holds every parameter: the same as no layers=
+    whole = tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers=[""])
+    every = tracincp_workflow(pk.PathKernelInfluence, model, data, files)
+    torch.testing.assert_close(whole[0], every[0], rtol=0, atol=0)
 
 
 def test_layers_in_exact_mode_are_approximate_and_delta_says_by_how_much(run):
