@@ -86,7 +86,8 @@ class PathKernelInfluence(DataInfluence):
         projection_seed: Seed of the projection (same seed, same numbers).
         feature_dtype: Storage dtype of cached training features (float32, float16, bfloat16).
         cache_features: Keep training-side features for reuse by later query batches, inside
-            the store when the path is stored on disk.
+            the store when the path is stored on disk, else in memory up to
+            ``memory_budget`` bytes (what does not fit is recomputed when needed).
     """
 
     def __init__(
@@ -180,7 +181,8 @@ class PathKernelInfluence(DataInfluence):
         self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)
         self._features = None
         if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
-            self._features = FeatureCache(self._feature_folder(), feature_dtype)
+            folder = self._feature_folder()
+            self._features = FeatureCache(folder, feature_dtype, memory_bytes=memory_budget)
 
     def _feature_folder(self):
         root = getattr(self.path._backend, "root", None)
@@ -301,7 +303,7 @@ class PathKernelInfluence(DataInfluence):
         """Exact sweep with projected contributions, queries in memory-bounded chunks."""
         n = queries[0].shape[0]
         size = self._query_chunk()
-        features = self._features if self._features is not None else {}
+        features = self._call_features()
         parts = []
         for a in range(0, n, size):
             chunk = tuple(q[a : a + size] for q in queries)
@@ -324,6 +326,16 @@ class PathKernelInfluence(DataInfluence):
         if self._features is not None:
             self._features.flush()
         return Decomposition.concat(parts)
+
+    def _call_features(self) -> FeatureCache:
+        """The feature cache a call uses (in memory: at most ``memory_budget`` bytes).
+
+        The explainer's, or with ``cache_features=False`` one for this call only, in the
+        computation dtype.
+        """
+        if self._features is not None:
+            return self._features
+        return FeatureCache(None, self.dtype, memory_bytes=self.memory_budget)
 
     def _query_chunk(self) -> int:
         """Queries per chunk of a projected sweep, from ``memory_budget`` (at least 1)."""
@@ -362,7 +374,7 @@ class PathKernelInfluence(DataInfluence):
             )
         n = queries[0].shape[0]
         size = self._query_chunk() if projected else max(1, n)
-        features = self._features if self._features is not None else {}  # shared by blocks
+        features = self._call_features()  # shared by blocks
 
         def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
             norms = {} if score == "cosine" else None

@@ -351,12 +351,17 @@ class Engine:
             feats = projector.training_features(w_full, batch, p.loss_fn)
             _check_finite(feats, "projected training gradient", s)
             evals = len(all_indices)
-            features[f"f{s}"] = feats
-        if full and f"g{s}" not in features:  # (a block of columns needs no bookkeeping)
-            # the whole batch gradient, for the exact bookkeeping (one backward pass)
-            batch = self._batch(all_indices) if batch is None else batch
-            features[f"g{s}"] = fm.batch_grad(w_full, batch, p.loss_fn, all_kappa)
-        feats = features[f"f{s}"].to(fm.device)  # read back: every chunk sees the same numbers
+            feats = _keep(features, f"f{s}", feats)
+        else:
+            feats = features[f"f{s}"]
+        grad = None
+        if full:  # the whole batch gradient, for the exact bookkeeping (one backward pass)
+            if f"g{s}" in features:
+                grad = features[f"g{s}"]
+            else:
+                batch = self._batch(all_indices) if batch is None else batch
+                grad = _keep(features, f"g{s}", fm.batch_grad(w_full, batch, p.loss_fn, all_kappa))
+        feats = feats.to(fm.device)  # as stored: every chunk sees the same numbers
         if keep is not None:
             feats = feats[keep.to(feats.device)]
         projected = projector.project(v * sign)
@@ -366,7 +371,7 @@ class Engine:
         if norms is not None:  # the bound of the projected inner product
             add_norms(norms, indices.to(fm.device), kappa, (projected**2).sum(1), (feats**2).sum(1))
         if full:
-            effective = features[f"g{s}"].to(fm.device, fm.dtype) * sign
+            effective = grad.to(fm.device, fm.dtype) * sign
             explained_exact -= v @ effective
             decay -= v @ (lam * w)
             if reconstruct:  # the step check: the same for every query chunk
@@ -428,3 +433,15 @@ def _kernel_weights(kern: torch.Tensor, num: torch.Tensor):
     if kern.shape[-1] == 1:
         return kern[..., 0], weights[..., 0]
     return kern, weights
+
+
+def _keep(features, key: str, value: torch.Tensor) -> torch.Tensor:
+    """Remember a step's training-side tensor; return it as kept.
+
+    A `FeatureCache` may round it to its storage dtype, or hand it back without keeping it
+    when its memory is full.
+    """
+    if hasattr(features, "keep"):
+        return features.keep(key, value)
+    features[key] = value
+    return value

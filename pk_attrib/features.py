@@ -23,22 +23,31 @@ from .store import ShardReader, write_tensor_file
 class FeatureCache:
     """Training-side projected features P g_i(w_s) per step, reused across query batches.
 
-    Kept in memory, and written to ``folder`` (inside the store, when the path is stored)
-    as safetensors shards with a JSON index, so later sessions reuse them too. Features are
-    stored in ``dtype`` (float32, or float16 / bfloat16 to halve the space).
+    Written to ``folder`` (inside the store, when the path is stored) as safetensors shards
+    with a JSON index, so later sessions reuse them too; without a folder, kept in memory up
+    to ``memory_bytes`` (what does not fit is handed back by `keep` but not kept, and so is
+    recomputed when needed again). Features are stored in ``dtype`` (float32, or float16 /
+    bfloat16 to halve the space).
 
     Args:
         folder: Where to persist them (None: memory only).
         dtype: Storage dtype.
         shard_bytes: Size at which a shard is written.
+        memory_bytes: Most bytes kept in memory without a folder (None: no limit).
     """
 
     def __init__(
-        self, folder=None, dtype: torch.dtype = torch.float32, shard_bytes: int = 64 << 20
+        self,
+        folder=None,
+        dtype: torch.dtype = torch.float32,
+        shard_bytes: int = 64 << 20,
+        memory_bytes: int | None = None,
     ):
         self.folder = None if folder is None else Path(folder)
         self.dtype = dtype
         self.shard_bytes = shard_bytes
+        self.memory_bytes = memory_bytes
+        self._memory_used = 0
         self._memory: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._index: dict[str, str] = {}
@@ -66,14 +75,33 @@ class FeatureCache:
             return f.get_tensor(key)
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        # features ("f…") take the storage dtype; exact batch gradients ("g…") keep theirs
+        self.keep(key, value)
+
+    def keep(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Store a step's tensor; return it as stored (the same numbers as a later read).
+
+        Features (``"f<s>"``) take the storage dtype; exact batch gradients (``"g<s>"``)
+        keep theirs. Without a folder, a tensor that would pass ``memory_bytes`` is returned
+        but not kept.
+
+        Args:
+            key: ``"f<s>"`` (features, (B, K)) or ``"g<s>"`` (a batch gradient, (d,)).
+            value: The tensor.
+
+        Returns:
+            The stored tensor, on the CPU.
+        """
         stored = value.detach().to("cpu", self.dtype if key.startswith("f") else value.dtype)
+        nbytes = stored.numel() * stored.element_size()
         if self.folder is None:
-            self._memory[key] = stored
-            return
+            if self.memory_bytes is None or self._memory_used + nbytes <= self.memory_bytes:
+                self._memory[key] = stored
+                self._memory_used += nbytes
+            return stored
         self._pending[key] = stored
         if sum(t.numel() * t.element_size() for t in self._pending.values()) >= self.shard_bytes:
             self.flush()
+        return stored
 
     def flush(self) -> None:
         """Write pending features to a new shard and the index (atomically)."""
@@ -117,4 +145,4 @@ class FeatureCache:
             stacklevel=2,
         )
         self._memory, self._pending, self._index, self._files = {}, {}, {}, {}
-        self._verified = set()
+        self._verified, self._memory_used = set(), 0

@@ -293,6 +293,27 @@ def test_bad_projection_options_are_refused(run):
         make(run, projection_dim=8, mode="checkpoint").influence((x[:1], y[:1]))
 
 
+def test_an_in_memory_feature_cache_keeps_within_the_memory_budget(run):
+    """Without a store, cached training features take at most ``memory_budget`` bytes; what
+    does not fit is recomputed when needed, to the same numbers."""
+    x, y = digits()
+    queries = (x[1500:1504], y[1500:1504])
+    roomy = make(run, projection_dim=32)
+    first = roomy.attribute(*queries)
+    kept = roomy._features._memory_used
+    assert kept == sum(t.numel() * t.element_size() for t in roomy._features._memory.values())
+    assert roomy.attribute(*queries).diagnostics.train_gradients == 0  # all kept
+    tight = make(run, projection_dim=32, memory_budget=kept // 3)
+    assert tight._query_chunk() < 4  # (several chunks share the cache)
+    once = tight.attribute(*queries)
+    assert 0 < tight._features._memory_used <= kept // 3
+    again = tight.attribute(*queries)  # what did not fit is computed again
+    assert again.diagnostics.train_gradients > 0
+    torch.testing.assert_close(once.contributions, first.contributions, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(again.contributions, first.contributions, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(again.delta, first.delta, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "factorized"])
 def test_influence_uses_the_projection_in_memory_bounded_chunks_and_blocks(run, kind):
     """influence() scores are the projected sweep's contributions to −loss, whether the
