@@ -312,17 +312,33 @@ class FactorizedProjector(Projector):
             self.dense = DenseProjector(fm, dim, seed)
             self.dense.names = self.rest
             self.dense.sizes = [self.offsets[n][1] for n in self.rest]
-        self.dim = self.k_out * self.k_in * len(self.layers) + (int(dim) if self.rest else 0)
+        # each layer's (k_out, k_in): a side no wider than its share stays unprojected
+        self.sides = {}
+        for mod_name, weight, bias in self.layers:
+            out_f, in_f = self._shape(weight)
+            self.sides[mod_name] = _sides(out_f, in_f + (bias is not None), int(dim), self.k_in)
+        features = sum(k_o * k_i for k_o, k_i in self.sides.values())
+        self.dim = features + (int(dim) if self.rest else 0)
 
     def factors(self, mod_name: str, out_features: int, in_features: int):
-        """(P_out (k_out, out), P_in (k_in, in [+1 for the bias])) of a layer."""
+        """(P_out (k_out, out), P_in (k_in, in [+1 for the bias])) of a layer.
+
+        A side that is not projected (its width fits its share of the features) is None:
+        that factor of the estimate is exact.
+        """
         fm = self.fm
+        k_out, k_in = self.sides.get(mod_name, (self.k_out, self.k_in))
         gen = _generator(fm.device, self.seed, "factorized", mod_name)
-        p_out = torch.randn(
-            self.k_out, out_features, generator=gen, device=fm.device, dtype=fm.dtype
-        )
-        p_in = torch.randn(self.k_in, in_features, generator=gen, device=fm.device, dtype=fm.dtype)
-        return p_out / math.sqrt(self.k_out), p_in / math.sqrt(self.k_in)
+        p_out = p_in = None
+        if k_out < out_features:
+            p_out = torch.randn(
+                k_out, out_features, generator=gen, device=fm.device, dtype=fm.dtype
+            )
+            p_out /= math.sqrt(k_out)
+        if k_in < in_features:
+            p_in = torch.randn(k_in, in_features, generator=gen, device=fm.device, dtype=fm.dtype)
+            p_in /= math.sqrt(k_in)
+        return p_out, p_in
 
     def _shape(self, weight: str):
         out_f, in_f = self.fm.shapes[self.fm.names.index(weight)]
@@ -339,7 +355,11 @@ class FactorizedProjector(Projector):
                 b, nb = self.offsets[bias]
                 block = torch.cat([block, x[:, b : b + nb].reshape(-1, out_f, 1)], 2)
             p_out, p_in = self.factors(mod_name, out_f, block.shape[2])
-            parts.append((p_out.to(x.dtype) @ block @ p_in.to(x.dtype).T).reshape(x.shape[0], -1))
+            if p_out is not None:
+                block = p_out.to(x.dtype) @ block
+            if p_in is not None:
+                block = block @ p_in.to(x.dtype).T
+            parts.append(block.reshape(x.shape[0], -1))
         if self.dense is not None:
             rest = torch.cat(
                 [x[:, a : a + n] for a, n in (self.offsets[name] for name in self.rest)], 1
@@ -381,13 +401,32 @@ class FactorizedProjector(Projector):
             if bias is not None:
                 act = torch.cat([act, torch.ones_like(act[..., :1])], -1)
             p_out, p_in = self.factors(mod_name, delta.shape[-1], act.shape[-1])
-            feat = torch.einsum("bto,bti->boi", delta @ p_out.T, act @ p_in.T)
+            delta = delta if p_out is None else delta @ p_out.T
+            act = act if p_in is None else act @ p_in.T
+            feat = torch.einsum("bto,bti->boi", delta, act)
             parts.append(feat.reshape(batch, -1))
         if self.dense is not None:
             names = self.rest
             grads = fm.loss_grads(w, (*inputs, labels), loss_fn, names=names)
             parts.append(self.dense.project(grads))
         return torch.cat(parts, 1)
+
+
+def _sides(width_out: int, width_in: int, dim: int, k_in: int) -> tuple[int, int]:
+    """(k_out, k_in) of a Linear layer's factorized features, k_out × k_in ≤ dim.
+
+    A side no wider than its share stays unprojected (exact), and the other side gets the
+    rest of the dim features: the last layer of a classifier (10 outputs) keeps its output
+    gradients exact and projects its inputs to dim / 10 features, rather than spreading 10
+    numbers over √dim random ones. A layer with at most dim weights is not projected.
+    """
+    if width_out * width_in <= dim:
+        return width_out, width_in
+    if width_out <= dim // k_in:
+        return width_out, dim // width_out
+    if width_in <= k_in:
+        return dim // width_in, width_in
+    return dim // k_in, k_in
 
 
 def make_projector(

@@ -103,6 +103,38 @@ def test_factorized_linear_projection_equals_the_kronecker_projection_of_the_gra
     )
 
 
+def test_factorized_keeps_a_narrow_side_exact_and_gives_the_other_side_its_features():
+    """A side no wider than its share is not projected (that factor is exact); a layer
+    with at most k weights is not projected at all, so its feature dot products are exact."""
+    torch.manual_seed(44)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 3)
+    ).to(F64)
+    fm, w = functional(model)
+    x, y = torch.randn(9, 40, dtype=F64), torch.randint(0, 3, (9,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    grads = fm.loss_grads(w, (x, y), loss_fn)
+    proj = make_projector(fm, "factorized", 64, seed=5)
+    # layer 0: 30 x 41 > 64, neither side <= 8: 8 x 8; layer 2: 3 outputs (<= 8): 3 x 21
+    assert proj.sides == {"0": (8, 8), "2": (3, 21)} and proj.dim == 64 + 63
+    features = proj.training_features(w, (x, y), loss_fn)
+    torch.testing.assert_close(features, proj.project(grads), rtol=1e-10, atol=1e-12)
+    p_out, p_in = proj.factors("2", 3, 31)
+    assert p_out is None and p_in.shape == (21, 31)
+    # the last layer's block is exactly its gradient [dW | db] times P_in^T
+    a, n = proj.offsets["2.weight"]
+    b, nb = proj.offsets["2.bias"]
+    block = torch.cat([grads[:, a : a + n].reshape(9, 3, 30), grads[:, b : b + nb, None]], 2)
+    torch.testing.assert_close(
+        features[:, 64:], (block @ p_in.T).reshape(9, -1), rtol=1e-10, atol=1e-12
+    )
+    # k at least every layer's weights: no projection, dot products of gradients exactly
+    whole = make_projector(fm, "factorized", 30 * 41, seed=5)
+    assert whole.sides == {"0": (30, 41), "2": (3, 31)}
+    exact = whole.training_features(w, (x, y), loss_fn)
+    torch.testing.assert_close(exact @ exact.T, grads @ grads.T, rtol=1e-10, atol=1e-12)
+
+
 class Reused(torch.nn.Module):
     """A Linear layer used in a way its captured terms must handle, or be refused for."""
 
