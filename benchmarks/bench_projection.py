@@ -38,21 +38,22 @@ the three promises of that design.
    reports as it goes (a lower bound when it timed out before a chunk finished).
    ``--full`` runs every configuration to the end (hours).
 
-2. Accuracy vs k in {64, 256, 1024, 4096} on scikit-learn's digits (pixels / 16, 1,000
-   training images, MLP 64 -> 32 -> 10 Tanh, SGD lr 0.1, batch 32, 3 epochs recorded in
-   memory; 100 held-out queries). For "gaussian", "sparse" and "factorized" (k features per
-   Linear layer there: 2k in all): relative error ||C_proj - C_exact||_F / ||C_exact||_F of
-   the contributions to each query's label logit, and the mean over queries of the
-   Spearman correlation between the projected and the exact contributions. Then the test
+2. Accuracy vs k in {64, 256, 1024, 4096} on scikit-learn's digits (pixels / 16, 1,000 training
+   images, MLP 64 -> 32 -> 10 Tanh, SGD lr 0.1, batch 32, 3 epochs recorded in memory; 100
+   held-out queries). For "gaussian", "sparse" and "factorized" (up to k features per Linear
+   layer there; a side no wider than its share is left unprojected, so at k = 4096, where each
+   layer has at most k weights, it is exact): relative error ||C_proj - C_exact||_F /
+   ||C_exact||_F of the contributions to each query's label logit, and the mean over queries of
+   the Spearman correlation between the projected and the exact contributions. Then the test
    loss: Captum's ``TracInCPFastRandProj`` (last layer only, TracIn over the 3 end-of-epoch
-   checkpoints, ``projection_dim=k``; ``None`` gives it unprojected) and pk_attrib's
-   projected sweep of the negative test loss (``output_fn``), each ranked against exact
-   mode's ``influence((x, y))``. Targets at k = 4096: relative error <= 0.25 and mean
-   Spearman >= 0.95 for gaussian and sparse (variance ~ 1/k); <= 0.5 and >= 0.8 for
-   factorized, whose estimate is a product of two independent ones of dimension sqrt(k)
-   (variance ~ 2/sqrt(k)); and the error shrinks at least half as fast as theory says:
-   err(64) / err(4096) >= 0.5 x 64^(1/2) = 4 (gaussian, sparse), 0.5 x 64^(1/4) = 1.41
-   (factorized).
+   checkpoints, ``projection_dim=k``; ``None`` gives it unprojected) and pk_attrib's projected
+   sweep of the negative test loss (``output_fn``), each ranked against exact mode's
+   ``influence((x, y))``. Targets at k = 4096: relative error <= 0.25 and mean Spearman >= 0.95
+   for gaussian and sparse (variance ~ 1/k); <= 0.5 and >= 0.8 for factorized, whose estimate is
+   a product of two independent ones of dimension sqrt(k) (variance ~ 2/sqrt(k)), judged at the
+   largest k that still projects (1024); and the error shrinks at least half as fast as theory
+   says: err(64) / err(4096) >= 0.5 x 64^(1/2) = 4 (gaussian, sparse), err(64) / err(1024) >=
+   0.5 x 16^(1/4) = 1 (factorized).
 
 3. Throughput: projected per-example gradients per second of
    ``make_projector(fm, kind, k).training_features(w, batch, loss_fn)`` for each kind on the
@@ -827,9 +828,18 @@ def accuracy_part(cfg: Config, root: Path) -> list[bool]:
             f"{seconds:>7.1f}"
         )
 
-    big, small = cfg.ks[-1], cfg.ks[0]
+    small = cfg.ks[0]
     results = []
     for kind, (max_error, min_spearman, rate) in ACCURACY_TARGETS.items():
+        # judged at the largest k that still projects: factorized leaves a layer with at
+        # most k weights unprojected, so on this small MLP its largest k is exact
+        projecting = [k for k in cfg.ks if errors[kind, k] > 1e-5]  # (float32 rounding)
+        big = max(projecting) if projecting else cfg.ks[-1]
+        if big != cfg.ks[-1]:
+            print(
+                f"   (2/{kind}: exact for k >= {min(k for k in cfg.ks if k > big)}, where "
+                f"every layer fits its share of the features; judged at k = {big})"
+            )
         ok = errors[kind, big] <= max_error and spearman[kind, big] >= min_spearman
         print(
             f"   {verdict(ok)} 2/{kind}: at k = {big} rel. error {errors[kind, big]:.4f} <= "
