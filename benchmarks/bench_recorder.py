@@ -28,6 +28,11 @@ during a measurement (from ``/proc/stat``); a measurement above 10% is retaken
 (``--retries``), and a warning is printed if one stays above, because two OpenMP threads on
 two shared cores slow down by large factors when a third process competes.
 
+It also reports a fresh-memory floor: the time per step to copy the parameters into fresh
+anonymous memory that is kept (no training), with the CPU time it takes and the kernel's
+share of it. Every step of an in-memory recording needs that much fresh memory, so this is
+what the page faults and the copy alone cost, whoever allocates the memory.
+
 For disk mode it also reports the store's size per step next to the raw parameter bytes
 per step, and compares the store's sustained throughput (store bytes / disk-mode wall
 time) with the raw sequential write throughput of the same file system, measured in the
@@ -370,6 +375,38 @@ def raw_write_seconds(path: Path, total: int, chunks: list[bytes], fsync: bool) 
     return elapsed
 
 
+def fresh_memory_floor(param_bytes: int, steps: int, repeats: int) -> dict[str, float]:
+    """Per step: seconds to copy ``param_bytes`` into fresh anonymous memory that is kept.
+
+    No training, nothing else: the page faults (the kernel zeroing and mapping fresh pages)
+    and the copy that any in-memory recording of every step pays. Also the CPU seconds
+    (user + system, all threads) per step, and the system share of them. Median of repeats.
+    """
+    import mmap
+
+    source = torch.randn(param_bytes // 4)
+    walls, cpus, systems = [], [], []
+    for _ in range(repeats):
+        kept = []
+        before, start = os.times(), time.perf_counter()
+        for _ in range(steps):
+            memory = mmap.mmap(-1, param_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            target = torch.frombuffer(memory, dtype=torch.float32)
+            target.copy_(source)
+            kept.append((memory, target))
+        wall, after = time.perf_counter() - start, os.times()
+        walls.append(wall / steps)
+        systems.append((after.system - before.system) / steps)
+        cpus.append((after.user - before.user) / steps + systems[-1])
+        del kept, target
+        gc.collect()
+    return {
+        "wall": statistics.median(walls),
+        "cpu": statistics.median(cpus),
+        "system": statistics.median(systems),
+    }
+
+
 def raw_throughput(out_dir: Path, total: int, repeats: int) -> dict[str, float]:
     """Median raw sequential write throughput (bytes/s), without and with fsync."""
     chunks = [os.urandom(RAW_CHUNK_BYTES) for _ in range(4)]
@@ -393,7 +430,9 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def report(work: Workload, result: RunResult, raw: dict[str, float]) -> dict[str, bool]:
+def report(
+    work: Workload, result: RunResult, raw: dict[str, float], floor: dict[str, float]
+) -> dict[str, bool]:
     """Print one workload's table; return its target checks (description -> passed)."""
     bare = result.median("bare")
     print(
@@ -416,6 +455,13 @@ def report(work: Workload, result: RunResult, raw: dict[str, float]) -> dict[str
     print(
         f"memory mode / copy floor = {result.median('memory') / result.median('copy'):.2f}x "
         "(what recording adds beyond copying w_s into fresh memory every step)"
+    )
+    per_step_bare = bare / work.steps
+    print(
+        f"fresh-memory floor     {floor['wall'] * 1e3:>8.3f} ms/step   (copying "
+        f"{fmt_bytes(work.param_bytes)} into fresh anonymous memory that is kept, no training; "
+        f"CPU {floor['cpu'] * 1e3:.2f} ms, {floor['system'] / max(floor['cpu'], 1e-12):.0%} of "
+        f"it in the kernel) = bare + floor {(per_step_bare + floor['wall']) / per_step_bare:.2f}x"
     )
     busiest = max(max(loads) for loads in result.other_load.values())
     if result.retried:
@@ -541,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         for work in workloads(args.steps, args.quick).values():
             result = measure(work, repeats, retries, out_dir, args.keep, isolate=not args.quick)
             raw = raw_throughput(out_dir, int(statistics.median(result.store_bytes)), repeats)
-            checks += [(work, check, ok) for check, ok in report(work, result, raw).items()]
+            floor = fresh_memory_floor(work.param_bytes, work.steps, repeats)
+            checks += [(work, check, ok) for check, ok in report(work, result, raw, floor).items()]
     finally:
         if remove_out_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
