@@ -75,11 +75,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
+        if durable:
+            f.flush()
+            _settle(f.fileno())
     os.replace(tmp, path)
+
+
+def _settle(fd: int) -> None:
+    """Flush a written file to the disk and drop its pages from the page cache.
+
+    Once the file is on the disk its cached pages are clean, and dropping them lets the next
+    shard reuse the same memory instead of growing the page cache by a shard each time.
+    Fresh memory is what makes writing expensive: on the 2-core VM of the benchmarks,
+    writing 1.5 GiB in 4 MiB blocks took 9-10 ms of kernel CPU per block into a growing
+    page cache, against 1.1 ms per block with this after every 128 MiB (and the disk itself
+    takes 1.8 GiB/s with fsync). Flushing also makes a shard survive a power cut before the
+    manifest lists it.
+    """
+    os.fsync(fd)
+    if hasattr(os, "posix_fadvise"):  # (not on Windows or macOS: the pages stay cached)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 # safetensors' dtype codes of the torch dtypes a store holds
@@ -114,7 +133,7 @@ def _write_all(f, data) -> None:
 
 
 def write_tensor_file(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], durable: bool = False
 ) -> dict[str, Any]:
     """Write a safetensors file atomically; return its manifest entry (file, sha256, bytes).
 
@@ -127,13 +146,17 @@ def write_tensor_file(
         path: Destination file.
         tensors: Name -> CPU tensor of any shape.
         metadata: String metadata stored in the safetensors header.
+        durable: Also flush the file to the disk (fsync) before it takes its name, and then
+            drop its pages from the page cache: a recorder's shards are written once and
+            read much later, and fresh page-cache memory for gigabytes of them costs more
+            CPU than the write itself (see `_settle`).
     """
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):  # rare: let
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
             {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
         )
-        _write_atomic(path, data)
+        _write_atomic(path, data, durable)
         return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -159,6 +182,8 @@ def write_tensor_file(
             data = _as_bytes(tensors[key])
             digest.update(data)  # hashlib and write release the GIL for large buffers
             _write_all(f, data)
+        if durable:
+            _settle(f.fileno())
     os.replace(tmp, path)
     return {"file": path.name, "sha256": digest.hexdigest(), "bytes": 8 + len(head) + offset}
 
@@ -402,6 +427,7 @@ class AsyncShardWriter:
             self.root / f"shard-{first:08d}.safetensors",
             tensors,
             {"format": "pk_attrib.shard", "first_step": str(first), "n_steps": str(len(records))},
+            durable=True,
         )
         entry.update(first_step=first, n_steps=len(records))
         self.manifest["shards"].append(entry)

@@ -231,6 +231,36 @@ def test_many_steps_make_few_files(tmp_path):
     assert_matches_replay(path, replay(400))
 
 
+def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkeypatch):
+    """Shards are fsynced (then dropped from the page cache) before the manifest names them,
+    so a power cut cannot leave a manifest pointing at a shard the disk never got."""
+    import pk_attrib.store as store
+
+    events = []
+    real_fsync, real_manifest = os.fsync, store.write_manifest
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def manifest(root, data, *args, **kwargs):
+        events.append(("manifest", [shard["file"] for shard in data["shards"]]))
+        return real_manifest(root, data, *args, **kwargs)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store, "write_manifest", manifest)
+    record(tmp_path / "s", steps=40, shard_bytes=20_000)
+    synced, listed = set(), 0
+    for kind, what in events:
+        if kind == "fsync":
+            synced.add(what.removesuffix(".tmp"))
+        else:
+            assert set(what) <= synced, (what, synced)
+            listed = max(listed, len(what))
+    assert listed >= 2  # several shards, each synced before it was listed
+    assert_matches_replay(pk.TrainingPath.load(tmp_path / "s"), replay(40))
+
+
 def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
     import safetensors.torch
 
