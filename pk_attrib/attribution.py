@@ -331,11 +331,13 @@ class PathKernelInfluence(DataInfluence):
         """The feature cache a call uses (in memory: at most ``memory_budget`` bytes).
 
         The explainer's, or with ``cache_features=False`` one for this call only, in the
-        computation dtype.
+        computation dtype and on the computation device.
         """
         if self._features is not None:
             return self._features
-        return FeatureCache(None, self.dtype, memory_bytes=self.memory_budget)
+        return FeatureCache(
+            None, self.dtype, memory_bytes=self.memory_budget, device=self._fm.device
+        )
 
     def _query_chunk(self) -> int:
         """Queries per chunk of a projected sweep, from ``memory_budget`` (at least 1)."""

@@ -156,8 +156,9 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
 def locate(dataset: Dataset, inputs: Any) -> torch.Tensor:
     """Training indices of the given examples (a batch or a DataLoader of batches), (n,).
 
-    An example matches a training example when its tensors, cast to the dtypes of the
-    dataset's items, equal that example's bit for bit (and the cast loses nothing).
+    An example matches a training example when its tensors, cast to the dtypes the training
+    set's items collate to (as in training: Python floats become float64), equal that
+    example's bit for bit, and the cast loses nothing (NaNs match NaNs).
 
     Raises:
         ValueError: An example is not in the dataset, or occurs in it more than once (its
@@ -166,41 +167,42 @@ def locate(dataset: Dataset, inputs: Any) -> torch.Tensor:
     batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
     if len(dataset) == 0:
         raise ValueError("train_dataset is empty: no example can be located in it")
+    reference = gather_examples(dataset, torch.tensor([0]))  # collated, as training saw it
+    dtypes = [t.dtype for t in reference]
     lookup: dict[bytes, list[int]] = {}
     for i in range(len(dataset)):
-        lookup.setdefault(example_key(dataset[i]), []).append(i)
-    reference = [torch.as_tensor(t) for t in dataset[0]]
+        item = [torch.as_tensor(t, dtype=dt) for t, dt in zip(dataset[i], dtypes, strict=True)]
+        lookup.setdefault(example_key(item), []).append(i)
     found = []
     for batch in batches:
-        items = [torch.as_tensor(t) for t in batch]
-        if len(items) != len(reference):
+        items = [torch.as_tensor(t).detach().cpu() for t in batch]
+        if len(items) != len(dtypes):
             raise ValueError(
                 f"the inputs have {len(items)} tensors per example (inputs..., labels), "
-                f"train_dataset's items {len(reference)}"
+                f"train_dataset's items {len(dtypes)}"
             )
-        cast, lossless = [], torch.ones(items[-1].shape[0], dtype=torch.bool)
-        for pos, (t, ref) in enumerate(zip(items, reference, strict=True)):
-            if tuple(t.shape[1:]) != tuple(ref.shape):
-                raise ValueError(
-                    f"tensor {pos} of the inputs has examples of shape {tuple(t.shape[1:])}, "
-                    f"train_dataset's {tuple(ref.shape)}"
-                )
-            c = t.detach().cpu().to(ref.dtype)
-            lossless &= (c.to(t.dtype) == t.detach().cpu()).reshape(len(t), -1).all(1)
+        if any(t.dim() == 0 for t in items):
+            raise ValueError("inputs must be a batch: every tensor's first dimension indexes")
+        n = items[-1].shape[0]
+        if n == 0:
+            continue
+        cast, lossless = [], torch.ones(n, dtype=torch.bool)
+        for t, dt in zip(items, dtypes, strict=True):
+            c = t.to(dt)
+            back = c.to(t.dtype)
+            same = back == t
+            if t.is_floating_point():
+                same |= back.isnan() & t.isnan()
+            lossless &= same.reshape(n, -1).all(1)
             cast.append(c)
-        for r in range(len(lossless)):
+        for r in range(n):
             rows = lookup.get(example_key([c[r] for c in cast])) if lossless[r] else None
             if rows is None:
-                changed = [
-                    f"{t.dtype} (train_dataset: {ref.dtype})"
-                    for t, ref in zip(items, reference, strict=True)
-                    if t.dtype != ref.dtype
-                ]
+                hint = _difference(items, reference)
                 raise ValueError(
-                    f"example {r} of the inputs is not in train_dataset"
-                    + (f" (it differs in dtype: {', '.join(changed)})" if changed else "")
-                    + ": exact self-influence is defined for training examples; use "
-                    "mode='checkpoint' for TracIn's self-influence of other examples"
+                    f"example {r} of the inputs is not in train_dataset{hint}: exact "
+                    "self-influence is defined for training examples; use mode='checkpoint' "
+                    "for TracIn's self-influence of other examples"
                 )
             if len(rows) > 1:
                 shown = rows[:5] + (["..."] if len(rows) > 5 else [])
@@ -212,3 +214,20 @@ def locate(dataset: Dataset, inputs: Any) -> torch.Tensor:
                 )
             found.append(rows[0])
     return torch.tensor(found, dtype=torch.int64)
+
+
+def _difference(items: list[torch.Tensor], reference: tuple[torch.Tensor, ...]) -> str:
+    """How a batch's tensors differ in dtype or shape from the training set's first item.
+
+    A hint for an example that was not found (the items of a set may vary in shape).
+    """
+    notes = []
+    for pos, (t, ref) in enumerate(zip(items, reference, strict=True)):
+        if t.dtype != ref.dtype:
+            notes.append(f"tensor {pos} is {t.dtype}, train_dataset's {ref.dtype}")
+        if tuple(t.shape[1:]) != tuple(ref.shape[1:]):
+            notes.append(
+                f"tensor {pos} holds examples of shape {tuple(t.shape[1:])}, train_dataset's "
+                f"first {tuple(ref.shape[1:])}"
+            )
+    return f" ({'; '.join(notes)})" if notes else ""

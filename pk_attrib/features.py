@@ -34,6 +34,8 @@ class FeatureCache:
         dtype: Storage dtype.
         shard_bytes: Size at which a shard is written.
         memory_bytes: Most bytes kept in memory without a folder (None: no limit).
+        device: Where a cache without a folder keeps its tensors (a folder's pending ones
+            wait on the CPU).
     """
 
     def __init__(
@@ -42,7 +44,9 @@ class FeatureCache:
         dtype: torch.dtype = torch.float32,
         shard_bytes: int = 64 << 20,
         memory_bytes: int | None = None,
+        device: torch.device | str = "cpu",
     ):
+        self.device = torch.device(device)
         self.folder = None if folder is None else Path(folder)
         self.dtype = dtype
         self.shard_bytes = shard_bytes
@@ -82,7 +86,8 @@ class FeatureCache:
 
         Features (``"f<s>"``) take the storage dtype; exact batch gradients (``"g<s>"``)
         keep theirs. Without a folder, a tensor that would pass ``memory_bytes`` is returned
-        but not kept.
+        but not kept, after kept batch gradients (one backward pass each to recompute) made
+        room for features (per-example gradients to recompute).
 
         Args:
             key: ``"f<s>"`` (features, (B, K)) or ``"g<s>"`` (a batch gradient, (d,)).
@@ -91,10 +96,19 @@ class FeatureCache:
         Returns:
             The stored tensor, on the CPU.
         """
-        stored = value.detach().to("cpu", self.dtype if key.startswith("f") else value.dtype)
+        feature = key.startswith("f")
+        device = self.device if self.folder is None else "cpu"
+        stored = value.detach().to(device, self.dtype if feature else value.dtype)
         nbytes = stored.numel() * stored.element_size()
         if self.folder is None:
-            if self.memory_bytes is None or self._memory_used + nbytes <= self.memory_bytes:
+            limit = self.memory_bytes
+            if limit is not None and feature:  # features first: batch gradients are cheap
+                for other in [k for k in self._memory if k.startswith("g")]:  # to recompute
+                    if self._memory_used + nbytes <= limit:
+                        break
+                    dropped = self._memory.pop(other)
+                    self._memory_used -= dropped.numel() * dropped.element_size()
+            if limit is None or self._memory_used + nbytes <= limit:
                 self._memory[key] = stored
                 self._memory_used += nbytes
             return stored

@@ -325,6 +325,10 @@ class FactorizedProjector(Projector):
         features = sum(k_o * k_i for k_o, k_i in self.sides.values())
         self.dim = features + (int(dim) if self.rest else 0)
 
+    def config(self):
+        """Adds the layout version (narrow sides unprojected since version 2)."""
+        return {**super().config(), "layout": 2}
+
     def factors(self, mod_name: str, out_features: int, in_features: int):
         """(P_out (k_out, out), P_in (k_in, in [+1 for the bias])) of a layer.
 

@@ -120,15 +120,15 @@ def test_self_influence_of_given_inputs_casts_dtypes_and_refuses_ambiguous_copie
     # float32 inputs and int32 labels of float64 / int64 training examples: the same examples
     narrow = ex.self_influence((x[picked].float(), y[picked].int()))
     torch.testing.assert_close(narrow, self_scores[picked], rtol=1e-9, atol=1e-13)
-    # a value float64 holds but the query's float32 cannot: not a training example
+    # a float64 query one part in 1e12 off its training example: not that example
     off = x[4:5].clone()
     off[0, 10] += 1e-12
     with pytest.raises(ValueError, match="not in train_dataset"):
         ex.self_influence((off, y[4:5]))
     lossy = (x[4:5].float() + 1e-3, y[4:5])
-    with pytest.raises(ValueError, match=r"differs in dtype: torch\.float32 \(train_dataset"):
+    with pytest.raises(ValueError, match=r"tensor 0 is torch\.float32, train_dataset's"):
         ex.self_influence(lossy)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"shape \(10,\), train_dataset's first \(64,\)"):
         ex.self_influence((x[4:5, :10], y[4:5]))
 
     # a training set holding an example twice: its copies' exact self-influences differ
@@ -166,10 +166,49 @@ class _WithIndex(_Dicts):
 
 def test_training_sets_of_another_layout_are_refused_naming_the_convention(run):
     model, data, path = run
-    for wrong, said in [(_Dicts(data), "item 0 is a dict"), (_WithIndex(data), "x, y, index")]:
+    for wrong, said in [
+        (_Dicts(data), "item 0 is a dict"),
+        (_WithIndex(data), "on item 0 this failed with TypeError"),  # model(x, y) refused
+    ]:
         with pytest.raises(TypeError, match=r"\(inputs\.\.\., label\)") as info:
             explainer((model, wrong, path))
         assert said in str(info.value)
+
+
+class _Ragged(torch.utils.data.Dataset):
+    """Items of several shapes, Python-float labels (collated to float64 in training)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i], 0.1 * i
+
+
+def test_locating_examples_matches_them_as_training_collated_them():
+    from pk_attrib.compat import locate
+
+    x = torch.randn(6, 3, dtype=F64)
+    x[2, 1] = float("nan")  # NaN matches NaN
+    data = torch.utils.data.TensorDataset(x, torch.arange(6))
+    assert torch.equal(locate(data, (x[[2, 4]], torch.tensor([2, 4]))), torch.tensor([2, 4]))
+    assert locate(data, (x[:0], torch.arange(0))).shape == (0,)
+    # float32 training inputs: a float64 query finds its example when the cast is exact,
+    # and is refused when float32 cannot hold it
+    narrow = torch.utils.data.TensorDataset(x.float(), torch.arange(6))
+    assert torch.equal(
+        locate(narrow, (x[[1]].float().double(), torch.tensor([1]))), torch.tensor([1])
+    )
+    finer = x[[1]].float().double()
+    finer[0, 0] += 1e-12
+    with pytest.raises(ValueError, match=r"not in train_dataset \(tensor 0 is torch\.float64"):
+        locate(narrow, (finer, torch.tensor([1])))
+    # items of several shapes, with Python-float labels, queried through a DataLoader
+    ragged = _Ragged([torch.randn(2 + i % 3) for i in range(6)])
+    assert torch.equal(locate(ragged, DataLoader(ragged, batch_size=1)), torch.arange(6))
 
 
 def _checkpoints(tmp_path, n=40):

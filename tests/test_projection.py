@@ -327,18 +327,24 @@ def test_bad_projection_options_are_refused(run):
 
 def test_an_in_memory_feature_cache_keeps_within_the_memory_budget(run):
     """Without a store, cached training features take at most ``memory_budget`` bytes; what
-    does not fit is recomputed when needed, to the same numbers."""
+    does not fit is recomputed when needed, to the same numbers. Features come first: batch
+    gradients (one backward pass to recompute) make room for them."""
     x, y = digits()
     queries = (x[1500:1504], y[1500:1504])
     roomy = make(run, projection_dim=32)
     first = roomy.attribute(*queries)
-    kept = roomy._features._memory_used
-    assert kept == sum(t.numel() * t.element_size() for t in roomy._features._memory.values())
     assert roomy.attribute(*queries).diagnostics.train_gradients == 0  # all kept
-    tight = make(run, projection_dim=32, memory_budget=kept // 3)
+    memory = roomy._features._memory
+    features = sum(t.numel() * t.element_size() for k, t in memory.items() if k[0] == "f")
+    assert features < sum(t.numel() * t.element_size() for t in memory.values())  # + gradients
+    exact_fit = make(run, projection_dim=32, memory_budget=features)
+    exact_fit.attribute(*queries)
+    assert {k for k in exact_fit._features._memory} == {k for k in memory if k[0] == "f"}
+    assert exact_fit.attribute(*queries).diagnostics.train_gradients == 0
+    tight = make(run, projection_dim=32, memory_budget=features // 2)
     assert tight._query_chunk() < 4  # (several chunks share the cache)
     once = tight.attribute(*queries)
-    assert 0 < tight._features._memory_used <= kept // 3
+    assert 0 < tight._features._memory_used <= features // 2
     again = tight.attribute(*queries)  # what did not fit is computed again
     assert again.diagnostics.train_gradients > 0
     torch.testing.assert_close(once.contributions, first.contributions, rtol=1e-12, atol=1e-15)
