@@ -50,8 +50,20 @@ def decompose(
     layers, rest = linear_layers(fm)
     if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
         w = fm.flatten(path.step(0).params)
-        probe = capture(fm, w, inputs, lambda out: output_fn(out, target), layers, check=True)
+        probe = capture(
+            fm,
+            w,
+            inputs,
+            lambda out: output_fn(out, target),
+            layers,
+            rest,
+            lambda names, w=w: _query_grads(fm, w, inputs, target, output_fn, names),
+            check=True,
+        )
         cache["layers"] = probe is not None  # (a weight also used outside its module: no)
+        if probe is not None:  # the first checkpoint's query terms, as the loop takes them
+            cache[0] = probe
+            query_evals += n
     if not cache.get("layers", True):
         layers = []  # the general path: per-example gradients of every parameter
     for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
