@@ -111,6 +111,18 @@ def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(ru
     torch.testing.assert_close(small_blocks.self_influence(), self_scores, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.parametrize("opt", ["adam", "adam_l2_amsgrad"])
+def test_exact_self_influence_under_adam_is_the_diagonal(opt):
+    torch.manual_seed(20)
+    model = digits_mlp(hidden=8)
+    data = train_set(n=30)
+    path = record(model, OPTIMIZERS[opt](model.parameters()), data, batch_size=10)
+    ex = explainer((model, data, path))
+    diagonal = ex.influence(data.tensors).diagonal()
+    torch.testing.assert_close(ex.self_influence(), diagonal, rtol=1e-9, atol=1e-13)
+    assert float(diagonal.min()) > 0  # each example's own steps lowered its loss
+
+
 def test_self_influence_of_given_inputs_casts_dtypes_and_refuses_ambiguous_copies(run):
     model, data, path = run
     ex = explainer(run)
