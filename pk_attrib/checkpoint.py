@@ -48,18 +48,22 @@ def decompose(
     chunk = max(1, fm.chunk_size())
     query_evals = train_evals = 0
     layers, rest = linear_layers(fm)
-    if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
-        w = fm.flatten(path.step(0).params)
-        probe = capture(
+
+    def query_terms(w: torch.Tensor, check: bool = False):
+        """The queries' Linear-layer factors (and rest gradients) at w (None: check failed)."""
+        return capture(
             fm,
             w,
             inputs,
             lambda out: output_fn(out, target),
             layers,
             rest,
-            lambda names, w=w: _query_grads(fm, w, inputs, target, output_fn, names),
-            check=True,
+            lambda names: _query_grads(fm, w, inputs, target, output_fn, names),
+            check=check,
         )
+
+    if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
+        probe = query_terms(fm.flatten(path.step(0).params), check=True)
         cache["layers"] = probe is not None  # (a weight also used outside its module: no)
         if probe is not None:  # the first checkpoint's query terms, as the loop takes them
             cache[0] = probe
@@ -71,15 +75,7 @@ def decompose(
         w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones
         if layers:  # Linear layers: per-layer dot products, no per-example gradients
             if s not in cache:
-                cache[s] = capture(
-                    fm,
-                    w,
-                    inputs,
-                    lambda out: output_fn(out, target),
-                    layers,
-                    rest,
-                    lambda names, w=w: _query_grads(fm, w, inputs, target, output_fn, names),
-                )
+                cache[s] = query_terms(w)
                 query_evals += n
             size = max(1, min(chunk, fm.memory_budget // max(1, 16 * n * dtype.itemsize)))
             for lr, indices, kappa in _parts(engine, step, first, last):
