@@ -494,6 +494,12 @@ class PathKernelInfluence(DataInfluence):
         finally:
             self._problem.show_progress = previous
 
+    def _example_index(self) -> compat.ExampleIndex:
+        """The training set by content (built on first use: it reads every item once)."""
+        if getattr(self, "_examples", None) is None:
+            self._examples = compat.ExampleIndex(self.train_dataset)
+        return self._examples
+
     def _self_influence(self, inputs, show_progress):
         engine = self._engine
         if inputs is not None and self.mode == "checkpoint":
@@ -506,7 +512,7 @@ class PathKernelInfluence(DataInfluence):
         indices = (
             torch.arange(len(self.train_dataset))
             if inputs is None
-            else compat.locate(self.train_dataset, inputs)
+            else compat.locate(self._example_index(), inputs)
         )
         if self.mode == "checkpoint":
             return checkpoint.self_influence(engine, indices)

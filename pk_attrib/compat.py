@@ -153,8 +153,32 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     return chosen
 
 
-def locate(dataset: Dataset, inputs: Any) -> torch.Tensor:
+class ExampleIndex:
+    """The training set's examples by content, to find given examples in it (built once).
+
+    Args:
+        dataset: The training set; its items are ``(inputs..., label)``.
+
+    Raises:
+        ValueError: The dataset is empty.
+    """
+
+    def __init__(self, dataset: Dataset):
+        if len(dataset) == 0:
+            raise ValueError("train_dataset is empty: no example can be located in it")
+        # dtypes as training saw them: collated (Python floats become float64)
+        self.reference = gather_examples(dataset, torch.tensor([0]))
+        dtypes = [t.dtype for t in self.reference]
+        self.rows: dict[bytes, list[int]] = {}
+        for i in range(len(dataset)):
+            item = [torch.as_tensor(t, dtype=dt) for t, dt in zip(dataset[i], dtypes, strict=True)]
+            self.rows.setdefault(example_key(item), []).append(i)
+
+
+def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
     """Training indices of the given examples (a batch or a DataLoader of batches), (n,).
+
+    ``dataset`` may be an `ExampleIndex` of it, built once for many calls.
 
     An example matches a training example when its tensors, cast to the dtypes the training
     set's items collate to (as in training: Python floats become float64), equal that
@@ -165,14 +189,9 @@ def locate(dataset: Dataset, inputs: Any) -> torch.Tensor:
             copies sit in different batches, so their exact self-influences differ).
     """
     batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
-    if len(dataset) == 0:
-        raise ValueError("train_dataset is empty: no example can be located in it")
-    reference = gather_examples(dataset, torch.tensor([0]))  # collated, as training saw it
+    index = dataset if isinstance(dataset, ExampleIndex) else ExampleIndex(dataset)
+    reference, lookup = index.reference, index.rows
     dtypes = [t.dtype for t in reference]
-    lookup: dict[bytes, list[int]] = {}
-    for i in range(len(dataset)):
-        item = [torch.as_tensor(t, dtype=dt) for t, dt in zip(dataset[i], dtypes, strict=True)]
-        lookup.setdefault(example_key(item), []).append(i)
     found = []
     for batch in batches:
         items = [torch.as_tensor(t).detach().cpu() for t in batch]

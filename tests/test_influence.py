@@ -158,6 +158,32 @@ def test_self_influence_of_given_inputs_casts_dtypes_and_refuses_ambiguous_copie
     )
 
 
+class _Counting(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.data[i]
+
+
+def test_self_influence_of_given_inputs_reads_the_training_set_by_content_once(run):
+    model, data, path = run
+    counting = _Counting(data)
+    ex = explainer((model, counting, path))
+    x, y = data.tensors
+    reads = []
+    for _ in range(2):
+        before = counting.reads
+        scores = ex.self_influence((x[[3, 9]], y[[3, 9]]))
+        reads.append(counting.reads - before)
+    assert reads[0] - reads[1] == len(data) + 1  # the first call indexed every example (+ item 0)
+    torch.testing.assert_close(scores, ex.self_influence()[[3, 9]], rtol=1e-9, atol=1e-13)
+
+
 class _Dicts(torch.utils.data.Dataset):
     def __init__(self, data):
         self.data = data
