@@ -180,6 +180,7 @@ class PathKernelInfluence(DataInfluence):
         self._engine = Engine(self._problem)
         self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)
         self._features = None
+        self._examples: compat.ExampleIndex | None = None  # built by self_influence(inputs)
         if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
             folder = self._feature_folder()
             self._features = FeatureCache(folder, feature_dtype, memory_bytes=memory_budget)
@@ -496,7 +497,7 @@ class PathKernelInfluence(DataInfluence):
 
     def _example_index(self) -> compat.ExampleIndex:
         """The training set by content (built on first use: it reads every item once)."""
-        if getattr(self, "_examples", None) is None:
+        if self._examples is None:
             self._examples = compat.ExampleIndex(self.train_dataset)
         return self._examples
 

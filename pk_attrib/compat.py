@@ -168,7 +168,7 @@ class ExampleIndex:
             raise ValueError("train_dataset is empty: no example can be located in it")
         # dtypes as training saw them: collated (Python floats become float64)
         self.reference = gather_examples(dataset, torch.tensor([0]))
-        dtypes = [t.dtype for t in self.reference]
+        self.dtypes = dtypes = [t.dtype for t in self.reference]
         self.rows: dict[bytes, list[int]] = {}
         for i in range(len(dataset)):
             item = [torch.as_tensor(t, dtype=dt) for t, dt in zip(dataset[i], dtypes, strict=True)]
@@ -190,8 +190,7 @@ def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
     """
     batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
     index = dataset if isinstance(dataset, ExampleIndex) else ExampleIndex(dataset)
-    reference, lookup = index.reference, index.rows
-    dtypes = [t.dtype for t in reference]
+    reference, lookup, dtypes = index.reference, index.rows, index.dtypes
     found = []
     for batch in batches:
         items = [torch.as_tensor(t).detach().cpu() for t in batch]

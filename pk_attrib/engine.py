@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .decomposition import Decomposition, Diagnostics
 from .exceptions import NonFiniteError, PkAttribWarning
+from .features import FeatureCache
 from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples
 from .path import TrainingPath
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
@@ -114,7 +115,7 @@ class Engine:
         kernel: bool,
         columns: tuple[int, int] | None = None,
         projector=None,
-        features: dict | None = None,
+        features: FeatureCache | None = None,
         reconstruct: bool = True,
         norms: dict | None = None,
     ):
@@ -340,9 +341,10 @@ class Engine:
         """One step of a projected sweep; returns the training gradients it evaluated."""
         fm, p = self.fm, self.p
         evals = 0
-        features = {} if features is None else features
+        if features is None:  # nothing to share: keep the step's tensors as they are
+            features = FeatureCache(dtype=fm.dtype, device=fm.device)
         batch = None
-        if f"f{s}" in features and getattr(features, "unverified", False):
+        if f"f{s}" in features and features.unverified:
             batch = self._batch(all_indices)  # a cache from an earlier session: check it once
             features.verify(f"f{s}", projector.training_features(w_full, batch, p.loss_fn))
             evals = len(all_indices)
@@ -351,7 +353,7 @@ class Engine:
             feats = projector.training_features(w_full, batch, p.loss_fn)
             _check_finite(feats, "projected training gradient", s)
             evals = len(all_indices)
-            feats = _keep(features, f"f{s}", feats)
+            feats = features.keep(f"f{s}", feats)
         else:
             feats = features[f"f{s}"]
         grad = None
@@ -360,7 +362,7 @@ class Engine:
                 grad = features[f"g{s}"]
             else:
                 batch = self._batch(all_indices) if batch is None else batch
-                grad = _keep(features, f"g{s}", fm.batch_grad(w_full, batch, p.loss_fn, all_kappa))
+                grad = features.keep(f"g{s}", fm.batch_grad(w_full, batch, p.loss_fn, all_kappa))
         feats = feats.to(fm.device)  # as stored: every chunk sees the same numbers
         if keep is not None:
             feats = feats[keep.to(feats.device)]
@@ -433,15 +435,3 @@ def _kernel_weights(kern: torch.Tensor, num: torch.Tensor):
     if kern.shape[-1] == 1:
         return kern[..., 0], weights[..., 0]
     return kern, weights
-
-
-def _keep(features, key: str, value: torch.Tensor) -> torch.Tensor:
-    """Remember a step's training-side tensor; return it as kept.
-
-    A `FeatureCache` may round it to its storage dtype, or hand it back without keeping it
-    when its memory is full.
-    """
-    if hasattr(features, "keep"):
-        return features.keep(key, value)
-    features[key] = value
-    return value

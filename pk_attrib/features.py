@@ -78,9 +78,6 @@ class FeatureCache:
         with safetensors.safe_open(str(self.folder / name), "pt") as f:
             return f.get_tensor(key)
 
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.keep(key, value)
-
     def keep(self, key: str, value: torch.Tensor) -> torch.Tensor:
         """Store a step's tensor; return it as stored (the same numbers as a later read).
 
@@ -94,7 +91,7 @@ class FeatureCache:
             value: The tensor.
 
         Returns:
-            The stored tensor, on the CPU.
+            The stored tensor: on ``device`` without a folder, else on the CPU.
         """
         feature = key.startswith("f")
         device = self.device if self.folder is None else "cpu"

@@ -321,7 +321,8 @@ class FactorizedProjector(Projector):
         self.sides = {}
         for mod_name, weight, bias in self.layers:
             out_f, in_f = self._shape(weight)
-            self.sides[mod_name] = _sides(out_f, in_f + (bias is not None), int(dim), self.k_in)
+            width_in = in_f + (bias is not None)
+            self.sides[mod_name] = _sides(out_f, width_in, int(dim), self.k_out, self.k_in)
         features = sum(k_o * k_i for k_o, k_i in self.sides.values())
         self.dim = features + (int(dim) if self.rest else 0)
 
@@ -336,7 +337,7 @@ class FactorizedProjector(Projector):
         that factor of the estimate is exact.
         """
         fm = self.fm
-        k_out, k_in = self.sides.get(mod_name, (self.k_out, self.k_in))
+        k_out, k_in = self.sides[mod_name]
         gen = _generator(fm.device, self.seed, "factorized", mod_name)
         p_out = p_in = None
         if k_out < out_features:
@@ -421,8 +422,10 @@ class FactorizedProjector(Projector):
         return torch.cat(parts, 1)
 
 
-def _sides(width_out: int, width_in: int, dim: int, k_in: int) -> tuple[int, int]:
+def _sides(width_out: int, width_in: int, dim: int, k_out: int, k_in: int) -> tuple[int, int]:
     """(k_out, k_in) of a Linear layer's factorized features, k_out × k_in ≤ dim.
+
+    ``k_out`` × ``k_in`` (≈ √dim each) is the default share of the two sides.
 
     A side no wider than its share stays unprojected (exact), and the other side gets the
     rest of the dim features: the last layer of a classifier (10 outputs) keeps its output
@@ -431,11 +434,11 @@ def _sides(width_out: int, width_in: int, dim: int, k_in: int) -> tuple[int, int
     """
     if width_out * width_in <= dim:
         return width_out, width_in
-    if width_out <= dim // k_in:
+    if width_out <= k_out:
         return width_out, dim // width_out
     if width_in <= k_in:
         return dim // width_in, width_in
-    return dim // k_in, k_in
+    return k_out, k_in
 
 
 def make_projector(
