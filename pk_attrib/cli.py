@@ -147,7 +147,7 @@ def inspect(store: Path) -> int:
     except pk.PkAttribError as err:
         print(f"integrity:   FAILED: {err}", file=sys.stderr)
         return 1
-    print("integrity:   every tensor file matches its sha256")
+    print("integrity:   every tensor file matches its content hash")
     return 0
 
 

@@ -3,7 +3,7 @@
 Per step s the projected sweep needs P g_i(w_s) for the batch members (``"f<s>"``) and the
 exact batch gradient (``"g<s>"``). They depend on the path and the projector only, not on
 the queries, so they are computed once and kept in memory or in safetensors shards under
-the store, with a JSON index and a sha256 per file.
+the store, with a JSON index and a content hash per file.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FeatureCache:
         self._memory: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._index: dict[str, str] = {}
-        self._files: dict[str, dict] = {}  # file name -> manifest entry (with its sha256)
+        self._files: dict[str, dict] = {}  # file name -> manifest entry (with its hash)
         self._verified: set[str] = set()
         if self.folder is not None and (self.folder / "index.json").is_file():
             index = json.loads((self.folder / "index.json").read_text())

@@ -157,7 +157,7 @@ class TrainingPath:
 
         Args:
             directory: The store folder.
-            verify: Check each tensor file against its sha256 on first access.
+            verify: Check each tensor file against its content hash on first access.
 
         Raises:
             NotAStoreError, FormatVersionError, CorruptStoreError: See `pk_attrib.exceptions`.
@@ -334,7 +334,7 @@ class TrainingPath:
                 params[name].copy_(value)
 
     def verify(self) -> None:
-        """Check every tensor file of a stored path against its sha256.
+        """Check every tensor file of a stored path against its content hash.
 
         Raises:
             CorruptStoreError: A file is missing or does not match its hash.

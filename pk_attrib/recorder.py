@@ -480,6 +480,8 @@ class PathRecorder:
         resume_at = self._resume_point(manifest)
         _truncate(manifest, resume_at)
         manifest["complete"] = False
+        # new shards carry this version's content hash, which older readers do not know
+        manifest["format_version"] = fresh["format_version"]
         write_manifest(root, manifest)
         listed = {e["file"] for e in manifest["shards"]} | {MANIFEST}
         for leftover in root.iterdir():

@@ -211,14 +211,62 @@ def test_a_damaged_or_missing_tensor_file_is_reported(tmp_path):
     data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
     path = pk.TrainingPath.load(tmp_path / "s")
-    with pytest.raises(pk.CorruptStoreError, match="sha256"):
+    with pytest.raises(pk.CorruptStoreError, match="does not match its recorded xxh3_128"):
         path.params(2)
-    with pytest.raises(pk.CorruptStoreError, match="sha256"):
+    with pytest.raises(pk.CorruptStoreError, match="xxh3_128"):
         path.verify()
     shard.unlink()
     with pytest.raises(pk.CorruptStoreError, match="missing"):
         pk.TrainingPath.load(tmp_path / "s").params(1)
     with pytest.raises(OSError):  # the built-in base class works too
+        pk.TrainingPath.load(tmp_path / "s").verify()
+
+
+def as_version_1(store):
+    """Rewrite a store's manifest as pk_attrib 0.1 wrote it: format version 1, sha256 hashes."""
+    import hashlib
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    for entry in manifest["shards"] + [manifest["final"]] * bool(manifest["final"]):
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256((store / entry["file"]).read_bytes()).hexdigest()
+    manifest["format_version"] = 1
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_version_1_store_with_sha256_hashes_loads_checks_and_resumes(tmp_path):
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1) as rec:
+        run_steps(model, optimizer, x, y, rec, 0, 6)  # one shard per step
+    as_version_1(store)
+    path = pk.TrainingPath.load(store)
+    path.verify()
+    assert_matches_replay(path, replay(6))
+    # resuming continues it: old shards keep their sha256, new ones get xxh3_128, version 2
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1) as rec:
+        run_steps(model, optimizer, x, y, rec, 6, 9)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    assert sorted({"sha256" in e for e in manifest["shards"]}) == [False, True]
+    path = pk.TrainingPath.load(store)
+    path.verify()
+    assert_matches_replay(path, replay(9))
+    # a damaged old shard is still caught, by its sha256
+    first = store / manifest["shards"][0]["file"]
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0x01
+    first.write_bytes(bytes(data))
+    with pytest.raises(pk.CorruptStoreError, match="recorded sha256 hash"):
+        pk.TrainingPath.load(store).verify()
+
+
+def test_an_entry_without_a_hash_is_reported(tmp_path):
+    record(tmp_path / "s", steps=3)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["shards"][0]["xxh3_128"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(pk.CorruptStoreError, match="records no content hash"):
         pk.TrainingPath.load(tmp_path / "s").verify()
 
 
@@ -264,7 +312,9 @@ def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkey
 def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
     import safetensors.torch
 
-    from pk_attrib.store import sha256_file, write_tensor_file
+    import xxhash
+
+    from pk_attrib.store import write_tensor_file
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -278,7 +328,7 @@ def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
         "empty": torch.empty(0, 4),
     }
     entry = write_tensor_file(tmp_path / "t.safetensors", tensors, {"format": "test"})
-    assert entry["sha256"] == sha256_file(tmp_path / "t.safetensors")
+    assert entry["xxh3_128"] == xxhash.xxh3_128((tmp_path / "t.safetensors").read_bytes()).hexdigest()
     assert entry["bytes"] == (tmp_path / "t.safetensors").stat().st_size
     loaded = safetensors.torch.load_file(tmp_path / "t.safetensors")
     assert loaded.keys() == tensors.keys()
