@@ -450,6 +450,7 @@ class PathRecorder:
                 self.store / FINAL,
                 {f"w/{n}": t for n, t in self._snapshot().items()},
                 {"format": "pk_attrib.final"},
+                durable=True,
             )
             self._manifest["complete"] = True
             self._writer.write_manifest()

@@ -78,7 +78,7 @@ _HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
 def file_hash(path: Path, algorithm: str = HASH) -> str:
-    """Hex digest of a file's content (``algorithm`` is "xxh3_128" or "sha256"), read in 8 MiB blocks."""
+    """Hex digest of a file's content by "xxh3_128" or "sha256", read in 8 MiB blocks."""
     digest = _HASHES[algorithm]()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):

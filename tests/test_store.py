@@ -311,7 +311,6 @@ def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkey
 
 def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
     import safetensors.torch
-
     import xxhash
 
     from pk_attrib.store import write_tensor_file
@@ -328,7 +327,9 @@ def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
         "empty": torch.empty(0, 4),
     }
     entry = write_tensor_file(tmp_path / "t.safetensors", tensors, {"format": "test"})
-    assert entry["xxh3_128"] == xxhash.xxh3_128((tmp_path / "t.safetensors").read_bytes()).hexdigest()
+    assert (
+        entry["xxh3_128"] == xxhash.xxh3_128((tmp_path / "t.safetensors").read_bytes()).hexdigest()
+    )
     assert entry["bytes"] == (tmp_path / "t.safetensors").stat().st_size
     loaded = safetensors.torch.load_file(tmp_path / "t.safetensors")
     assert loaded.keys() == tensors.keys()
