@@ -15,8 +15,8 @@ it measures the wall time per training step of
 2. recording in memory (``PathRecorder(model, optimizer, store=None)``),
 3. recording to disk (``store=<fresh folder>``); the timed region runs from creating the
    recorder to the end of ``close()``, which waits for the writer thread and writes the
-   final parameters, so every byte of the store is on its way to disk (in the page cache;
-   the store does not fsync) when the clock stops.
+   final parameters, so every byte of the store is on the disk when the clock stops (the
+   store fsyncs each shard before its manifest lists it).
 
 Each measurement (but with ``--quick``) runs in a fresh Python process, so that no mode
 inherits the heap another left behind (gigabytes of snapshots change how fast glibc serves
@@ -37,7 +37,9 @@ For disk mode it also reports the store's size per step next to the raw paramete
 per step, and compares the store's sustained throughput (store bytes / disk-mode wall
 time) with the raw sequential write throughput of the same file system, measured in the
 same run by writing the same number of bytes (pre-generated random chunks) to a file in
-the same folder, with a final flush, without and with ``os.fsync``.
+the same folder, with a final flush, without and with ``os.fsync``. The target is judged
+against the stricter of the two, the page cache's speed without fsync, although the store
+makes every shard durable; the share of the fsync figure is printed too.
 
 Targets (1M-parameter model): memory-mode slowdown <= 1.3x; disk mode: slowdown <= 1.3x
 or sustained throughput >= 70% of the raw (no-fsync) sequential write throughput.
@@ -486,12 +488,13 @@ def report(
     )
     print(
         f"raw sequential write   {raw['no fsync'] / MiB:>8.1f} MiB/s   (same bytes, same folder, "
-        f"{RAW_CHUNK_BYTES // MiB} MiB chunks + flush, no fsync as the store); "
+        f"{RAW_CHUNK_BYTES // MiB} MiB chunks + flush, no fsync); "
         f"with fsync {raw['fsync'] / MiB:.1f} MiB/s"
     )
     print(
         f"store sustained write  {sustained / MiB:>8.1f} MiB/s   (store bytes / disk-mode wall "
-        f"time) = {fraction:.1%} of raw no-fsync"
+        f"time) = {fraction:.1%} of raw no-fsync, {sustained / raw['fsync']:.1%} of raw with "
+        "fsync (the store fsyncs each shard)"
     )
     if disk > bare:
         print(
@@ -595,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
     print("targets (the 1M MLP; the digits MLP is shown for information only):")
+    if args.quick:
+        print("  (--quick: a tenth of the steps in one process; a smoke run, not a verdict)")
     passed = True
     for work, check, ok in checks:
         target = work.key == TARGET_WORKLOAD
