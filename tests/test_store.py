@@ -243,6 +243,11 @@ def test_a_version_1_store_with_sha256_hashes_loads_checks_and_resumes(tmp_path)
     path = pk.TrainingPath.load(store)
     path.verify()
     assert_matches_replay(path, replay(6))
+    # saving it elsewhere writes this version's store
+    copy = path.save(tmp_path / "copy")
+    assert copy.manifest["format_version"] == 2 and "xxh3_128" in copy.manifest["shards"][0]
+    copy.verify()
+    assert_matches_replay(copy, replay(6))
     # resuming continues it: old shards keep their sha256, new ones get xxh3_128, version 2
     with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1) as rec:
         run_steps(model, optimizer, x, y, rec, 6, 9)
