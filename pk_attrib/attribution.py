@@ -28,7 +28,7 @@ from .gradients import FunctionalModel, OutputFn, prepare_target, select_output
 from .path import TrainingPath
 from .projection import ProjectorKind, make_projector
 from .quadrature import Quadrature, QuadratureRule
-from .store import MANIFEST
+from .store import HASH, MANIFEST
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -194,6 +194,7 @@ class PathKernelInfluence(DataInfluence):
             "loss": [type(self.loss_fn).__qualname__, str(self.reduction.value)],
             "dtype": str(self.dtype),
             "steps": len(self.path),
+            "file_hash": HASH,  # (caches of earlier versions, hashed with sha256, stay apart)
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return Path(root) / "features" / digest
