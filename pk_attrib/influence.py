@@ -19,11 +19,41 @@ from .rules import make_rule
 
 
 def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OutputFn:
-    """``output_fn`` whose value per row is −loss(row): its decrease is the loss's increase."""
+    """``output_fn`` whose value per row is −loss(row): its decrease is the loss's increase.
+
+    Each row's loss is ``loss_fn`` called on that row alone (a batch of one), whatever its
+    reduction. Many rows are evaluated in one call vectorized by ``torch.func.vmap``; the first
+    such call is checked against row-by-row calls, and a loss that vmap cannot trace or that
+    gives other numbers under it is evaluated row by row from then on. (Row by row, the Adam
+    self-influence of 1,500 digits spent 7 of its 20 s in 700,000 separate loss calls.)
+    """
+    vectorized = torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)).sum())
+    verdict: dict[str, bool] = {}  # "vmap" -> whether the vectorized call is trusted
+
+    def by_rows(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = [loss_fn(outputs[i : i + 1], labels[i : i + 1]).sum() for i in range(len(outputs))]
+        return torch.stack(rows)
 
     def explained(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = [loss_fn(outputs[i : i + 1], labels[i : i + 1]).sum() for i in range(len(outputs))]
-        return -torch.stack(rows)
+        if len(outputs) == 1:  # (per-example gradients call it on one row)
+            return -loss_fn(outputs, labels).sum().reshape(1)
+        if verdict.get("vmap") is False:
+            return -by_rows(outputs, labels)
+        try:
+            fast = vectorized(outputs, labels)
+        except Exception:  # a loss vmap cannot trace (data-dependent branches, .item(), ...)
+            verdict["vmap"] = False
+            return -by_rows(outputs, labels)
+        if "vmap" not in verdict:
+            slow = by_rows(outputs, labels)
+            a, b = fast.detach(), slow.detach()
+            tol = 8 * torch.finfo(b.dtype).eps if b.is_floating_point() else 0.0
+            verdict["vmap"] = a.shape == b.shape and bool(
+                torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+            )
+            if not verdict["vmap"]:
+                return -slow
+        return -fast
 
     return explained
 

@@ -523,3 +523,55 @@ def test_a_model_with_two_inputs_is_explained_with_its_logit_target():
         logits = model(*queries)[torch.arange(3), target]
     torch.testing.assert_close(dec.prediction, logits, rtol=1e-12, atol=1e-12)
     assert float(dec.relative_delta.max()) < 1e-6
+
+
+def test_per_example_losses_are_each_row_alone_vectorized_or_not():
+    """negative_loss: −loss_fn(row) per row, in one vmap call when that gives the same numbers."""
+    from pk_attrib.influence import negative_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (7,), generator=g)
+    weight = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    # a class-weighted mean over a batch of one is that row's unweighted loss
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    got = negative_loss(torch.nn.CrossEntropyLoss(weight=weight))(logits, labels)
+    torch.testing.assert_close(got, -expected, rtol=1e-15, atol=0)
+    # a mean over a row's elements (multi-dimensional targets)
+    targets = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    got = negative_loss(torch.nn.MSELoss())(logits, targets)
+    torch.testing.assert_close(got, -((logits - targets) ** 2).mean(1), rtol=1e-15, atol=0)
+
+    traced = []
+
+    def plain(out, y):  # vectorized after the first call's check: one call per evaluation
+        traced.append(len(out))
+        return F.cross_entropy(out, y)
+
+    fn = negative_loss(plain)
+    torch.testing.assert_close(fn(logits, labels), -expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(fn(logits, labels), -expected, rtol=1e-15, atol=0)
+    assert traced == [1] + [1] * 7 + [1]
+
+    def branching(out, y):  # vmap cannot trace a data-dependent branch: row by row
+        loss = F.cross_entropy(out, y)
+        return loss * 2 if loss.item() > 1.0 else loss
+
+    row_losses = expected * torch.where(expected > 1.0, 2.0, 1.0)
+    fn = negative_loss(branching)
+    for _ in range(2):
+        torch.testing.assert_close(fn(logits, labels), -row_losses, rtol=1e-15, atol=0)
+
+    calls = []
+
+    def counting(out, y):  # other numbers when called once for all rows: checked, row by row
+        calls.append(len(out))
+        return F.cross_entropy(out, y, reduction="sum") * len(calls)
+
+    fn = negative_loss(counting)
+    first = fn(logits, labels)  # vmap (1 call), then the 7 row calls of the check
+    assert calls == [1] + [1] * 7
+    torch.testing.assert_close(first, -expected * torch.arange(2, 9), rtol=1e-15, atol=0)
+    calls.clear()
+    fn(logits, labels)
+    assert calls == [1] * 7  # row by row from then on
