@@ -483,6 +483,7 @@ class PathRecorder:
         manifest["complete"] = False
         # new shards carry this version's content hash, which older readers do not know
         manifest["format_version"] = fresh["format_version"]
+        manifest["library_version"] = fresh["library_version"]
         write_manifest(root, manifest)
         listed = {e["file"] for e in manifest["shards"]} | {MANIFEST}
         for leftover in root.iterdir():

@@ -553,6 +553,28 @@ def test_per_example_losses_are_each_row_alone_vectorized_or_not():
     torch.testing.assert_close(fn(logits, labels), -expected, rtol=1e-15, atol=0)
     assert traced == [1] + [1] * 7 + [1]
 
+    # a row whose loss is not finite cannot decide (and leaves the NaN check to the engine);
+    # a huge row does not widen the tolerance of the others
+    traced.clear()
+    shifted = []
+
+    def off_by_one_under_vmap(out, y):
+        loss = F.cross_entropy(out, y, reduction="sum")
+        shifted.append(1)
+        return loss + (1.0 if len(shifted) == 9 else 0.0)  # the vmap call of the 2nd use
+
+    fn = negative_loss(off_by_one_under_vmap)
+    bad = logits.clone()
+    bad[0] = float("nan")
+    assert torch.isnan(fn(bad, labels)[0])  # 1 vmap + 7 row calls, still undecided
+    big = logits.clone()
+    big[0, 0] = 1e300
+    calls_before = len(shifted)
+    got = fn(big, labels)  # decides now: the vmap values of the other rows are off by 1
+    assert len(shifted) == calls_before + 1 + 7
+    ref = F.cross_entropy(big, labels, reduction="none")
+    torch.testing.assert_close(got, -ref, rtol=1e-15, atol=0)
+
     def branching(out, y):  # vmap cannot trace a data-dependent branch: row by row
         loss = F.cross_entropy(out, y)
         return loss * 2 if loss.item() > 1.0 else loss

@@ -231,6 +231,7 @@ def as_version_1(store):
         del entry["xxh3_128"]
         entry["sha256"] = hashlib.sha256((store / entry["file"]).read_bytes()).hexdigest()
     manifest["format_version"] = 1
+    manifest["library_version"] = "0.0.9"  # (a version that wrote sha256)
     (store / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -253,6 +254,7 @@ def test_a_version_1_store_with_sha256_hashes_loads_checks_and_resumes(tmp_path)
         run_steps(model, optimizer, x, y, rec, 6, 9)
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["format_version"] == 2
+    assert manifest["library_version"] == pk.store.library_version()
     assert sorted({"sha256" in e for e in manifest["shards"]}) == [False, True]
     path = pk.TrainingPath.load(store)
     path.verify()
@@ -297,7 +299,8 @@ def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkey
         real_fsync(fd)
 
     def manifest(root, data, *args, **kwargs):
-        events.append(("manifest", [shard["file"] for shard in data["shards"]]))
+        final = [data["final"]["file"]] if data.get("final") else []
+        events.append(("manifest", [shard["file"] for shard in data["shards"]] + final))
         return real_manifest(root, data, *args, **kwargs)
 
     monkeypatch.setattr(store.os, "fsync", fsync)
@@ -310,7 +313,7 @@ def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkey
         else:
             assert set(what) <= synced, (what, synced)
             listed = max(listed, len(what))
-    assert listed >= 2  # several shards, each synced before it was listed
+    assert listed >= 3  # several shards and the final parameters, each synced before listed
     assert_matches_replay(pk.TrainingPath.load(tmp_path / "s"), replay(40))
 
 
