@@ -485,7 +485,7 @@ class PathRecorder:
         manifest["format_version"] = fresh["format_version"]
         manifest["library_version"] = fresh["library_version"]
         write_manifest(root, manifest)
-        listed = {e["file"] for e in manifest["shards"]} | {MANIFEST}
+        listed = {e["file"] for e in manifest["shards"] + [manifest["final"]] if e} | {MANIFEST}
         for leftover in root.iterdir():
             if leftover.name not in listed and (
                 leftover.name.endswith(".tmp")
@@ -543,6 +543,13 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> Non
 
 
 def _truncate(manifest: dict[str, Any], n_raw: int) -> None:
+    """Keep the first ``n_raw`` steps; the final parameters stay listed only if all steps do.
+
+    Kept, they hold the last step's end until the writer lists the next shard (whose first
+    snapshot equals them), so a crash right after reopening loses nothing.
+    """
+    if n_raw < len(manifest["steps"]):
+        manifest["final"] = None
     manifest["steps"] = manifest["steps"][:n_raw]
     shards = []
     for entry in manifest["shards"]:
@@ -550,7 +557,6 @@ def _truncate(manifest: dict[str, Any], n_raw: int) -> None:
             entry["n_steps"] = min(entry["n_steps"], n_raw - entry["first_step"])
             shards.append(entry)
     manifest["shards"] = shards
-    manifest["final"] = None
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:

@@ -456,6 +456,9 @@ class AsyncShardWriter:
         )
         entry.update(first_step=first, n_steps=len(records))
         self.manifest["shards"].append(entry)
+        # a resumed store listed the final parameters of its earlier session; this shard's
+        # first snapshot equals them, and the steps go on, so they are final no longer
+        self.manifest["final"] = None
         self.manifest["steps"].extend(record["meta"] for record in records)
         self._steps_json.extend(
             json.dumps(record["meta"], separators=(",", ":")) for record in records

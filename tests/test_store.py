@@ -129,6 +129,39 @@ def test_closed_store_continues_when_the_model_is_at_its_final_weights(tmp_path)
     assert_matches_replay(path, replay(15))
 
 
+def test_a_crash_right_after_reopening_a_closed_store_loses_nothing(tmp_path):
+    store = tmp_path / "s"
+    record(store, steps=6)
+    proc = child(
+        f"""
+        import os
+        import pk_attrib as pk
+        from _runs import make, replay
+        model, optimizer, _, _ = make()
+        model.load_state_dict(replay(6)[6])
+        recorder = pk.PathRecorder(model, optimizer, store={str(store)!r}, dataset_size=40)
+        os._exit(0)  # killed before its first step
+        """
+    )
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    path = pk.TrainingPath.load(store)
+    assert len(path) == 6 and not path.complete  # every step, and the final parameters
+    path.verify()
+    assert_matches_replay(path, replay(6))
+    # continuing: the next shard takes over from the old final parameters
+    model, optimizer, x, y = make()
+    model.load_state_dict(replay(6)[6])
+    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1)
+    run_steps(model, optimizer, x, y, recorder, 6, 8)
+    recorder.flush()
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["final"] is None and len(manifest["steps"]) == 8
+    run_steps(model, optimizer, x, y, recorder, 8, 9)
+    recorder.close()
+    assert_matches_replay(pk.TrainingPath.load(store), replay(9))
+
+
 def test_resume_refuses_a_model_or_optimizer_that_does_not_match(tmp_path):
     store = tmp_path / "s"
     model = record(store)
