@@ -426,3 +426,23 @@ def test_linear_layers_used_in_unusual_ways_give_exact_numbers_or_an_error(model
     features = proj.training_features(w, (x, y), loss_fn)
     expected = proj.project(fm.loss_grads(w, (x, y), loss_fn))
     torch.testing.assert_close(features, expected, rtol=1e-10, atol=1e-13)
+
+
+def test_feature_caches_of_another_hash_algorithm_are_kept_apart(run, tmp_path, monkeypatch):
+    """A cache an earlier version wrote (sha256 entries) is neither read nor overwritten."""
+    import pk_attrib.attribution as attribution
+
+    model, data, path = run
+    stored = path.save(tmp_path / "store")
+    x, y = digits()
+    kwargs = dict(projection_dim=32, projector="sparse", projection_seed=1, show_progress=False)
+    loss = torch.nn.CrossEntropyLoss()
+    first = pk.PathKernelInfluence(model, data, stored, loss, **kwargs).attribute(
+        x[1500:1502], target=y[1500:1502]
+    )
+    monkeypatch.setattr(attribution, "HASH", "sha256")  # as if written by another version
+    other = pk.PathKernelInfluence(model, data, stored, loss, **kwargs).attribute(
+        x[1500:1502], target=y[1500:1502]
+    )
+    assert other.diagnostics.train_gradients == first.diagnostics.train_gradients  # recomputed
+    assert len(list((tmp_path / "store" / "features").glob("*/index.json"))) == 2
