@@ -223,10 +223,11 @@ class AdamRule(Rule):
         """v_s = (1 − β1) u_s; u_s = η_s D_s φ_s + β1 u_{s+1}; AdamW decay as extra term."""
         eta = self.vec.vec(step.lr)
         D, beta1 = self._denominator(step, self._names)
-        u = eta * D * phi
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
-        if self._carry is not None and not next_fresh:
-            u = u + self._beta1 * self._carry
+        if self._carry is not None and not next_fresh:  # in place: the carry is ours alone
+            u = self._carry.mul_(self._beta1).addcmul_(phi, eta * D)
+        else:
+            u = (eta * D) * phi
         self._carry, self._beta1 = u, beta1
         extra = None
         if self.decoupled:
