@@ -22,15 +22,7 @@ import torch
 
 from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
 from .exceptions import StoreError, StoreMismatchError
-from .store import (
-    FINAL,
-    FORMAT_VERSION,
-    dtype_from_name,
-    library_version,
-    read_manifest,
-    write_manifest,
-    write_tensor_file,
-)
+from .store import FINAL, dtype_from_name, read_manifest, write_manifest, write_tensor_file
 
 __all__ = ["DiskBackend", "MemoryBackend", "Step", "TrainingPath", "new_manifest"]
 
@@ -360,8 +352,6 @@ class TrainingPath:
         root.mkdir(parents=True, exist_ok=True)
         manifest = {k: v for k, v in self.manifest.items() if k not in ("steps", "shards", "final")}
         manifest.update(steps=[], shards=[], final=None)
-        # written by this version (its content hash), whichever version wrote the source
-        manifest.update(format_version=FORMAT_VERSION, library_version=library_version())
         backend = self._backend
         batch: list[int] = []
         size = 0

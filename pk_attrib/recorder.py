@@ -481,10 +481,7 @@ class PathRecorder:
         resume_at = self._resume_point(manifest)
         _truncate(manifest, resume_at)
         manifest["complete"] = False
-        # new shards carry this version's content hash, which older readers do not know
-        manifest["format_version"] = fresh["format_version"]
-        manifest["library_version"] = fresh["library_version"]
-        write_manifest(root, manifest)
+        write_manifest(root, manifest)  # (as this version's: new shards carry its hash)
         listed = {e["file"] for e in manifest["shards"] + [manifest["final"]] if e} | {MANIFEST}
         for leftover in root.iterdir():
             if leftover.name not in listed and (

@@ -16,6 +16,7 @@ prefix of the run. No pickle is involved anywhere: loading a store never execute
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ MANIFEST = "manifest.json"
 FINAL = "final.safetensors"
 
 
+@functools.cache
 def library_version() -> str:
     """The installed pk_attrib version (``"unknown"`` when run from a bare checkout)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -233,12 +235,16 @@ def write_manifest(
 
     Args:
         root: The store folder.
-        manifest: The manifest; its ``updated`` time is set.
+        manifest: The manifest; its ``updated`` time is set, and its format and library
+            versions become this library's: whatever it held, the tensor files it lists now
+            may carry this version's content hash (a resumed or saved version-1 store).
         steps_json: Optional cache of the JSON text of ``manifest["steps"]``, one string
             per step, that the caller extends as steps are added (saves re-serializing a
             long run's steps for every shard); ignored when its length does not match.
     """
-    manifest["updated"] = time.time()
+    manifest.update(
+        format_version=FORMAT_VERSION, library_version=library_version(), updated=time.time()
+    )
     _write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode())
 
 
