@@ -29,29 +29,27 @@ def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     vectorized, 11.4 s.)
     """
     vectorized = torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)).sum())
-    verdict: dict[str, bool] = {}  # "vmap" -> whether the vectorized call is trusted
+    trusted: bool | None = None  # whether the vectorized call gives the row-by-row numbers
 
     def by_rows(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = [loss_fn(outputs[i : i + 1], labels[i : i + 1]).sum() for i in range(len(outputs))]
         return torch.stack(rows)
 
     def explained(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        nonlocal trusted
         if len(outputs) == 1:  # (per-example gradients call it on one row)
             return -loss_fn(outputs, labels).sum().reshape(1)
-        if verdict.get("vmap") is False:
+        if trusted is False:
             return -by_rows(outputs, labels)
         try:
             fast = vectorized(outputs, labels)
         except Exception:  # a loss vmap cannot trace (data-dependent branches, .item(), ...)
-            verdict["vmap"] = False
+            trusted = False
             return -by_rows(outputs, labels)
-        if "vmap" not in verdict:
+        if trusted is None:
             slow = by_rows(outputs, labels)
-            same = _same_rows(fast, slow)
-            if same is None:  # not decidable on these rows: their own values, ask again later
-                return -slow
-            verdict["vmap"] = same
-            if not same:
+            trusted = _same_rows(fast, slow)  # None: these rows cannot decide; ask again later
+            if not trusted:
                 return -slow
         return -fast
 
