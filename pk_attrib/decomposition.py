@@ -55,14 +55,16 @@ class Diagnostics:
 
     @property
     def max_reconstruction_error(self) -> float:
-        """Largest step reconstruction error (0 when none was measured)."""
+        """Largest step reconstruction error (0 when none was measured; NaN steps are not)."""
         err = self.reconstruction_error
+        err = err[~err.isnan()]
         return float(err.max()) if err.numel() else 0.0
 
     @property
     def mean_reconstruction_error(self) -> float:
-        """Mean step reconstruction error (0 when none was measured)."""
+        """Mean step reconstruction error (0 when none was measured; NaN steps are not)."""
         err = self.reconstruction_error
+        err = err[~err.isnan()]
         return float(err.mean()) if err.numel() else 0.0
 
 
@@ -80,8 +82,11 @@ class Decomposition:
         delta: prediction − bias − contributions.sum(-1), (n_test,): the quadrature error
             in exact mode, the approximation error in checkpoint mode.
         terms: The parts of ``bias``, each (n_test,): ``"initial"`` f(x; w_0),
-            ``"weight_decay"`` and ``"unexplained"`` (the output effect of what the
-            example gradients do not rebuild, see ``diagnostics.reconstruction_error``).
+            ``"weight_decay"``, ``"optimizer_state"`` (the output effect of optimizer state
+            that existed before the recording began: a momentum buffer or Adam first
+            moment carried into the first step; zero for a recording from a fresh
+            optimizer) and ``"unexplained"`` (the output effect of what the example
+            gradients do not rebuild, see ``diagnostics.reconstruction_error``).
         diagnostics: See `Diagnostics`.
     """
 

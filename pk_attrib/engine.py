@@ -285,9 +285,17 @@ class Engine:
         explained = contributions.sum(1)
         # without projection the contributions are exact and add up to the explained part
         exact_total = explained if projector is None else explained_exact
-        unexplained = phi_delta - exact_total - decay
-        terms = {"initial": f_next, "weight_decay": decay, "unexplained": unexplained}
-        bias = f_next + decay + unexplained
+        # optimizer state from before the recording (a momentum buffer carried into step 0)
+        carried = rule.initial_state_term(path.step(0)) if S else None
+        state_term = torch.zeros_like(decay) if carried is None else carried
+        unexplained = phi_delta - exact_total - decay - state_term
+        terms = {
+            "initial": f_next,
+            "weight_decay": decay,
+            "optimizer_state": state_term,
+            "unexplained": unexplained,
+        }
+        bias = f_next + decay + state_term + unexplained
         diagnostics = Diagnostics(
             "exact", quad.name, dtype, nodes, errors, integrator.evaluations, train_evals
         )

@@ -12,7 +12,12 @@ recursion, O(n_queries × d) memory, no per-example optimizer buffer).
 
 Each rule also rebuilds Δ̂_s from the recomputed gradient G_s and the optimizer state
 recovered from the recorded Δ_{s−1} (a one-step check: errors do not compound), and
-reports ‖Δ_s − Δ̂_s‖ / ‖Δ_s‖ for every step.
+reports ‖Δ_s − Δ̂_s‖ / ‖Δ_s‖ for every step. A step with learning rate 0 does not show the
+state in its Δ; the check then carries the state forward from the step before it.
+
+Optimizer state that existed before the recording began (a recorder created on an
+optimizer that had already stepped) is not an example's doing: its output effect is a
+term of its own (`Rule.initial_state_term`).
 """
 
 from __future__ import annotations
@@ -29,18 +34,23 @@ SUPPORTED = {
     "sgd": {"momentum", "dampening", "nesterov", "weight_decay", "maximize"},
     "adam": {"betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"},
 }
+# Keys torch's LR schedulers (and SWALR) add to param groups: bookkeeping, not step options
+# (the values they set, lr, momentum and betas, are recorded per step).
+SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
+# Steps whose check may wait for the state before them (each holds four (d,) vectors).
+_MAX_WAITING = 8
 
 
 class GroupVectors:
     """Turns per-param-group values into per-coordinate (d,) vectors."""
 
     def __init__(self, path: TrainingPath, names: list[str], dtype: torch.dtype, device):
-        group_of = {}
+        self.group_of: dict[str, int] = {}  # parameter name -> its param group
         for g, group in enumerate((path.optimizer or {}).get("groups", [])):
             for name in group["params"]:
-                group_of[name] = g
+                self.group_of[name] = g
         shapes = path.param_shapes
-        ids = [torch.full((shapes[n].numel(),), group_of.get(n, 0)) for n in names]
+        ids = [torch.full((shapes[n].numel(),), self.group_of.get(n, 0)) for n in names]
         self.ids = torch.cat(ids).to(device)
         self.dtype = dtype
         self.device = device
@@ -67,6 +77,12 @@ class GroupVectors:
 
 
 def _relative_error(delta: torch.Tensor, predicted: torch.Tensor) -> float:
+    """‖Δ − Δ̂‖ / ‖Δ‖ over the coordinates Δ̂ is known for (NaN: state that was not known)."""
+    unknown = predicted.isnan()
+    if bool(unknown.any()):
+        delta, predicted = delta[~unknown], predicted[~unknown]
+        if not delta.numel():
+            return math.nan
     norm = float(delta.norm())
     diff = float((delta - predicted).norm())
     if norm == 0.0:
@@ -81,13 +97,17 @@ class Rule:
     recomputed effective gradient; read `errors` at the end.
     """
 
+    STATE_KEY = ""  # the optimizer state this rule carries between steps (its state_dict key)
+
     def __init__(self, path: TrainingPath, vectors: GroupVectors):
         self.path = path
         self.vec = vectors
         self.errors: dict[int, float] = {}
         self._carry: torch.Tensor | None = None  # adjoint of the state after this step
+        self._carry_factor: torch.Tensor | float = 0.0  # how the state before it enters it
         self._next_fresh = True
-        self._pending: tuple | None = None  # step s+1, waiting for the state recovered at s
+        # steps (nearest last) whose check waits for the state after the step before them
+        self._waiting: list[tuple] = []
 
     def memoryless(self, step: Step) -> bool:
         """True when step s carries no optimizer state (plain SGD).
@@ -110,7 +130,14 @@ class Rule:
         raise NotImplementedError
 
     def recover(self, step: Step, delta: torch.Tensor, G: torch.Tensor, w: torch.Tensor):
-        """The optimizer state after step s recovered from the recorded Δ_s (or None)."""
+        """The optimizer state after step s recovered from the recorded Δ_s, (d,).
+
+        NaN where Δ_s does not show it (the learning rate is 0 there).
+        """
+        raise NotImplementedError
+
+    def advance(self, step: Step, prev: torch.Tensor | None, G: torch.Tensor, w: torch.Tensor):
+        """The optimizer state after step s from the state before it (None: fresh) and G_s."""
         raise NotImplementedError
 
     def predict(self, step, prev_state, G, w) -> torch.Tensor:
@@ -118,20 +145,63 @@ class Rule:
         raise NotImplementedError
 
     def finish_step(self, s: int, step: Step, delta: torch.Tensor, G: torch.Tensor, w):
-        """Record the reconstruction error of steps whose check has become possible."""
+        """Record the reconstruction error of steps whose check has become possible.
+
+        Called for s = S−1, ..., 0. Step s+1's check needs the state after step s, which is
+        recovered from Δ_s; where Δ_s does not show it (learning rate 0), step s waits too,
+        and the state is carried forward from the first earlier step that shows it (at
+        most ``_MAX_WAITING`` steps; beyond, the check covers the coordinates it knows).
+        """
         state = self.recover(step, delta, G, w)
-        if self._pending is not None:
-            s1, step1, delta1, G1, w1 = self._pending
-            self.errors[s1] = _relative_error(delta1, self.predict(step1, state, G1, w1))
-        self._pending = None
-        if step.fresh_state or s == 0:
+        first = step.fresh_state or s == 0
+        if first:
             prev = None if step.fresh_state else self._initial_state(step)
             self.errors[s] = _relative_error(delta, self.predict(step, prev, G, w))
-        else:
-            self._pending = (s, step, delta, G, w)
+            state = _fill(state, self.advance(step, prev, G, w))
+        elif not self._known_enough(state) and len(self._waiting) < _MAX_WAITING:
+            self._waiting.append((s, step, delta, G, w, state))
+            return
+        while self._waiting:  # check the waiting steps, nearest first, carrying the state
+            s1, step1, delta1, G1, w1, recovered = self._waiting.pop()
+            self.errors[s1] = _relative_error(delta1, self.predict(step1, state, G1, w1))
+            state = _fill(recovered, self.advance(step1, state, G1, w1))
+        if not first:
+            self._waiting.append((s, step, delta, G, w, state))
 
-    def _initial_state(self, step: Step):
-        return None
+    def _known_enough(self, state: torch.Tensor) -> bool:
+        """Is the state known wherever the nearest waiting step has a learning rate?"""
+        unknown = state.isnan()
+        if not self._waiting or not bool(unknown.any()):
+            return True
+        eta = self.vec.vec(self._waiting[-1][1].lr)
+        return not bool((unknown & (eta != 0)).any())
+
+    def _initial_state(self, step: Step) -> torch.Tensor | None:
+        """The recorded state before step 0 ((d,), float), or None when there was none."""
+        found = step.initial_state.get(self.STATE_KEY, {})
+        if not found or any(n not in found for n in self._names):
+            return None
+        flat = torch.cat([found[n].reshape(-1) for n in self._names])
+        return flat.to(self.vec.device, self.vec.dtype)
+
+    def initial_state_term(self, step: Step) -> torch.Tensor | None:
+        """Output effect of the state recorded before step 0 (call after the sweep), (n,).
+
+        The state b enters step 0 as ``carry_factor * b``; its effect on Σ_s φ_s · Δ_s is
+        −(carry_factor ⊙ u_0) · b with u_0 the adjoint of the state after step 0.
+        """
+        if step.fresh_state or self._carry is None:
+            return None
+        prev = self._initial_state(step)
+        if prev is None:
+            return None
+        return -((self._carry * self._carry_factor) @ prev)
+
+
+def _fill(state: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``state``, with its unknown (NaN) coordinates taken from ``known``."""
+    unknown = state.isnan()
+    return torch.where(unknown, known, state) if bool(unknown.any()) else state
 
 
 class SGDRule(Rule):
@@ -164,25 +234,34 @@ class SGDRule(Rule):
         if self._carry is not None and not next_fresh:
             u = u + self._mu * self._carry
         self._carry, self._mu = u, mu
+        self._carry_factor = mu
         v = damp * u + nesterov * eta * phi
         return torch.where(mu != 0, v, eta * phi), None
 
+    STATE_KEY = "momentum_buffer"
+
     def recover(self, step, delta, G, w):
-        """The momentum buffer b_s from Δ_s = −η_s P_s."""
+        """The momentum buffer b_s from Δ_s = −η_s P_s (NaN where η_s = 0)."""
         eta = self.vec.vec(step.lr)
         mu, _, nesterov = self._terms(step)
-        p = torch.where(eta != 0, -delta / torch.where(eta != 0, eta, 1.0), 0.0)
+        p = torch.where(eta != 0, -delta / torch.where(eta != 0, eta, 1.0), math.nan)
         safe_mu = torch.where(mu != 0, mu, 1.0)
         buffer = torch.where(nesterov.bool(), (p - G) / safe_mu, p)
+        return torch.where(mu != 0, buffer, 0.0)
+
+    def advance(self, step, prev, G, w):
+        """b̂_s = μ_s b_{s−1} + d_s G_s (d_s G_s for a fresh buffer)."""
+        mu, damp, _ = self._terms(step)
+        buffer = damp * G if prev is None else mu * prev + damp * G
         return torch.where(mu != 0, buffer, 0.0)
 
     def predict(self, step, prev, G, w):
         """Δ̂_s = −η_s P̂_s with b̂_s = μ_s b_{s−1} + d_s G_s."""
         eta = self.vec.vec(step.lr)
-        mu, damp, nesterov = self._terms(step)
-        buffer = damp * G if prev is None else mu * prev + damp * G
+        mu, _, nesterov = self._terms(step)
+        buffer = self.advance(step, prev, G, w)
         update = torch.where(nesterov.bool(), G + mu * buffer, buffer)
-        return -eta * torch.where(mu != 0, update, G)
+        return torch.where(eta != 0, -eta * torch.where(mu != 0, update, G), 0.0)
 
 
 class AdamRule(Rule):
@@ -198,21 +277,27 @@ class AdamRule(Rule):
         return torch.zeros_like(lam) if self.decoupled else lam
 
     def _denominator(self, step: Step, names: list[str]) -> torch.Tensor:
-        """D_s = 1 / ((1 − β1^t)(sqrt(v_s / (1 − β2^t)) + ε)), elementwise (d,)."""
+        """D_s = 1 / ((1 − β1^t)(sqrt(v_s / (1 − β2^t)) + ε)), elementwise (d,).
+
+        v_s is ``max_exp_avg_sq`` for the param groups with amsgrad, ``exp_avg_sq`` otherwise.
+        """
         state = step.optimizer_state
-        amsgrad = self.vec.hyper(step, "amsgrad", False)
-        key = (
-            "max_exp_avg_sq" if bool(amsgrad.any()) and "max_exp_avg_sq" in state else "exp_avg_sq"
-        )
-        if key not in state or "step" not in state:
+        amsgrad = [bool(h.get("amsgrad", False)) for h in step.hyper]
+        keys = {
+            n: "max_exp_avg_sq" if amsgrad[self.vec.group_of.get(n, 0)] else "exp_avg_sq"
+            for n in names
+        }
+        missing = sorted({k for n, k in keys.items() if n not in state.get(k, {})})
+        if missing or any(n not in state.get("step", {}) for n in names):
             raise UnsupportedError(
-                f"step {step.index} has no recorded Adam state (exp_avg_sq, step): the exact "
-                "Adam rule needs a path recorded by PathRecorder; use mode='checkpoint'"
+                f"step {step.index} has no recorded Adam state ({', '.join(missing or ['step'])}"
+                "): the exact Adam rule needs a path recorded by PathRecorder; use "
+                "mode='checkpoint'"
             )
         dtype, device = self.vec.dtype, self.vec.device
-        v = torch.cat([state[key][n].reshape(-1) for n in names]).to(device, dtype)
+        v = torch.cat([state[keys[n]][n].reshape(-1) for n in names]).to(device, dtype)
         t = torch.cat(
-            [state["step"][n].reshape(1).expand(state[key][n].numel()) for n in names]
+            [state["step"][n].reshape(1).expand(state[keys[n]][n].numel()) for n in names]
         ).to(device, dtype)
         beta1 = self.vec.vec([float(h["betas"][0]) for h in step.hyper])
         beta2 = self.vec.vec([float(h["betas"][1]) for h in step.hyper])
@@ -229,27 +314,35 @@ class AdamRule(Rule):
         else:
             u = (eta * D) * phi
         self._carry, self._beta1 = u, beta1
+        self._carry_factor = beta1
         extra = None
         if self.decoupled:
             lam = self.vec.hyper(step, "weight_decay")
             extra = -(phi @ (eta * lam * w))
         return (1.0 - beta1) * u, extra
 
+    STATE_KEY = "exp_avg"
+
     def recover(self, step, delta, G, w):
-        """The first moment m_s from Δ_s = −η_s λ w_s − η_s D_s m_s."""
+        """The first moment m_s from Δ_s = −η_s λ w_s − η_s D_s m_s (NaN where η_s D_s = 0)."""
         eta = self.vec.vec(step.lr)
         D, _ = self._denominator(step, self._names)
         moved = delta + (eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0)
         scale = eta * D
-        return torch.where(scale != 0, -moved / torch.where(scale != 0, scale, 1.0), 0.0)
+        return torch.where(scale != 0, -moved / torch.where(scale != 0, scale, 1.0), math.nan)
+
+    def advance(self, step, prev, G, w):
+        """m̂_s = β1 m_{s−1} + (1 − β1) G_s ((1 − β1) G_s for a fresh first moment)."""
+        beta1 = self.vec.vec([float(h["betas"][0]) for h in step.hyper])
+        return (1.0 - beta1) * G if prev is None else beta1 * prev + (1.0 - beta1) * G
 
     def predict(self, step, prev, G, w):
         """Δ̂_s from m̂_s = β1 m_{s−1} + (1 − β1) G_s."""
         eta = self.vec.vec(step.lr)
-        D, beta1 = self._denominator(step, self._names)
-        m = (1.0 - beta1) * G if prev is None else beta1 * prev + (1.0 - beta1) * G
+        D, _ = self._denominator(step, self._names)
+        m = self.advance(step, prev, G, w)
         decay = eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0
-        return -decay - eta * D * m
+        return torch.where(eta != 0, -decay - eta * D * m, 0.0)
 
 
 def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Rule:
@@ -270,7 +363,9 @@ def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Ru
         unknown = {
             k
             for k, v in group["hyper"].items()
-            if k not in SUPPORTED[family] and v not in (None, False, 0, 0.0)
+            if k not in SUPPORTED[family]
+            and k not in SCHEDULER_KEYS
+            and v not in (None, False, 0, 0.0)
         }
         if unknown:
             raise UnsupportedError(

@@ -89,8 +89,10 @@ def reference_decomposition(
 ) -> dict[str, torch.Tensor]:
     """The exact decomposition, computed the slow, obvious way in float64.
 
-    Supports the exact optimizers (SGD with all options, Adam, AdamW), fixed q-node
-    Gauss–Legendre quadrature, and one optimizer-state start at step 0.
+    Supports the exact optimizers (SGD with all options, Adam, AdamW; amsgrad per param
+    group), fixed q-node Gauss–Legendre quadrature, and one optimizer-state start at step 0,
+    fresh or from the optimizer state recorded before it (a momentum buffer, Adam's first
+    moment), whose output effect is returned on its own.
 
     Args:
         model: The model (copied; its parameters are set from the path).
@@ -104,8 +106,9 @@ def reference_decomposition(
         output_fn: Explained quantity, as in `PathKernelInfluence.attribute`.
 
     Returns:
-        ``contributions`` (n, N), ``weight_decay`` (n,), ``initial`` (n,), ``prediction``
-        (n,), ``change`` (n,) = Σ_s φ_s · Δ_s, all float64.
+        ``contributions`` (n, N), ``weight_decay`` (n,), ``optimizer_state`` (n,) (the
+        effect of the state recorded before step 0), ``initial`` (n,), ``prediction`` (n,),
+        ``change`` (n,) = Σ_s φ_s · Δ_s, all float64.
     """
     output_fn = output_fn or select_output
     names = path.param_names
@@ -129,9 +132,18 @@ def reference_decomposition(
 
     contributions = torch.zeros(n, n_train, dtype=torch.float64)
     decay_out = torch.zeros(n, dtype=torch.float64)
+    state_out = torch.zeros(n, dtype=torch.float64)
     change = torch.zeros(n, dtype=torch.float64)
     state = torch.zeros(n_train, d, dtype=torch.float64)  # per-example optimizer buffer
     decay_state = torch.zeros(d, dtype=torch.float64)  # the buffer's weight-decay part
+    first = path.step(0)
+    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    before = first.initial_state.get(key, {})  # state carried into step 0, if any
+    prior = (
+        torch.cat([before[nm].reshape(-1).double() for nm in names])
+        if before and not first.fresh_state
+        else None
+    )
     nodes, weights = gauss_legendre(q)
     for s in range(len(path)):
         step = path.step(s)
@@ -160,7 +172,7 @@ def reference_decomposition(
             damp = 1.0 - _per_coordinate(path, hyper["dampening"])
             nesterov = _per_coordinate(path, hyper["nesterov"]).bool()
             coupled = lam * w
-            if s == 0:
+            if s == 0 and prior is None:
                 state, decay_state = part.clone(), coupled.clone()
             else:
                 state = mu * state + damp * part
@@ -171,13 +183,26 @@ def reference_decomposition(
             )
             contributions -= (phi * eta) @ use.T
             decay_out -= (phi * eta) @ use_decay
+            if prior is not None:  # the carried buffer decays by μ each step
+                prior = mu * prior
+                use_prior = torch.where(nesterov, mu * prior, prior)
+                state_out -= (phi * eta) @ torch.where(mu != 0, use_prior, 0.0)
         else:
             opt_state = step.optimizer_state
-            amsgrad = bool(hyper["amsgrad"][0])
-            key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
-            v = torch.cat([opt_state[key][nm].reshape(-1).double() for nm in names])
+            group_of = {
+                nm: g for g, gr in enumerate(path.optimizer["groups"]) for nm in gr["params"]
+            }
+            keys = [
+                "max_exp_avg_sq" if hyper["amsgrad"][group_of[nm]] else "exp_avg_sq" for nm in names
+            ]
+            v = torch.cat(
+                [opt_state[k][nm].reshape(-1).double() for k, nm in zip(keys, names, strict=True)]
+            )
             steps = torch.cat(
-                [opt_state["step"][nm].double().expand(opt_state[key][nm].numel()) for nm in names]
+                [
+                    opt_state["step"][nm].double().expand(path.param_shapes[nm].numel())
+                    for nm in names
+                ]
             )
             beta1 = _per_coordinate(path, [b[0] for b in hyper["betas"]])
             beta2 = _per_coordinate(path, [b[1] for b in hyper["betas"]])
@@ -188,11 +213,15 @@ def reference_decomposition(
             decay_state = beta1 * decay_state + (1 - beta1) * coupled
             contributions -= (phi * eta * D) @ state.T
             decay_out -= (phi * eta * D) @ decay_state
+            if prior is not None:  # the carried first moment decays by β1 each step
+                prior = beta1 * prior
+                state_out -= (phi * eta * D) @ prior
             if kind == "adamw":
                 decay_out -= phi @ (eta * lam * w)
     return {
         "contributions": contributions,
         "weight_decay": decay_out,
+        "optimizer_state": state_out,
         "initial": values(flat[0]),
         "prediction": values(flat[len(path)]),
         "change": change,

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -162,6 +163,127 @@ def test_two_param_groups_with_different_hyperparameters_match_the_reference():
     ).attribute(x[1500:1502], target=y[1500:1502])
     ref = reference_decomposition(model, data, path, loss_fn, x[1500:1502], y[1500:1502], q=3)
     torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
+
+
+def _train_steps(model, optimizer, data, steps, batch=10, scheduler=None, recorder=None):
+    """Plain steps over consecutive batches (recorded when a recorder is given)."""
+    x, y = data.tensors
+    for s in range(steps):
+        idx = torch.arange(s * batch, (s + 1) * batch) % len(data)
+        if recorder is not None:
+            recorder.record_batch(idx)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _explain_against_the_reference(model, data, path, q=3):
+    """(decomposition, reference) of 2 digit queries; no ReconstructionWarning may fire."""
+    x, y = digits()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.ReconstructionWarning)
+        dec = pk.PathKernelInfluence(
+            model, data, path, loss_fn, quadrature=q, show_progress=False
+        ).attribute(x[1500:1502], target=y[1500:1502])
+    ref = reference_decomposition(model, data, path, loss_fn, x[1500:1502], y[1500:1502], q=q)
+    assert dec.diagnostics.mode == "exact"
+    torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+    assert float(dec.terms["unexplained"].abs().max()) < 1e-12
+    return dec, ref
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, dampening=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.02, amsgrad=True),
+    ],
+    ids=["sgd_momentum", "adam_amsgrad"],
+)
+def test_a_scheduler_made_before_the_recorder_with_a_warm_up_from_zero_is_exact(make):
+    """Schedulers add ``initial_lr`` to the param groups (once refused as an unknown option);
+    a warm-up from lr 0 hides the optimizer state of step 0 from its Δ (once a false
+    reconstruction warning at step 1)."""
+    torch.manual_seed(4)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    optimizer = make(model.parameters())
+    warm_up = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, e / 2))
+    recorder = pk.PathRecorder(model, optimizer)
+    _train_steps(model, optimizer, data, 6, scheduler=warm_up, recorder=recorder)
+    recorder.close()
+    assert recorder.path.learning_rates[:3, 0].tolist()[0] == 0.0
+    assert "initial_lr" in recorder.path.optimizer["groups"][0]["hyper"]
+    _explain_against_the_reference(model, data, recorder.path)
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd_momentum", "adam"])
+def test_learning_rate_zero_mid_run_and_a_group_held_at_zero_check_cleanly(adam):
+    """Steps with lr 0 hide the optimizer state from Δ: the check carries it forward from
+    the last step that shows it (two steps here), and a group held at lr 0 never waits."""
+    torch.manual_seed(7)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}]
+    optimizer = (
+        torch.optim.Adam(groups, lr=0.02) if adam else torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    )
+    pause = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.0 if e in (2, 3) else 1.0)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 7, scheduler=pause, recorder=recorder)
+    lrs = recorder.path.learning_rates
+    assert lrs[:, 0].tolist()[2:4] == [0.0, 0.0] and lrs[:, 1].abs().max() == 0
+    _explain_against_the_reference(model, data, recorder.path)
+
+
+def test_adam_with_amsgrad_in_one_param_group_only_matches_the_reference():
+    torch.manual_seed(5)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": model[0].parameters(), "amsgrad": True},
+            {"params": model[2].parameters(), "amsgrad": False, "lr": 0.01},
+        ],
+        lr=0.02,
+    )
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 6, recorder=recorder)
+    _explain_against_the_reference(model, data, recorder.path)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.2),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True),
+        lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    ],
+    ids=["sgd_momentum_dampening", "sgd_nesterov", "adamw"],
+)
+def test_optimizer_state_from_before_the_recording_is_a_term_of_its_own(make):
+    """A new recorder on an optimizer that has stepped: the momentum carried into step 0 is
+    no example's doing; its output effect is ``terms["optimizer_state"]``, not unexplained."""
+    torch.manual_seed(6)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    optimizer = make(model.parameters())
+    _train_steps(model, optimizer, data, 3)  # an earlier phase, not recorded
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 5, recorder=recorder)
+    assert recorder.path.step(0).initial_state  # the carried buffers were recorded
+    dec, ref = _explain_against_the_reference(model, data, recorder.path)
+    assert float(ref["optimizer_state"].abs().min()) > 1e-3  # the term matters here
+    torch.testing.assert_close(
+        dec.terms["optimizer_state"], ref["optimizer_state"], rtol=1e-8, atol=1e-14
+    )
+    total = dec.bias + dec.contributions.sum(1) + dec.delta
+    torch.testing.assert_close(total, dec.prediction, rtol=0, atol=1e-13)
 
 
 def test_linear_regression_closed_form():
