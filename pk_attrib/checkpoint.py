@@ -63,9 +63,20 @@ def decompose(
         )
 
     if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
-        probe = query_terms(fm.flatten(path.step(0).params), check=True)
-        cache["layers"] = probe is not None  # (a weight also used outside its module: no)
-        if probe is not None:  # the first checkpoint's query terms, as the loop takes them
+        w0 = fm.flatten(path.step(0).params)
+        probe = query_terms(w0, check=True)
+        ok = probe is not None  # (a weight also used outside its module: no)
+        if ok and n < 2 <= engine.n_train:
+            # one query cannot show how a layer's rows group into examples (time-major
+            # (T, B, ...) inputs pass with B = 1); two training examples can
+            *x, labels = engine._batch(torch.arange(2))
+
+            def losses(out: torch.Tensor) -> torch.Tensor:
+                return fm.per_example_losses(out, labels, p.loss_fn)
+
+            ok = capture(fm, w0, x, losses, layers, check=True) is not None
+        cache["layers"] = ok
+        if ok:  # the first checkpoint's query terms, as the loop takes them
             cache[0] = probe
             query_evals += n
     if not cache.get("layers", True):
@@ -153,7 +164,12 @@ def decompose(
     )
     explained = contributions.sum(1)
     zero = torch.zeros_like(initial)
-    terms = {"initial": initial, "weight_decay": zero, "unexplained": zero.clone()}
+    terms = {
+        "initial": initial,
+        "weight_decay": zero,
+        "optimizer_state": zero.clone(),
+        "unexplained": zero.clone(),
+    }
     return Decomposition(
         contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
     )

@@ -402,7 +402,9 @@ class FactorizedProjector(Projector):
                 "layer runs on inputs whose first dimension is not the batch (e.g. time-major "
                 "(T, B, ...)): use projector='gaussian', 'rademacher' or 'sparse'"
             )
-        self._checked = True
+        # checked once the model is seen to rebuild a batch of several examples (one alone
+        # cannot show how a layer's rows group into examples)
+        self._checked = self._checked or labels.shape[0] >= 2
         captured = captured.factors
         parts = []
         batch = labels.shape[0]

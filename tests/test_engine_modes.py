@@ -71,6 +71,51 @@ def test_checkpoint_mode_equals_captum_tracincp(tmp_path):
     )
 
 
+class TimeMajor(torch.nn.Module):
+    """A Linear layer run on (T, B, F) activations: its rows are not grouped by example."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(3, 6)
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (B, T, 3)
+        return self.out(torch.tanh(self.inp(x.transpose(0, 1))).mean(0))
+
+
+def test_one_query_through_a_time_major_linear_layer_equals_captum(tmp_path):
+    """With one query, the check that a layer's rows group into examples passed trivially,
+    and the training side was then grouped wrongly (7% off, silently)."""
+    torch.manual_seed(12)
+    steps, n, batch = 8, 16, 4  # steps % batch == 0: a wrong grouping raises no error
+    x, y = torch.randn(n, steps, 3, dtype=F64), torch.randint(0, 3, (n,))
+    data = TensorDataset(x, y)
+    model = TimeMajor().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    files = []
+    for epoch in range(2):
+        for a in range(0, n, batch):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[a : a + batch]), y[a : a + batch]).backward()
+            optimizer.step()
+        files.append(str(tmp_path / f"e{epoch}.pt"))
+        torch.save(model.state_dict(), files[-1])
+
+    def load(net, path):
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return 0.2
+
+    query = (torch.randn(1, steps, 3, dtype=F64), torch.tensor([2]))
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    tracin = TracInCP(model, data, files, load, loss_fn=loss_fn, batch_size=batch)
+    expected = tracin.influence(query)
+    path = pk.TrainingPath.from_checkpoints(files, [0.2, 0.2], model=model)
+    explainer = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), batch_size=batch, show_progress=False
+    )
+    torch.testing.assert_close(explainer.influence(query), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_recorded_path_with_every_k_runs_in_checkpoint_mode_with_batch_membership():
     torch.manual_seed(11)
     model = digits_mlp(hidden=8)
