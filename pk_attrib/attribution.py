@@ -483,8 +483,9 @@ class PathKernelInfluence(DataInfluence):
 
         Args:
             inputs: None for the whole training set; or a batch ``(inputs..., labels)`` (or a
-                DataLoader of batches) of training examples in exact mode, or of any examples
-                in checkpoint mode.
+                DataLoader of batches) of training examples, whose entries of the whole
+                training set's scores are returned; on a path of checkpoints (TracIn's
+                setting, where every example counts at every checkpoint) of any examples.
             show_progress: Show progress bars.
 
         Returns:
@@ -504,7 +505,10 @@ class PathKernelInfluence(DataInfluence):
 
     def _self_influence(self, inputs, show_progress):
         engine = self._engine
-        if inputs is not None and self.mode == "checkpoint":
+        # checkpoints weigh every example at every checkpoint, so any example has a score;
+        # a recorded path (every=k, another optimizer) weighs each example by its batches
+        by_batches = len(self.path) > 0 and bool(self.path.step(0).parts)
+        if inputs is not None and self.mode == "checkpoint" and not by_batches:
             batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
             out = []
             for batch in batches:

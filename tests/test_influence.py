@@ -111,6 +111,24 @@ def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(ru
     torch.testing.assert_close(small_blocks.self_influence(), self_scores, rtol=1e-9, atol=1e-13)
 
 
+def test_checkpoint_self_influence_on_a_recorded_path_selects_entries_too(run):
+    """On a recorded path (batches known), checkpoint mode weighs each example by its own
+    batches: given inputs must get the same scores as in the whole set's (they once got
+    every step at weight 1, 50-200x more), and the scores are the influence diagonal."""
+    model, data, path = run
+    ex = explainer(run, mode="checkpoint")
+    self_scores = ex.self_influence()
+    torch.testing.assert_close(
+        self_scores, ex.influence(data.tensors).diagonal(), rtol=1e-9, atol=1e-13
+    )
+    picked = torch.tensor([7, 3, 30])
+    chosen = ex.self_influence((data.tensors[0][picked], data.tensors[1][picked]))
+    torch.testing.assert_close(chosen, self_scores[picked], rtol=1e-12, atol=1e-15)
+    x, y = digits()
+    with pytest.raises(ValueError, match="not in train_dataset"):
+        ex.self_influence((x[1500:1501], y[1500:1501]))
+
+
 @pytest.mark.parametrize("opt", ["adam", "adam_l2_amsgrad"])
 def test_exact_self_influence_under_adam_is_the_diagonal(opt):
     torch.manual_seed(20)
