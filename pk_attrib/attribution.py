@@ -22,7 +22,7 @@ from . import checkpoint, compat
 from . import influence as scores
 from .decomposition import Decomposition
 from .engine import Engine, Problem
-from .exceptions import StoreMismatchError, UnsupportedError
+from .exceptions import NotAStoreError, StoreMismatchError, UnsupportedError
 from .features import FeatureCache
 from .gradients import FunctionalModel, OutputFn, prepare_target, select_output
 from .path import TrainingPath
@@ -179,6 +179,13 @@ class PathKernelInfluence(DataInfluence):
         )
         self._engine = Engine(self._problem)
         self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)
+        if self._projector.kind is not ProjectorKind.IDENTITY and self.mode != "exact":
+            why = "; ".join(self.path.approximate_reasons) or "its optimizer has no exact rule"
+            raise UnsupportedError(
+                "random projection applies to exact mode, but this explainer runs in "
+                f"checkpoint mode ({'as asked' if mode == 'checkpoint' else why}): drop "
+                "projection_dim="
+            )
         self._features = None
         self._examples: compat.ExampleIndex | None = None  # built by self_influence(inputs)
         if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
@@ -203,12 +210,20 @@ class PathKernelInfluence(DataInfluence):
     def _load_path(model, path, checkpoints, load_func) -> tuple[TrainingPath, bool]:
         if isinstance(path, TrainingPath):
             return path, False
-        if (
-            checkpoints is None
-            and isinstance(path, (str, os.PathLike))
-            and (Path(path) / MANIFEST).is_file()
-        ):
-            return TrainingPath.load(path), False
+        if checkpoints is None and isinstance(path, (str, os.PathLike)):
+            folder = Path(path)
+            if (folder / MANIFEST).is_file():
+                return TrainingPath.load(folder), False
+            _refuse_unreadable_path(folder)
+            try:  # a checkpoint file or a folder of them, as TracInCP reads them
+                return compat.path_from_tracincp(model, folder, load_func), True
+            except Exception as err:
+                raise NotAStoreError(
+                    f"{folder} is not a pk_attrib store (it has no {MANIFEST}), and reading it "
+                    f"as TracInCP checkpoints failed ({type(err).__name__}: {err}). Give the "
+                    "folder PathRecorder(store=...) wrote, a TrainingPath, or checkpoints that "
+                    "checkpoints_load_func can read"
+                ) from err
         source = checkpoints if checkpoints is not None else path
         if source is None:
             raise TypeError(
@@ -289,10 +304,10 @@ class PathKernelInfluence(DataInfluence):
         queries = self._queries(inputs)
         tgt, output_fn = self._target(queries, target, output_fn)
         if self._projector.kind is not ProjectorKind.IDENTITY:
-            if self.mode != "exact" or kernel:
+            if kernel:  # (checkpoint mode refused projection when constructed)
                 raise UnsupportedError(
-                    "random projection applies to exact-mode contributions (not to the kernel "
-                    "view or checkpoint mode): drop projection_dim= or kernel=True"
+                    "random projection applies to the contributions, not to the kernel view: "
+                    "drop projection_dim= or kernel=True"
                 )
             return self._projected(queries, tgt, output_fn)
         if self.mode == "exact":
@@ -370,12 +385,7 @@ class PathKernelInfluence(DataInfluence):
 
     def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
         """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
-        projected = self._projector.kind is not ProjectorKind.IDENTITY
-        if projected and self.mode != "exact":
-            raise UnsupportedError(
-                "random projection applies to exact mode, not to checkpoint mode: drop "
-                "projection_dim= or use mode='exact'"
-            )
+        projected = self._projector.kind is not ProjectorKind.IDENTITY  # (exact mode only)
         n = queries[0].shape[0]
         size = self._query_chunk() if projected else max(1, n)
         features = self._call_features()  # shared by blocks
@@ -540,3 +550,26 @@ class PathKernelInfluence(DataInfluence):
         return scores.exact_self_influence_blocks(
             engine, indices, output_fn, self.quadrature, size, show_progress
         )
+
+
+def _refuse_unreadable_path(folder: Path) -> None:
+    """Raise `NotAStoreError` for a path that is neither a store nor checkpoints."""
+    hint = (
+        "give the folder PathRecorder(store=...) wrote, a TrainingPath, or TracInCP "
+        "checkpoints (a file, a folder of files, or checkpoints=[...])"
+    )
+    if not folder.exists():
+        raise NotAStoreError(f"{folder} does not exist: {hint}")
+    if folder.name == MANIFEST:
+        raise NotAStoreError(f"{folder} is a store's manifest: give its folder, {folder.parent}")
+    if folder.is_dir():
+        stores = sorted(d.name for d in folder.iterdir() if (d / MANIFEST).is_file())
+        if stores:
+            raise NotAStoreError(
+                f"{folder} is not a store but holds stores ({', '.join(stores[:5])}): give one"
+            )
+        if not any(f.is_file() for f in folder.iterdir()):
+            raise NotAStoreError(
+                f"{folder} holds neither a pk_attrib store (no {MANIFEST}) nor checkpoint "
+                f"files: {hint}"
+            )

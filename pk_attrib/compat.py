@@ -108,8 +108,8 @@ def checkpoint_files(checkpoints: Any) -> list[str]:
     """Checkpoint files from a folder (sorted), one file, or a list, as TracInCP reads them."""
     if isinstance(checkpoints, (str, os.PathLike)):
         folder = Path(checkpoints)
-        if folder.is_dir():
-            return sorted(glob.glob(os.path.join(folder, "*")))
+        if folder.is_dir():  # (sub-folders cannot be checkpoints)
+            return sorted(f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f))
         return [str(folder)]
     if isinstance(checkpoints, Iterable):
         return [str(c) for c in checkpoints]

@@ -168,6 +168,29 @@ def make(recorded, **kwargs):
     return pk.PathKernelInfluence(model, data, path, show_progress=False, **kwargs)
 
 
+def test_a_path_that_is_neither_a_store_nor_checkpoints_is_refused_clearly(recorded, tmp_path):
+    model, data, path = recorded
+    path.save(tmp_path / "runs" / "exp")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a checkpoint")
+    loss = torch.nn.CrossEntropyLoss()
+    cases = {
+        tmp_path / "runs" / "exq": "does not exist",
+        tmp_path / "runs": r"holds stores \(exp\): give one",
+        tmp_path / "runs" / "exp" / "manifest.json": "is a store's manifest: give its folder",
+        tmp_path / "empty": "neither a pk_attrib store",
+        tmp_path / "junk": "reading it as TracInCP checkpoints failed",
+    }
+    for where, message in cases.items():
+        with pytest.raises(pk.NotAStoreError, match=message):
+            pk.PathKernelInfluence(model, data, str(where), loss, show_progress=False)
+    found = pk.PathKernelInfluence(
+        model, data, str(tmp_path / "runs" / "exp"), loss, show_progress=False
+    )
+    assert found.mode == "exact" and len(found.path) == len(path)
+
+
 def test_a_model_with_other_parameters_is_refused(recorded):
     _, data, path = recorded
     other = digits_mlp(hidden=9)
