@@ -23,6 +23,7 @@ from .exceptions import (
     StoreError,
     StoreMismatchError,
     UnsupportedError,
+    VectorizationWarning,
 )
 from .path import Step, TrainingPath
 from .projection import ProjectorKind
@@ -71,5 +72,6 @@ __all__ = [
     "TopK",
     "TrainingPath",
     "UnsupportedError",
+    "VectorizationWarning",
     "__version__",
 ]

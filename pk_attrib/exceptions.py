@@ -55,3 +55,7 @@ class NonFiniteError(PkAttribError, FloatingPointError):
 
 class LossReductionError(PkAttribError, ValueError):
     """How the training loss reduced over the batch cannot be known."""
+
+
+class VectorizationWarning(PkAttribWarning):
+    """torch.func.vmap cannot batch the model: it is evaluated one example at a time."""

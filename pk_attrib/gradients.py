@@ -9,13 +9,17 @@ are held constant), and computes per-example gradients with ``vmap(grad(...))``:
 - `FunctionalModel.output_grads`: ∇_w f(x_j; w), (q, n, d), for queries at q points at once;
 - `FunctionalModel.loss_jacobians`: ∇_w f_c(x_i; w) and ∂ℓ_i/∂f_c, for the kernel view.
 
-Work is split into chunks whose gradients fit ``memory_budget`` bytes.
+Work is split into chunks whose gradients fit ``memory_budget`` bytes. A model that vmap
+cannot batch (``nn.GRU``/``nn.LSTM``, whose fused kernels have no batching rule) is evaluated
+one example (or point) at a time instead: the same numbers, slower, and a
+`VectorizationWarning` says so once.
 """
 
 from __future__ import annotations
 
 import copy
 import enum
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from .exceptions import StoreMismatchError
+from .exceptions import StoreMismatchError, VectorizationWarning
 
 OutputFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -116,6 +120,7 @@ class FunctionalModel:
         self.dtype = dtype
         self.device = torch.device(device)
         self.memory_budget = memory_budget
+        self.looped = False  # set once vmap has failed on this model: loop from then on
         recorded = set(names)
         self.constants = {
             n: p.detach() for n, p in self.model.named_parameters() if n not in recorded
@@ -179,6 +184,34 @@ class FunctionalModel:
         item = max(1, self.d_active * per_item * self.dtype.itemsize * 3)  # grads + temporaries
         return max(1, self.memory_budget // item)
 
+    def _map(self, fn: Callable, in_dims: tuple[int | None, ...]) -> Callable:
+        """``vmap(fn, in_dims)``, or a loop over the mapped dimension where vmap fails.
+
+        The first failure of vmap on this model is retried as a loop; if the loop succeeds,
+        vmap could not batch the model (e.g. ``nn.GRU``), every later call loops, and a
+        `VectorizationWarning` says so. If the loop fails too, its error is the model's own.
+        """
+        mapped = vmap(fn, in_dims=in_dims)
+
+        def call(*args):
+            if not self.looped:
+                try:
+                    return mapped(*args)
+                except (RuntimeError, NotImplementedError, ValueError) as err:
+                    out = _loop(fn, in_dims, args)
+                    self.looped = True
+                    warnings.warn(
+                        f"torch.func.vmap cannot batch this model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); pk_attrib evaluates it one "
+                        "example at a time instead: the same numbers, more slowly",
+                        VectorizationWarning,
+                        stacklevel=2,
+                    )
+                    return out
+            return _loop(fn, in_dims, args)
+
+        return call
+
     # -- evaluations ------------------------------------------------------------------------
 
     def outputs(self, w: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -204,7 +237,7 @@ class FunctionalModel:
             return loss_fn(out, label.unsqueeze(0)).sum()
 
         *inputs, labels = batch
-        step = vmap(grad(single), in_dims=(None, None, 0, 0))
+        step = self._map(grad(single), (None, None, 0, 0))
         n = labels.shape[0]
         size = self.chunk_size()
         chunks = []
@@ -237,7 +270,7 @@ class FunctionalModel:
             out = self._call({**pa, **pp}, tuple(v.unsqueeze(0) for v in x))
             return loss_fn(out, label.unsqueeze(0)).sum()
 
-        step = vmap(grad(single), in_dims=(0, 0, 0, 0))
+        step = self._map(grad(single), (0, 0, 0, 0))
         size = max(1, self.chunk_size(2))  # the parameters are replicated per example
         chunks = []
         for a in range(0, labels.shape[0], size):
@@ -303,8 +336,8 @@ class FunctionalModel:
             value = output_fn(out, t.unsqueeze(0) if has_target else None).reshape(())
             return value, value
 
-        per_query = vmap(grad(single, has_aux=True), in_dims=(None, None, 0, 0))
-        per_point = vmap(per_query, in_dims=(0, 0, None, None))
+        per_query = self._map(grad(single, has_aux=True), (None, None, 0, 0))
+        per_point = self._map(per_query, (0, 0, None, None))
         size = max(1, self.chunk_size(ws.shape[0]))
         grads, values = [], []
         for a in range(0, n, size):
@@ -355,7 +388,7 @@ class FunctionalModel:
             outs = self._call(params, tuple(inputs)).reshape(n, -1)
         c = outs.shape[1]
         size = max(1, self.chunk_size(c))
-        jac = vmap(jacrev(out_single), in_dims=(None, 0))
+        jac = self._map(jacrev(out_single), (None, 0))
         jacs = []
         for a in range(0, n, size):
             part = tuple(x[a : a + size] for x in inputs)
@@ -393,3 +426,41 @@ def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor |
             f"range for a model with {n_outputs} outputs (valid: 0..{n_outputs - 1})"
         )
     return t
+
+
+def _loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:
+    """What ``vmap(fn, in_dims)(*args)`` returns, by calling fn on each slice (dims 0/None).
+
+    Arguments and results may be tensors, or tuples, lists and dicts of them.
+    """
+    mapped = [a for a, dim in zip(args, in_dims, strict=True) if dim is not None]
+    n = _leaves(mapped[0])[0].shape[0]
+    results = [
+        fn(*(a if dim is None else _index(a, i) for a, dim in zip(args, in_dims, strict=True)))
+        for i in range(n)
+    ]
+    return _stack(results)
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree
+    return [leaf for value in values for leaf in _leaves(value)]
+
+
+def _index(tree: Any, i: int) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree[i]
+    if isinstance(tree, dict):
+        return {k: _index(v, i) for k, v in tree.items()}
+    return type(tree)(_index(v, i) for v in tree)
+
+
+def _stack(results: list) -> Any:
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(results)
+    if isinstance(first, dict):
+        return {k: _stack([r[k] for r in results]) for k in first}
+    return type(first)(_stack([r[j] for r in results]) for j in range(len(first)))

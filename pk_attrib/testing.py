@@ -119,7 +119,7 @@ def reference_decomposition(
         for s in range(len(path) + 1)
     }
     n, n_train, d = inputs.shape[0], len(train_dataset), flat[0].numel()
-    x = inputs.double()
+    x = inputs.double() if inputs.is_floating_point() else inputs  # (token ids stay ints)
 
     def f(j: int) -> torch.Tensor:
         t = None if target is None else target[j : j + 1]

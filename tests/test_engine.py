@@ -286,6 +286,40 @@ def test_optimizer_state_from_before_the_recording_is_a_term_of_its_own(make):
     torch.testing.assert_close(total, dec.prediction, rtol=0, atol=1e-13)
 
 
+class GRUClassifier(torch.nn.Module):
+    """nn.GRU has no vmap batching rule: the engine must fall back to a loop."""
+
+    def __init__(self, vocabulary=6, width=4, classes=3):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocabulary, width)
+        self.gru = torch.nn.GRU(width, width, batch_first=True)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        return self.head(self.gru(self.embed(tokens))[0][:, -1])
+
+
+def test_a_model_vmap_cannot_batch_is_explained_one_example_at_a_time():
+    torch.manual_seed(8)
+    tokens = torch.randint(0, 6, (12, 4))
+    data = TensorDataset(tokens, tokens[:, 0] % 3)
+    model = GRUClassifier().to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 4, batch=4, recorder=recorder)
+    model.eval()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    queries, target = torch.randint(0, 6, (2, 4)), torch.tensor([0, 2])
+    with pytest.warns(pk.VectorizationWarning, match="one example at a time"):
+        dec = pk.PathKernelInfluence(
+            model, data, recorder.path, loss_fn, quadrature=3, show_progress=False
+        ).attribute(queries, target=target)
+    ref = reference_decomposition(model, data, recorder.path, loss_fn, queries, target, q=3)
+    torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(dec.prediction, ref["prediction"], rtol=1e-12, atol=1e-14)
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+
+
 def test_linear_regression_closed_form():
     """f(x; w) = w·x is linear, so φ_s = x and c_i = −Σ_s (η/|B|) x·g_i(w_s) exactly."""
     torch.manual_seed(3)
