@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from . import checkpoint, compat
 from . import influence as scores
 from .decomposition import Decomposition
 from .engine import Engine, Problem
-from .exceptions import NotAStoreError, StoreMismatchError, UnsupportedError
+from .exceptions import NotAStoreError, PkAttribWarning, StoreMismatchError, UnsupportedError
 from .features import FeatureCache
 from .gradients import FunctionalModel, OutputFn, prepare_target, select_output
 from .path import TrainingPath
@@ -248,6 +249,7 @@ class PathKernelInfluence(DataInfluence):
 
     def _check_final(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
+        narrowed = set()
         for name, value in self.path.final.items():
             mine = params[name].detach().to("cpu", value.dtype)
             if not torch.allclose(mine, value, rtol=0, atol=0, equal_nan=True):
@@ -256,6 +258,20 @@ class PathKernelInfluence(DataInfluence):
                     "decomposition would explain another model than yours: pass the model at "
                     "the end of the recorded run, or load it with path.load_into(model)"
                 )
+            own = params[name].dtype
+            if own.is_floating_point and value.dtype.is_floating_point:
+                if torch.finfo(value.dtype).eps > torch.finfo(own).eps:
+                    narrowed.add((str(value.dtype), str(own)))
+        if narrowed:
+            stored, own = sorted(narrowed)[0]
+            warnings.warn(
+                f"the path stores the parameters in {stored}, narrower than the model's "
+                f"{own} (PathRecorder(dtype=...)): the decomposition explains the model with "
+                f"its weights rounded to {stored}, so `prediction` is that model's output, "
+                "which differs from yours by the rounding",
+                PkAttribWarning,
+                stacklevel=3,
+            )
 
     # -- decomposition ------------------------------------------------------------------------
 
@@ -263,14 +279,28 @@ class PathKernelInfluence(DataInfluence):
         batch = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
             raise TypeError("inputs must be a tensor or a tuple of tensors (first dim: queries)")
+        if any(t.dim() == 0 for t in batch):
+            raise ValueError("inputs must have a first dimension indexing the queries")
         return self._fm.cast(batch)
 
     def _target(self, queries, target, output_fn):
         n = queries[0].shape[0]
         if output_fn is None:
-            with torch.no_grad():
-                outputs = self._fm.outputs(
-                    self._fm.flatten(self.path.final), tuple(q[:1] for q in queries)
+            first = tuple(q[:1] for q in queries)
+            try:
+                with torch.no_grad():
+                    outputs = self._fm.outputs(self._fm.flatten(self.path.final), first)
+            except RuntimeError as err:
+                shapes = ", ".join(str(tuple(q.shape)) for q in queries)
+                raise ValueError(
+                    f"the model fails on the first query (inputs of shape {shapes}; the first "
+                    "dimension indexes the queries: one example x is x.unsqueeze(0)): "
+                    f"{str(err).splitlines()[0]}"
+                ) from err
+            if not isinstance(outputs, torch.Tensor):
+                raise TypeError(
+                    f"the model returns a {type(outputs).__name__}, not a tensor: pass "
+                    "output_fn(outputs, target) -> (n,) to say which output to explain"
                 )
             return prepare_target(target, n, outputs[0].numel()), select_output
         tgt = None if target is None else torch.as_tensor(target, device=self._fm.device)
@@ -302,6 +332,8 @@ class PathKernelInfluence(DataInfluence):
             A `Decomposition` with contributions (n_test, n_train), bias, prediction, delta.
         """
         queries = self._queries(inputs)
+        if queries[0].shape[0] == 0:
+            raise ValueError("inputs hold no queries (their first dimension is 0)")
         tgt, output_fn = self._target(queries, target, output_fn)
         if self._projector.kind is not ProjectorKind.IDENTITY:
             if kernel:  # (checkpoint mode refused projection when constructed)

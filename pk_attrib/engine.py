@@ -398,7 +398,8 @@ class Engine:
                 f"reconstruction error up to {float(finite.max()):.2e} (step {worst}; "
                 f"threshold {limit:g} for {self.fm.dtype}). Usual causes: dropout or data "
                 "augmentation in training, BatchNorm in train mode, gradient clipping, a loss "
-                "reduction or accumulation other than the one given, or wrong indices. The "
+                "reduction or accumulation other than the one given, per-example loss weights "
+                "(class weights, ignore_index), or wrong indices. The "
                 "decomposition still sums to the prediction: the difference is the "
                 "'unexplained' term of the bias",
                 ReconstructionWarning,

@@ -159,7 +159,7 @@ class PathRecorder:
 
         reasons = []
         if every > 1:
-            reasons.append(f"every={every}: only every {every}-th step has a snapshot")
+            reasons.append(f"every={every}: a snapshot of one step in {every}")
         if not self._kind.exact:
             reasons.append(description["note"])
         fresh = new_manifest(self._snapshot(), description, dataset_size, every, dtype)

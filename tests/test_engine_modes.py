@@ -206,6 +206,60 @@ def test_a_model_with_other_parameters_is_refused(recorded):
     pk.PathKernelInfluence(moved, data, path, torch.nn.CrossEntropyLoss(), show_progress=False)
 
 
+def test_a_path_stored_narrower_than_the_model_says_what_is_explained():
+    """PathRecorder(dtype=float32) on a float64 model: the decomposition explains the
+    rounded weights; a warning says so (the check that the model matches passed silently)."""
+    torch.manual_seed(13)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=20)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pk.PathRecorder(model, optimizer, dtype=torch.float32) as recorder:
+        for a in range(0, 20, 10):
+            recorder.record_batch(torch.arange(a, a + 10))
+            optimizer.zero_grad()
+            F.cross_entropy(
+                model(data.tensors[0][a : a + 10]), data.tensors[1][a : a + 10]
+            ).backward()
+            optimizer.step()
+    with pytest.warns(pk.PkAttribWarning, match="rounded to torch.float32"):
+        pk.PathKernelInfluence(
+            model, data, recorder.path, torch.nn.CrossEntropyLoss(), show_progress=False
+        )
+
+
+def test_queries_without_a_batch_dimension_or_rows_and_tuple_outputs_are_named(recorded):
+    x, y = digits()
+    ex = make(recorded)
+    with pytest.raises(ValueError, match="no queries"):
+        ex.attribute(x[:0], target=0)
+    with pytest.raises(ValueError, match=r"x.unsqueeze\(0\)"):
+        ex.attribute(x[1500], target=0)  # one example without its batch dimension
+    model, data, path = recorded
+
+    class Pair(torch.nn.Module):  # returns (logits, hidden): which one is explained?
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs):
+            return self.net(inputs), inputs
+
+    pair = Pair()
+    renamed = {f"net.{k}": v for k, v in path.final.items()}
+    pair.load_state_dict(renamed)
+    pair_path = pk.TrainingPath.from_checkpoints([renamed, renamed], [0.1, 0.1])
+    tuple_ex = pk.PathKernelInfluence(
+        pair,
+        data,
+        pair_path,
+        lambda out, lab: F.cross_entropy(out[0], lab),
+        loss_reduction="mean",
+        show_progress=False,
+    )
+    with pytest.raises(TypeError, match="returns a tuple, not a tensor: pass output_fn"):
+        tuple_ex.attribute(x[1500:1502], target=0)
+
+
 def test_a_training_set_of_another_length_is_refused(recorded):
     model, _, path = recorded
     with pytest.raises(pk.StoreMismatchError, match="40 examples"):
