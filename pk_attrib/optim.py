@@ -41,6 +41,11 @@ HYPER_KEYS = {
     OptimizerKind.ADAM: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
     OptimizerKind.ADAMW: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
 }
+# Keys torch's LR schedulers (and SWALR) add to param groups: bookkeeping, not step options
+# (the values they set, lr, momentum and betas, are recorded per step).
+SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
+# Hyperparameters schedulers move during a run (recorded per step like the learning rate).
+SCHEDULED_KEYS = {"momentum", "betas"}
 # Keys that describe how a step is computed, not what it computes.
 _IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}
 

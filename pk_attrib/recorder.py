@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import collections
 import os
+import re
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,15 @@ from .exceptions import (
     RecordingError,
     StoreMismatchError,
 )
-from .optim import OptimizerKind, describe_optimizer, group_hyper, group_lr, optimizer_kind
+from .optim import (
+    SCHEDULED_KEYS,
+    SCHEDULER_KEYS,
+    OptimizerKind,
+    describe_optimizer,
+    group_hyper,
+    group_lr,
+    optimizer_kind,
+)
 from .path import TrainingPath
 from .store import (
     FINAL,
@@ -54,6 +63,13 @@ _STATE_AFTER_STEP = ("exp_avg_sq", "max_exp_avg_sq", "step")
 _INITIAL_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
 
 
+def _own_copy(item: Any) -> Any:
+    """A copy of what a sampler yielded (an int, a list, an array or a tensor of indices)."""
+    if isinstance(item, torch.Tensor):
+        return item.clone()
+    return item.copy() if hasattr(item, "copy") else item
+
+
 class _RecordingSampler:
     """Wraps a (batch) sampler: yields what it yields and appends it to a queue."""
 
@@ -63,7 +79,9 @@ class _RecordingSampler:
 
     def __iter__(self):
         for item in self.inner:
-            self.seen.append(item)
+            # a copy: a batch sampler may refill the same list, and with workers the loader
+            # draws batches ahead of the steps they belong to
+            self.seen.append(_own_copy(item))
             yield item
 
     def __len__(self) -> int:
@@ -173,6 +191,8 @@ class PathRecorder:
             self._slab = SlabAllocator(max(1 << 20, step_bytes + 64 * len(self._params)))
         else:
             self._manifest = self._open_store(fresh)
+            # a step records its hyperparameters when they differ from the store's first ones
+            self._base_hyper = [g["hyper"] for g in self._manifest["optimizer"]["groups"]]
             self._raw = len(self._manifest["steps"])
             queue_steps = max(2, min(256, max_queue_bytes // max(step_bytes, 1)))
             # snapshots in flight: the queue, the shard being gathered, the step being taken
@@ -222,7 +242,15 @@ class PathRecorder:
                 "the DataLoader was built with in_order=False, so batches may arrive in "
                 "another order than their indices: build it with in_order=True"
             )
-        self._set_dataset_size(len(loader.dataset))  # type: ignore[arg-type]
+        try:
+            size = len(loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            if self._dataset_size is None:
+                raise TypeError(
+                    "the loader's dataset has no len(): pass PathRecorder(..., dataset_size=N)"
+                ) from None
+        else:
+            self._set_dataset_size(size)
         seen: collections.deque = collections.deque()
         attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
         original = getattr(loader, attr)
@@ -360,10 +388,10 @@ class PathRecorder:
                 for key in _STATE_AFTER_STEP:
                     if isinstance(state.get(key), torch.Tensor):
                         value = state[key]
-                        tensors[f"{r}/{key}/{name}"] = (
-                            _copy(value, torch.float64)
+                        tensors[f"{r}/{key}/{name}"] = (  # in its own dtype: squared
+                            _copy(value, torch.float64)  # gradients underflow in float16
                             if value.dim() == 0
-                            else self._take(value, self.dtype)
+                            else self._take(value, None)
                         )
         self._pending = []
         self._session_first = False
@@ -446,6 +474,7 @@ class PathRecorder:
             return
         self._writer.close()
         if finalize:
+            self._writer.list_pending()
             self._manifest["final"] = write_tensor_file(
                 self.store / FINAL,
                 {f"w/{n}": t for n, t in self._snapshot().items()},
@@ -480,15 +509,23 @@ class PathRecorder:
         _check_same_run(manifest, fresh, root)
         resume_at = self._resume_point(manifest)
         _truncate(manifest, resume_at)
+        current = self._snapshot()
+        final = manifest.get("final")
+        if final is None or not _equal(current, _final_params(root, manifest)):
+            # the path must end where this session starts, until its first snapshot is on
+            # the disk: a crash before that then loses nothing. (A new name: the manifest
+            # on the disk may still list the file this would replace.)
+            manifest["final"] = write_tensor_file(
+                root / f"final-{resume_at:08d}.safetensors",
+                {f"w/{n}": t for n, t in current.items()},
+                {"format": "pk_attrib.final"},
+                durable=True,
+            )
         manifest["complete"] = False
         write_manifest(root, manifest)  # (as this version's: new shards carry its hash)
         listed = {e["file"] for e in manifest["shards"] + [manifest["final"]] if e} | {MANIFEST}
-        for leftover in root.iterdir():
-            if leftover.name not in listed and (
-                leftover.name.endswith(".tmp")
-                or leftover.name.startswith("shard-")
-                or leftover.name == FINAL
-            ):
+        for leftover in root.iterdir():  # what this library writes, unlisted: a crash's
+            if leftover.name not in listed and _OWN_FILE.fullmatch(leftover.name):
                 leftover.unlink()
         return manifest
 
@@ -509,6 +546,16 @@ class PathRecorder:
         )
 
 
+# the files a store's writer makes (and their temporary names while being written)
+_OWN_FILE = re.compile(
+    r"(shard-\d{8}\.safetensors|final(-\d{8})?\.safetensors|manifest\.json)(\.tmp)?"
+)
+
+
+def _final_params(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return TrainingPath(manifest, DiskBackend(root, manifest)).final
+
+
 def _copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True)
 
@@ -524,15 +571,29 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> Non
             "dtypes differ): record this model into a new folder"
         )
     old_opt, new_opt = old.get("optimizer") or {}, new["optimizer"]
-    same = old_opt.get("class") == new_opt["class"] and [
-        (g["params"], g["hyper"]) for g in old_opt.get("groups", [])
-    ] == [(g["params"], g["hyper"]) for g in new_opt["groups"]]
-    if not same:
+    old_groups, new_groups = old_opt.get("groups", []), new_opt["groups"]
+    if old_opt.get("class") != new_opt["class"] or [g["params"] for g in old_groups] != [
+        g["params"] for g in new_groups
+    ]:
         raise StoreMismatchError(
-            f"{root} was recorded with optimizer {old_opt.get('class')} and other param groups "
-            f"or hyperparameters than this {new_opt['class']}: resume with the same optimizer "
-            "settings, or record into a new folder"
+            f"{root} was recorded with optimizer {old_opt.get('class')} over other param "
+            f"groups than this {new_opt['class']}: resume with the same optimizer, or record "
+            "into a new folder"
         )
+    # schedulers' bookkeeping and the values they move (recorded per step) may differ
+    ignored = SCHEDULER_KEYS | SCHEDULED_KEYS
+    for g, (was, now) in enumerate(zip(old_groups, new_groups, strict=True)):
+        keys = (set(was["hyper"]) | set(now["hyper"])) - ignored
+        differ = sorted(k for k in keys if was["hyper"].get(k) != now["hyper"].get(k))
+        if differ:
+            shown = ", ".join(
+                f"{k}: {was['hyper'].get(k)!r} recorded, {now['hyper'].get(k)!r} now"
+                for k in differ
+            )
+            raise StoreMismatchError(
+                f"{root} was recorded with other optimizer settings in param group {g} "
+                f"({shown}): resume with the same settings, or record into a new folder"
+            )
     if old.get("every", 1) != new["every"]:
         raise StoreMismatchError(
             f"{root} was recorded with every={old.get('every', 1)}, not every={new['every']}"
@@ -542,8 +603,8 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> Non
 def _truncate(manifest: dict[str, Any], n_raw: int) -> None:
     """Keep the first ``n_raw`` steps; the final parameters stay listed only if all steps do.
 
-    Kept, they hold the last step's end until the writer lists the next shard (whose first
-    snapshot equals them), so a crash right after reopening loses nothing.
+    Kept, they hold the last step's end until the writer lists a shard with the next
+    snapshot, so a crash right after reopening loses nothing.
     """
     if n_raw < len(manifest["steps"]):
         manifest["final"] = None

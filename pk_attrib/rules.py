@@ -28,15 +28,13 @@ from typing import Any
 import torch
 
 from .exceptions import UnsupportedError
+from .optim import SCHEDULER_KEYS
 from .path import Step, TrainingPath
 
 SUPPORTED = {
     "sgd": {"momentum", "dampening", "nesterov", "weight_decay", "maximize"},
     "adam": {"betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"},
 }
-# Keys torch's LR schedulers (and SWALR) add to param groups: bookkeeping, not step options
-# (the values they set, lr, momentum and betas, are recorded per step).
-SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
 # Steps whose check may wait for the state before them (each holds four (d,) vectors).
 _MAX_WAITING = 8
 

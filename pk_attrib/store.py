@@ -385,6 +385,7 @@ class AsyncShardWriter:
         self.manifest = manifest
         self.pool = pool
         self._steps_json = [json.dumps(m, separators=(",", ":")) for m in manifest["steps"]]
+        self._unlisted: list[tuple[dict, list]] = []  # written shards the manifest awaits
         self.shard_bytes = shard_bytes
         self.flush_interval = flush_interval
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_steps))
@@ -461,18 +462,32 @@ class AsyncShardWriter:
             durable=True,
         )
         entry.update(first_step=first, n_steps=len(records))
-        self.manifest["shards"].append(entry)
-        # a resumed store listed the final parameters of its earlier session; this shard's
-        # first snapshot equals them, and the steps go on, so they are final no longer
-        self.manifest["final"] = None
-        self.manifest["steps"].extend(record["meta"] for record in records)
-        self._steps_json.extend(
-            json.dumps(record["meta"], separators=(",", ":")) for record in records
-        )
-        self.write_manifest()
+        self._unlisted.append((entry, [record["meta"] for record in records]))
         if self.pool is not None:
             for record in records:
                 self.pool.give(record.get("pooled", ()))
+        snapshot = any("/w/" in key for record in records for key in record["tensors"])
+        if self.manifest.get("final") is not None and not snapshot:
+            # a resumed store lists where its earlier session ended; steps listed after it
+            # would end the path there, so they wait for the shard with the next snapshot
+            # (with every=k; a crash meanwhile loses only them)
+            return
+        # that snapshot continues the path beyond the listed end: it is final no longer
+        self.manifest["final"] = None
+        self.list_pending()
+        self.write_manifest()
+
+    def list_pending(self) -> None:
+        """Add the written but unlisted shards to the manifest (without writing it).
+
+        Call only while the writer thread is idle or stopped (the recorder's `close`, which
+        then lists the new final parameters).
+        """
+        for entry, metas in self._unlisted:
+            self.manifest["shards"].append(entry)
+            self.manifest["steps"].extend(metas)
+            self._steps_json.extend(json.dumps(m, separators=(",", ":")) for m in metas)
+        self._unlisted = []
 
     def write_manifest(self) -> None:
         """Rewrite the manifest (call only while the writer thread is idle or stopped)."""

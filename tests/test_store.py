@@ -162,6 +162,155 @@ def test_a_crash_right_after_reopening_a_closed_store_loses_nothing(tmp_path):
     assert_matches_replay(pk.TrainingPath.load(store), replay(9))
 
 
+def on_disk(store):
+    """What a process killed now would leave: the store as its manifest lists it."""
+    return pk.TrainingPath.load(store)
+
+
+def test_a_resume_that_records_nothing_loses_nothing(tmp_path):
+    """Reopening an interrupted store once dropped the step its path ended at: each resume
+    that died before its first shard lost one more step."""
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1)
+    run_steps(model, optimizer, x, y, recorder, 0, 6)
+    recorder.flush()  # a crash now: 6 raw steps listed, the path ends at the 6th snapshot
+    assert len(on_disk(store)) == 5
+    for _attempt in range(3):
+        again, opt2, _, _ = make()
+        on_disk(store).load_into(again)
+        pk.PathRecorder(again, opt2, store=store, dataset_size=40)  # dies at once
+        path = on_disk(store)
+        assert len(path) == 5 and not path.complete
+        assert_matches_replay(path, replay(5))
+    recorder.close()
+
+
+def test_resuming_a_closed_every_k_store_off_its_grid_keeps_its_end_until_a_snapshot(tmp_path):
+    """every=2, closed after 5 steps: the 6th step has no snapshot, so the old end (w_5)
+    must stay listed until the shard with the 7th step's snapshot is on the disk."""
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, every=2) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, 5)
+    expected = replay(8)
+    assert torch.equal(on_disk(store).final["0.weight"], expected[5]["0.weight"])
+    recorder = pk.PathRecorder(
+        model, optimizer, store=store, dataset_size=40, every=2, shard_bytes=1
+    )
+    run_steps(model, optimizer, x, y, recorder, 5, 6)
+    recorder.flush()  # a crash now must keep w_5
+    path = on_disk(store)
+    assert len(path) == 3 and torch.equal(path.final["0.weight"], expected[5]["0.weight"])
+    run_steps(model, optimizer, x, y, recorder, 6, 7)
+    recorder.flush()  # the snapshot of step 6 is on the disk: the path reaches it
+    path = on_disk(store)
+    assert len(path) == 3 and torch.equal(path.params(2)["0.weight"], expected[4]["0.weight"])
+    run_steps(model, optimizer, x, y, recorder, 7, 8)
+    recorder.close()
+    path = on_disk(store)
+    assert len(path) == 4 and path.complete
+    for s, raw in enumerate((0, 2, 4, 6)):
+        assert torch.equal(path.params(s)["0.weight"], expected[raw]["0.weight"])
+    assert torch.equal(path.final["0.weight"], expected[8]["0.weight"])
+    path.verify()
+
+
+def test_a_store_path_hands_out_copies(tmp_path):
+    store = tmp_path / "s"
+    record(store, steps=3)
+    path = pk.TrainingPath.load(store)
+    kept = path.params(1)["0.weight"].clone()
+    path.params(1)["0.weight"].zero_()
+    path.final["0.weight"].zero_()
+    assert torch.equal(path.params(1)["0.weight"], kept)
+    assert path.final["0.weight"].abs().sum() > 0
+
+
+def test_reopening_keeps_files_the_store_did_not_write(tmp_path):
+    store = tmp_path / "s"
+    model = record(store, steps=3)
+    mine = ["notes.tmp", "shard-notes.txt", "shard-00000000.safetensors.backup"]
+    for name in mine:
+        (store / name).write_text("the user's")
+    (store / "shard-00000099.safetensors.tmp").write_bytes(b"a crash's leftover")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pk.PathRecorder(model, optimizer, store=store, dataset_size=40).close()
+    assert all((store / name).read_text() == "the user's" for name in mine)
+    assert not (store / "shard-00000099.safetensors.tmp").exists()
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adam"])
+def test_a_run_whose_scheduler_cycles_momentum_resumes_and_a_changed_setting_is_named(
+    tmp_path, adam
+):
+    """OneCycleLR moves momentum (or Adam's beta1) and adds its keys to the param groups:
+    a resume with the restored optimizer was refused as 'other settings'."""
+    store = tmp_path / "s"
+    model, _, x, y = make()
+
+    def optimizer_and_schedule():
+        opt = (
+            torch.optim.Adam(model.parameters(), lr=0.01)
+            if adam
+            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        )
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
+
+    optimizer, schedule = optimizer_and_schedule()
+    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    for s in range(4):
+        run_steps(model, optimizer, x, y, recorder, s, s + 1)
+        schedule.step()
+    recorder.close()
+    saved = (optimizer.state_dict(), schedule.state_dict())
+    optimizer, schedule = optimizer_and_schedule()
+    optimizer.load_state_dict(saved[0])
+    schedule.load_state_dict(saved[1])
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as recorder:
+        for s in range(4, 6):
+            run_steps(model, optimizer, x, y, recorder, s, s + 1)
+            schedule.step()
+    path = pk.TrainingPath.load(store)
+    assert len(path) == 6
+    key = "betas" if adam else "momentum"
+    moved = [step.hyper[0][key] for step in path]
+    assert len({str(m) for m in moved}) == 6  # each step's own value, across the resume
+    other = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    if not adam:
+        with pytest.raises(pk.StoreMismatchError, match="weight_decay: 0 recorded, 0.1 now"):
+            pk.PathRecorder(model, other, store=store, dataset_size=40)
+
+
+def test_float16_storage_keeps_adams_second_moments_in_their_own_dtype():
+    model, _, x, y = make()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pk.PathRecorder(model, optimizer, dtype=torch.float16, dataset_size=40) as recorder:
+        run_steps(model, optimizer, x * 1e-4, y, recorder, 0, 3)  # tiny gradients
+    state = recorder.path.step(2).optimizer_state["exp_avg_sq"]["0.weight"]
+    assert state.dtype == torch.float32
+    assert torch.equal(state, optimizer.state[model[0].weight]["exp_avg_sq"])
+    assert recorder.path.params(2)["0.weight"].dtype == torch.float16
+
+
+def test_a_dataset_without_len_is_watched_when_its_size_is_given():
+    class NoLen(torch.utils.data.Dataset):
+        def __getitem__(self, i):
+            return torch.full((5,), float(i)), torch.tensor(i % 3)
+
+    model, optimizer, _, _ = make()
+    loader = torch.utils.data.DataLoader(NoLen(), batch_size=4, sampler=range(8))
+    with pytest.raises(TypeError, match="dataset_size="):
+        next(iter(pk.PathRecorder(model, optimizer).watch(loader)))
+    model, optimizer, _, _ = make()
+    with pk.PathRecorder(model, optimizer, dataset_size=8) as recorder:
+        for x, y in recorder.watch(loader):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert [step.indices.tolist() for step in recorder.path] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
 def test_resume_refuses_a_model_or_optimizer_that_does_not_match(tmp_path):
     store = tmp_path / "s"
     model = record(store)
