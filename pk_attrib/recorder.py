@@ -23,6 +23,11 @@ import os
 import re
 import warnings
 import weakref
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from .exceptions import (
     NotAStoreError,
     PkAttribWarning,
     RecordingError,
+    StoreError,
     StoreMismatchError,
 )
 from .optim import (
@@ -159,6 +165,7 @@ class PathRecorder:
             p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad
         ]
         self._group_sizes = [len(g["params"]) for g in optimizer.param_groups]
+        self._dtypes = [p.dtype for p in self._params.values()]
         if not self._params:
             raise RecordingError(
                 "the optimizer updates no trainable parameter of the model: nothing to record"
@@ -173,6 +180,7 @@ class PathRecorder:
         self._closed = False
         self._session_first = True
         self.store = None if store is None else Path(store)
+        self._lock = None  # the open lock file of the store, while recording into it
         self._raw = 0
 
         reasons = []
@@ -351,6 +359,18 @@ class PathRecorder:
         """Refuse a step that would update a parameter the recording does not hold."""
         sizes = [len(g["params"]) for g in optimizer.param_groups]
         unfrozen = [p for p in self._left_out if p.requires_grad and p.grad is not None]
+        dtypes = [p.dtype for p in self._params.values()]
+        if dtypes != self._dtypes:
+            name, was, now = next(
+                (n, a, b)
+                for n, a, b in zip(self._params, self._dtypes, dtypes, strict=True)
+                if a != b
+            )
+            raise RecordingError(
+                f"parameter {name} changed its dtype from {was} to {now} during the recording "
+                "(model.double(), .half(), ...): one recording holds one dtype per parameter; "
+                "create a new PathRecorder, into a new store, after converting the model"
+            )
         if sizes == self._group_sizes and not unfrozen:
             return
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -472,17 +492,20 @@ class PathRecorder:
                 self._backend.final = self._snapshot()
                 self._manifest["complete"] = True
             return
-        self._writer.close()
-        if finalize:
-            self._writer.list_pending()
-            self._manifest["final"] = write_tensor_file(
-                self.store / FINAL,
-                {f"w/{n}": t for n, t in self._snapshot().items()},
-                {"format": "pk_attrib.final"},
-                durable=True,
-            )
-            self._manifest["complete"] = True
-            self._writer.write_manifest()
+        try:
+            self._writer.close()
+            if finalize:
+                self._writer.list_pending()
+                self._manifest["final"] = write_tensor_file(
+                    self.store / FINAL,
+                    {f"w/{n}": t for n, t in self._snapshot().items()},
+                    {"format": "pk_attrib.final"},
+                    durable=True,
+                )
+                self._manifest["complete"] = True
+                self._writer.write_manifest()
+        finally:
+            self._release()
 
     def __enter__(self) -> PathRecorder:
         return self
@@ -496,13 +519,32 @@ class PathRecorder:
         root = self.store
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a folder: choose a folder for the store")
+        if (
+            not (root / MANIFEST).exists()
+            and root.exists()
+            and any(f.name != LOCK for f in root.iterdir())
+        ):
+            raise NotAStoreError(
+                f"{root} is not empty and holds no pk_attrib store: choose a new or "
+                "empty folder, so that nothing in it is overwritten"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(root)
+        try:
+            return self._open_locked(fresh)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        """Let other recorders open the store."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _open_locked(self, fresh: dict[str, Any]) -> dict[str, Any]:
+        root = self.store
         if not (root / MANIFEST).exists():
-            if root.exists() and any(root.iterdir()):
-                raise NotAStoreError(
-                    f"{root} is not empty and holds no pk_attrib store: choose a new or "
-                    "empty folder, so that nothing in it is overwritten"
-                )
-            root.mkdir(parents=True, exist_ok=True)
             write_manifest(root, fresh)
             return fresh
         manifest = read_manifest(root)
@@ -550,6 +592,29 @@ class PathRecorder:
 _OWN_FILE = re.compile(
     r"(shard-\d{8}\.safetensors|final(-\d{8})?\.safetensors|manifest\.json)(\.tmp)?"
 )
+
+
+LOCK = ".lock"  # held (flock) by the recorder writing a store, released by close or exit
+
+
+def _lock(root: Path):
+    """Lock a store for this recorder (the open file holds the lock; None without fcntl).
+
+    Raises:
+        StoreError: Another recorder, in this process or another, is writing the store.
+    """
+    if fcntl is None:  # (Windows: no advisory locks; one writer is up to the user)
+        return None
+    handle = open(root / LOCK, "a")  # noqa: SIM115 - held open while recording
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreError(
+            f"{root} is being recorded by another PathRecorder (in this process or another): "
+            "close it first (recorder.close()), or record into another folder"
+        ) from None
+    return handle
 
 
 def _final_params(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -171,19 +171,66 @@ def test_a_resume_that_records_nothing_loses_nothing(tmp_path):
     """Reopening an interrupted store once dropped the step its path ended at: each resume
     that died before its first shard lost one more step."""
     store = tmp_path / "s"
-    model, optimizer, x, y = make()
-    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1)
-    run_steps(model, optimizer, x, y, recorder, 0, 6)
-    recorder.flush()  # a crash now: 6 raw steps listed, the path ends at the 6th snapshot
+    proc = child(
+        f"""
+        import os
+        import pk_attrib as pk
+        from _runs import make, run_steps
+        model, optimizer, x, y = make()
+        recorder = pk.PathRecorder(model, optimizer, store={str(store)!r}, dataset_size=40,
+                                   shard_bytes=1)
+        run_steps(model, optimizer, x, y, recorder, 0, 6)
+        recorder.flush()
+        os._exit(0)  # killed: 6 raw steps listed, the path ends at the 6th snapshot
+        """
+    )
+    proc.communicate(timeout=120)
     assert len(on_disk(store)) == 5
     for _attempt in range(3):
-        again, opt2, _, _ = make()
-        on_disk(store).load_into(again)
-        pk.PathRecorder(again, opt2, store=store, dataset_size=40)  # dies at once
+        proc = child(
+            f"""
+            import os
+            import pk_attrib as pk
+            from _runs import make
+            model, optimizer, _, _ = make()
+            pk.TrainingPath.load({str(store)!r}).load_into(model)
+            recorder = pk.PathRecorder(model, optimizer, store={str(store)!r}, dataset_size=40)
+            os._exit(0)  # killed before its first step
+            """
+        )
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
         path = on_disk(store)
         assert len(path) == 5 and not path.complete
         assert_matches_replay(path, replay(5))
-    recorder.close()
+
+
+def test_one_recorder_at_a_time_writes_a_store(tmp_path):
+    """A second recorder (here an unclosed one from an earlier notebook cell) is refused,
+    and the store stays whole; once the first is closed the store reopens."""
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    first = pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    run_steps(model, optimizer, x, y, first, 0, 3)
+    with pytest.raises(pk.StoreError, match="another PathRecorder"):
+        pk.PathRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), store=store)
+    run_steps(model, optimizer, x, y, first, 3, 5)
+    first.close()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as again:
+        run_steps(model, optimizer, x, y, again, 5, 7)
+    path = on_disk(store)
+    path.verify()
+    assert_matches_replay(path, replay(7))
+
+
+def test_a_parameter_that_changes_dtype_mid_run_is_refused():
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=40)
+    run_steps(model, optimizer, x, y, recorder, 0, 2)
+    model.double()
+    with pytest.raises(pk.RecordingError, match="changed its dtype from torch.float32"):
+        run_steps(model, optimizer, x.double(), y, recorder, 2, 3)
+    assert recorder.steps_recorded == 2
 
 
 def test_resuming_a_closed_every_k_store_off_its_grid_keeps_its_end_until_a_snapshot(tmp_path):
