@@ -218,9 +218,10 @@ def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
             if rows is None:
                 hint = _difference(items, reference)
                 raise ValueError(
-                    f"example {r} of the inputs is not in train_dataset{hint}: exact "
-                    "self-influence is defined for training examples; use mode='checkpoint' "
-                    "for TracIn's self-influence of other examples"
+                    f"example {r} of the inputs is not in train_dataset{hint}: on a recorded "
+                    "path self-influence is defined for training examples (each counts in "
+                    "its own batches); TracIn's self-influence of any example needs a path "
+                    "of checkpoints (TrainingPath.from_checkpoints)"
                 )
             if len(rows) > 1:
                 shown = rows[:5] + (["..."] if len(rows) > 5 else [])

@@ -198,6 +198,8 @@ class FunctionalModel:
                 try:
                     return mapped(*args)
                 except (RuntimeError, NotImplementedError, ValueError) as err:
+                    if _not_vmaps_doing(err):
+                        raise
                     out = _loop(fn, in_dims, args)
                     self.looped = True
                     warnings.warn(
@@ -426,6 +428,21 @@ def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor |
             f"range for a model with {n_outputs} outputs (valid: 0..{n_outputs - 1})"
         )
     return t
+
+
+def _not_vmaps_doing(err: BaseException) -> bool:
+    """Whether a loop would not cure this vmap error.
+
+    Random operations (vmap refuses them on purpose: a loop would give other numbers on
+    every call) and failed allocations are the model's or the machine's, not vmap's.
+    """
+    text = str(err)
+    return (
+        isinstance(err, torch.OutOfMemoryError)
+        or "random operation" in text
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 def _loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:

@@ -79,7 +79,7 @@ def _relative_error(delta: torch.Tensor, predicted: torch.Tensor) -> float:
     unknown = predicted.isnan()
     if bool(unknown.any()):
         delta, predicted = delta[~unknown], predicted[~unknown]
-        if not delta.numel():
+        if not bool((delta != 0).any()):  # nothing left that moved: no check at all
             return math.nan
     norm = float(delta.norm())
     diff = float((delta - predicted).norm())
@@ -167,19 +167,37 @@ class Rule:
             self._waiting.append((s, step, delta, G, w, state))
 
     def _known_enough(self, state: torch.Tensor) -> bool:
-        """Is the state known wherever the nearest waiting step has a learning rate?"""
+        """Is the state known wherever the waiting steps need it?
+
+        A waiting step needs the state before it where its learning rate is not 0, and
+        also where its own state is unknown but a later waiting step needs that (the state
+        is then carried through it).
+        """
         unknown = state.isnan()
         if not self._waiting or not bool(unknown.any()):
             return True
-        eta = self.vec.vec(self._waiting[-1][1].lr)
-        return not bool((unknown & (eta != 0)).any())
+        need = torch.zeros_like(unknown)
+        for _, step, _, _, _, recovered in self._waiting:  # farthest first
+            need = (self.vec.vec(step.lr) != 0) | (recovered.isnan() & need)
+        return not bool((unknown & need).any())
 
     def _initial_state(self, step: Step) -> torch.Tensor | None:
-        """The recorded state before step 0 ((d,), float), or None when there was none."""
+        """The recorded state before step 0 ((d,), float), or None when there was none.
+
+        A parameter without one (an SGD group without momentum, a layer that had no gradient
+        yet) gets zeros: Adam starts its first moment there, and SGD without dampening its
+        buffer, as from zeros.
+        """
         found = step.initial_state.get(self.STATE_KEY, {})
-        if not found or any(n not in found for n in self._names):
+        if not found:
             return None
-        flat = torch.cat([found[n].reshape(-1) for n in self._names])
+        shapes = self.path.param_shapes
+        flat = torch.cat(
+            [
+                found[n].reshape(-1) if n in found else torch.zeros(shapes[n].numel())
+                for n in self._names
+            ]
+        )
         return flat.to(self.vec.device, self.vec.dtype)
 
     def initial_state_term(self, step: Step) -> torch.Tensor | None:

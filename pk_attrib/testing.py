@@ -140,10 +140,20 @@ def reference_decomposition(
     key = "momentum_buffer" if kind == "sgd" else "exp_avg"
     before = first.initial_state.get(key, {})  # state carried into step 0, if any
     prior = (
-        torch.cat([before[nm].reshape(-1).double() for nm in names])
+        torch.cat(
+            [
+                before[nm].reshape(-1).double()
+                if nm in before
+                else torch.zeros(path.param_shapes[nm].numel(), dtype=torch.float64)
+                for nm in names
+            ]
+        )
         if before and not first.fresh_state
         else None
     )
+    fresh = [path.step(s).fresh_state for s in range(len(path))]
+    if any(now and not before for before, now in zip(fresh, fresh[1:], strict=False)):
+        raise ValueError("the reference supports one optimizer-state start, at step 0")
     nodes, weights = gauss_legendre(q)
     for s in range(len(path)):
         step = path.step(s)

@@ -238,7 +238,8 @@ def test_learning_rate_zero_mid_run_and_a_group_held_at_zero_check_cleanly(adam)
         _train_steps(model, optimizer, data, 7, scheduler=pause, recorder=recorder)
     lrs = recorder.path.learning_rates
     assert lrs[:, 0].tolist()[2:4] == [0.0, 0.0] and lrs[:, 1].abs().max() == 0
-    _explain_against_the_reference(model, data, recorder.path)
+    dec, _ = _explain_against_the_reference(model, data, recorder.path)
+    assert not dec.diagnostics.reconstruction_error.isnan().any()  # every step was checked
 
 
 def test_adam_with_amsgrad_in_one_param_group_only_matches_the_reference():
@@ -263,8 +264,11 @@ def test_adam_with_amsgrad_in_one_param_group_only_matches_the_reference():
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.2),
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True),
         lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+        lambda p: torch.optim.SGD(
+            [{"params": list(p)[:2], "momentum": 0.9}, {"params": list(p)[2:]}], lr=0.1
+        ),
     ],
-    ids=["sgd_momentum_dampening", "sgd_nesterov", "adamw"],
+    ids=["sgd_momentum_dampening", "sgd_nesterov", "adamw", "sgd_one_group_without_momentum"],
 )
 def test_optimizer_state_from_before_the_recording_is_a_term_of_its_own(make):
     """A new recorder on an optimizer that has stepped: the momentum carried into step 0 is
