@@ -16,8 +16,8 @@ it measures the wall time per training step of
 3. recording to disk (``store=<fresh folder>``); the timed region runs from creating the
    recorder to the end of ``close()``, which waits for the writer thread and writes the
    final parameters, so every shard and the final parameters are on the disk when the clock
-   stops (the store fsyncs each before its manifest lists it; the manifest itself is renamed
-   into place, not fsynced).
+   stops (the store fsyncs each before its manifest lists it, and the manifest and its
+   folder after each write).
 
 Each measurement (but with ``--quick``) runs in a fresh Python process, so that no mode
 inherits the heap another left behind (gigabytes of snapshots change how fast glibc serves

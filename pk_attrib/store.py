@@ -245,7 +245,25 @@ def write_manifest(
     manifest.update(
         format_version=FORMAT_VERSION, library_version=library_version(), updated=time.time()
     )
-    _write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode())
+    # durable in order: the files it lists are renamed into place (folder synced), then the
+    # manifest itself is flushed, then its own rename is synced
+    _sync_folder(root)
+    _write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode(), durable=True)
+    _sync_folder(root)
+
+
+def _sync_folder(root: Path) -> None:
+    """Flush a folder's entries (renames) to the disk, where the system allows it."""
+    try:
+        fd = os.open(root, os.O_RDONLY)
+    except OSError:  # (Windows cannot open a folder)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:

@@ -543,6 +543,10 @@ def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkey
             assert set(what) <= synced, (what, synced)
             listed = max(listed, len(what))
     assert listed >= 3  # several shards and the final parameters, each synced before listed
+    # the manifest itself is flushed each time, and so is the folder (the renames)
+    writes = sum(kind == "manifest" for kind, _ in events)
+    assert sum(event == ("fsync", "manifest.json.tmp") for event in events) >= writes
+    assert sum(event == ("fsync", "s") for event in events) >= 2 * writes
     assert_matches_replay(pk.TrainingPath.load(tmp_path / "s"), replay(40))
 
 
