@@ -23,11 +23,6 @@ import os
 import re
 import warnings
 import weakref
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +38,6 @@ from .exceptions import (
     NotAStoreError,
     PkAttribWarning,
     RecordingError,
-    StoreError,
     StoreMismatchError,
 )
 from .optim import (
@@ -58,9 +52,12 @@ from .optim import (
 from .path import TrainingPath
 from .store import (
     FINAL,
+    LOCK,
     MANIFEST,
     AsyncShardWriter,
+    lock_store,
     read_manifest,
+    unlock_store,
     write_manifest,
     write_tensor_file,
 )
@@ -213,6 +210,10 @@ class PathRecorder:
                 flush_interval=flush_interval,
                 pool=self._pool,
             )
+            # the lock lasts as long as the writer: an abandoned recorder collected by gc
+            # still has queued steps to write, and stops its writer before letting go
+            self._writer.lock, self._lock = self._lock, None
+            self._abandoned = weakref.finalize(self, _stop_writer, self._writer)
             atexit.register(_flush_at_exit, weakref.ref(self))
         self._dataset_size = self._manifest.get("dataset_size")
         self._handles = [
@@ -496,14 +497,17 @@ class PathRecorder:
             self._writer.close()
             if finalize:
                 self._writer.list_pending()
+                listed = self._manifest.get("final")  # what the manifest on the disk lists
                 self._manifest["final"] = write_tensor_file(
-                    self.store / FINAL,
+                    self.store / _final_name(listed),
                     {f"w/{n}": t for n, t in self._snapshot().items()},
                     {"format": "pk_attrib.final"},
                     durable=True,
                 )
                 self._manifest["complete"] = True
                 self._writer.write_manifest()
+                if listed is not None:  # (listed no more: a full copy of the weights)
+                    (self.store / listed["file"]).unlink(missing_ok=True)
         finally:
             self._release()
 
@@ -529,7 +533,7 @@ class PathRecorder:
                 "empty folder, so that nothing in it is overwritten"
             )
         root.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(root)
+        self._lock = lock_store(root)
         try:
             return self._open_locked(fresh)
         except BaseException:
@@ -539,8 +543,11 @@ class PathRecorder:
     def _release(self) -> None:
         """Let other recorders open the store."""
         if self._lock is not None:
-            self._lock.close()
+            unlock_store(self._lock)
             self._lock = None
+        if getattr(self, "_writer", None) is not None:
+            self._abandoned.detach()
+            self._writer.release_lock()
 
     def _open_locked(self, fresh: dict[str, Any]) -> dict[str, Any]:
         root = self.store
@@ -550,15 +557,14 @@ class PathRecorder:
         manifest = read_manifest(root)
         _check_same_run(manifest, fresh, root)
         resume_at = self._resume_point(manifest)
+        on_disk = manifest.get("final")  # what the manifest on the disk lists
         _truncate(manifest, resume_at)
         current = self._snapshot()
-        final = manifest.get("final")
-        if final is None or not _equal(current, _final_params(root, manifest)):
+        if manifest.get("final") is None or not _equal(current, _final_params(root, manifest)):
             # the path must end where this session starts, until its first snapshot is on
-            # the disk: a crash before that then loses nothing. (A new name: the manifest
-            # on the disk may still list the file this would replace.)
+            # the disk: a crash before that then loses nothing
             manifest["final"] = write_tensor_file(
-                root / f"final-{resume_at:08d}.safetensors",
+                root / _final_name(on_disk),
                 {f"w/{n}": t for n, t in current.items()},
                 {"format": "pk_attrib.final"},
                 durable=True,
@@ -590,31 +596,27 @@ class PathRecorder:
 
 # the files a store's writer makes (and their temporary names while being written)
 _OWN_FILE = re.compile(
-    r"(shard-\d{8}\.safetensors|final(-\d{8})?\.safetensors|manifest\.json)(\.tmp)?"
+    r"(shard-\d{8}\.safetensors|final(-next)?\.safetensors|manifest\.json)(\.tmp)?"
 )
+_NEXT_FINAL = "final-next.safetensors"
 
 
-LOCK = ".lock"  # held (flock) by the recorder writing a store, released by close or exit
+def _final_name(listed: dict[str, Any] | None) -> str:
+    """A name for new final parameters that the manifest on the disk does not list.
 
-
-def _lock(root: Path):
-    """Lock a store for this recorder (the open file holds the lock; None without fcntl).
-
-    Raises:
-        StoreError: Another recorder, in this process or another, is writing the store.
+    Replacing a listed file before the manifest names its new hash would leave a store
+    that fails its check if the process died in between; the two names alternate.
     """
-    if fcntl is None:  # (Windows: no advisory locks; one writer is up to the user)
-        return None
-    handle = open(root / LOCK, "a")  # noqa: SIM115 - held open while recording
+    return _NEXT_FINAL if listed is not None and listed["file"] == FINAL else FINAL
+
+
+def _stop_writer(writer: AsyncShardWriter) -> None:
+    """For a recorder collected without close(): write its queued steps, then unlock."""
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise StoreError(
-            f"{root} is being recorded by another PathRecorder (in this process or another): "
-            "close it first (recorder.close()), or record into another folder"
-        ) from None
-    return handle
+        writer.close()
+    except Exception:  # noqa: BLE001 - reported to nobody: the recorder is gone
+        pass
+    writer.release_lock()
 
 
 def _final_params(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,11 @@ import os
 import queue
 import threading
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +409,7 @@ class AsyncShardWriter:
         self.pool = pool
         self._steps_json = [json.dumps(m, separators=(",", ":")) for m in manifest["steps"]]
         self._unlisted: list[tuple[dict, list]] = []  # written shards the manifest awaits
+        self.lock = None  # the store's lock file (the recorder hands it over), held till done
         self.shard_bytes = shard_bytes
         self.flush_interval = flush_interval
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_steps))
@@ -424,7 +430,11 @@ class AsyncShardWriter:
         self._queue.put(record)
 
     def flush(self) -> None:
-        """Block until every queued step is written and listed in the manifest."""
+        """Block until every queued step is written and listed in the manifest.
+
+        (Except steps after a listed final that wait for the next snapshot's shard, see
+        `_write_shard`.)
+        """
         if not self._thread.is_alive():
             self._raise_if_failed()
             return
@@ -432,6 +442,12 @@ class AsyncShardWriter:
         self._queue.put(marker)
         marker.done.wait()
         self._raise_if_failed()
+
+    def release_lock(self) -> None:
+        """Close the store's lock file, letting another recorder open the store."""
+        if self.lock is not None:
+            unlock_store(self.lock)
+            self.lock = None
 
     def close(self) -> None:
         """Write what is queued and stop the thread."""
@@ -491,9 +507,11 @@ class AsyncShardWriter:
             # (with every=k; a crash meanwhile loses only them)
             return
         # that snapshot continues the path beyond the listed end: it is final no longer
-        self.manifest["final"] = None
+        ended, self.manifest["final"] = self.manifest.get("final"), None
         self.list_pending()
         self.write_manifest()
+        if ended is not None:  # listed no more: a full copy of the weights
+            (self.root / ended["file"]).unlink(missing_ok=True)
 
     def list_pending(self) -> None:
         """Add the written but unlisted shards to the manifest (without writing it).
@@ -510,3 +528,49 @@ class AsyncShardWriter:
     def write_manifest(self) -> None:
         """Rewrite the manifest (call only while the writer thread is idle or stopped)."""
         write_manifest(self.root, self.manifest, self._steps_json)
+
+
+LOCK = ".lock"  # held (flock) by the recorder writing a store, released by close or exit
+
+
+def lock_store(root: Path):
+    """Lock a store for this recorder (the open file holds the lock; None without fcntl).
+
+    Raises:
+        StoreError: Another recorder, in this process or another, is writing the store.
+    """
+    if fcntl is None:  # (Windows: no advisory locks; one writer is up to the user)
+        return None
+    handle = open(root / LOCK, "a")  # noqa: SIM115 - held open while recording
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreError(
+            f"{root} is being recorded by another PathRecorder (in this process or another): "
+            "close it first (recorder.close()); one you no longer hold lets go when it is "
+            "garbage-collected or its process ends. Or record into another folder"
+        ) from None
+    _HELD.add(handle)
+    return handle
+
+
+def unlock_store(handle) -> None:
+    """Release a lock `lock_store` took (close its file)."""
+    _HELD.discard(handle)
+    handle.close()
+
+
+# lock files this process holds; a forked child (a DataLoader worker) closes its copies, or
+# it would keep the store locked after the recorder lets go (flock belongs to the open file)
+_HELD: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for handle in list(_HELD):
+        handle.close()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)

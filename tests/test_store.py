@@ -223,6 +223,63 @@ def test_one_recorder_at_a_time_writes_a_store(tmp_path):
     assert_matches_replay(path, replay(7))
 
 
+def test_closing_never_replaces_the_final_parameters_the_manifest_lists(tmp_path):
+    """A resumed closed store lists its old final until a snapshot comes; close() writes the
+    new final under the other name, so a kill between the write and the manifest leaves the
+    listed file intact; the old one is removed once unlisted."""
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, every=2) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, 5)
+    names = []
+    for stop in (6, 7):  # resumed off the snapshot grid (5), then on it (6)
+        listed = json.loads((store / "manifest.json").read_text())["final"]["file"]
+        with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, every=2) as rec:
+            run_steps(model, optimizer, x, y, rec, stop - 1, stop)
+        names.append(json.loads((store / "manifest.json").read_text())["final"]["file"])
+        assert names[-1] != listed and not (store / listed).exists()
+        on_disk(store).verify()
+    assert names == ["final-next.safetensors", "final.safetensors"]
+    path = on_disk(store)
+    assert torch.equal(path.final["0.weight"], replay(7)[7]["0.weight"])
+
+
+def test_a_recorder_collected_without_close_writes_its_steps_then_lets_go(tmp_path):
+    import gc
+
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40, flush_interval=60.0)
+    run_steps(model, optimizer, x, y, recorder, 0, 3)  # queued, not written yet
+    del recorder, optimizer  # (the optimizer's hooks held the recorder)
+    gc.collect()
+    assert len(on_disk(store)) == 2  # its writer finished: 3 raw steps, path to the third
+    on_disk(store).load_into(model)  # back to the path's end, the third snapshot
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as again:
+        run_steps(model, optimizer, x, y, again, 2, 5)  # (a fresh optimizer: plain SGD)
+    assert_matches_replay(on_disk(store), replay(5))
+
+
+def test_a_forked_child_does_not_keep_the_store_locked(tmp_path):
+    import multiprocessing
+
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    run_steps(model, optimizer, x, y, recorder, 0, 2)
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(5,))
+    worker.start()  # like a DataLoader worker, forked while the store is locked
+    try:
+        recorder.close()
+        with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as again:
+            run_steps(model, optimizer, x, y, again, 2, 3)
+    finally:
+        worker.terminate()
+        worker.join()
+    assert len(on_disk(store)) == 3
+
+
 def test_a_parameter_that_changes_dtype_mid_run_is_refused():
     model, optimizer, x, y = make()
     recorder = pk.PathRecorder(model, optimizer, dataset_size=40)
