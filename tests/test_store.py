@@ -186,7 +186,7 @@ def test_a_resume_that_records_nothing_loses_nothing(tmp_path):
     )
     proc.communicate(timeout=120)
     assert len(on_disk(store)) == 5
-    for _attempt in range(3):
+    for _attempt in range(2):
         proc = child(
             f"""
             import os
