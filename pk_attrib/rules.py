@@ -102,7 +102,8 @@ class Rule:
         self.vec = vectors
         self.errors: dict[int, float] = {}
         self._carry: torch.Tensor | None = None  # adjoint of the state after this step
-        self._carry_factor: torch.Tensor | float = 0.0  # how the state before it enters it
+        # how the state before this step enters it (μ, β1): it scales the carry back
+        self._carry_factor: torch.Tensor | float = 0.0
         self._next_fresh = True
         # steps (nearest last) whose check waits for the state after the step before them
         self._waiting: list[tuple] = []
@@ -241,16 +242,14 @@ class SGDRule(Rule):
         mu, damp, nesterov = self._terms(step)
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
         if not bool((mu != 0).any()):
-            self._carry = None
-            self._mu = mu
+            self._carry, self._carry_factor = None, mu
             return eta * phi, None
         # u_s: adjoint of the buffer b_s = μ_s b_{s−1} + d_s G_s, used by P_s = b_s or G_s + μ_s b_s
         direct = torch.where(nesterov.bool(), mu, torch.ones_like(mu))
         u = eta * direct * phi
         if self._carry is not None and not next_fresh:
-            u = u + self._mu * self._carry
-        self._carry, self._mu = u, mu
-        self._carry_factor = mu
+            u = u + self._carry_factor * self._carry
+        self._carry, self._carry_factor = u, mu
         v = damp * u + nesterov * eta * phi
         return torch.where(mu != 0, v, eta * phi), None
 
@@ -326,11 +325,10 @@ class AdamRule(Rule):
         D, beta1 = self._denominator(step, self._names)
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
         if self._carry is not None and not next_fresh:  # in place: the carry is ours alone
-            u = self._carry.mul_(self._beta1).addcmul_(phi, eta * D)
+            u = self._carry.mul_(self._carry_factor).addcmul_(phi, eta * D)
         else:
             u = (eta * D) * phi
-        self._carry, self._beta1 = u, beta1
-        self._carry_factor = beta1
+        self._carry, self._carry_factor = u, beta1
         extra = None
         if self.decoupled:
             lam = self.vec.hyper(step, "weight_decay")
