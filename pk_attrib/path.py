@@ -22,7 +22,14 @@ import torch
 
 from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
 from .exceptions import StoreError, StoreMismatchError
-from .store import FINAL, dtype_from_name, read_manifest, write_manifest, write_tensor_file
+from .store import (
+    FINAL,
+    dtype_from_name,
+    read_manifest,
+    write_final,
+    write_manifest,
+    write_tensor_file,
+)
 
 __all__ = ["DiskBackend", "MemoryBackend", "Step", "TrainingPath", "new_manifest"]
 
@@ -379,8 +386,6 @@ class TrainingPath:
             write(batch)
         final = self._backend.final_params()
         if final is not None:
-            manifest["final"] = write_tensor_file(
-                root / FINAL, {f"w/{n}": t for n, t in final.items()}, {"format": "pk_attrib.final"}
-            )
+            manifest["final"] = write_final(root / FINAL, final)
         write_manifest(root, manifest)
         return TrainingPath.load(root)

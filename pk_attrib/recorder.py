@@ -58,8 +58,8 @@ from .store import (
     lock_store,
     read_manifest,
     unlock_store,
+    write_final,
     write_manifest,
-    write_tensor_file,
 )
 
 _STATE_AFTER_STEP = ("exp_avg_sq", "max_exp_avg_sq", "step")
@@ -498,11 +498,8 @@ class PathRecorder:
             if finalize:
                 self._writer.list_pending()
                 listed = self._manifest.get("final")  # what the manifest on the disk lists
-                self._manifest["final"] = write_tensor_file(
-                    self.store / _final_name(listed),
-                    {f"w/{n}": t for n, t in self._snapshot().items()},
-                    {"format": "pk_attrib.final"},
-                    durable=True,
+                self._manifest["final"] = write_final(
+                    self.store / _final_name(listed), self._snapshot(), durable=True
                 )
                 self._manifest["complete"] = True
                 self._writer.write_manifest()
@@ -556,19 +553,14 @@ class PathRecorder:
             return fresh
         manifest = read_manifest(root)
         _check_same_run(manifest, fresh, root)
-        resume_at = self._resume_point(manifest)
+        current = self._snapshot()
+        resume_at, at_final = self._resume_point(manifest, current)
         on_disk = manifest.get("final")  # what the manifest on the disk lists
         _truncate(manifest, resume_at)
-        current = self._snapshot()
-        if manifest.get("final") is None or not _equal(current, _final_params(root, manifest)):
+        if not at_final:
             # the path must end where this session starts, until its first snapshot is on
             # the disk: a crash before that then loses nothing
-            manifest["final"] = write_tensor_file(
-                root / _final_name(on_disk),
-                {f"w/{n}": t for n, t in current.items()},
-                {"format": "pk_attrib.final"},
-                durable=True,
-            )
+            manifest["final"] = write_final(root / _final_name(on_disk), current, durable=True)
         manifest["complete"] = False
         write_manifest(root, manifest)  # (as this version's: new shards carry its hash)
         listed = {e["file"] for e in manifest["shards"] + [manifest["final"]] if e} | {MANIFEST}
@@ -577,15 +569,17 @@ class PathRecorder:
                 leftover.unlink()
         return manifest
 
-    def _resume_point(self, manifest: dict[str, Any]) -> int:
+    def _resume_point(
+        self, manifest: dict[str, Any], current: dict[str, torch.Tensor]
+    ) -> tuple[int, bool]:
+        """The raw step to continue from, and whether ``current`` is the listed final."""
         path = TrainingPath(manifest, DiskBackend(self.store, manifest))
-        current = self._snapshot()
         n_raw = len(manifest["steps"])
         if manifest.get("final") is not None and _equal(current, path.final):
-            return n_raw
+            return n_raw, True
         last = ((n_raw - 1) // self.every) * self.every if n_raw else 0
         if n_raw == 0 or _equal(current, path._raw_params(last)):
-            return last
+            return last, False
         raise StoreMismatchError(
             f"{self.store} holds {n_raw} recorded steps, but the model's parameters equal "
             "neither its final nor its last recorded ones, so a resumed recording would not be "
@@ -617,10 +611,6 @@ def _stop_writer(writer: AsyncShardWriter) -> None:
     except Exception:  # noqa: BLE001 - reported to nobody: the recorder is gone
         pass
     writer.release_lock()
-
-
-def _final_params(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return TrainingPath(manifest, DiskBackend(root, manifest)).final
 
 
 def _copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

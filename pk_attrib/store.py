@@ -218,6 +218,15 @@ def write_tensor_file(
     return {"file": path.name, HASH: digest.hexdigest(), "bytes": 8 + len(head) + offset}
 
 
+def write_final(
+    path: Path, params: dict[str, torch.Tensor], durable: bool = False
+) -> dict[str, Any]:
+    """Write a store's final parameters (name -> tensor) to ``path``; return the entry."""
+    return write_tensor_file(
+        path, {f"w/{n}": t for n, t in params.items()}, {"format": "pk_attrib.final"}, durable
+    )
+
+
 def _manifest_text(manifest: dict[str, Any], steps_json: list[str] | None = None) -> str:
     """The manifest as JSON text: one line per key, one line per step entry."""
     steps = manifest.get("steps", [])
