@@ -66,9 +66,14 @@ def per_example_gradients(
     return torch.stack(rows)
 
 
+def _group_of(path: TrainingPath) -> dict[str, int]:
+    """Parameter name -> index of its param group."""
+    return {n: g for g, grp in enumerate(path.optimizer["groups"]) for n in grp["params"]}
+
+
 def _per_coordinate(path: TrainingPath, values: list[float]) -> torch.Tensor:
     out = []
-    group_of = {n: g for g, grp in enumerate(path.optimizer["groups"]) for n in grp["params"]}
+    group_of = _group_of(path)
     for name in path.param_names:
         size = path.param_shapes[name].numel()
         out.append(torch.full((size,), float(values[group_of[name]]), dtype=torch.float64))
@@ -151,6 +156,7 @@ def reference_decomposition(
         if before and not first.fresh_state
         else None
     )
+    group_of = _group_of(path)
     fresh = [path.step(s).fresh_state for s in range(len(path))]
     if any(now and not before for before, now in zip(fresh, fresh[1:], strict=False)):
         raise ValueError("the reference supports one optimizer-state start, at step 0")
@@ -199,9 +205,6 @@ def reference_decomposition(
                 state_out -= (phi * eta) @ torch.where(mu != 0, use_prior, 0.0)
         else:
             opt_state = step.optimizer_state
-            group_of = {
-                nm: g for g, gr in enumerate(path.optimizer["groups"]) for nm in gr["params"]
-            }
             keys = [
                 "max_exp_avg_sq" if hyper["amsgrad"][group_of[nm]] else "exp_avg_sq" for nm in names
             ]
