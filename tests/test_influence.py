@@ -95,18 +95,26 @@ def test_dataloader_and_dataset_forms_agree(run):
     torch.testing.assert_close(by_loaders, by_dataset, rtol=1e-7, atol=1e-11)
 
 
-def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(run):
-    model, data, path = run
-    ex = explainer(run)
-    everyone = ex.influence(data.tensors)
+def check_self_influence_is_the_diagonal_and_selects(ex, data, rtol, atol):
+    """Self-influence equals the influence diagonal; given training examples get their
+    entries (to rtol/atol); an example outside the training set is refused. Returns it."""
     self_scores = ex.self_influence()
-    torch.testing.assert_close(self_scores, everyone.diagonal(), rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(
+        self_scores, ex.influence(data.tensors).diagonal(), rtol=1e-9, atol=1e-13
+    )
     picked = torch.tensor([7, 3, 30])
     chosen = ex.self_influence((data.tensors[0][picked], data.tensors[1][picked]))
-    torch.testing.assert_close(chosen, self_scores[picked], rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(chosen, self_scores[picked], rtol=rtol, atol=atol)
     x, y = digits()
     with pytest.raises(ValueError, match="not in train_dataset"):
         ex.self_influence((x[1500:1501], y[1500:1501]))
+    return self_scores
+
+
+def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(run):
+    model, data, path = run
+    ex = explainer(run)
+    self_scores = check_self_influence_is_the_diagonal_and_selects(ex, data, 1e-9, 1e-13)
     small_blocks = explainer(run, memory_budget=40_000)
     torch.testing.assert_close(small_blocks.self_influence(), self_scores, rtol=1e-9, atol=1e-13)
 
@@ -117,16 +125,7 @@ def test_checkpoint_self_influence_on_a_recorded_path_selects_entries_too(run):
     every step at weight 1, 50-200x more), and the scores are the influence diagonal."""
     model, data, path = run
     ex = explainer(run, mode="checkpoint")
-    self_scores = ex.self_influence()
-    torch.testing.assert_close(
-        self_scores, ex.influence(data.tensors).diagonal(), rtol=1e-9, atol=1e-13
-    )
-    picked = torch.tensor([7, 3, 30])
-    chosen = ex.self_influence((data.tensors[0][picked], data.tensors[1][picked]))
-    torch.testing.assert_close(chosen, self_scores[picked], rtol=1e-12, atol=1e-15)
-    x, y = digits()
-    with pytest.raises(ValueError, match="not in train_dataset"):
-        ex.self_influence((x[1500:1501], y[1500:1501]))
+    check_self_influence_is_the_diagonal_and_selects(ex, data, 1e-12, 1e-15)
 
 
 @pytest.mark.parametrize("opt", ["adam", "adam_l2_amsgrad"])
