@@ -88,7 +88,9 @@ class PathKernelInfluence(DataInfluence):
         feature_dtype: Storage dtype of cached training features (float32, float16, bfloat16).
         cache_features: Keep training-side features for reuse by later query batches, inside
             the store when the path is stored on disk, else in memory up to
-            ``memory_budget`` bytes (what does not fit is recomputed when needed).
+            ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
+            of the working memory: a path held in memory can then take about twice
+            ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid it).
     """
 
     def __init__(

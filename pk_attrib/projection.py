@@ -13,11 +13,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .exceptions import UnsupportedError
+from .exceptions import PkAttribWarning, UnsupportedError
 from .gradients import FunctionalModel
 from .linear import capture, linear_layers
 
@@ -446,12 +447,27 @@ def _sides(width_out: int, width_in: int, dim: int, k_out: int, k_in: int) -> tu
 def make_projector(
     fm: FunctionalModel, kind: str | ProjectorKind, dim: int | None, seed: int = 0
 ) -> Projector:
-    """Build a projector of the given kind (``dim=None``: identity)."""
+    """Build a projector of the given kind (``dim=None``: identity).
+
+    A dense or sparse projection to at least as many dimensions as it projects
+    (``dim`` >= the active gradient coordinates) saves no memory and only adds noise: it is
+    built as asked, with a `PkAttribWarning` saying so. (``"factorized"`` leaves such
+    layers unprojected by itself.)
+    """
     kind = ProjectorKind.parse(kind)
     if dim is None or kind is ProjectorKind.IDENTITY:
         return Projector(fm, None, seed)
     if int(dim) < 1:
         raise ValueError(f"projection_dim must be a positive int, got {dim}")
+    if kind is not ProjectorKind.FACTORIZED and int(dim) >= fm.d_active:
+        warnings.warn(
+            f"projection_dim={dim} is at least the {fm.d_active:,} gradient coordinates it "
+            f"projects: the {kind.value} projection keeps more numbers than the gradients "
+            "and only adds noise; drop projection_dim= for exact contributions (or use "
+            'projector="factorized", which leaves layers that fit unprojected)',
+            PkAttribWarning,
+            stacklevel=3,
+        )
     if kind is ProjectorKind.SPARSE:
         return SparseProjector(fm, dim, seed)
     if kind is ProjectorKind.FACTORIZED:

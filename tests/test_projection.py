@@ -325,6 +325,18 @@ def test_bad_projection_options_are_refused(run):
         make(run, projection_dim=8, mode="checkpoint")
 
 
+def test_a_projection_to_at_least_d_dimensions_warns_that_it_only_adds_noise(run):
+    model = run[0]
+    d = sum(p.numel() for p in model.parameters())  # digits_mlp(hidden=8): 610
+    for kind in ("gaussian", "rademacher", "sparse"):
+        with pytest.warns(pk.PkAttribWarning, match=f"projection_dim={d} is at least the {d} "):
+            make(run, projection_dim=d, projector=kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(run, projection_dim=d - 1)  # projects: fewer numbers than the gradients
+        make(run, projection_dim=d, projector="factorized")  # leaves what fits unprojected
+
+
 def test_an_in_memory_feature_cache_keeps_within_the_memory_budget(run):
     """Without a store, cached training features take at most ``memory_budget`` bytes; what
     does not fit is recomputed when needed, to the same numbers. Features come first: batch
