@@ -51,6 +51,12 @@ class Step:
         lr_sum: Learning rates summed over the optimizer steps the step spans.
         hyper: Hyperparameters of each param group at the step.
         fresh_state: True when the optimizer had no state (momentum, moments) before it.
+        skipped: Names of the parameters the step left alone: they had no gradient
+            (``grad is None``), so the optimizer neither moved them nor touched their state
+            (no weight decay, no momentum), as PyTorch's optimizers do.
+        fresh_params: Names of the parameters that had no optimizer state before the step
+            while others had (a layer whose first gradient comes late: SGD then starts its
+            momentum buffer from the gradient, without dampening).
     """
 
     def __init__(self, path: TrainingPath, index: int, raws: range):
@@ -68,6 +74,9 @@ class Step:
             g["hyper"] for g in (path.optimizer or {}).get("groups", [])
         ]
         self.fresh_state: bool = bool(meta.get("fresh_state", False))
+        names = path.param_names if ("skipped" in meta or "fresh" in meta) else []
+        self.skipped: frozenset[str] = frozenset(names[i] for i in meta.get("skipped", ()))
+        self.fresh_params: frozenset[str] = frozenset(names[i] for i in meta.get("fresh", ()))
 
     @functools.cached_property
     def params(self) -> dict[str, torch.Tensor]:

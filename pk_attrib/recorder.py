@@ -338,6 +338,15 @@ class PathRecorder:
         if hyper != self._base_hyper:
             meta["hyper"] = hyper
         states = [optimizer.state.get(p) for p in self._params.values()]
+        # optimizers skip a parameter without a gradient: no decay, no momentum, no state
+        skipped = [i for i, p in enumerate(self._params.values()) if p.grad is None]
+        if skipped:
+            meta["skipped"] = skipped
+        if any(states):
+            left = set(skipped)
+            fresh = [i for i, st in enumerate(states) if not st and i not in left]
+            if fresh:
+                meta["fresh"] = fresh
         if not any(states):
             meta["fresh_state"] = True
         elif self._session_first:

@@ -15,6 +15,10 @@ recovered from the recorded Δ_{s−1} (a one-step check: errors do not compound
 reports ‖Δ_s − Δ̂_s‖ / ‖Δ_s‖ for every step. A step with learning rate 0 does not show the
 state in its Δ; the check then carries the state forward from the step before it.
 
+A parameter without a gradient at a step (``grad is None``: unused by the batch, or set to
+None by the loop) is skipped by the optimizer: not moved, no weight decay, its state carried
+unchanged. The rules mask such coordinates per step (`Step.skipped`).
+
 Optimizer state that existed before the recording began (a recorder created on an
 optimizer that had already stepped) is not an example's doing: its output effect is a
 term of its own (`Rule.initial_state_term`).
@@ -107,6 +111,27 @@ class Rule:
         self._next_fresh = True
         # steps (nearest last) whose check waits for the state after the step before them
         self._waiting: list[tuple] = []
+        self._masks: dict[frozenset[str], torch.Tensor] = {}
+
+    def _mask(self, names: frozenset[str]) -> torch.Tensor | None:
+        """(d,) bool: True on the coordinates of these parameters (None for no parameter)."""
+        if not names:
+            return None
+        found = self._masks.get(names)
+        if found is None:
+            shapes = self.path.param_shapes
+            parts = [torch.full((shapes[n].numel(),), n in names) for n in self._names]
+            found = torch.cat(parts).to(self.vec.device)
+            if len(self._masks) > 64:
+                self._masks.clear()
+            self._masks[names] = found
+        return found
+
+    def _eta(self, step: Step) -> torch.Tensor:
+        """η_s per coordinate, 0 where the step skipped the parameter (no gradient)."""
+        eta = self.vec.vec(step.lr)
+        skip = self._mask(step.skipped)
+        return eta if skip is None else torch.where(skip, 0.0, eta)
 
     def memoryless(self, step: Step) -> bool:
         """True when step s carries no optimizer state (plain SGD).
@@ -179,7 +204,7 @@ class Rule:
             return True
         need = torch.zeros_like(unknown)
         for _, step, _, _, _, recovered in self._waiting:  # farthest first
-            need = (self.vec.vec(step.lr) != 0) | (recovered.isnan() & need)
+            need = (self._eta(step) != 0) | (recovered.isnan() & need)
         return not bool((unknown & need).any())
 
     def _initial_state(self, step: Step) -> torch.Tensor | None:
@@ -229,17 +254,32 @@ class SGDRule(Rule):
         return all(float(h.get("momentum", 0.0)) == 0.0 for h in step.hyper)
 
     def _terms(self, step: Step):
+        """(η, μ, d, nesterov, c) per coordinate at this step.
+
+        d = 1 − dampening, or 1 where the momentum buffer starts here (PyTorch starts it at
+        the gradient); c scales the buffer before the step into the one after it: μ, or 1
+        where the step skipped the parameter (η = d = 0 there).
+        """
+        eta = self._eta(step)
         mu = self.vec.hyper(step, "momentum")
         damp = 1.0 - self.vec.hyper(step, "dampening")
         nesterov = self.vec.hyper(step, "nesterov", False)
         if step.fresh_state:
             damp = torch.ones_like(damp)
-        return mu, damp, nesterov
+        else:
+            fresh = self._mask(step.fresh_params)
+            if fresh is not None:
+                damp = torch.where(fresh, 1.0, damp)
+        carry = mu
+        skip = self._mask(step.skipped)
+        if skip is not None:
+            damp = torch.where(skip, 0.0, damp)
+            carry = torch.where(skip & (mu != 0), 1.0, mu)
+        return eta, mu, damp, nesterov, carry
 
     def begin(self, s, step, phi, w):
         """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
-        eta = self.vec.vec(step.lr)
-        mu, damp, nesterov = self._terms(step)
+        eta, mu, damp, nesterov, carry = self._terms(step)
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
         if not bool((mu != 0).any()):
             self._carry, self._carry_factor = None, mu
@@ -249,7 +289,7 @@ class SGDRule(Rule):
         u = eta * direct * phi
         if self._carry is not None and not next_fresh:
             u = u + self._carry_factor * self._carry
-        self._carry, self._carry_factor = u, mu
+        self._carry, self._carry_factor = u, carry
         v = damp * u + nesterov * eta * phi
         return torch.where(mu != 0, v, eta * phi), None
 
@@ -257,23 +297,21 @@ class SGDRule(Rule):
 
     def recover(self, step, delta, G, w):
         """The momentum buffer b_s from Δ_s = −η_s P_s (NaN where η_s = 0)."""
-        eta = self.vec.vec(step.lr)
-        mu, _, nesterov = self._terms(step)
+        eta, mu, _, nesterov, _ = self._terms(step)
         p = torch.where(eta != 0, -delta / torch.where(eta != 0, eta, 1.0), math.nan)
         safe_mu = torch.where(mu != 0, mu, 1.0)
         buffer = torch.where(nesterov.bool(), (p - G) / safe_mu, p)
         return torch.where(mu != 0, buffer, 0.0)
 
     def advance(self, step, prev, G, w):
-        """b̂_s = μ_s b_{s−1} + d_s G_s (d_s G_s for a fresh buffer)."""
-        mu, damp, _ = self._terms(step)
-        buffer = damp * G if prev is None else mu * prev + damp * G
+        """b̂_s = μ_s b_{s−1} + d_s G_s (d_s G_s for a fresh buffer; b_{s−1} if skipped)."""
+        _, mu, damp, _, carry = self._terms(step)
+        buffer = damp * G if prev is None else carry * prev + damp * G
         return torch.where(mu != 0, buffer, 0.0)
 
     def predict(self, step, prev, G, w):
         """Δ̂_s = −η_s P̂_s with b̂_s = μ_s b_{s−1} + d_s G_s."""
-        eta = self.vec.vec(step.lr)
-        mu, _, nesterov = self._terms(step)
+        eta, mu, _, nesterov, _ = self._terms(step)
         buffer = self.advance(step, prev, G, w)
         update = torch.where(nesterov.bool(), G + mu * buffer, buffer)
         return torch.where(eta != 0, -eta * torch.where(mu != 0, update, G), 0.0)
@@ -302,26 +340,53 @@ class AdamRule(Rule):
             n: "max_exp_avg_sq" if amsgrad[self.vec.group_of.get(n, 0)] else "exp_avg_sq"
             for n in names
         }
-        missing = sorted({k for n, k in keys.items() if n not in state.get(k, {})})
-        if missing or any(n not in state.get("step", {}) for n in names):
+        absent = {
+            n for n in names if n not in state.get(keys[n], {}) or n not in state.get("step", {})
+        }
+        missing = sorted(
+            {k for n, k in keys.items() if n in absent - step.skipped and n not in state.get(k, {})}
+        )
+        if missing or absent - step.skipped:
             raise UnsupportedError(
                 f"step {step.index} has no recorded Adam state ({', '.join(missing or ['step'])}"
                 "): the exact Adam rule needs a path recorded by PathRecorder; use "
                 "mode='checkpoint'"
             )
         dtype, device = self.vec.dtype, self.vec.device
-        v = torch.cat([state[keys[n]][n].reshape(-1) for n in names]).to(device, dtype)
-        t = torch.cat(
-            [state["step"][n].reshape(1).expand(state[keys[n]][n].numel()) for n in names]
+        shapes = self.path.param_shapes
+        # a skipped parameter that never had a gradient has no state yet; η_s = 0 there
+        v = torch.cat(
+            [
+                torch.ones(shapes[n].numel()) if n in absent else state[keys[n]][n].reshape(-1)
+                for n in names
+            ]
         ).to(device, dtype)
-        beta1 = self.vec.vec([float(h["betas"][0]) for h in step.hyper])
+        t = torch.cat(
+            [
+                torch.ones(shapes[n].numel())
+                if n in absent
+                else state["step"][n].reshape(1).expand(shapes[n].numel())
+                for n in names
+            ]
+        ).to(device, dtype)
+        beta1 = self._beta1(step)
         beta2 = self.vec.vec([float(h["betas"][1]) for h in step.hyper])
         eps = self.vec.hyper(step, "eps")
-        return 1.0 / ((1.0 - beta1**t) * (torch.sqrt(v / (1.0 - beta2**t)) + eps)), beta1
+        D = 1.0 / ((1.0 - beta1**t) * (torch.sqrt(v / (1.0 - beta2**t)) + eps))
+        return D, self._beta1(step, carried=True)
+
+    def _beta1(self, step: Step, carried: bool = False) -> torch.Tensor:
+        """β1 per coordinate; ``carried``: 1 where the step skipped the parameter."""
+        beta1 = self.vec.vec([float(h["betas"][0]) for h in step.hyper])
+        skip = self._mask(step.skipped) if carried else None
+        return beta1 if skip is None else torch.where(skip, 1.0, beta1)
 
     def begin(self, s, step, phi, w):
-        """v_s = (1 − β1) u_s; u_s = η_s D_s φ_s + β1 u_{s+1}; AdamW decay as extra term."""
-        eta = self.vec.vec(step.lr)
+        """v_s = (1 − β1) u_s; u_s = η_s D_s φ_s + β1 u_{s+1}; AdamW decay as extra term.
+
+        Where the step skipped a parameter, β1 reads 1 (its moment is carried unchanged).
+        """
+        eta = self._eta(step)
         D, beta1 = self._denominator(step, self._names)
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
         if self._carry is not None and not next_fresh:  # in place: the carry is ours alone
@@ -339,7 +404,7 @@ class AdamRule(Rule):
 
     def recover(self, step, delta, G, w):
         """The first moment m_s from Δ_s = −η_s λ w_s − η_s D_s m_s (NaN where η_s D_s = 0)."""
-        eta = self.vec.vec(step.lr)
+        eta = self._eta(step)
         D, _ = self._denominator(step, self._names)
         moved = delta + (eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0)
         scale = eta * D
@@ -347,12 +412,12 @@ class AdamRule(Rule):
 
     def advance(self, step, prev, G, w):
         """m̂_s = β1 m_{s−1} + (1 − β1) G_s ((1 − β1) G_s for a fresh first moment)."""
-        beta1 = self.vec.vec([float(h["betas"][0]) for h in step.hyper])
+        beta1 = self._beta1(step, carried=True)
         return (1.0 - beta1) * G if prev is None else beta1 * prev + (1.0 - beta1) * G
 
     def predict(self, step, prev, G, w):
         """Δ̂_s from m̂_s = β1 m_{s−1} + (1 − β1) G_s."""
-        eta = self.vec.vec(step.lr)
+        eta = self._eta(step)
         D, _ = self._denominator(step, self._names)
         m = self.advance(step, prev, G, w)
         decay = eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0

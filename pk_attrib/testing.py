@@ -71,6 +71,12 @@ def _group_of(path: TrainingPath) -> dict[str, int]:
     return {n: g for g, grp in enumerate(path.optimizer["groups"]) for n in grp["params"]}
 
 
+def _mask(path: TrainingPath, names) -> torch.Tensor:
+    """(d,) bool: True on the coordinates of the named parameters."""
+    parts = [torch.full((path.param_shapes[n].numel(),), n in names) for n in path.param_names]
+    return torch.cat(parts)
+
+
 def _per_coordinate(path: TrainingPath, values: list[float]) -> torch.Tensor:
     out = []
     group_of = _group_of(path)
@@ -97,7 +103,9 @@ def reference_decomposition(
     Supports the exact optimizers (SGD with all options, Adam, AdamW; amsgrad per param
     group), fixed q-node Gauss–Legendre quadrature, and one optimizer-state start at step 0,
     fresh or from the optimizer state recorded before it (a momentum buffer, Adam's first
-    moment), whose output effect is returned on its own.
+    moment), whose output effect is returned on its own. A parameter a step skipped (no
+    gradient: ``Step.skipped``) is left alone there, as PyTorch's optimizers do, and an SGD
+    momentum buffer that starts late starts at the gradient, without dampening.
 
     Args:
         model: The model (copied; its parameters are set from the path).
@@ -156,6 +164,8 @@ def reference_decomposition(
         if before and not first.fresh_state
         else None
     )
+    # coordinates whose momentum buffer exists (SGD starts a new one at the gradient)
+    has_buffer = torch.zeros(d, dtype=torch.bool) if prior is None else _mask(path, set(before))
     group_of = _group_of(path)
     fresh = [path.step(s).fresh_state for s in range(len(path))]
     if any(now and not before for before, now in zip(fresh, fresh[1:], strict=False)):
@@ -171,7 +181,9 @@ def reference_decomposition(
                 phi[j] += om * ref.grad(lambda j=j: f(j))
         change += phi @ delta
         hyper = {k: [h.get(k, 0.0) for h in step.hyper] for k in step.hyper[0]}
-        eta = _per_coordinate(path, list(step.lr))
+        # the optimizer leaves a parameter without a gradient alone: η = 0, state carried
+        active = ~_mask(path, step.skipped)
+        eta = _per_coordinate(path, list(step.lr)) * active
         lam = _per_coordinate(path, hyper["weight_decay"])
         sign = 1.0 - 2.0 * _per_coordinate(path, hyper["maximize"])
         # this step's gradient, split by example
@@ -188,19 +200,22 @@ def reference_decomposition(
             damp = 1.0 - _per_coordinate(path, hyper["dampening"])
             nesterov = _per_coordinate(path, hyper["nesterov"]).bool()
             coupled = lam * w
-            if s == 0 and prior is None:
-                state, decay_state = part.clone(), coupled.clone()
-            else:
-                state = mu * state + damp * part
-                decay_state = mu * decay_state + damp * coupled
+            starts = active & ~has_buffer
+            state = torch.where(active, torch.where(starts, part, mu * state + damp * part), state)
+            decay_state = torch.where(
+                active,
+                torch.where(starts, coupled, mu * decay_state + damp * coupled),
+                decay_state,
+            )
+            has_buffer |= active & (mu != 0)
             use = torch.where(mu != 0, torch.where(nesterov, part + mu * state, state), part)
             use_decay = torch.where(
                 mu != 0, torch.where(nesterov, coupled + mu * decay_state, decay_state), coupled
             )
             contributions -= (phi * eta) @ use.T
             decay_out -= (phi * eta) @ use_decay
-            if prior is not None:  # the carried buffer decays by μ each step
-                prior = mu * prior
+            if prior is not None:  # the carried buffer decays by μ each step it is used
+                prior = torch.where(active, mu * prior, prior)
                 use_prior = torch.where(nesterov, mu * prior, prior)
                 state_out -= (phi * eta) @ torch.where(mu != 0, use_prior, 0.0)
         else:
@@ -208,26 +223,29 @@ def reference_decomposition(
             keys = [
                 "max_exp_avg_sq" if hyper["amsgrad"][group_of[nm]] else "exp_avg_sq" for nm in names
             ]
+            size = {nm: path.param_shapes[nm].numel() for nm in names}
+            one = torch.ones(1, dtype=torch.float64)  # (no state yet: never stepped, η = 0)
             v = torch.cat(
-                [opt_state[k][nm].reshape(-1).double() for k, nm in zip(keys, names, strict=True)]
+                [
+                    opt_state.get(k, {}).get(nm, one.expand(size[nm])).reshape(-1).double()
+                    for k, nm in zip(keys, names, strict=True)
+                ]
             )
             steps = torch.cat(
-                [
-                    opt_state["step"][nm].double().expand(path.param_shapes[nm].numel())
-                    for nm in names
-                ]
+                [opt_state.get("step", {}).get(nm, one).double().expand(size[nm]) for nm in names]
             )
             beta1 = _per_coordinate(path, [b[0] for b in hyper["betas"]])
             beta2 = _per_coordinate(path, [b[1] for b in hyper["betas"]])
             eps = _per_coordinate(path, hyper["eps"])
             D = 1.0 / ((1 - beta1**steps) * (torch.sqrt(v / (1 - beta2**steps)) + eps))
             coupled = torch.zeros(d, dtype=torch.float64) if kind == "adamw" else lam * w
-            state = beta1 * state + (1 - beta1) * part
-            decay_state = beta1 * decay_state + (1 - beta1) * coupled
+            carry = torch.where(active, beta1, 1.0)
+            state = carry * state + (1 - carry) * part
+            decay_state = carry * decay_state + (1 - carry) * coupled
             contributions -= (phi * eta * D) @ state.T
             decay_out -= (phi * eta * D) @ decay_state
             if prior is not None:  # the carried first moment decays by β1 each step
-                prior = beta1 * prior
+                prior = carry * prior
                 state_out -= (phi * eta * D) @ prior
             if kind == "adamw":
                 decay_out -= phi @ (eta * lam * w)

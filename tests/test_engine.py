@@ -290,6 +290,94 @@ def test_optimizer_state_from_before_the_recording_is_a_term_of_its_own(make):
     torch.testing.assert_close(total, dec.prediction, rtol=0, atol=1e-13)
 
 
+class WithUnusedHead(torch.nn.Module):
+    """A digits MLP with a head the training loss never uses (its grad stays None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = digits_mlp(hidden=6)
+        self.unused = torch.nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.05),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.05),
+        lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.05),
+        lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    ],
+    ids=["sgd_decay", "sgd_momentum_dampening", "sgd_nesterov", "adam_l2", "adamw"],
+)
+def test_parameters_without_a_gradient_are_left_alone_as_the_optimizer_does(make):
+    """PyTorch's optimizers skip a parameter whose grad is None: no decay, no momentum, no
+    state. Here an unused head never has a gradient and the loop sets the last layer's to
+    None for its first two steps (its momentum buffer / Adam state then starts at step 2).
+    Once a false ReconstructionWarning (decay predicted where nothing moved) and, for Adam,
+    an UnsupportedError (no state recorded for the unused head)."""
+    torch.manual_seed(8)
+    model = WithUnusedHead()
+    data = train_set(n=30)
+    x, y = data.tensors
+    optimizer = make(model.parameters())
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for s in range(6):
+            idx = torch.arange(s * 10, (s + 1) * 10) % len(data)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            if s < 2:
+                for p in model.net[2].parameters():
+                    p.grad = None
+            optimizer.step()
+    path = recorder.path
+    late = {"net.2.weight", "net.2.bias"}
+    assert path.step(0).skipped == path.step(1).skipped == late | {"unused.weight", "unused.bias"}
+    assert path.step(2).skipped == {"unused.weight", "unused.bias"}
+    if optimizer.defaults.get("momentum") == 0:  # plain SGD keeps no state at all
+        assert path.step(2).fresh_state and not path.step(2).fresh_params
+    else:  # the other layers have state by now, the late one starts its own
+        assert path.step(2).fresh_params == late
+    # the unused head never moved, the late layer did not move before step 2
+    assert torch.equal(path.params(6)["unused.weight"], path.params(0)["unused.weight"])
+    assert torch.equal(path.params(2)["net.2.weight"], path.params(0)["net.2.weight"])
+    dec, ref = _explain_against_the_reference(model, data, path)
+    # the reference's own bookkeeping: its terms add up to the exact Σ_s φ_s · Δ_s
+    explained = ref["contributions"].sum(1) + ref["weight_decay"] + ref["optimizer_state"]
+    torch.testing.assert_close(explained, ref["change"], rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(
+        dec.terms["weight_decay"], ref["weight_decay"], rtol=1e-8, atol=1e-14
+    )
+
+
+def test_a_momentum_buffer_missing_from_some_parameters_at_the_start_starts_undamped():
+    """A recorder created after a phase in which one layer had no gradient: the other layers
+    carry momentum into step 0, that layer starts its buffer at its gradient (no dampening)."""
+    torch.manual_seed(9)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    x, y = data.tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.4)
+    for s in range(3):  # an earlier phase, not recorded, with the last layer held
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[s * 10 : s * 10 + 10]), y[:10]).backward()
+        model[2].weight.grad = model[2].bias.grad = None
+        optimizer.step()
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 5, recorder=recorder)
+    first = recorder.path.step(0)
+    assert first.fresh_params == {"2.weight", "2.bias"}
+    assert set(first.initial_state["momentum_buffer"]) == {"0.weight", "0.bias"}
+    dec, ref = _explain_against_the_reference(model, data, recorder.path)
+    torch.testing.assert_close(
+        dec.terms["optimizer_state"], ref["optimizer_state"], rtol=1e-8, atol=1e-14
+    )
+
+
 class GRUClassifier(torch.nn.Module):
     """nn.GRU has no vmap batching rule: the engine must fall back to a loop."""
 
