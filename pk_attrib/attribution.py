@@ -30,6 +30,7 @@ from .path import TrainingPath
 from .projection import ProjectorKind, make_projector
 from .quadrature import Quadrature, QuadratureRule
 from .store import HASH, MANIFEST
+from .wrappers import module_for
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -138,6 +139,7 @@ class PathKernelInfluence(DataInfluence):
         self.mode = self._resolve_mode(mode)
         first = next(model.parameters())
         self.dtype = dtype or first.dtype
+        model = module_for(model, self.path.param_names)  # inside torch.compile / DDP
         active = compat.layer_params(model, layers, self.path.param_names)
         if active is not None and quadrature == "adaptive":
             quadrature = 4  # the exact output change cannot check a partial gradient

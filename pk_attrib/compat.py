@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .exceptions import LossReductionError
 from .gradients import Reduction, gather_examples
 from .path import TrainingPath
+from .wrappers import unwrap
 
 
 def dataset_of(train: Dataset | DataLoader) -> Dataset:
@@ -123,11 +124,12 @@ def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
     scratch = copy.deepcopy(model)
     states, lrs = [], []
     for file in checkpoint_files(checkpoints):
-        lrs.append(float(load_func(scratch, file)))
-        states.append({n: p.detach().clone() for n, p in scratch.named_parameters()})
+        lrs.append(float(load_func(scratch, file)))  # into the model as given, as TracInCP
+        params = unwrap(scratch).named_parameters()  # by the wrapper-free names
+        states.append({n: p.detach().clone() for n, p in params})
     if not states:
         raise ValueError(f"no checkpoint files found in {checkpoints!r}")
-    return TrainingPath.from_checkpoints(states, lrs, model=model)
+    return TrainingPath.from_checkpoints(states, lrs, model=unwrap(model))
 
 
 def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[str]):
@@ -137,6 +139,7 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     if "" in layers:  # the model itself: every parameter, so the kernel stays exact
         return None
     modules = dict(model.named_modules())
+    layers = [_unprefixed(name, modules) for name in layers]
     unknown = [name for name in layers if name not in modules]
     if unknown:
         raise ValueError(
@@ -151,6 +154,13 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     if not chosen:
         raise ValueError(f"layers {layers} hold no recorded (trainable) parameters")
     return chosen
+
+
+def _unprefixed(name: str, modules: dict) -> str:
+    """A module name as given for a wrapped model ("_orig_mod.fc", "module.fc") -> "fc"."""
+    while name not in modules and name.startswith(("_orig_mod.", "module.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 class ExampleIndex:

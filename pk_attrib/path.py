@@ -30,6 +30,7 @@ from .store import (
     write_manifest,
     write_tensor_file,
 )
+from .wrappers import module_for
 
 __all__ = ["DiskBackend", "MemoryBackend", "Step", "TrainingPath", "new_manifest"]
 
@@ -338,7 +339,7 @@ class TrainingPath:
     def load_into(self, model: torch.nn.Module, s: int | None = None) -> None:
         """Copy w_s (default: the final parameters) into the model's parameters, by name."""
         values = self.final if s is None else self.params(s)
-        params = dict(model.named_parameters())
+        params = dict(module_for(model, values).named_parameters())
         missing = [n for n in values if n not in params]
         if missing:
             raise StoreMismatchError(

@@ -61,6 +61,7 @@ from .store import (
     write_final,
     write_manifest,
 )
+from .wrappers import unwrap
 
 _STATE_AFTER_STEP = ("exp_avg_sq", "max_exp_avg_sq", "step")
 _INITIAL_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
@@ -146,13 +147,13 @@ class PathRecorder:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-        self.model = model
+        self.model = unwrap(model)  # torch.compile / DDP: the wrapped module's names
         self.optimizer = optimizer
         self.every = every
         self.dtype = dtype
         self._kind = optimizer_kind(optimizer)
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        named = dict(model.named_parameters())
+        named = dict(self.model.named_parameters())
         names_by_id = {id(p): n for n, p in named.items()}
         description = describe_optimizer(optimizer, names_by_id)
         self._params = {n: p for n, p in named.items() if id(p) in in_optimizer and p.requires_grad}

@@ -378,6 +378,46 @@ def test_a_momentum_buffer_missing_from_some_parameters_at_the_start_starts_unda
     )
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda m: torch.compile(m, backend="eager"), torch.nn.DataParallel],
+    ids=["torch_compile", "data_parallel"],
+)
+def test_a_model_trained_inside_a_wrapper_is_explained_with_or_without_it(wrap):
+    """torch.compile and DataParallel prefix parameter names (_orig_mod., module.); the
+    recording keeps the plain names, so either form of the model explains it, identically."""
+    torch.manual_seed(10)
+    model = digits_mlp(hidden=6)
+    wrapped = wrap(model)
+    data = train_set(n=30)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    with pk.PathRecorder(wrapped, optimizer) as recorder:
+        _train_steps(wrapped, optimizer, data, 4, recorder=recorder)
+    path = recorder.path
+    assert path.param_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x, y = digits()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    results = [
+        pk.PathKernelInfluence(m, data, path, loss_fn, quadrature=3, show_progress=False)
+        .attribute(x[1500:1502], target=y[1500:1502])
+        .contributions
+        for m in (model, wrapped)
+    ]
+    assert torch.equal(results[0], results[1])
+    ref = reference_decomposition(model, data, path, loss_fn, x[1500:1502], y[1500:1502], q=3)
+    torch.testing.assert_close(results[0], ref["contributions"], rtol=1e-8, atol=1e-14)
+    prefix = "_orig_mod." if hasattr(wrapped, "_orig_mod") else "module."
+    by_layer = [
+        pk.PathKernelInfluence(
+            m, data, path, loss_fn, layers=[name], quadrature=3, show_progress=False
+        ).influence((x[1500:1502], y[1500:1502]))
+        for m, name in ((model, "2"), (wrapped, prefix + "2"))
+    ]
+    assert torch.equal(by_layer[0], by_layer[1])
+    path.load_into(wrapped, 0)  # by the plain names, through the wrapper
+    assert torch.equal(model[0].weight, path.params(0)["0.weight"].to(model[0].weight.dtype))
+
+
 class GRUClassifier(torch.nn.Module):
     """nn.GRU has no vmap batching rule: the engine must fall back to a loop."""
 
