@@ -13,27 +13,97 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+    default_collate,
+    default_convert,
+)
 
 from .exceptions import LossReductionError
-from .gradients import Reduction, gather_examples
+from .gradients import CollatedDataset, Reduction, gather_examples
 from .path import TrainingPath
 from .wrappers import unwrap
 
+_SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+_DEFAULT_COLLATE = (default_collate, default_convert)
+
 
 def dataset_of(train: Dataset | DataLoader) -> Dataset:
-    """The Dataset behind a training set given as a Dataset or a non-shuffling DataLoader."""
-    if isinstance(train, DataLoader):
-        if isinstance(train.sampler, RandomSampler) or (
-            train.batch_sampler is not None
-            and isinstance(train.batch_sampler.sampler, RandomSampler)
-        ):
-            raise ValueError(
-                "train_dataset is a shuffling DataLoader, so its order would not match the "
-                "recorded dataset indices: pass the Dataset, or a DataLoader with shuffle=False"
-            )
-        return train.dataset
-    return train
+    """The Dataset behind a training set given as a Dataset or a DataLoader.
+
+    Scores are indexed by dataset index (the indices a recorder stores), so a DataLoader
+    must yield every example of its dataset once, in order; its ``collate_fn`` is kept
+    (a `CollatedDataset`), so examples are collated as the loader collates them.
+
+    Raises:
+        ValueError: The loader shuffles, picks a subset or another order, drops a last
+            partial batch, or reads an IterableDataset (no indices).
+    """
+    if not isinstance(train, DataLoader):
+        return train
+    dataset = train.dataset
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "train_dataset is a DataLoader over an IterableDataset, which has no indices: "
+            "influence scores are indexed by training example, so pass a map-style Dataset "
+            "(with __getitem__ and __len__), in the order the training examples are numbered"
+        )
+    sampler = getattr(train.batch_sampler, "sampler", train.sampler)
+    if isinstance(sampler, _SHUFFLING) or isinstance(train.sampler, _SHUFFLING):
+        raise ValueError(
+            f"train_dataset is a DataLoader with a shuffling sampler ({type(sampler).__name__}), "
+            "so its order would not match the recorded dataset indices: pass the Dataset, or "
+            "a DataLoader with shuffle=False"
+        )
+    _check_in_order(train, len(dataset))
+    if train.collate_fn in _DEFAULT_COLLATE:
+        return dataset
+    return CollatedDataset(dataset, train.collate_fn)
+
+
+def _check_in_order(train: DataLoader, n: int) -> None:
+    """Refuse a loader that does not yield examples 0..n−1 once each, in order."""
+    batches = train.batch_sampler
+    plain = isinstance(train.sampler, SequentialSampler) and (
+        batches is None
+        or (
+            type(batches) is BatchSampler
+            and batches.sampler is train.sampler
+            and not (batches.drop_last and n % batches.batch_size)
+        )
+    )
+    if plain:
+        return
+    order = [int(i) for b in batches for i in b] if batches is not None else list(train.sampler)
+    if order == list(range(n)):
+        return
+    if (
+        batches is not None
+        and getattr(batches, "drop_last", False)
+        and order == list(range(len(order)))
+    ):
+        why = f"drop_last=True leaves out its last {n - len(order)} examples"
+    else:
+        pairs = enumerate(zip(order, range(n), strict=False))
+        at = next((j for j, (a, b) in pairs if a != b), min(len(order), n))
+        got = order[at] if at < len(order) else "nothing more"
+        why = (
+            f"its sampler yields {len(order)} examples of {n}, not 0..{n - 1} in order "
+            f"(position {at} holds {got})"
+        )
+    raise ValueError(
+        f"train_dataset is a DataLoader whose {why}: scores are indexed by the dataset's "
+        "indices (those a recorder stores), one per example. Pass the Dataset, or a "
+        "DataLoader over it with the default sampler and drop_last=False; for a subset, "
+        "torch.utils.data.Subset(dataset, indices) (checkpoint paths)"
+    )
 
 
 def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn) -> None:

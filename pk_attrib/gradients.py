@@ -60,11 +60,40 @@ def select_output(outputs: torch.Tensor, target: torch.Tensor | None) -> torch.T
     return flat.gather(1, target.reshape(-1, 1).to(torch.int64))[:, 0]
 
 
+class CollatedDataset(Dataset):
+    """A map-style dataset whose batches are made by a DataLoader's own ``collate_fn``.
+
+    What a training set given as a DataLoader becomes: examples are gathered by index and
+    collated as the loader collates them. An item is one example as a row of such a batch.
+
+    Args:
+        dataset: The loader's dataset.
+        collate_fn: The loader's ``collate_fn``.
+    """
+
+    def __init__(self, dataset: Dataset, collate_fn):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[0] for t in gather_examples(self, torch.tensor([int(i)])))
+
+
 def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Collate ``dataset[i]`` for the given indices into a batch tuple (inputs..., label)."""
+    """Collate ``dataset[i]`` for the given indices into a batch tuple (inputs..., label).
+
+    A `CollatedDataset` collates with its loader's ``collate_fn``, others with PyTorch's
+    ``default_collate``.
+    """
     if isinstance(dataset, TensorDataset):
         return tuple(t[indices] for t in dataset.tensors)
-    batch = default_collate([dataset[int(i)] for i in indices])
+    if isinstance(dataset, CollatedDataset):
+        batch = dataset.collate_fn([dataset.dataset[int(i)] for i in indices])
+    else:
+        batch = default_collate([dataset[int(i)] for i in indices])
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 

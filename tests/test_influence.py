@@ -95,6 +95,53 @@ def test_dataloader_and_dataset_forms_agree(run):
     torch.testing.assert_close(by_loaders, by_dataset, rtol=1e-7, atol=1e-11)
 
 
+def test_a_training_loader_is_read_as_it_batches_or_refused_when_it_cannot_be(run):
+    """Scores are indexed by dataset index: a loader must yield every example once, in
+    order (Captum would silently score another set); its collate_fn is applied (once
+    ignored: scores 35 % off)."""
+    model, data, path = run
+    x, y = digits()
+    queries = (x[1500:1504], y[1500:1504])
+    kw = dict(quadrature=3, show_progress=False)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    n = len(data)  # 40
+
+    def make(loader):
+        return pk.PathKernelInfluence(model, loader, path, loss_fn, **kw)
+
+    sampled = torch.utils.data.SubsetRandomSampler(range(10))
+    for loader, said in [
+        (DataLoader(data, batch_size=8, sampler=sampled), "shuffling sampler"),
+        (DataLoader(data, batch_size=8, sampler=list(range(10))), "yields 10 examples of 40"),
+        (DataLoader(data, batch_size=8, sampler=[1, 0, *range(2, n)]), "position 0 holds 1"),
+        (DataLoader(data, batch_size=16, drop_last=True), "leaves out its last 8 examples"),
+        (DataLoader(_Stream(data)), "IterableDataset"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            make(loader)
+    whole = make(data).influence(queries)
+    kept = make(DataLoader(data, batch_size=8, drop_last=True))  # 40 = 5 x 8: nothing dropped
+    assert torch.equal(kept.influence(queries), whole)
+
+    # a collate_fn that halves the inputs: the same as a dataset of halved inputs
+    def collate(items):
+        return torch.stack([a for a, _ in items]) * 0.5, torch.stack([b for _, b in items])
+
+    halved = torch.utils.data.TensorDataset(data.tensors[0] * 0.5, data.tensors[1])
+    by_collate = make(DataLoader(data, batch_size=8, collate_fn=collate)).influence(queries)
+    by_dataset = make(halved).influence(queries)
+    assert torch.equal(by_collate, by_dataset)
+    assert not torch.allclose(by_collate, whole)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
 def check_self_influence_is_the_diagonal_and_selects(ex, data, rtol, atol):
     """Self-influence equals the influence diagonal; given training examples get their
     entries (to rtol/atol); an example outside the training set is refused. Returns it."""
