@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -175,16 +176,30 @@ def example_key(items) -> bytes:
     )
 
 
-def checkpoint_files(checkpoints: Any) -> list[str]:
-    """Checkpoint files from a folder (sorted), one file, or a list, as TracInCP reads them."""
+def checkpoint_files(checkpoints: Any) -> list[Any]:
+    """Checkpoints as TracInCP reads them.
+
+    A folder's files, or a list of file names, in natural order ("epoch-2" before
+    "epoch-10"); one file; or any other objects as given (for a ``checkpoints_load_func``
+    that reads them).
+    """
     if isinstance(checkpoints, (str, os.PathLike)):
         folder = Path(checkpoints)
         if folder.is_dir():  # (sub-folders cannot be checkpoints)
-            return sorted(f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f))
+            found = [f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f)]
+            return sorted(found, key=_natural)
         return [str(folder)]
     if isinstance(checkpoints, Iterable):
-        return [str(c) for c in checkpoints]
+        items = list(checkpoints)
+        if items and all(isinstance(c, (str, os.PathLike)) for c in items):
+            return sorted((str(c) for c in items), key=_natural)
+        return items
     raise TypeError(f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}")
+
+
+def _natural(name: str) -> list:
+    """Sort key: digit runs compare as numbers ("ckpt-9" < "ckpt-10"), as Captum sorts."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
@@ -206,6 +221,11 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     """Recorded parameter names inside the given modules (None: all)."""
     if layers is None:
         return None
+    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
+        raise TypeError(
+            f"layers must be a list of module names, like TracInCP's (e.g. ['fc2']), got "
+            f"{layers!r}"
+        )
     if "" in layers:  # the model itself: every parameter, so the kernel stays exact
         return None
     modules = dict(model.named_modules())

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,6 +367,37 @@ def test_a_tracincp_script_runs_unchanged_against_pk_attrib(tmp_path):
     torch.testing.assert_close(ours[2], captum[2], rtol=1e-9, atol=1e-12)
 
 
+def test_checkpoints_are_read_as_tracincp_reads_them(tmp_path):
+    """In natural order from a folder or a list of names ("epoch-9" before "epoch-10": once
+    alphabetical, so the path ended at the wrong checkpoint), and as objects handed to
+    checkpoints_load_func (once converted to str)."""
+    model, data, files = _checkpoints(tmp_path)
+    folder = tmp_path / "named"
+    folder.mkdir()
+    for epoch, file in zip((9, 10, 11), files, strict=True):
+        (folder / f"epoch-{epoch}.pt").write_bytes(Path(file).read_bytes())
+    kw = dict(checkpoints_load_func=load_checkpoint, show_progress=False)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    for given in (str(folder), [str(folder / f"epoch-{e}.pt") for e in (11, 9, 10)]):
+        ex = pk.PathKernelInfluence(model, data, checkpoints=given, loss_fn=loss_fn, **kw)
+        assert ex.path.learning_rates[:, 0].tolist() == pytest.approx([0.1, 0.2, 0.3])
+        final = dict(model.named_parameters())
+        assert all(torch.equal(final[n], t) for n, t in ex.path.final.items())
+
+    def load_object(net, state):
+        net.load_state_dict(state["model_state_dict"])
+        return state["lr"]
+
+    states = [torch.load(f, weights_only=True) for f in files]
+    by_objects = pk.PathKernelInfluence(
+        model, data, checkpoints=states, checkpoints_load_func=load_object, loss_fn=loss_fn
+    )
+    by_files = pk.PathKernelInfluence(model, data, checkpoints=files, loss_fn=loss_fn, **kw)
+    x, y = digits()
+    queries = (x[1500:1503], y[1500:1503])
+    assert torch.equal(by_objects.influence(queries), by_files.influence(queries))
+
+
 def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
     model, data, files = _checkpoints(tmp_path)
     captum = tracincp_workflow(TracInCP, model, data, files, layers=["2"])
@@ -374,6 +406,8 @@ def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
     torch.testing.assert_close(ours[2], captum[2], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="not modules"):
         tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers=["nope"])
+    with pytest.raises(TypeError, match="list of module names"):  # once: the whole model
+        tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers="2")
     # the model itself ("") holds every parameter: the same as no layers=
     whole = tracincp_workflow(pk.PathKernelInfluence, model, data, files, layers=[""])
     every = tracincp_workflow(pk.PathKernelInfluence, model, data, files)
