@@ -33,7 +33,15 @@ def decompose(
     ``cache`` (a dict kept by the caller) then holds the query gradients between blocks.
     ``norms`` (an empty dict, with ``columns``) receives ``"query"`` (n, b − a) =
     Σ_k κ ‖η_k ∇f(x; w_k)‖² and ``"train"`` (b − a,) = Σ_k κ ‖g_i(w_k)‖², as in `Engine.exact`.
+    Checkpoint k is evaluated with the buffers it holds (`Step.buffers`), if any.
     """
+    try:
+        return _decompose(engine, inputs, target, output_fn, columns, cache, norms)
+    finally:
+        engine.fm.use_buffers(None)
+
+
+def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     fm, path, p = engine.fm, engine.p.path, engine.p
     n, S = inputs[0].shape[0], len(path)
     dtype, device = fm.dtype, fm.device
@@ -63,6 +71,7 @@ def decompose(
         )
 
     if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
+        fm.use_buffers(path.step(0).buffers)
         w0 = fm.flatten(path.step(0).params)
         probe = query_terms(w0, check=True)
         ok = probe is not None  # (a weight also used outside its module: no)
@@ -83,6 +92,7 @@ def decompose(
         layers = []  # the general path: per-example gradients of every parameter
     for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
         step = path.step(s)
+        fm.use_buffers(step.buffers)  # checkpoint k's BatchNorm statistics, as TracInCP
         w = fm.flatten(step.params)  # all recorded coordinates; gradients: the active ones
         if layers:  # Linear layers: per-layer dot products, no per-example gradients
             if s not in cache:
@@ -156,7 +166,11 @@ def decompose(
                     )
     if columns is not None:
         return contributions
+    if S:  # the end points with their checkpoints' buffers
+        fm.use_buffers(path.step(S - 1).buffers)
     prediction = engine._forward(fm.flatten(path.final), inputs, target, output_fn)
+    if S:
+        fm.use_buffers(path.step(0).buffers)
     initial = engine._forward(fm.flatten(path.initial), inputs, target, output_fn)
     nodes = torch.ones(S, dtype=torch.int64)
     diagnostics = Diagnostics(
@@ -230,12 +244,20 @@ def self_influence(engine: Engine, indices: torch.Tensor | None, batch=None) -> 
     Returns:
         (m,) self-influence scores.
     """
+    try:
+        return _self_influence(engine, indices, batch)
+    finally:
+        engine.fm.use_buffers(None)
+
+
+def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torch.Tensor:
     fm, path, p = engine.fm, engine.p.path, engine.p
     m = len(indices) if indices is not None else batch[-1].shape[0]
     out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
     chunk = max(1, fm.chunk_size())
     for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
         step = path.step(s)
+        fm.use_buffers(step.buffers)
         w = fm.flatten(step.params)
         if batch is not None or not step.parts:
             weights = [(step.lr, torch.arange(m), torch.ones(m, dtype=fm.dtype))]

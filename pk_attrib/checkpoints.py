@@ -47,15 +47,21 @@ def path_from_checkpoints(
                 f"checkpoint {k} lacks parameters {missing[:5]}: all checkpoints must "
                 "come from the same model"
             )
+    # buffers (BatchNorm statistics, ...) each checkpoint holds: gradients at checkpoint k
+    # are taken with its own, as TracInCP does by loading the whole checkpoint
+    buffers = [] if model is None else [n for n, _ in model.named_buffers()]
+    buffers = [n for n in buffers if all(n in state for state in states)]
     backend = MemoryBackend()
     for k, (state, lr) in enumerate(zip(states, lrs, strict=True)):
         tensors = {f"{k}/w/{n}": state[n].detach().cpu().clone() for n in names}
+        tensors.update({f"{k}/buf/{n}": state[n].detach().cpu().clone() for n in buffers})
         backend.records.append({"tensors": tensors, "meta": {"lr": [lr]}})
     backend.final = {n: states[-1][n].detach().cpu().clone() for n in names}
     manifest = new_manifest(
         {n: states[0][n] for n in names}, optimizer=None, dataset_size=None, every=1
     )
     manifest.update(
+        buffers=buffers,
         source="checkpoints",
         approximate=True,
         approximate_reasons=["built from checkpoints: only checkpoint mode applies"],

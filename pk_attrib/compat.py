@@ -210,8 +210,9 @@ def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
     states, lrs = [], []
     for file in checkpoint_files(checkpoints):
         lrs.append(float(load_func(scratch, file)))  # into the model as given, as TracInCP
-        params = unwrap(scratch).named_parameters()  # by the wrapper-free names
-        states.append({n: p.detach().clone() for n, p in params})
+        inner = unwrap(scratch)  # by the wrapper-free names; buffers too (BatchNorm)
+        tensors = [*inner.named_parameters(), *inner.named_buffers()]
+        states.append({n: t.detach().clone() for n, t in tensors})
     if not states:
         raise ValueError(f"no checkpoint files found in {checkpoints!r}")
     return TrainingPath.from_checkpoints(states, lrs, model=unwrap(model))

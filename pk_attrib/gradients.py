@@ -155,6 +155,20 @@ class FunctionalModel:
             n: p.detach() for n, p in self.model.named_parameters() if n not in recorded
         }
         self.constants.update({n: b.detach() for n, b in self.model.named_buffers()})
+        self._own_buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+
+    def use_buffers(self, buffers: dict[str, torch.Tensor] | None) -> None:
+        """Evaluate with these buffer values from now on (None: the model's own again).
+
+        Args:
+            buffers: Name -> tensor (a checkpoint's BatchNorm statistics, ...), any shapes
+                matching the model's buffers; floating ones are cast to the computation dtype.
+        """
+        self.constants.update(self._own_buffers)
+        for name, value in (buffers or {}).items():
+            own = self._own_buffers.get(name)
+            if own is not None:
+                self.constants[name] = value.to(device=own.device, dtype=own.dtype)
 
     # -- flat vectors -------------------------------------------------------------------------
 

@@ -138,6 +138,17 @@ class Step:
         return out
 
     @functools.cached_property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers (BatchNorm statistics, ...) a checkpoint holds, by name; {} for recordings.
+
+        Checkpoint mode evaluates the model at this step with them; a recorded path holds
+        none (buffers come from the model, constant along the path).
+        """
+        raw, backend = self.raw_steps[0], self._path._backend
+        found = {n: backend.tensor(raw, f"buf/{n}") for n in self._path.manifest.get("buffers", [])}
+        return {n: t for n, t in found.items() if t is not None}
+
+    @functools.cached_property
     def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer buffers that existed before the step: ``{"momentum_buffer": {...}, ...}``.
 
@@ -197,8 +208,9 @@ class TrainingPath:
                 file read with ``weights_only=True``; ``{"state_dict": ...}`` and
                 ``{"model_state_dict": ...}`` wrappers are unwrapped).
             learning_rates: η_k, one per checkpoint, or one for all.
-            model: When given, keep only the model's trainable parameters (recommended:
-                state dicts also hold buffers).
+            model: When given, keep only the model's trainable parameters, and the
+                model's buffers (BatchNorm statistics) each checkpoint holds: checkpoint
+                mode then evaluates checkpoint k with its own buffers, as TracInCP does.
 
         Returns:
             A path with ``len(path) == K`` whose step k holds checkpoint k and η_k; it is

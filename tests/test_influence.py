@@ -398,6 +398,36 @@ def test_checkpoints_are_read_as_tracincp_reads_them(tmp_path):
     assert torch.equal(by_objects.influence(queries), by_files.influence(queries))
 
 
+def test_checkpoints_keep_their_batchnorm_statistics_like_tracincp(tmp_path):
+    """TracInCP loads whole checkpoints, buffers included; gradients at checkpoint k once
+    used the final model's BatchNorm statistics instead (44 % off at the first one)."""
+    torch.manual_seed(22)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 10)
+    ).double()
+    data = train_set(n=40)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    files = []
+    for epoch in range(3):
+        model.train()
+        for xb, yb in DataLoader(data, batch_size=10, shuffle=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+        files.append(str(tmp_path / f"ckpt{epoch}.pt"))
+        torch.save({"model_state_dict": model.state_dict(), "lr": 0.1}, files[-1])
+    model.eval()
+    first = torch.load(files[0], weights_only=True)["model_state_dict"]["1.running_mean"]
+    assert not torch.allclose(first, model[1].running_mean, rtol=0.1)  # the statistics moved
+    captum = tracincp_workflow(TracInCP, model, data, files)
+    ours = tracincp_workflow(pk.PathKernelInfluence, model, data, files)
+    torch.testing.assert_close(ours[0], captum[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours[2], captum[2], rtol=1e-9, atol=1e-12)
+    assert torch.equal(
+        model[1].running_mean, torch.load(files[2])["model_state_dict"]["1.running_mean"]
+    )  # the model passed is left as it was
+
+
 def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
     model, data, files = _checkpoints(tmp_path)
     captum = tracincp_workflow(TracInCP, model, data, files, layers=["2"])
