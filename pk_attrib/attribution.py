@@ -126,7 +126,17 @@ class PathKernelInfluence(DataInfluence):
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
         self.model = model
         self.train_dataset = compat.dataset_of(train_dataset)
+        if checkpoints is not None and not isinstance(checkpoints, (str, os.PathLike, list)):
+            checkpoints = list(checkpoints)  # (a generator: read once, kept below)
         self.path, from_tracincp = self._load_path(model, path, checkpoints, checkpoints_load_func)
+        # TracInCP's attributes: the checkpoints as read (natural order), how, in what chunks
+        self.checkpoints = (
+            compat.checkpoint_files(checkpoints if checkpoints is not None else path)
+            if from_tracincp
+            else None
+        )
+        self.checkpoints_load_func = checkpoints_load_func
+        self.batch_size = batch_size
         self.loss_fn = loss_fn
         self.test_loss_fn = test_loss_fn or loss_fn
         self.layers = layers
@@ -461,6 +471,7 @@ class PathKernelInfluence(DataInfluence):
         k: int | None = None,
         proponents: bool = True,
         show_progress: bool = False,
+        aggregate: bool = False,
         *,
         score: str = "contribution",
     ) -> torch.Tensor | KMostInfluentialResults:
@@ -486,11 +497,14 @@ class PathKernelInfluence(DataInfluence):
                 which stay in the store's feature cache when the path is on disk).
             proponents: With ``k``: the most positive (True) or most negative (False).
             show_progress: Show progress bars.
+            aggregate: As in TracInCP: sum the scores over all test examples, (1, n_train),
+                and with ``k`` the k training examples of highest (lowest) sum, each (1, k).
+                Computed in blocks of training examples (memory O(n_test × block)).
             score: ``"contribution"`` (default) or ``"cosine"``.
 
         Returns:
             (n_test, n_train) scores, or ``KMostInfluentialResults(indices, influence_scores)``,
-            each (n_test, k), sorted.
+            each (n_test, k), sorted (n_test reads 1 with ``aggregate``).
         """
         if score not in ("contribution", "cosine"):
             raise ValueError(f"score={score!r}: use 'contribution' or 'cosine'")
@@ -498,11 +512,17 @@ class PathKernelInfluence(DataInfluence):
         output_fn = scores.negative_loss(self.test_loss_fn)
         n_train = len(self.train_dataset)
         previous, self._problem.show_progress = self._problem.show_progress, show_progress
+        total = torch.zeros(n_train, dtype=self.dtype, device=self._fm.device)
         try:
             results = []
             for batch in batches:
                 queries, labels = self._split_batch(batch)
                 block = self._scores_block(queries, labels, output_fn, {}, score)
+                if aggregate:  # summed over the queries, block by block
+                    size = self._block(queries[0].shape[0] * (2 if score == "cosine" else 1))
+                    for a in range(0, n_train, size):
+                        total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
+                    continue
                 if k is None:
                     results.append(block(0, n_train))
                     continue
@@ -514,13 +534,20 @@ class PathKernelInfluence(DataInfluence):
             self._problem.show_progress = previous
             if self._features is not None:
                 self._features.flush()
+        if aggregate:
+            if k is None:
+                return total[None]
+            top = torch.topk(total, min(int(k), n_train), largest=proponents)
+            return KMostInfluentialResults(top.indices[None], top.values[None])
         if k is None:
             return torch.cat(results)
         indices = torch.cat([r[0] for r in results])
         values = torch.cat([r[1] for r in results])
         return KMostInfluentialResults(indices, values)
 
-    def self_influence(self, inputs: Any = None, show_progress: bool = False) -> torch.Tensor:
+    def self_influence(
+        self, inputs: Any = None, show_progress: bool = False, outer_loop_by_checkpoints=False
+    ) -> torch.Tensor:
         """Each training example's influence on its own loss, (n_train,) (Captum contract).
 
         Exact mode: the example's exact contribution to the decrease of its own loss along
@@ -533,6 +560,8 @@ class PathKernelInfluence(DataInfluence):
                 training set's scores are returned; on a path of checkpoints (TracIn's
                 setting, where every example counts at every checkpoint) of any examples.
             show_progress: Show progress bars.
+            outer_loop_by_checkpoints: Accepted for TracInCP compatibility (its loop order);
+                the numbers do not depend on it.
 
         Returns:
             Scores, (n_train,) or (n_inputs,).

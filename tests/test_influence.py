@@ -428,6 +428,40 @@ def test_checkpoints_keep_their_batchnorm_statistics_like_tracincp(tmp_path):
     )  # the model passed is left as it was
 
 
+def test_aggregate_influence_and_tracincps_other_arguments_match_captum(tmp_path, run):
+    model, data, files = _checkpoints(tmp_path)
+    x, y = digits()
+    queries = (x[1500:1505], y[1500:1505])
+    kw = dict(
+        checkpoints=files,
+        checkpoints_load_func=load_checkpoint,
+        loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+        batch_size=8,
+    )
+    captum, ours = TracInCP(model, data, **kw), pk.PathKernelInfluence(model, data, **kw)
+    summed = ours.influence(queries, aggregate=True)
+    assert summed.shape == (1, len(data))
+    torch.testing.assert_close(
+        summed, captum.influence(queries, aggregate=True), rtol=1e-9, atol=1e-12
+    )
+    for proponents in (True, False):
+        theirs = captum.influence(queries, k=4, proponents=proponents, aggregate=True)
+        mine = ours.influence(queries, 4, proponents, False, True)  # positional, as Captum
+        assert torch.equal(mine.indices, theirs.indices) and mine.indices.shape == (1, 4)
+        torch.testing.assert_close(mine.influence_scores, theirs.influence_scores)
+    torch.testing.assert_close(
+        ours.self_influence(outer_loop_by_checkpoints=True), ours.self_influence(), rtol=0, atol=0
+    )
+    assert ours.checkpoints == captum.checkpoints == files
+    assert ours.batch_size == 8 and ours.checkpoints_load_func is load_checkpoint
+    # exact mode: the sum of the full matrix's rows, streamed over blocks of the training set
+    exact = explainer(run, memory_budget=4_000)
+    full = exact.influence(queries)
+    torch.testing.assert_close(
+        exact.influence(queries, aggregate=True), full.sum(0, keepdim=True), rtol=1e-12, atol=0
+    )
+
+
 def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
     model, data, files = _checkpoints(tmp_path)
     captum = tracincp_workflow(TracInCP, model, data, files, layers=["2"])
