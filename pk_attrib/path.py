@@ -55,9 +55,9 @@ class Step:
         skipped: Names of the parameters the step left alone: they had no gradient
             (``grad is None``), so the optimizer neither moved them nor touched their state
             (no weight decay, no momentum), as PyTorch's optimizers do.
-        fresh_params: Names of the parameters that had no optimizer state before the step
-            while others had (a layer whose first gradient comes late: SGD then starts its
-            momentum buffer from the gradient, without dampening).
+        fresh_params: Names of the parameters whose optimizer state starts at this step
+            while others already had some (a layer whose first gradient comes late: SGD then
+            starts its momentum buffer at the gradient, without dampening).
     """
 
     def __init__(self, path: TrainingPath, index: int, raws: range):

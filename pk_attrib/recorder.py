@@ -157,6 +157,8 @@ class PathRecorder:
         names_by_id = {id(p): n for n, p in named.items()}
         description = describe_optimizer(optimizer, names_by_id)
         self._params = {n: p for n, p in named.items() if id(p) in in_optimizer and p.requires_grad}
+        self._param_list = list(self._params.values())
+        self._stateless: list[int] = []  # params without optimizer state before this step
         # what the optimizer holds but this recording leaves out (frozen now), and its groups'
         # sizes: either changing mid-run would leave updated weights out of the path
         self._left_out = [
@@ -339,15 +341,8 @@ class PathRecorder:
         if hyper != self._base_hyper:
             meta["hyper"] = hyper
         states = [optimizer.state.get(p) for p in self._params.values()]
-        # optimizers skip a parameter without a gradient: no decay, no momentum, no state
-        skipped = [i for i, p in enumerate(self._params.values()) if p.grad is None]
-        if skipped:
-            meta["skipped"] = skipped
-        if any(states):
-            left = set(skipped)
-            fresh = [i for i, st in enumerate(states) if not st and i not in left]
-            if fresh:
-                meta["fresh"] = fresh
+        if any(states):  # which start their state at this step: decided after it (_post_step)
+            self._stateless = [i for i, st in enumerate(states) if not st]
         if not any(states):
             meta["fresh_state"] = True
         elif self._session_first:
@@ -413,6 +408,18 @@ class PathRecorder:
             return
         r, tensors, meta = self._inflight
         self._inflight = None
+        # optimizers skip a parameter without a gradient: no decay, no momentum, no state.
+        # Read after the step: a closure (optimizer.step(closure)) makes the gradients inside it
+        skipped = [i for i, p in enumerate(self._params.values()) if p.grad is None]
+        if skipped:
+            meta["skipped"] = skipped
+        left, fresh = set(skipped), []
+        for i in self._stateless:
+            if i not in left and optimizer.state.get(self._param_list[i]):  # started here
+                fresh.append(i)
+        self._stateless = []
+        if fresh:
+            meta["fresh"] = fresh
         if self._kind in (OptimizerKind.ADAM, OptimizerKind.ADAMW) and r % self.every == 0:
             for name, p in self._params.items():
                 state = optimizer.state.get(p) or {}

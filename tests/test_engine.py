@@ -354,6 +354,35 @@ def test_parameters_without_a_gradient_are_left_alone_as_the_optimizer_does(make
     )
 
 
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd_momentum", "adam"])
+def test_a_step_with_a_closure_is_recorded_with_the_gradients_it_made(adam):
+    """optimizer.step(closure) computes the gradients inside the step, after the pre-step
+    hook (which once took every parameter for skipped: error 1.0)."""
+    torch.manual_seed(11)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    x, y = data.tensors
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=0.02)
+        if adam
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for s in range(5):
+            idx = torch.arange(s * 6, s * 6 + 6)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+
+            def closure(idx=idx):
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+    assert not any(recorder.path.step(s).skipped for s in range(5))
+    _explain_against_the_reference(model, data, recorder.path)
+
+
 def test_a_momentum_buffer_missing_from_some_parameters_at_the_start_starts_undamped():
     """A recorder created after a phase in which one layer had no gradient: the other layers
     carry momentum into step 0, that layer starts its buffer at its gradient (no dampening)."""
