@@ -224,8 +224,7 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
         return None
     if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
         raise TypeError(
-            f"layers must be a list of module names, like TracInCP's (e.g. ['fc2']), got "
-            f"{layers!r}"
+            f"layers must be a list of module names, like TracInCP's (e.g. ['fc2']), got {layers!r}"
         )
     if "" in layers:  # the model itself: every parameter, so the kernel stays exact
         return None

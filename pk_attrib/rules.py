@@ -78,15 +78,19 @@ class GroupVectors:
         return self.vec([float(h.get(key, default)) for h in step.hyper])
 
 
-def _relative_error(delta: torch.Tensor, predicted: torch.Tensor) -> float:
-    """‖Δ − Δ̂‖ / ‖Δ‖ over the coordinates Δ̂ is known for (NaN: state that was not known)."""
+def _relative_error(delta: torch.Tensor, predicted: torch.Tensor, floor: torch.Tensor) -> float:
+    """‖Δ − Δ̂‖ / ‖Δ‖ over the coordinates Δ̂ is known for (NaN: state that was not known).
+
+    Per coordinate, what the rounding of the stored weights explains (``floor``, (d,)) is
+    not counted: a float32 step much smaller than its weight is mostly rounding.
+    """
     unknown = predicted.isnan()
     if bool(unknown.any()):
-        delta, predicted = delta[~unknown], predicted[~unknown]
+        delta, predicted, floor = delta[~unknown], predicted[~unknown], floor[~unknown]
         if not bool((delta != 0).any()):  # nothing left that moved: no check at all
             return math.nan
     norm = float(delta.norm())
-    diff = float((delta - predicted).norm())
+    diff = float(((delta - predicted).abs() - floor).clamp_min(0.0).norm())
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
@@ -112,6 +116,14 @@ class Rule:
         # steps (nearest last) whose check waits for the state after the step before them
         self._waiting: list[tuple] = []
         self._masks: dict[frozenset[str], torch.Tensor] = {}
+        # the optimizer's update w + u rounds to the stored dtype (and AdamW's decay, once
+        # more): Δ_s is known to about 2 eps (|w_s| + |Δ_s|) per coordinate
+        eps = max((torch.finfo(t).eps for t in path.param_dtypes.values()), default=0.0)
+        self._rounding = 2.0 * eps
+
+    def _floor(self, delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Per coordinate, how much of Δ_s the rounding of the stored weights can explain."""
+        return self._rounding * (w.abs() + delta.abs())
 
     def _mask(self, names: frozenset[str]) -> torch.Tensor | None:
         """(d,) bool: True on the coordinates of these parameters (None for no parameter)."""
@@ -160,6 +172,22 @@ class Rule:
         """
         raise NotImplementedError
 
+    def uses_state(self, step: Step) -> torch.Tensor | bool:
+        """Where Δ_s depends on the optimizer state before the step ((d,) bool, or True)."""
+        return True
+
+    def recovery_uncertainty(self, step: Step, floor: torch.Tensor) -> torch.Tensor:
+        """(d,): how far `recover` can be off when Δ_s is known to ``floor`` per coordinate."""
+        raise NotImplementedError
+
+    def carry_uncertainty(self, step: Step, unc: torch.Tensor) -> torch.Tensor:
+        """(d,): the uncertainty `advance` passes on from a state before the step off by unc."""
+        raise NotImplementedError
+
+    def prediction_uncertainty(self, step: Step, unc: torch.Tensor) -> torch.Tensor:
+        """(d,): how far `predict` can move with the state before the step off by ``unc``."""
+        raise NotImplementedError
+
     def advance(self, step: Step, prev: torch.Tensor | None, G: torch.Tensor, w: torch.Tensor):
         """The optimizer state after step s from the state before it (None: fresh) and G_s."""
         raise NotImplementedError
@@ -176,21 +204,31 @@ class Rule:
         and the state is carried forward from the first earlier step that shows it (at
         most ``_MAX_WAITING`` steps; beyond, the check covers the coordinates it knows).
         """
+        floor = self._floor(delta, w)
         state = self.recover(step, delta, G, w)
+        # how far the recovered state can be off: Δ_s is only known to its rounding floor
+        unc = self.recovery_uncertainty(step, floor)
         first = step.fresh_state or s == 0
         if first:
             prev = None if step.fresh_state else self._initial_state(step)
-            self.errors[s] = _relative_error(delta, self.predict(step, prev, G, w))
+            self.errors[s] = _relative_error(delta, self.predict(step, prev, G, w), floor)
+            unknown = state.isnan()
             state = _fill(state, self.advance(step, prev, G, w))
+            unc = torch.where(unknown, 0.0, unc)  # advanced from a known start
         elif not self._known_enough(state) and len(self._waiting) < _MAX_WAITING:
-            self._waiting.append((s, step, delta, G, w, state))
+            self._waiting.append((s, step, delta, G, w, state, unc, floor))
             return
         while self._waiting:  # check the waiting steps, nearest first, carrying the state
-            s1, step1, delta1, G1, w1, recovered = self._waiting.pop()
-            self.errors[s1] = _relative_error(delta1, self.predict(step1, state, G1, w1))
-            state = _fill(recovered, self.advance(step1, state, G1, w1))
+            s1, step1, delta1, G1, w1, recovered, unc1, floor1 = self._waiting.pop()
+            allowance = floor1 + self.prediction_uncertainty(step1, unc)
+            predicted = self.predict(step1, state, G1, w1)
+            self.errors[s1] = _relative_error(delta1, predicted, allowance)
+            unknown = recovered.isnan()
+            advanced = self.advance(step1, state, G1, w1)
+            state = torch.where(unknown, advanced, recovered)
+            unc = torch.where(unknown, self.carry_uncertainty(step1, unc), unc1)
         if not first:
-            self._waiting.append((s, step, delta, G, w, state))
+            self._waiting.append((s, step, delta, G, w, state, unc, floor))
 
     def _known_enough(self, state: torch.Tensor) -> bool:
         """Is the state known wherever the waiting steps need it?
@@ -203,8 +241,8 @@ class Rule:
         if not self._waiting or not bool(unknown.any()):
             return True
         need = torch.zeros_like(unknown)
-        for _, step, _, _, _, recovered in self._waiting:  # farthest first
-            need = (self._eta(step) != 0) | (recovered.isnan() & need)
+        for _, step, _, _, _, recovered, _, _ in self._waiting:  # farthest first
+            need = ((self._eta(step) != 0) & self.uses_state(step)) | (recovered.isnan() & need)
         return not bool((unknown & need).any())
 
     def _initial_state(self, step: Step) -> torch.Tensor | None:
@@ -254,67 +292,91 @@ class SGDRule(Rule):
         return all(float(h.get("momentum", 0.0)) == 0.0 for h in step.hyper)
 
     def _terms(self, step: Step):
-        """(η, μ, d, nesterov, c) per coordinate at this step.
+        """(η, μ, d, nesterov, c, moving) per coordinate at this step.
 
-        d = 1 − dampening, or 1 where the momentum buffer starts here (PyTorch starts it at
-        the gradient); c scales the buffer before the step into the one after it: μ, or 1
-        where the step skipped the parameter (η = d = 0 there).
+        ``moving``: the momentum buffer takes this step's gradient (μ ≠ 0 and not skipped;
+        PyTorch leaves the buffer untouched at a step with μ = 0 and resumes from it later).
+        d = 1 − dampening where it moves, 1 where the buffer starts here (PyTorch starts it at
+        the gradient), 0 where it does not move. c scales the buffer before the step into the
+        one after it: μ where it moves, 0 where it starts, 1 where it is carried unchanged.
         """
         eta = self._eta(step)
         mu = self.vec.hyper(step, "momentum")
         damp = 1.0 - self.vec.hyper(step, "dampening")
         nesterov = self.vec.hyper(step, "nesterov", False)
-        if step.fresh_state:
-            damp = torch.ones_like(damp)
-        else:
-            fresh = self._mask(step.fresh_params)
-            if fresh is not None:
-                damp = torch.where(fresh, 1.0, damp)
-        carry = mu
+        moving = mu != 0
         skip = self._mask(step.skipped)
         if skip is not None:
-            damp = torch.where(skip, 0.0, damp)
-            carry = torch.where(skip & (mu != 0), 1.0, mu)
-        return eta, mu, damp, nesterov, carry
+            moving = moving & ~skip
+        carry = torch.where(moving, mu, 1.0)
+        starts = moving if step.fresh_state else self._mask(step.fresh_params)
+        if starts is not None:
+            damp = torch.where(starts, 1.0, damp)
+            carry = torch.where(starts & moving, 0.0, carry)
+        damp = torch.where(moving, damp, 0.0)
+        return eta, mu, damp, nesterov, carry, moving
 
     def begin(self, s, step, phi, w):
         """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
-        eta, mu, damp, nesterov, carry = self._terms(step)
+        eta, mu, damp, nesterov, carry, moving = self._terms(step)
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
-        if not bool((mu != 0).any()):
-            self._carry, self._carry_factor = None, mu
+        pending = self._carry if not next_fresh else None
+        if pending is None and not bool(moving.any()):  # plain SGD: no state to carry
+            self._carry, self._carry_factor = None, carry
             return eta * phi, None
         # u_s: adjoint of the buffer b_s = μ_s b_{s−1} + d_s G_s, used by P_s = b_s or G_s + μ_s b_s
         direct = torch.where(nesterov.bool(), mu, torch.ones_like(mu))
-        u = eta * direct * phi
-        if self._carry is not None and not next_fresh:
-            u = u + self._carry_factor * self._carry
+        u = torch.where(moving, eta * direct * phi, 0.0)
+        if pending is not None:
+            u = u + self._carry_factor * pending
         self._carry, self._carry_factor = u, carry
         v = damp * u + nesterov * eta * phi
-        return torch.where(mu != 0, v, eta * phi), None
+        return torch.where(moving, v, eta * phi), None
 
     STATE_KEY = "momentum_buffer"
 
+    def uses_state(self, step: Step) -> torch.Tensor:
+        """Where Δ_s depends on the buffer before the step: where the buffer moves."""
+        return self._terms(step)[5]
+
     def recover(self, step, delta, G, w):
-        """The momentum buffer b_s from Δ_s = −η_s P_s (NaN where η_s = 0)."""
-        eta, mu, _, nesterov, _ = self._terms(step)
+        """The momentum buffer b_s from Δ_s = −η_s P_s (NaN where Δ_s does not show it)."""
+        eta, mu, _, nesterov, _, moving = self._terms(step)
         p = torch.where(eta != 0, -delta / torch.where(eta != 0, eta, 1.0), math.nan)
         safe_mu = torch.where(mu != 0, mu, 1.0)
         buffer = torch.where(nesterov.bool(), (p - G) / safe_mu, p)
-        return torch.where(mu != 0, buffer, 0.0)
+        return torch.where(moving, buffer, math.nan)
+
+    def recovery_uncertainty(self, step, floor):
+        """How far the recovered buffer can be off from the rounding ``floor`` of Δ_s."""
+        eta, mu, _, nesterov, _, moving = self._terms(step)
+        scale = (eta * torch.where(nesterov.bool(), mu, 1.0)).abs()
+        known = moving & (scale != 0)
+        return torch.where(known, floor / torch.where(known, scale, 1.0), 0.0)
+
+    def carry_uncertainty(self, step, unc):
+        """The uncertainty of the buffer after the step, from the one before it."""
+        return self._terms(step)[4].abs() * unc
+
+    def prediction_uncertainty(self, step, unc):
+        """How far Δ̂_s can move with the buffer before the step off by ``unc``."""
+        eta, mu, _, nesterov, carry, moving = self._terms(step)
+        sensitivity = (eta * carry * torch.where(nesterov.bool(), mu, 1.0)).abs()
+        return torch.where(moving, sensitivity * unc, 0.0)
 
     def advance(self, step, prev, G, w):
-        """b̂_s = μ_s b_{s−1} + d_s G_s (d_s G_s for a fresh buffer; b_{s−1} if skipped)."""
-        _, mu, damp, _, carry = self._terms(step)
-        buffer = damp * G if prev is None else carry * prev + damp * G
-        return torch.where(mu != 0, buffer, 0.0)
+        """b̂_s = c_s b_{s−1} + d_s G_s (d_s G_s for a fresh buffer)."""
+        _, _, damp, _, carry, _ = self._terms(step)
+        if prev is None:
+            return damp * G
+        return torch.where(carry == 0, 0.0, carry * prev) + damp * G
 
     def predict(self, step, prev, G, w):
         """Δ̂_s = −η_s P̂_s with b̂_s = μ_s b_{s−1} + d_s G_s."""
-        eta, mu, _, nesterov, _ = self._terms(step)
+        eta, mu, _, nesterov, _, moving = self._terms(step)
         buffer = self.advance(step, prev, G, w)
         update = torch.where(nesterov.bool(), G + mu * buffer, buffer)
-        return torch.where(eta != 0, -eta * torch.where(mu != 0, update, G), 0.0)
+        return torch.where(eta != 0, -eta * torch.where(moving, update, G), 0.0)
 
 
 class AdamRule(Rule):
@@ -409,6 +471,21 @@ class AdamRule(Rule):
         moved = delta + (eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0)
         scale = eta * D
         return torch.where(scale != 0, -moved / torch.where(scale != 0, scale, 1.0), math.nan)
+
+    def recovery_uncertainty(self, step, floor):
+        """How far the recovered first moment can be off from the rounding ``floor`` of Δ_s."""
+        D, _ = self._denominator(step, self._names)
+        scale = (self._eta(step) * D).abs()
+        return torch.where(scale != 0, floor / torch.where(scale != 0, scale, 1.0), 0.0)
+
+    def carry_uncertainty(self, step, unc):
+        """The uncertainty of m_s from that of m_{s−1} (scaled by β1, 1 where skipped)."""
+        return self._beta1(step, carried=True).abs() * unc
+
+    def prediction_uncertainty(self, step, unc):
+        """How far Δ̂_s = −η_s D_s (β1 m_{s−1} + ...) moves with m_{s−1} off by ``unc``."""
+        D, beta1 = self._denominator(step, self._names)
+        return (self._eta(step) * D * beta1).abs() * unc
 
     def advance(self, step, prev, G, w):
         """m̂_s = β1 m_{s−1} + (1 − β1) G_s ((1 − β1) G_s for a fresh first moment)."""

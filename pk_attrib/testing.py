@@ -200,14 +200,17 @@ def reference_decomposition(
             damp = 1.0 - _per_coordinate(path, hyper["dampening"])
             nesterov = _per_coordinate(path, hyper["nesterov"]).bool()
             coupled = lam * w
-            starts = active & ~has_buffer
-            state = torch.where(active, torch.where(starts, part, mu * state + damp * part), state)
+            # the buffer takes the gradient where momentum is on (PyTorch leaves it untouched
+            # at a step with momentum 0, and resumes from it later)
+            moving = active & (mu != 0)
+            starts = moving & ~has_buffer
+            state = torch.where(moving, torch.where(starts, part, mu * state + damp * part), state)
             decay_state = torch.where(
-                active,
+                moving,
                 torch.where(starts, coupled, mu * decay_state + damp * coupled),
                 decay_state,
             )
-            has_buffer |= active & (mu != 0)
+            has_buffer |= moving
             use = torch.where(mu != 0, torch.where(nesterov, part + mu * state, state), part)
             use_decay = torch.where(
                 mu != 0, torch.where(nesterov, coupled + mu * decay_state, decay_state), coupled
@@ -215,7 +218,7 @@ def reference_decomposition(
             contributions -= (phi * eta) @ use.T
             decay_out -= (phi * eta) @ use_decay
             if prior is not None:  # the carried buffer decays by μ each step it is used
-                prior = torch.where(active, mu * prior, prior)
+                prior = torch.where(moving, mu * prior, prior)
                 use_prior = torch.where(nesterov, mu * prior, prior)
                 state_out -= (phi * eta) @ torch.where(mu != 0, use_prior, 0.0)
         else:
