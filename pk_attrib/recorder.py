@@ -173,6 +173,7 @@ class PathRecorder:
         self._base_hyper = [g["hyper"] for g in description["groups"]]
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         self._pending: list[torch.Tensor] = []
+        self._last_batches: list[torch.Tensor] = []  # what the last optimizer step used
         self._pool: BufferPool | None = None  # recycled snapshot buffers (disk mode)
         self._slab: SlabAllocator | None = None  # packed kept snapshots (memory mode)
         self._pooled: list[torch.Tensor] = []  # the in-flight step's buffers from the pool
@@ -310,6 +311,21 @@ class PathRecorder:
             )
         self._pending.append(idx)
 
+    def repeat_batch(self) -> None:
+        """Credit the next optimizer step with the batch(es) the previous step used.
+
+        For loops that take several optimizer steps on one batch (K inner updates, SAM's
+        two steps): call it before each extra step. The batches are added to any noted since.
+
+        Raises:
+            RecordingError: No optimizer step has been recorded yet.
+        """
+        if self._closed:
+            raise RecordingError("this recorder is closed: create a new PathRecorder")
+        if not self._last_batches:
+            raise RecordingError("no optimizer step was recorded yet: there is no batch to repeat")
+        self._pending.extend(self._last_batches)
+
     def _set_dataset_size(self, size: int) -> None:
         if self._dataset_size is None:
             self._dataset_size = size
@@ -326,10 +342,16 @@ class PathRecorder:
         if self._closed:
             return
         if not self._pending:
+            again = (
+                "; a loop that takes another step on the same batch (several updates per "
+                "batch, SAM) calls recorder.repeat_batch() before it"
+                if self._last_batches
+                else ""
+            )
             raise MissingBatchIndicesError(
                 f"optimizer step {self._raw} has no batch indices: iterate the loader through "
                 "recorder.watch(loader), or call recorder.record_batch(indices) before "
-                "optimizer.step()"
+                f"optimizer.step(){again}"
             )
         self._check_parameters(optimizer)
         r = self._raw
@@ -431,7 +453,7 @@ class PathRecorder:
                             if value.dim() == 0
                             else self._take(value, None)
                         )
-        self._pending = []
+        self._last_batches, self._pending = self._pending, []
         self._session_first = False
         record = {
             "step": r,

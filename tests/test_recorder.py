@@ -207,6 +207,32 @@ def test_a_skipped_step_can_discard_its_batch():
     ]
 
 
+def test_several_steps_on_one_batch_repeat_it():
+    """Two updates per batch under watch(): the second step once had no way to name its
+    batch (MissingBatchIndicesError told the user to use watch, which they did)."""
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = indexed_dataset()
+    x, y = data.tensors[0], data.tensors[1]
+    with pk.PathRecorder(model, optimizer, dataset_size=len(data)) as recorder:
+        with pytest.raises(pk.RecordingError, match="no optimizer step"):
+            recorder.repeat_batch()
+        for xb, yb, *_ in recorder.watch(torch.utils.data.DataLoader(data, batch_size=10)):
+            for k in range(2):
+                if k:
+                    recorder.repeat_batch()
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:10]), y[:10]).backward()
+        with pytest.raises(pk.MissingBatchIndicesError, match="repeat_batch"):
+            optimizer.step()
+    assert [s.indices.tolist() for s in recorder.path] == [
+        list(range(a, a + 10)) for a in (0, 0, 10, 10, 20, 20, 30, 30)
+    ]
+
+
 @pytest.mark.parametrize("change", ["add_param_group", "unfreeze"])
 def test_parameters_trained_after_the_recorder_started_are_refused(change):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
