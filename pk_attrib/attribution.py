@@ -65,7 +65,9 @@ class PathKernelInfluence(DataInfluence):
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loop reduced the loss over
             a batch. Read from ``loss_fn.reduction`` when it has one.
         accumulation: With gradient accumulation, ``"sum"`` (each micro-batch's loss was
-            back-propagated as is) or ``"mean"`` (divided by the number of micro-batches).
+            back-propagated as is), ``"mean"`` (divided by the number of micro-batches of
+            its step), or an int n (divided by n, as ``loss / n_accum`` does, also in a
+            shorter last group).
         mode: ``"exact"``, ``"checkpoint"``, or ``"auto"`` (exact when the path allows it).
         quadrature: ``"adaptive"`` (default), ``"left"``, ``"midpoint"``, or an int number
             of Gauss–Legendre nodes; see `pk_attrib.Quadrature`.
@@ -108,7 +110,7 @@ class PathKernelInfluence(DataInfluence):
         test_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         sample_wise_grads_per_batch: bool | None = None,
         loss_reduction: str | None = None,
-        accumulation: str = "sum",
+        accumulation: str | int = "sum",
         mode: str = "auto",
         quadrature: str | int | Quadrature = "adaptive",
         rtol: float | None = None,
@@ -142,8 +144,12 @@ class PathKernelInfluence(DataInfluence):
         self.layers = layers
         needs_reduction = any(True for _ in self.path.step(0).parts) if len(self.path) else False
         self.reduction = compat.loss_reduction(loss_fn, loss_reduction, needs_reduction)
-        if accumulation not in ("sum", "mean"):
-            raise ValueError(f"accumulation={accumulation!r}: use 'sum' or 'mean'")
+        fixed = isinstance(accumulation, int) and not isinstance(accumulation, bool)
+        if not (accumulation in ("sum", "mean") or (fixed and accumulation >= 1)):
+            raise ValueError(
+                f"accumulation={accumulation!r}: use 'sum', 'mean', or the int n the loop "
+                "divided each micro-batch's loss by"
+            )
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
         self.mode = self._resolve_mode(mode)

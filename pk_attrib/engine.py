@@ -52,7 +52,7 @@ class Problem:
     train_dataset: Dataset
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     reduction: Reduction
-    accumulation: str
+    accumulation: str | int
     show_progress: bool
 
 
@@ -64,12 +64,17 @@ def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
         )
 
 
-def example_weights(batch_sizes: torch.Tensor, reduction: Reduction, accumulation: str):
-    """κ_j for each index of a step: the weight of ℓ_j in the gradient the optimizer used."""
+def example_weights(batch_sizes: torch.Tensor, reduction: Reduction, accumulation: str | int):
+    """κ_j for each index of a step: the weight of ℓ_j in the gradient the optimizer used.
+
+    ``accumulation``: "sum", "mean" (over the step's micro-batches) or an int divisor.
+    """
     sizes = batch_sizes.to(torch.float64)
     per = 1.0 / sizes if reduction is Reduction.MEAN else torch.ones_like(sizes)
     if accumulation == "mean":
         per = per / len(sizes)
+    elif not isinstance(accumulation, str):
+        per = per / accumulation
     return torch.repeat_interleave(per, batch_sizes)
 
 

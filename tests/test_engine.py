@@ -437,6 +437,47 @@ def test_a_float32_step_smaller_than_its_rounding_is_no_false_alarm():
         assert float(run(True).diagnostics.max_reconstruction_error) > 0.1
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
+def test_accumulation_with_a_fixed_divisor_and_a_shorter_last_group(momentum):
+    """loss / n_accum with groups of 3, 2, 3, 2 micro-batches: neither "sum" nor "mean"
+    describes the short groups; accumulation=3 does (contributions are linear in κ)."""
+    torch.manual_seed(14)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=40)
+    x, y = data.tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        start = 0
+        optimizer.zero_grad()
+        for group in (3, 2, 3, 2):
+            for _ in range(group):
+                idx = torch.arange(start, start + 4)
+                start += 4
+                recorder.record_batch(idx)
+                (torch.nn.functional.cross_entropy(model(x[idx]), y[idx]) / 3).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    queries, target = digits()[0][1500:1502], digits()[1][1500:1502]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.ReconstructionWarning)
+        dec = pk.PathKernelInfluence(
+            model, data, recorder.path, loss_fn, accumulation=3, quadrature=3, show_progress=False
+        ).attribute(queries, target=target)
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+    ref = reference_decomposition(model, data, recorder.path, loss_fn, queries, target, q=3)
+    torch.testing.assert_close(dec.contributions, ref["contributions"] / 3, rtol=1e-8, atol=1e-14)
+    for wrong in ("mean", 0, True):
+        with (
+            pytest.raises(ValueError, match="accumulation")
+            if wrong != "mean"
+            else (pytest.warns(pk.ReconstructionWarning))
+        ):
+            pk.PathKernelInfluence(
+                model, data, recorder.path, loss_fn, accumulation=wrong, show_progress=False
+            ).attribute(queries, target=target)
+
+
 def test_a_momentum_buffer_missing_from_some_parameters_at_the_start_starts_undamped():
     """A recorder created after a phase in which one layer had no gradient: the other layers
     carry momentum into step 0, that layer starts its buffer at its gradient (no dampening)."""
