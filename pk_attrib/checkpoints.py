@@ -14,6 +14,7 @@ import torch
 
 from .backends import MemoryBackend, new_manifest
 from .exceptions import StoreMismatchError
+from .wrappers import unwrap
 
 
 def path_from_checkpoints(
@@ -37,7 +38,10 @@ def path_from_checkpoints(
             "learning rate per checkpoint, or a single number"
         )
     if model is not None:
+        model = unwrap(model)  # torch.compile / DDP: the plain names, as recordings use
         names = [n for n, p in model.named_parameters() if p.requires_grad]
+        wanted = set(names) | {n for n, _ in model.named_buffers()}
+        states = [_plain_names(state, wanted) for state in states]
     else:
         names = [n for n, t in states[0].items() if t.is_floating_point()]
     for k, state in enumerate(states):
@@ -47,14 +51,16 @@ def path_from_checkpoints(
                 f"checkpoint {k} lacks parameters {missing[:5]}: all checkpoints must "
                 "come from the same model"
             )
-    # buffers (BatchNorm statistics, ...) each checkpoint holds: gradients at checkpoint k
-    # are taken with its own, as TracInCP does by loading the whole checkpoint
+    # buffers (BatchNorm statistics, ...) the checkpoints hold: gradients at checkpoint k are
+    # taken with its own, as TracInCP does by loading each checkpoint into the model (one
+    # that lacks a buffer keeps the previous checkpoint's, or else the model's own)
     buffers = [] if model is None else [n for n, _ in model.named_buffers()]
-    buffers = [n for n in buffers if all(n in state for state in states)]
-    backend = MemoryBackend()
+    buffers = [n for n in buffers if any(n in state for state in states)]
+    backend, latest = MemoryBackend(), {}
     for k, (state, lr) in enumerate(zip(states, lrs, strict=True)):
         tensors = {f"{k}/w/{n}": state[n].detach().cpu().clone() for n in names}
-        tensors.update({f"{k}/buf/{n}": state[n].detach().cpu().clone() for n in buffers})
+        latest.update({n: state[n] for n in buffers if n in state})
+        tensors.update({f"{k}/buf/{n}": t.detach().cpu().clone() for n, t in latest.items()})
         backend.records.append({"tensors": tensors, "meta": {"lr": [lr]}})
     backend.final = {n: states[-1][n].detach().cpu().clone() for n in names}
     manifest = new_manifest(
@@ -68,6 +74,20 @@ def path_from_checkpoints(
         complete=True,
     )
     return TrainingPath(manifest, backend)
+
+
+def _plain_names(state: dict, wanted: set[str]) -> dict:
+    """A state_dict with wrapper prefixes removed where the plain name is the wanted one.
+
+    torch.compile saves ``_orig_mod.``-prefixed keys, (Distributed)DataParallel ``module.``.
+    """
+    out = {}
+    for key, value in state.items():
+        name = key
+        while name not in wanted and name.startswith(("_orig_mod.", "module.")):
+            name = name.split(".", 1)[1]
+        out[name if name in wanted else key] = value
+    return out
 
 
 def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:

@@ -66,13 +66,16 @@ def dataset_of(train: Dataset | DataLoader) -> Dataset:
     _check_in_order(train, len(dataset))
     if train.collate_fn in _DEFAULT_COLLATE:
         return dataset
-    return CollatedDataset(dataset, train.collate_fn)
+    return CollatedDataset(dataset, train.collate_fn, per_example=train.batch_sampler is None)
 
 
 def _check_in_order(train: DataLoader, n: int) -> None:
     """Refuse a loader that does not yield examples 0..n−1 once each, in order."""
     batches = train.batch_sampler
-    plain = isinstance(train.sampler, SequentialSampler) and (
+    plain = (
+        isinstance(train.sampler, SequentialSampler)
+        and train.sampler.data_source is train.dataset
+    ) and (
         batches is None
         or (
             type(batches) is BatchSampler
@@ -96,7 +99,7 @@ def _check_in_order(train: DataLoader, n: int) -> None:
         at = next((j for j, (a, b) in pairs if a != b), min(len(order), n))
         got = order[at] if at < len(order) else "nothing more"
         why = (
-            f"its sampler yields {len(order)} examples of {n}, not 0..{n - 1} in order "
+            f"sampler yields {len(order)} examples of {n}, not 0..{n - 1} in order "
             f"(position {at} holds {got})"
         )
     raise ValueError(

@@ -404,9 +404,11 @@ class Engine:
                 f"threshold {limit:g} for {self.fm.dtype}). Usual causes: dropout or data "
                 "augmentation in training, BatchNorm in train mode, gradient clipping, a loss "
                 "reduction or accumulation other than the one given, per-example loss weights "
-                "(class weights, ignore_index), or wrong indices. The "
-                "decomposition still sums to the prediction: the difference is the "
-                "'unexplained' term of the bias",
+                "(class weights, ignore_index), parameters trained by another optimizer than "
+                "the recorded one, a model whose output for an example depends on the rest of "
+                "its batch, or wrong indices. What the example gradients do not rebuild is the "
+                "'unexplained' term of the bias (and `delta` holds what the output change "
+                "along the path does not match)",
                 ReconstructionWarning,
                 stacklevel=4,
             )

@@ -69,11 +69,14 @@ class CollatedDataset(Dataset):
     Args:
         dataset: The loader's dataset.
         collate_fn: The loader's ``collate_fn``.
+        per_example: The loader does not batch (``batch_size=None``): it applies
+            ``collate_fn`` to each example, and batches are stacked from those.
     """
 
-    def __init__(self, dataset: Dataset, collate_fn):
+    def __init__(self, dataset: Dataset, collate_fn, per_example: bool = False):
         self.dataset = dataset
         self.collate_fn = collate_fn
+        self.per_example = per_example
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -91,7 +94,17 @@ def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tens
     if isinstance(dataset, TensorDataset):
         return tuple(t[indices] for t in dataset.tensors)
     if isinstance(dataset, CollatedDataset):
-        batch = dataset.collate_fn([dataset.dataset[int(i)] for i in indices])
+        items = [dataset.dataset[int(i)] for i in indices]
+        if dataset.per_example:
+            batch = default_collate([dataset.collate_fn(item) for item in items])
+        else:
+            batch = dataset.collate_fn(items)
+        if not isinstance(batch, (tuple, list)):
+            raise TypeError(
+                f"train_dataset's collate_fn returns a {type(batch).__name__}, but batches must "
+                "be (inputs..., label), as in Captum's TracInCP: model(*batch[:-1]) gives the "
+                "outputs; wrap the collate_fn so that it returns a tuple"
+            )
     else:
         batch = default_collate([dataset[int(i)] for i in indices])
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)

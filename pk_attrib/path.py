@@ -54,7 +54,8 @@ class Step:
         fresh_state: True when the optimizer had no state (momentum, moments) before it.
         skipped: Names of the parameters the step left alone: they had no gradient
             (``grad is None``), so the optimizer neither moved them nor touched their state
-            (no weight decay, no momentum), as PyTorch's optimizers do.
+            (no weight decay, no momentum), as PyTorch's optimizers do (with ``every > 1``:
+            left alone by every optimizer step the step spans).
         fresh_params: Names of the parameters whose optimizer state starts at this step
             while others already had some (a layer whose first gradient comes late: SGD then
             starts its momentum buffer at the gradient, without dampening).
@@ -76,7 +77,13 @@ class Step:
         ]
         self.fresh_state: bool = bool(meta.get("fresh_state", False))
         names = path.param_names if ("skipped" in meta or "fresh" in meta) else []
-        self.skipped: frozenset[str] = frozenset(names[i] for i in meta.get("skipped", ()))
+        skipped = frozenset(names[i] for i in meta.get("skipped", ()))
+        for r in raws[1:]:  # (every=k) left alone by every optimizer step the step spans
+            if not skipped:
+                break
+            later = path._backend.meta(r).get("skipped", ())
+            skipped &= frozenset(path.param_names[i] for i in later)
+        self.skipped: frozenset[str] = skipped
         self.fresh_params: frozenset[str] = frozenset(names[i] for i in meta.get("fresh", ()))
 
     @functools.cached_property

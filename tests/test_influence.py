@@ -117,6 +117,10 @@ def test_a_training_loader_is_read_as_it_batches_or_refused_when_it_cannot_be(ru
         (DataLoader(data, batch_size=8, sampler=[1, 0, *range(2, n)]), "position 0 holds 1"),
         (DataLoader(data, batch_size=16, drop_last=True), "leaves out its last 8 examples"),
         (DataLoader(_Stream(data)), "IterableDataset"),
+        (
+            DataLoader(data, sampler=torch.utils.data.SequentialSampler(range(20))),
+            "20 examples of 40",
+        ),
     ]:
         with pytest.raises(ValueError, match=said):
             make(loader)
@@ -133,6 +137,11 @@ def test_a_training_loader_is_read_as_it_batches_or_refused_when_it_cannot_be(ru
     by_dataset = make(halved).influence(queries)
     assert torch.equal(by_collate, by_dataset)
     assert not torch.allclose(by_collate, whole)
+    # without batching (batch_size=None) the loader applies collate_fn to each example
+    each = make(DataLoader(data, batch_size=None, collate_fn=lambda item: (item[0] * 0.5, item[1])))
+    assert torch.equal(each.influence(queries), by_dataset)
+    with pytest.raises(TypeError, match="collate_fn returns a dict"):
+        make(DataLoader(data, batch_size=8, collate_fn=lambda items: {"x": items}))
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -368,6 +368,34 @@ def test_from_checkpoints_reads_state_dicts_and_files(tmp_path):
     assert torch.equal(stored.params(1)["2.weight"], states[1]["2.weight"])
 
 
+def test_from_checkpoints_keeps_buffers_and_reads_a_wrapped_models_keys(tmp_path):
+    """Checkpoints of a compiled model (keys "_orig_mod.*") with BatchNorm statistics, one
+    without them: names come out plain, buffers per checkpoint (a missing one keeps the
+    previous checkpoint's, as TracInCP's loading into one model does), and they survive
+    save/load."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    compiled = torch.compile(model, backend="eager")
+    states = []
+    for k in range(3):
+        with torch.no_grad():
+            model[1].running_mean.fill_(float(k))
+            model[0].weight.add_(1.0)
+        states.append({n: t.clone() for n, t in compiled.state_dict().items()})
+    del states[1]["_orig_mod.1.running_mean"]
+    for given in (model, compiled):
+        path = pk.TrainingPath.from_checkpoints(states, 0.1, model=given)
+        assert path.param_names == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        means = [path.step(k).buffers["1.running_mean"][0].item() for k in range(3)]
+        assert means == [0.0, 0.0, 2.0]
+    stored = path.save(tmp_path / "store")
+    assert stored.step(2).buffers["1.running_mean"][0].item() == 2.0
+    assert set(stored.step(0).buffers) == {
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
+
+
 def test_memory_path_saves_to_a_store_that_loads_identically(tmp_path):
     model = small_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
