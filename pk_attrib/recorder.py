@@ -102,7 +102,7 @@ class PathRecorder:
             decompositions; any other optimizer is recorded for approximate modes only.
         store: A folder to write the path to, or None to keep it in memory. An existing
             store is continued (resume) when the model's parameters equal its final or last
-            recorded ones; otherwise it is refused.
+            recorded ones; otherwise it is refused (see ``truncate``).
         every: Keep a snapshot every ``every`` optimizer steps (``> 1`` makes the path
             approximate; batch indices and learning rates are still kept for every step).
         dtype: Storage dtype of the snapshots. None (default) keeps each parameter's own
@@ -114,6 +114,11 @@ class PathRecorder:
             what a killed process can lose.
         max_queue_bytes: Memory the writer's queue may hold; training blocks (never drops a
             step) when the disk cannot keep up.
+        truncate: Resuming from an older checkpoint: when the model's parameters equal an
+            earlier recorded snapshot of the store, drop the steps after it and continue
+            from there (without it, such a resume is refused, naming the step). Restore the
+            optimizer's state saved with those weights too: the store does not keep momentum
+            buffers or Adam's first moments.
 
     Example:
         >>> import torch, pk_attrib as pk
@@ -142,12 +147,14 @@ class PathRecorder:
         shard_bytes: int = 128 << 20,
         flush_interval: float = 1.0,
         max_queue_bytes: int = 1 << 30,
+        truncate: bool = False,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.model = unwrap(model)  # torch.compile / DDP: the wrapped module's names
+        self._may_truncate = truncate
         self.optimizer = optimizer
         self.every = every
         self.dtype = dtype
@@ -616,14 +623,27 @@ class PathRecorder:
         n_raw = len(manifest["steps"])
         if manifest.get("final") is not None and _equal(current, path.final):
             return n_raw, True
-        last = ((n_raw - 1) // self.every) * self.every if n_raw else 0
+        every = manifest.get("every", 1)
+        last = ((n_raw - 1) // every) * every if n_raw else 0
         if n_raw == 0 or _equal(current, path._raw_params(last)):
             return last, False
+        earlier = _matching_snapshot(path, current, range(last - every, -1, -every))
+        if earlier is not None and self._may_truncate:
+            return earlier, False
+        if earlier is not None:
+            raise StoreMismatchError(
+                f"{self.store} holds {n_raw} optimizer steps, and the model's parameters equal "
+                f"its snapshot before step {earlier} (resuming from an older checkpoint?). To "
+                f"continue from there, pass truncate=True: the {n_raw - earlier} steps after it "
+                "are dropped from the store. Restore the optimizer's state saved with those "
+                "weights too (momentum, Adam's moments): the store does not keep it"
+            )
         raise StoreMismatchError(
-            f"{self.store} holds {n_raw} recorded steps, but the model's parameters equal "
-            "neither its final nor its last recorded ones, so a resumed recording would not be "
-            "a continuous path: restore them first with "
-            "pk.TrainingPath.load(store).load_into(model), or record into a new folder"
+            f"{self.store} holds {n_raw} optimizer steps, but the model's parameters equal "
+            "none of its recorded snapshots, so a resumed recording would not be a continuous "
+            "path: restore the model from a checkpoint of this run (and the optimizer from the "
+            "same one: the store does not keep momentum or Adam's moments), or record into a "
+            "new folder"
         )
 
 
@@ -694,6 +714,21 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> Non
         raise StoreMismatchError(
             f"{root} was recorded with every={old.get('every', 1)}, not every={new['every']}"
         )
+
+
+def _matching_snapshot(path: TrainingPath, current: dict, raws: Iterable[int]) -> int | None:
+    """The first raw step in ``raws`` whose recorded snapshot equals ``current``, or None.
+
+    Each candidate is compared on one small parameter first, so only a match reads a whole
+    snapshot.
+    """
+    first = min(current, key=lambda n: current[n].numel())
+    for r in raws:
+        probe = path._backend.tensor(r, f"w/{first}")
+        if probe is not None and torch.equal(current[first], probe.to(current[first].dtype)):
+            if _equal(current, path._raw_params(r)):
+                return r
+    return None
 
 
 def _truncate(manifest: dict[str, Any], n_raw: int) -> None:

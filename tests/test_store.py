@@ -1,5 +1,6 @@
 """The store survives other processes, SIGKILL and bad input, and says what is wrong."""
 
+import copy
 import json
 import os
 import signal
@@ -424,11 +425,40 @@ def test_resume_refuses_a_model_or_optimizer_that_does_not_match(tmp_path):
         pk.PathRecorder(other, torch.optim.SGD(other.parameters(), lr=0.1), store=store)
     with pytest.raises(pk.StoreMismatchError, match="optimizer"):
         pk.PathRecorder(model, torch.optim.Adam(model.parameters()), store=store)
-    fresh, optimizer, _, _ = make()  # initial weights: neither the final nor the last ones
-    with pytest.raises(pk.StoreMismatchError, match="load_into"):
+    fresh, optimizer, _, _ = make()  # initial weights: the snapshot before step 0
+    with pytest.raises(pk.StoreMismatchError, match="before step 0.*truncate=True"):
         pk.PathRecorder(fresh, optimizer, store=store)
+    with torch.no_grad():
+        fresh[0].bias.add_(1e-3)  # weights of no recorded step
+    with pytest.raises(pk.StoreMismatchError, match="none of its recorded snapshots"):
+        pk.PathRecorder(fresh, optimizer, store=store, truncate=True)
     assert (store / "manifest.json").read_bytes() == before
     assert len(pk.TrainingPath.load(store)) == 10
+
+
+def test_resuming_from_an_older_checkpoint_truncates_the_store_when_asked(tmp_path):
+    """A crash after step 9, a restart from the checkpoint taken before step 4 (model and
+    optimizer): truncate=True drops steps 4.. and the path continues exactly."""
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, 4)
+        checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+        run_steps(model, optimizer, x, y, recorder, 4, 9)
+    model.load_state_dict(checkpoint[0])
+    optimizer.load_state_dict(checkpoint[1])
+    with pk.PathRecorder(model, optimizer, store=store, truncate=True) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 4, 7)
+    path = pk.TrainingPath.load(store)
+    path.verify()
+    assert len(path) == 7
+    model2, _, _, _ = make()  # the same run without the detour, to compare with
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    for s in range(7):
+        assert all(torch.equal(path.params(s)[n], p) for n, p in model2.named_parameters())
+        run_steps(model2, optimizer2, x, y, None, s, s + 1)
+    assert all(torch.equal(path.final[n], p) for n, p in model2.named_parameters())
 
 
 def test_step_without_indices_is_refused_before_the_weights_change(tmp_path):
