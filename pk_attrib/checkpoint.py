@@ -148,7 +148,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
             query_evals += n
         query = cache[s]
         for lr, indices, kappa in _parts(engine, step, first, last):
-            scaled = query * engine.vectors.vec(lr)
+            scaled = query * _eta(engine, lr)
             for a in range(0, len(indices), chunk):
                 idx = indices[a : a + chunk]
                 g = fm.loss_grads(w, engine._batch(idx + first), p.loss_fn)
@@ -194,8 +194,42 @@ def _query_grads(fm, w, inputs, target, output_fn, names) -> torch.Tensor:
     return fm.output_grads(w[None], inputs, target, output_fn, names=names)[0][0]
 
 
+class _Rates(tuple):
+    """Learning rates per param group of one optimizer step, with the parameters it skipped.
+
+    A skipped parameter had no gradient: the step did not move it, so it takes no part in
+    that step's terms.
+    """
+
+    skipped: frozenset = frozenset()
+
+
+def _rates(lr, skipped: frozenset) -> _Rates:
+    rates = _Rates(lr)
+    rates.skipped = skipped
+    return rates
+
+
+def _eta(engine: Engine, lr) -> torch.Tensor:
+    """η per active coordinate for a step's learning rates, 0 where it skipped a parameter."""
+    eta = engine.vectors.vec(lr)
+    skipped = getattr(lr, "skipped", None)
+    if not skipped:
+        return eta
+    fm = engine.fm
+    keep = torch.cat(
+        [
+            torch.full((size,), name not in skipped, device=fm.device)
+            for name, size in zip(fm.names[: fm.n_active], fm.sizes[: fm.n_active], strict=True)
+        ]
+    )
+    return eta * keep
+
+
 def _lr_of(engine: Engine, lr, name: str) -> float:
-    """The learning rate of parameter ``name``'s group."""
+    """The learning rate of parameter ``name``'s group (0 where the step skipped it)."""
+    if name in getattr(lr, "skipped", ()):
+        return 0.0
     groups = (engine.p.path.optimizer or {}).get("groups") or [{"params": [name]}]
     for g, group in enumerate(groups):
         if name in group["params"]:
@@ -226,10 +260,11 @@ def _parts(engine: Engine, step: Step, first: int = 0, last: int | None = None):
         ones = torch.ones(last - first, dtype=dtype, device=device)
         return [(step.lr, torch.arange(last - first), ones)]
     out = []
-    for lr, indices, sizes in step.parts:
+    for (lr, indices, sizes), skipped in zip(step.parts, step.parts_skipped, strict=True):
         kappa = example_weights(sizes, engine.p.reduction, engine.p.accumulation)
         keep = (indices >= first) & (indices < last)
-        out.append((lr, indices[keep] - first, kappa[keep].to(dtype=dtype, device=device)))
+        rates = _rates(lr, skipped)
+        out.append((rates, indices[keep] - first, kappa[keep].to(dtype=dtype, device=device)))
     return out
 
 
@@ -263,13 +298,13 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
             weights = [(step.lr, torch.arange(m), torch.ones(m, dtype=fm.dtype))]
         else:
             weights = []
-            for lr, idx, sizes in step.parts:
+            for (lr, idx, sizes), skipped in zip(step.parts, step.parts_skipped, strict=True):
                 kappa = example_weights(sizes, p.reduction, p.accumulation).to(fm.dtype)
                 # position of each wanted index in this part (an index may repeat)
                 hits = (indices[:, None] == idx[None, :]).nonzero()
-                weights.append((lr, hits[:, 0], kappa[hits[:, 1]]))
+                weights.append((_rates(lr, skipped), hits[:, 0], kappa[hits[:, 1]]))
         for lr, rows, kappa in weights:
-            eta = engine.vectors.vec(lr)
+            eta = _eta(engine, lr)
             for a in range(0, len(rows), chunk):
                 r = rows[a : a + chunk]
                 if batch is not None:

@@ -129,6 +129,15 @@ class Step:
         return out
 
     @functools.cached_property
+    def parts_skipped(self) -> list[frozenset[str]]:
+        """For each entry of `parts`: the parameters that optimizer step skipped."""
+        backend, names, out = self._path._backend, self._path.param_names, []
+        for r in self.raw_steps:
+            if backend.has(r, "idx"):
+                out.append(frozenset(names[i] for i in backend.meta(r).get("skipped", ())))
+        return out
+
+    @functools.cached_property
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer terms recorded after the step: ``{"exp_avg_sq": {name: tensor}, ...}``.
 

@@ -471,6 +471,35 @@ def test_aggregate_influence_and_tracincps_other_arguments_match_captum(tmp_path
     )
 
 
+def test_checkpoint_mode_leaves_out_parameters_a_step_skipped():
+    """every=2 (checkpoint mode) with the first layer held (grad set to None): it never
+    moves, so it takes no part (it was once credited: the sum 8x the output change)."""
+    torch.manual_seed(23)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=40)
+    x, y = data.tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pk.PathRecorder(model, optimizer, every=2) as recorder:
+        for s in range(8):
+            idx = torch.arange(s * 5, s * 5 + 5)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            model[0].weight.grad = model[0].bias.grad = None
+            optimizer.step()
+    assert recorder.path.step(0).skipped == {"0.weight", "0.bias"}
+    q = digits()
+    queries = (q[0][1500:1503], q[1][1500:1503])
+    kw = dict(mode="checkpoint", show_progress=False)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    held = pk.PathKernelInfluence(model, data, recorder.path, loss_fn, **kw)
+    trained = pk.PathKernelInfluence(model, data, recorder.path, loss_fn, layers=["2"], **kw)
+    torch.testing.assert_close(
+        held.influence(queries), trained.influence(queries), rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(held.self_influence(), trained.self_influence(), rtol=1e-12, atol=0)
+
+
 def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
     model, data, files = _checkpoints(tmp_path)
     captum = tracincp_workflow(TracInCP, model, data, files, layers=["2"])
