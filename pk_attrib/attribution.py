@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -144,12 +145,13 @@ class PathKernelInfluence(DataInfluence):
         self.layers = layers
         needs_reduction = any(True for _ in self.path.step(0).parts) if len(self.path) else False
         self.reduction = compat.loss_reduction(loss_fn, loss_reduction, needs_reduction)
-        fixed = isinstance(accumulation, int) and not isinstance(accumulation, bool)
+        fixed = isinstance(accumulation, numbers.Integral) and not isinstance(accumulation, bool)
         if not (accumulation in ("sum", "mean") or (fixed and accumulation >= 1)):
             raise ValueError(
                 f"accumulation={accumulation!r}: use 'sum', 'mean', or the int n the loop "
                 "divided each micro-batch's loss by"
             )
+        accumulation = int(accumulation) if fixed else accumulation
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
         self.mode = self._resolve_mode(mode)

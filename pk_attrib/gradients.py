@@ -196,7 +196,8 @@ class FunctionalModel:
         lead = flat.shape[:-1]
         parts = torch.split(flat, self.sizes, dim=-1)
         return {
-            n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
+            n: p.reshape((*lead, *s))  # (a tuple: a 0-dim parameter has no sizes to unpack)
+            for n, p, s in zip(self.names, parts, self.shapes, strict=True)
         }
 
     @property

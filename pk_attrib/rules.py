@@ -116,14 +116,27 @@ class Rule:
         # steps (nearest last) whose check waits for the state after the step before them
         self._waiting: list[tuple] = []
         self._masks: dict[frozenset[str], torch.Tensor] = {}
-        # the optimizer's update w + u rounds to the stored dtype (and AdamW's decay, once
-        # more): Δ_s is known to about 2 eps (|w_s| + |Δ_s|) per coordinate
-        eps = max((torch.finfo(t).eps for t in path.param_dtypes.values()), default=0.0)
-        self._rounding = 2.0 * eps
+        self._rounding: torch.Tensor | None = None  # 2 eps of each coordinate's stored dtype
+        self._eps = torch.finfo(vectors.dtype).eps  # of the computation
 
     def _floor(self, delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Per coordinate, how much of Δ_s the rounding of the stored weights can explain."""
+        """Per coordinate, how much of Δ_s the rounding of the stored weights can explain.
+
+        The optimizer's update w + u rounds to the parameter's dtype (AdamW's decay once
+        more): Δ_s is known to about 2 eps (|w_s| + |Δ_s|), eps of that parameter's dtype.
+        """
+        if self._rounding is None:
+            dtypes, shapes = self.path.param_dtypes, self.path.param_shapes
+            parts = [
+                torch.full((shapes[n].numel(),), 2.0 * torch.finfo(dtypes[n]).eps)
+                for n in self._names
+            ]
+            self._rounding = torch.cat(parts).to(delta.device, delta.dtype)
         return self._rounding * (w.abs() + delta.abs())
+
+    def passes_through(self, step: Step) -> bool:
+        """True when the step carries the whole state unchanged and Δ_s does not use it."""
+        return False
 
     def _mask(self, names: frozenset[str]) -> torch.Tensor | None:
         """(d,) bool: True on the coordinates of these parameters (None for no parameter)."""
@@ -205,30 +218,67 @@ class Rule:
         most ``_MAX_WAITING`` steps; beyond, the check covers the coordinates it knows).
         """
         floor = self._floor(delta, w)
+        first = step.fresh_state or s == 0
+        if not first and self.passes_through(step):  # checked now; the chain skips it
+            self.errors[s] = _relative_error(delta, self.predict(step, None, G, w), floor)
+            return
         state = self.recover(step, delta, G, w)
         # how far the recovered state can be off: Δ_s is only known to its rounding floor
         unc = self.recovery_uncertainty(step, floor)
-        first = step.fresh_state or s == 0
         if first:
             prev = None if step.fresh_state else self._initial_state(step)
             self.errors[s] = _relative_error(delta, self.predict(step, prev, G, w), floor)
-            unknown = state.isnan()
-            state = _fill(state, self.advance(step, prev, G, w))
-            unc = torch.where(unknown, 0.0, unc)  # advanced from a known start
-        elif not self._known_enough(state) and len(self._waiting) < _MAX_WAITING:
+            advanced = self.advance(step, prev, G, w)  # from a known start
+            state, unc = self._merge(state, unc, advanced, self._computed(advanced, G))
+        elif len(self._waiting) < _MAX_WAITING and not (
+            self._known_enough(state) and self._precise_enough(unc)
+        ):
             self._waiting.append((s, step, delta, G, w, state, unc, floor))
             return
         while self._waiting:  # check the waiting steps, nearest first, carrying the state
             s1, step1, delta1, G1, w1, recovered, unc1, floor1 = self._waiting.pop()
-            allowance = floor1 + self.prediction_uncertainty(step1, unc)
+            # (NaN where the state is unknown: the prediction is NaN there too if it uses it)
+            allowance = floor1 + self.prediction_uncertainty(step1, unc).nan_to_num(nan=0.0)
             predicted = self.predict(step1, state, G1, w1)
             self.errors[s1] = _relative_error(delta1, predicted, allowance)
-            unknown = recovered.isnan()
             advanced = self.advance(step1, state, G1, w1)
-            state = torch.where(unknown, advanced, recovered)
-            unc = torch.where(unknown, self.carry_uncertainty(step1, unc), unc1)
+            carried = self.carry_uncertainty(step1, unc) + self._computed(advanced, G1)
+            state, unc = self._merge(recovered, unc1, advanced, carried)
         if not first:
             self._waiting.append((s, step, delta, G, w, state, unc, floor))
+
+    def _computed(self, advanced: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """What computing a state by `advance` adds to its uncertainty.
+
+        The recomputed gradient and the arithmetic round in the computation dtype.
+        """
+        return 8.0 * self._eps * (advanced.abs() + G.abs())
+
+    @staticmethod
+    def _merge(recovered, unc_recovered, advanced, unc_advanced):
+        """The state after a step, and its uncertainty.
+
+        Recovered from the step's Δ (each step checked on its own), unless Δ does not show
+        it (NaN) or shows it imprecisely (a tiny learning rate: uncertain beyond 1e-4 of its
+        size) and advancing the state before the step is more precise.
+        """
+        imprecise = unc_recovered > 1e-4 * recovered.abs()
+        worse = imprecise & (unc_advanced < unc_recovered) & ~advanced.isnan()
+        use = recovered.isnan() | worse
+        return torch.where(use, advanced, recovered), torch.where(use, unc_advanced, unc_recovered)
+
+    def _precise_enough(self, unc: torch.Tensor) -> bool:
+        """Is the state known well enough to check the nearest waiting step?
+
+        A state recovered from a step with a tiny learning rate (a warm-up from 1e-8, the
+        end of a cosine cycle before a restart) is uncertain beyond the next step's own
+        rounding: then this step waits too, and its state is advanced from the one before.
+        """
+        if not self._waiting:
+            return True
+        _, step, _, _, _, _, _, floor = self._waiting[-1]
+        induced = self.prediction_uncertainty(step, unc).nan_to_num(nan=0.0)
+        return float(induced.norm()) <= 10.0 * float(floor.norm())
 
     def _known_enough(self, state: torch.Tensor) -> bool:
         """Is the state known wherever the waiting steps need it?
@@ -338,6 +388,10 @@ class SGDRule(Rule):
     def uses_state(self, step: Step) -> torch.Tensor:
         """Where Δ_s depends on the buffer before the step: where the buffer moves."""
         return self._terms(step)[5]
+
+    def passes_through(self, step: Step) -> bool:
+        """A step where no buffer moves (momentum 0, or skipped) carries them unchanged."""
+        return not bool(self._terms(step)[5].any())
 
     def recover(self, step, delta, G, w):
         """The momentum buffer b_s from Δ_s = −η_s P_s (NaN where Δ_s does not show it)."""

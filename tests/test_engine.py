@@ -403,6 +403,34 @@ def test_momentum_switched_off_for_some_steps_resumes_the_untouched_buffer(neste
     torch.testing.assert_close(explained, ref["change"], rtol=1e-9, atol=1e-13)
 
 
+def test_a_fault_after_a_long_momentum_free_phase_is_caught():
+    """Steps with momentum 0 carry the buffer untouched and need no waiting slot: a fault
+    after 10 of them is checked (after more than 8 it once went unchecked, silently)."""
+    torch.manual_seed(17)
+    model = digits_mlp(hidden=6)
+    data = train_set(n=30)
+    x, y = data.tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for s in range(14):
+            optimizer.param_groups[0]["momentum"] = 0.0 if 2 <= s < 12 else 0.9
+            idx = torch.arange(s * 2, s * 2 + 6) % 30
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            if s == 12:
+                for p in model.parameters():
+                    p.grad.mul_(0.5)
+            optimizer.step()
+    explainer = pk.PathKernelInfluence(
+        model, data, recorder.path, torch.nn.CrossEntropyLoss(), quadrature=3, show_progress=False
+    )
+    with pytest.warns(pk.ReconstructionWarning):
+        errors = explainer.attribute(digits()[0][1500:1501], target=y[:1]).diagnostics
+    errors = errors.reconstruction_error
+    assert float(errors[12]) > 0.05 and float(errors[:12].max()) < 1e-12
+
+
 def test_a_float32_step_smaller_than_its_rounding_is_no_false_alarm():
     """The stored float32 weights round every update to ~1e-7 of the weight: with a warm-up
     from lr 1e-8 the recorded step is mostly rounding (the check once read 0.58 and warned);
@@ -435,6 +463,63 @@ def test_a_float32_step_smaller_than_its_rounding_is_no_false_alarm():
     assert float(run(False).diagnostics.max_reconstruction_error) < 1e-5
     with pytest.warns(pk.ReconstructionWarning):
         assert float(run(True).diagnostics.max_reconstruction_error) > 0.1
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd_momentum", "adam"])
+def test_a_fault_right_after_a_tiny_learning_rate_is_still_caught(adam):
+    """The optimizer state read back from a step with lr 1e-9 is mostly float32 rounding;
+    the check then advances it from the step before (it once let a halved gradient at the
+    next step through: error 0, no warning, 'unexplained' 0.04)."""
+    torch.manual_seed(15)
+    model = digits_mlp(hidden=6).float()
+    x, y = digits()
+    data = torch.utils.data.TensorDataset(x[:40].float(), y[:40])
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=0.01)
+        if adam
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for s in range(8):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-9 if s == 4 else (0.01 if adam else 0.1)
+            idx = torch.arange(s * 5, s * 5 + 5)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(data.tensors[0][idx]), y[idx]).backward()
+            if s == 5:  # the fault: not what the loss says
+                for p in model.parameters():
+                    p.grad.mul_(0.5)
+            optimizer.step()
+    explainer = pk.PathKernelInfluence(
+        model, data, recorder.path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    with pytest.warns(pk.ReconstructionWarning):
+        dec = explainer.attribute(x[1500:1502].float(), target=y[1500:1502])
+    errors = dec.diagnostics.reconstruction_error
+    assert float(errors[5]) > 0.05 and float(errors[:5].max()) < 1e-5
+
+
+def test_a_scalar_parameter_is_explained():
+    """A 0-dim parameter (a temperature) once crashed the flat-vector split."""
+
+    class Tempered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = digits_mlp(hidden=6)
+            self.temperature = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.net(x) / self.temperature
+
+    torch.manual_seed(16)
+    model = Tempered()
+    data = train_set(n=30)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 4, recorder=recorder)
+    assert recorder.path.param_shapes["temperature"] == torch.Size([])
+    _explain_against_the_reference(model, data, recorder.path)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
