@@ -370,8 +370,8 @@ class PathRecorder:
         if hyper != self._base_hyper:
             meta["hyper"] = hyper
         states = [optimizer.state.get(p) for p in self._params.values()]
-        if any(states):  # which start their state at this step: decided after it (_post_step)
-            self._stateless = [i for i, st in enumerate(states) if not st]
+        # which start their state at this step: decided after it (_post_step)
+        self._stateless = [i for i, st in enumerate(states) if not st] if any(states) else []
         if not any(states):
             meta["fresh_state"] = True
         elif self._session_first:
