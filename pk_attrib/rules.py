@@ -126,13 +126,16 @@ class Rule:
         more): Δ_s is known to about 2 eps (|w_s| + |Δ_s|), eps of that parameter's dtype.
         """
         if self._rounding is None:
-            dtypes, shapes = self.path.param_dtypes, self.path.param_shapes
-            parts = [
-                torch.full((shapes[n].numel(),), 2.0 * torch.finfo(dtypes[n]).eps)
-                for n in self._names
-            ]
-            self._rounding = torch.cat(parts).to(delta.device, delta.dtype)
+            dtypes = self.path.param_dtypes
+            eps = self._per_param(lambda n: 2.0 * torch.finfo(dtypes[n]).eps)
+            self._rounding = eps.to(delta.device, delta.dtype)
         return self._rounding * (w.abs() + delta.abs())
+
+    def _per_param(self, value_of) -> torch.Tensor:
+        """(d,): ``value_of(name)`` on the coordinates of each parameter, on the device."""
+        shapes = self.path.param_shapes
+        parts = [torch.full((shapes[n].numel(),), value_of(n)) for n in self._names]
+        return torch.cat(parts).to(self.vec.device)
 
     def passes_through(self, step: Step) -> bool:
         """True when the step carries the whole state unchanged and Δ_s does not use it."""
@@ -144,9 +147,7 @@ class Rule:
             return None
         found = self._masks.get(names)
         if found is None:
-            shapes = self.path.param_shapes
-            parts = [torch.full((shapes[n].numel(),), n in names) for n in self._names]
-            found = torch.cat(parts).to(self.vec.device)
+            found = self._per_param(lambda n: n in names)
             if len(self._masks) > 64:
                 self._masks.clear()
             self._masks[names] = found
@@ -326,12 +327,6 @@ class Rule:
         if prev is None:
             return None
         return -((self._carry * self._carry_factor) @ prev)
-
-
-def _fill(state: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """``state``, with its unknown (NaN) coordinates taken from ``known``."""
-    unknown = state.isnan()
-    return torch.where(unknown, known, state) if bool(unknown.any()) else state
 
 
 class SGDRule(Rule):
