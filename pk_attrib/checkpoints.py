@@ -14,7 +14,7 @@ import torch
 
 from .backends import MemoryBackend, new_manifest
 from .exceptions import StoreMismatchError
-from .wrappers import unwrap
+from .wrappers import plain_name, unwrap
 
 
 def path_from_checkpoints(
@@ -41,7 +41,7 @@ def path_from_checkpoints(
         model = unwrap(model)  # torch.compile / DDP: the plain names, as recordings use
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         wanted = set(names) | {n for n, _ in model.named_buffers()}
-        states = [_plain_names(state, wanted) for state in states]
+        states = [{plain_name(k, wanted): v for k, v in state.items()} for state in states]
     else:
         names = [n for n, t in states[0].items() if t.is_floating_point()]
     for k, state in enumerate(states):
@@ -74,20 +74,6 @@ def path_from_checkpoints(
         complete=True,
     )
     return TrainingPath(manifest, backend)
-
-
-def _plain_names(state: dict, wanted: set[str]) -> dict:
-    """A state_dict with wrapper prefixes removed where the plain name is the wanted one.
-
-    torch.compile saves ``_orig_mod.``-prefixed keys, (Distributed)DataParallel ``module.``.
-    """
-    out = {}
-    for key, value in state.items():
-        name = key
-        while name not in wanted and name.startswith(("_orig_mod.", "module.")):
-            name = name.split(".", 1)[1]
-        out[name if name in wanted else key] = value
-    return out
 
 
 def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:

@@ -30,7 +30,7 @@ from torch.utils.data import (
 from .exceptions import LossReductionError
 from .gradients import CollatedDataset, Reduction, gather_examples
 from .path import TrainingPath
-from .wrappers import unwrap
+from .wrappers import plain_name, unwrap
 
 _SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 _DEFAULT_COLLATE = (default_collate, default_convert)
@@ -232,7 +232,7 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     if "" in layers:  # the model itself: every parameter, so the kernel stays exact
         return None
     modules = dict(model.named_modules())
-    layers = [_unprefixed(name, modules) for name in layers]
+    layers = [plain_name(name, modules) for name in layers]
     unknown = [name for name in layers if name not in modules]
     if unknown:
         raise ValueError(
@@ -247,13 +247,6 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     if not chosen:
         raise ValueError(f"layers {layers} hold no recorded (trainable) parameters")
     return chosen
-
-
-def _unprefixed(name: str, modules: dict) -> str:
-    """A module name as given for a wrapped model ("_orig_mod.fc", "module.fc") -> "fc"."""
-    while name not in modules and name.startswith(("_orig_mod.", "module.")):
-        name = name.split(".", 1)[1]
-    return name
 
 
 class ExampleIndex:

@@ -51,3 +51,19 @@ def module_for(model: torch.nn.Module, names: Iterable[str]) -> torch.nn.Module:
         if all(n in have for n in names):
             return module
     return chain[-1]
+
+
+def plain_name(name: str, known) -> str:
+    """``name`` without wrapper prefixes (``_orig_mod.``, ``module.``) when only that is known.
+
+    Args:
+        name: A parameter, buffer or module name as a wrapper spells it ("_orig_mod.fc").
+        known: The plain names (a set or dict): the prefixes come off until one matches.
+
+    Returns:
+        The known plain name, or ``name`` unchanged when none matches.
+    """
+    plain = name
+    while plain not in known and plain.startswith(("_orig_mod.", "module.")):
+        plain = plain.split(".", 1)[1]
+    return plain if plain in known else name
