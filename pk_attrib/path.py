@@ -42,6 +42,15 @@ def _names(manifest: dict[str, Any]) -> list[str]:
     return names(manifest)
 
 
+def _named(path: TrainingPath, meta: dict[str, Any], key: str) -> frozenset[str]:
+    """The parameters a raw step's metadata lists under ``key`` (by index), by name."""
+    indices = meta.get(key)
+    if not indices:
+        return frozenset()
+    names = path.param_names
+    return frozenset(names[i] for i in indices)
+
+
 class Step:
     """Everything one step of a path holds. Tensors are loaded on first access.
 
@@ -76,15 +85,13 @@ class Step:
             g["hyper"] for g in (path.optimizer or {}).get("groups", [])
         ]
         self.fresh_state: bool = bool(meta.get("fresh_state", False))
-        names = path.param_names if ("skipped" in meta or "fresh" in meta) else []
-        skipped = frozenset(names[i] for i in meta.get("skipped", ()))
+        skipped = _named(path, meta, "skipped")
         for r in raws[1:]:  # (every=k) left alone by every optimizer step the step spans
             if not skipped:
                 break
-            later = path._backend.meta(r).get("skipped", ())
-            skipped &= frozenset(path.param_names[i] for i in later)
+            skipped &= _named(path, path._backend.meta(r), "skipped")
         self.skipped: frozenset[str] = skipped
-        self.fresh_params: frozenset[str] = frozenset(names[i] for i in meta.get("fresh", ()))
+        self.fresh_params: frozenset[str] = _named(path, meta, "fresh")
 
     @functools.cached_property
     def params(self) -> dict[str, torch.Tensor]:
@@ -131,11 +138,12 @@ class Step:
     @functools.cached_property
     def parts_skipped(self) -> list[frozenset[str]]:
         """For each entry of `parts`: the parameters that optimizer step skipped."""
-        backend, names, out = self._path._backend, self._path.param_names, []
-        for r in self.raw_steps:
-            if backend.has(r, "idx"):
-                out.append(frozenset(names[i] for i in backend.meta(r).get("skipped", ())))
-        return out
+        backend = self._path._backend
+        return [
+            _named(self._path, backend.meta(r), "skipped")
+            for r in self.raw_steps
+            if backend.has(r, "idx")
+        ]
 
     @functools.cached_property
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
