@@ -434,13 +434,27 @@ class AdamRule(Rule):
     def __init__(self, path, vectors, decoupled: bool):
         super().__init__(path, vectors)
         self.decoupled = decoupled
+        self._denominators: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def coupled_decay(self, step):
         """Adam's L2 weight decay enters G; AdamW's decoupled decay does not."""
         lam = self.vec.hyper(step, "weight_decay")
         return torch.zeros_like(lam) if self.decoupled else lam
 
-    def _denominator(self, step: Step, names: list[str]) -> torch.Tensor:
+    def _denominator(self, step: Step, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D_s, β1 carried) of `_build_denominator`, kept for the last two steps asked for.
+
+        A step's sweep, its check and the check of the step after it each need them.
+        """
+        found = self._denominators.get(step.index)
+        if found is None:
+            found = self._build_denominator(step, names)
+            self._denominators[step.index] = found
+            if len(self._denominators) > 2:
+                del self._denominators[next(iter(self._denominators))]
+        return found
+
+    def _build_denominator(self, step: Step, names: list[str]):
         """D_s = 1 / ((1 − β1^t)(sqrt(v_s / (1 − β2^t)) + ε)), elementwise (d,).
 
         v_s is ``max_exp_avg_sq`` for the param groups with amsgrad, ``exp_avg_sq`` otherwise.
