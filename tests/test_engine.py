@@ -179,6 +179,13 @@ def _train_steps(model, optimizer, data, steps, batch=10, scheduler=None, record
             scheduler.step()
 
 
+def _adam_or_momentum(params, adam: bool, adam_lr: float):
+    """Adam at ``adam_lr``, or SGD with momentum 0.9 at lr 0.1."""
+    if adam:
+        return torch.optim.Adam(params, lr=adam_lr)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
 def _explain_against_the_reference(model, data, path, q=3):
     """(decomposition, reference) of 2 digit queries; no ReconstructionWarning may fire."""
     x, y = digits()
@@ -230,9 +237,7 @@ def test_learning_rate_zero_mid_run_and_a_group_held_at_zero_check_cleanly(adam)
     model = digits_mlp(hidden=6)
     data = train_set(n=30)
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}]
-    optimizer = (
-        torch.optim.Adam(groups, lr=0.02) if adam else torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-    )
+    optimizer = _adam_or_momentum(groups, adam, adam_lr=0.02)
     pause = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.0 if e in (2, 3) else 1.0)
     with pk.PathRecorder(model, optimizer) as recorder:
         _train_steps(model, optimizer, data, 7, scheduler=pause, recorder=recorder)
@@ -362,11 +367,7 @@ def test_a_step_with_a_closure_is_recorded_with_the_gradients_it_made(adam):
     model = digits_mlp(hidden=6)
     data = train_set(n=30)
     x, y = data.tensors
-    optimizer = (
-        torch.optim.Adam(model.parameters(), lr=0.02)
-        if adam
-        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    )
+    optimizer = _adam_or_momentum(model.parameters(), adam, adam_lr=0.02)
     with pk.PathRecorder(model, optimizer) as recorder:
         for s in range(5):
             idx = torch.arange(s * 6, s * 6 + 6)
@@ -474,11 +475,7 @@ def test_a_fault_right_after_a_tiny_learning_rate_is_still_caught(adam):
     model = digits_mlp(hidden=6).float()
     x, y = digits()
     data = torch.utils.data.TensorDataset(x[:40].float(), y[:40])
-    optimizer = (
-        torch.optim.Adam(model.parameters(), lr=0.01)
-        if adam
-        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    )
+    optimizer = _adam_or_momentum(model.parameters(), adam, adam_lr=0.01)
     with pk.PathRecorder(model, optimizer) as recorder:
         for s in range(8):
             for group in optimizer.param_groups:
