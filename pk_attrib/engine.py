@@ -56,6 +56,35 @@ class Problem:
     show_progress: bool
 
 
+@dataclass
+class _Sums:
+    """What a sweep accumulates over the steps, for n queries and a block of b columns."""
+
+    contributions: torch.Tensor  # (n, b)
+    decay: torch.Tensor  # (n,) the weight-decay term of the bias
+    explained_exact: torch.Tensor  # (n,) Σ_s −v_s·G_s, exact also when scores are projected
+    norms: dict | None  # cosine energies, see `Engine.exact`
+
+
+@dataclass
+class _StepBatch:
+    """Step s of a sweep: where it starts, its adjoint and the examples it credits."""
+
+    s: int
+    step: object  # the path's Step
+    w_full: torch.Tensor  # (d,) w_s, every coordinate
+    w: torch.Tensor  # (d_active,) the differentiated coordinates of w_s
+    delta: torch.Tensor  # (d_active,) Δ_s on them
+    v: torch.Tensor  # (n, d_active) the adjoint of the effective gradient
+    sign: torch.Tensor  # σ: the effective gradient is σ Σ_j κ_j g_j + λ w
+    lam: torch.Tensor  # λ (coupled weight decay), 0-dim or (d_active,)
+    all_indices: torch.Tensor  # (B,) the batch's dataset indices
+    all_kappa: torch.Tensor  # (B,) their weights κ_j
+    keep: torch.Tensor | None  # (B,) bool: those in the block of columns (None: all)
+    indices: torch.Tensor  # (m,) the kept ones, as block columns
+    kappa: torch.Tensor  # (m,) their weights
+
+
 def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
     if not bool(torch.isfinite(tensor.sum())):  # one pass; NaN and inf propagate
         raise NonFiniteError(
@@ -155,6 +184,8 @@ class Engine:
                 raise ValueError("norms are computed for a block of columns, without the kernel")
             norms["query"] = torch.zeros_like(contributions)
             norms["train"] = torch.zeros(last - first, dtype=dtype, device=device)
+        zeros = torch.zeros(n, dtype=dtype, device=device)
+        sums = _Sums(contributions, zeros.clone(), zeros.clone(), norms)
         kern = weights_num = None
         w_next = fm.flatten(path.final)
         f_next, m_next = self._forward_and_scale(w_next, inputs, target, output_fn)
@@ -164,9 +195,7 @@ class Engine:
         eps = torch.finfo(dtype).eps
         share = quad.rtol * (prediction - f_initial).abs() / max(S, 1)
         integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
-        decay = torch.zeros(n, dtype=dtype, device=device)
-        phi_delta = torch.zeros(n, dtype=dtype, device=device)
-        explained_exact = torch.zeros(n, dtype=dtype, device=device)
+        phi_delta = zeros.clone()
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
         flat: dict[int, torch.Tensor] = {}
@@ -213,35 +242,19 @@ class Engine:
             phi_delta += phi @ delta
             v, extra = rule.begin(s, step, phi, w)
             if extra is not None:
-                decay += extra
+                sums.decay += extra
             sign, lam = rule.coefficients(step)
             if columns is not None and not len(indices):
                 w_next, f_next, m_next = w_full, f_s, m_s
                 continue
             if projector is not None:
+                at = _StepBatch(
+                    s, step, w_full, w, delta, v, sign, lam, all_indices, all_kappa, keep,
+                    indices, kappa,
+                )  # fmt: skip
+                full = columns is None
                 train_evals += self._projected_step(
-                    s,
-                    step,
-                    w_full,
-                    w,
-                    v,
-                    sign,
-                    lam,
-                    all_indices,
-                    all_kappa,
-                    keep,
-                    indices,
-                    kappa,
-                    projector,
-                    features,
-                    contributions,
-                    explained_exact,
-                    decay,
-                    rule,
-                    delta,
-                    columns is None,
-                    reconstruct,
-                    norms,
+                    at, sums, projector, features, rule, full, reconstruct
                 )
                 w_next, f_next, m_next = w_full, f_s, m_s
                 continue
@@ -260,7 +273,7 @@ class Engine:
             if norms is not None:
                 add_norms(norms, indices.to(device), kappa, (v * v).sum(1), (grads * grads).sum(1))
             if not _is_zero(lam):
-                decay -= v @ (lam * w)
+                sums.decay -= v @ (lam * w)
             if kernel:
                 k_step = torch.einsum("nd,bcd->nbc", v, jac * sign) * kappa[None, :, None]
                 if kern is None:
@@ -289,7 +302,8 @@ class Engine:
             )
         explained = contributions.sum(1)
         # without projection the contributions are exact and add up to the explained part
-        exact_total = explained if projector is None else explained_exact
+        exact_total = explained if projector is None else sums.explained_exact
+        decay = sums.decay
         # optimizer state from before the recording (a momentum buffer carried into step 0)
         carried = rule.initial_state_term(path.step(0)) if S else None
         state_term = torch.zeros_like(decay) if carried is None else carried
@@ -328,30 +342,20 @@ class Engine:
 
     def _projected_step(
         self,
-        s,
-        step,
-        w_full,
-        w,
-        v,
-        sign,
-        lam,
-        all_indices,
-        all_kappa,
-        keep,
-        indices,
-        kappa,
+        at: _StepBatch,
+        sums: _Sums,
         projector,
-        features,
-        contributions,
-        explained_exact,
-        decay,
+        features: FeatureCache | None,
         rule,
-        delta,
-        full,
-        reconstruct,
-        norms=None,
+        full: bool,
+        reconstruct: bool,
     ) -> int:
-        """One step of a projected sweep; returns the training gradients it evaluated."""
+        """One step of a projected sweep; returns the training gradients it evaluated.
+
+        ``full``: the sweep covers every column, so the step's exact bookkeeping (the whole
+        batch gradient, weight decay, the step check when ``reconstruct``) is done here too.
+        """
+        s, all_indices, kappa = at.s, at.all_indices, at.kappa
         fm, p = self.fm, self.p
         evals = 0
         if features is None:  # nothing to share: keep the step's tensors as they are
@@ -359,11 +363,11 @@ class Engine:
         batch = None
         if f"f{s}" in features and features.unverified:
             batch = self._batch(all_indices)  # a cache from an earlier session: check it once
-            features.verify(f"f{s}", projector.training_features(w_full, batch, p.loss_fn))
+            features.verify(f"f{s}", projector.training_features(at.w_full, batch, p.loss_fn))
             evals = len(all_indices)
         if f"f{s}" not in features:  # once per step, whatever the number of query chunks
             batch = self._batch(all_indices) if batch is None else batch
-            feats = projector.training_features(w_full, batch, p.loss_fn)
+            feats = projector.training_features(at.w_full, batch, p.loss_fn)
             _check_finite(feats, "projected training gradient", s)
             evals = len(all_indices)
             feats = features.keep(f"f{s}", feats)
@@ -375,22 +379,25 @@ class Engine:
                 grad = features[f"g{s}"]
             else:
                 batch = self._batch(all_indices) if batch is None else batch
-                grad = features.keep(f"g{s}", fm.batch_grad(w_full, batch, p.loss_fn, all_kappa))
+                grad = features.keep(
+                    f"g{s}", fm.batch_grad(at.w_full, batch, p.loss_fn, at.all_kappa)
+                )
         feats = feats.to(fm.device)  # as stored: every chunk sees the same numbers
-        if keep is not None:
-            feats = feats[keep.to(feats.device)]
-        projected = projector.project(v * sign)
+        if at.keep is not None:
+            feats = feats[at.keep.to(feats.device)]
+        projected = projector.project(at.v * at.sign)
         feats = feats.to(projected.dtype)
         scores = projected @ feats.T
-        contributions.index_add_(1, indices.to(fm.device), -scores * kappa)
-        if norms is not None:  # the bound of the projected inner product
-            add_norms(norms, indices.to(fm.device), kappa, (projected**2).sum(1), (feats**2).sum(1))
+        columns = at.indices.to(fm.device)
+        sums.contributions.index_add_(1, columns, -scores * kappa)
+        if sums.norms is not None:  # the bound of the projected inner product
+            add_norms(sums.norms, columns, kappa, (projected**2).sum(1), (feats**2).sum(1))
         if full:
-            effective = grad.to(fm.device, fm.dtype) * sign
-            explained_exact -= v @ effective
-            decay -= v @ (lam * w)
+            effective = grad.to(fm.device, fm.dtype) * at.sign
+            sums.explained_exact -= at.v @ effective
+            sums.decay -= at.v @ (at.lam * at.w)
             if reconstruct:  # the step check: the same for every query chunk
-                rule.finish_step(s, step, delta, effective + lam * w, w)
+                rule.finish_step(s, at.step, at.delta, effective + at.lam * at.w, at.w)
         return evals
 
     def _warn_reconstruction(self, errors: torch.Tensor) -> None:
