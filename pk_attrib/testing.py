@@ -28,6 +28,8 @@ class _Reference:
         self.model = copy.deepcopy(model).double().eval()
         params = dict(self.model.named_parameters())
         self.params = [params[n] for n in names]
+        for p in self.params:  # the path trained them, whatever the model's flags are now
+            p.requires_grad_(True)
 
     def set(self, flat: torch.Tensor) -> None:
         with torch.no_grad():

@@ -359,6 +359,26 @@ def test_parameters_without_a_gradient_are_left_alone_as_the_optimizer_does(make
     )
 
 
+def test_a_layer_frozen_halfway_is_explained_and_the_reference_still_differentiates_it():
+    """A layer frozen mid-run (requires_grad False, still False when explaining) moved on the
+    first steps. The engine credits those steps; the float64 reference once dropped the
+    frozen layer's gradients everywhere (0.07 off the engine, its own terms 0.5 off)."""
+    torch.manual_seed(9)
+    model = digits_mlp(8)
+    data = train_set(n=30)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 3, recorder=recorder)
+        model[0].requires_grad_(False)
+        _train_steps(model, optimizer, data, 3, recorder=recorder)
+    path = recorder.path
+    assert path.step(3).skipped == {"0.weight", "0.bias"}
+    assert not torch.equal(path.params(3)["0.weight"], path.params(0)["0.weight"])
+    dec, ref = _explain_against_the_reference(model, data, path)
+    explained = ref["contributions"].sum(1) + ref["weight_decay"] + ref["optimizer_state"]
+    torch.testing.assert_close(explained, ref["change"], rtol=1e-9, atol=1e-13)
+
+
 @pytest.mark.parametrize("adam", [False, True], ids=["sgd_momentum", "adam"])
 def test_a_step_with_a_closure_is_recorded_with_the_gradients_it_made(adam):
     """optimizer.step(closure) computes the gradients inside the step, after the pre-step
