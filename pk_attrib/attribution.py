@@ -26,7 +26,13 @@ from .decomposition import Decomposition
 from .engine import Engine, Problem
 from .exceptions import NotAStoreError, PkAttribWarning, StoreMismatchError, UnsupportedError
 from .features import FeatureCache
-from .gradients import FunctionalModel, OutputFn, prepare_target, select_output
+from .gradients import (
+    FunctionalModel,
+    OutputFn,
+    check_batch_dimension,
+    prepare_target,
+    select_output,
+)
 from .path import TrainingPath
 from .projection import ProjectorKind, make_projector
 from .quadrature import Quadrature, QuadratureRule
@@ -282,7 +288,9 @@ class PathKernelInfluence(DataInfluence):
                 )
             own = params[name].dtype
             if own.is_floating_point and value.dtype.is_floating_point:
-                if torch.finfo(value.dtype).eps > torch.finfo(own).eps:
+                wider = torch.finfo(value.dtype).eps > torch.finfo(own).eps
+                # (a float32 run explained after model.double() holds the stored values)
+                if wider and not torch.equal(params[name].detach().cpu(), value.to(own)):
                     narrowed.add((str(value.dtype), str(own)))
         if narrowed:
             stored, own = sorted(narrowed)[0]
@@ -319,6 +327,7 @@ class PathKernelInfluence(DataInfluence):
                     "dimension indexes the queries: one example x is x.unsqueeze(0)): "
                     f"{str(err).splitlines()[0]}"
                 ) from err
+            check_batch_dimension(outputs, "the first query")
             if not isinstance(outputs, torch.Tensor):
                 raise TypeError(
                     f"the model returns a {type(outputs).__name__}, not a tensor: pass "

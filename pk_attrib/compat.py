@@ -28,7 +28,7 @@ from torch.utils.data import (
 )
 
 from .exceptions import LossReductionError
-from .gradients import CollatedDataset, Reduction, gather_examples
+from .gradients import CollatedDataset, Reduction, check_batch_dimension, gather_examples
 from .path import TrainingPath
 from .wrappers import plain_name, unwrap
 
@@ -73,8 +73,7 @@ def _check_in_order(train: DataLoader, n: int) -> None:
     """Refuse a loader that does not yield examples 0..n−1 once each, in order."""
     batches = train.batch_sampler
     plain = (
-        isinstance(train.sampler, SequentialSampler)
-        and train.sampler.data_source is train.dataset
+        isinstance(train.sampler, SequentialSampler) and train.sampler.data_source is train.dataset
     ) and (
         batches is None
         or (
@@ -135,12 +134,28 @@ def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn
         batch = gather_examples(dataset, torch.tensor([0]))
         *x, labels = fm.cast(batch)
         with torch.no_grad():
-            loss_fn(fm.outputs(fm.flatten(final), x), labels)
+            outputs = fm.outputs(fm.flatten(final), x)
     except Exception as exc:  # name the convention, keep the cause
+        hint = (
+            f"Item 0 has {len(item)} parts, so the model was called with {len(item) - 1} "
+            "inputs: a dataset whose items carry more (e.g. (x, y, index)) needs a wrapper "
+            "that returns (x, y)"
+            if len(item) > 2
+            else "If the model needs the rest of the batch to compute an example's output "
+            "(BatchNorm without running statistics), it cannot be explained example by example"
+        )
         raise TypeError(
-            f"{convention}, but on item 0 this failed with {type(exc).__name__}: {exc}. A "
-            "dataset whose items carry more (e.g. (x, y, index)) needs a wrapper that "
-            "returns (x, y)"
+            f"{convention}; pk_attrib evaluates one example at a time (a batch of one), and "
+            f"on item 0 the model failed with {type(exc).__name__}: {exc}. {hint}"
+        ) from exc
+    check_batch_dimension(outputs, "training example 0")
+    try:
+        with torch.no_grad():
+            loss_fn(outputs, labels)
+    except Exception as exc:
+        raise TypeError(
+            f"{convention}, but on item 0 loss_fn(outputs, label) failed with "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
 
 

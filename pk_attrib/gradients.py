@@ -456,6 +456,27 @@ class FunctionalModel:
         return torch.cat(jacs), dloss
 
 
+def check_batch_dimension(outputs: Any, what: str) -> None:
+    """Raise if the model's output for a batch of one example lost its batch dimension.
+
+    pk_attrib evaluates examples one at a time, as batches of one (``x.unsqueeze(0)``): a
+    model that ends in ``.squeeze()`` returns a 0-dim tensor there, which no loss or
+    explained output can be read from per example. (Tuple and dict outputs are the loss's
+    and ``output_fn``'s to read.)
+
+    Args:
+        outputs: The model's outputs for one example.
+        what: Which example, for the message ("training example 0", "the first query").
+    """
+    if isinstance(outputs, torch.Tensor) and (outputs.dim() == 0 or outputs.shape[0] != 1):
+        raise ValueError(
+            f"on {what}, given as a batch of one (x.unsqueeze(0)), the model returns an "
+            f"output of shape {tuple(outputs.shape)}, not (1, ...): pk_attrib evaluates "
+            "examples one at a time, so the model must keep the batch dimension first "
+            "(e.g. .squeeze(-1) rather than .squeeze())"
+        )
+
+
 def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor | None:
     """Validate a Captum-style target into an int64 (n,) tensor (or None for scalar outputs).
 

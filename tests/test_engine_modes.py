@@ -1,5 +1,7 @@
 """Checkpoint mode against Captum's TracInCP, and clear errors for bad input."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,6 +224,15 @@ def test_a_path_stored_narrower_than_the_model_says_what_is_explained():
             ).backward()
             optimizer.step()
     with pytest.warns(pk.PkAttribWarning, match="rounded to torch.float32"):
+        pk.PathKernelInfluence(
+            model, data, recorder.path, torch.nn.CrossEntropyLoss(), show_progress=False
+        )
+    # a float32 model explained after .double() holds the stored values exactly: no warning
+    model.float()
+    recorder.path.load_into(model)
+    model.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.PkAttribWarning)
         pk.PathKernelInfluence(
             model, data, recorder.path, torch.nn.CrossEntropyLoss(), show_progress=False
         )

@@ -280,11 +280,44 @@ def test_training_sets_of_another_layout_are_refused_naming_the_convention(run):
     model, data, path = run
     for wrong, said in [
         (_Dicts(data), "item 0 is a dict"),
-        (_WithIndex(data), "on item 0 this failed with TypeError"),  # model(x, y) refused
+        (_WithIndex(data), "has 3 parts, so the model was called with 2 inputs"),
     ]:
         with pytest.raises(TypeError, match=r"\(inputs\.\.\., label\)") as info:
             explainer((model, wrong, path))
         assert said in str(info.value)
+
+
+def test_models_that_need_the_batch_or_drop_its_dimension_are_refused_saying_so(run):
+    """Examples are evaluated one at a time. A model ending in .squeeze() returned a 0-dim
+    output for one example (raw IndexError / len() errors deep in the sweep); BatchNorm
+    without running statistics failed on a batch of one, and the message blamed the
+    dataset's layout."""
+    model, data, path = run
+
+    class Squeezed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)[:, :1].squeeze()
+
+    squeezed = Squeezed()
+    final = {f"net.{k}": v for k, v in path.final.items()}
+    squeezed.load_state_dict(final)
+    line = pk.TrainingPath.from_checkpoints([final, final], [0.1, 0.1])
+    with pytest.raises(ValueError, match=r"output of shape \(\), not \(1, \.\.\.\)"):
+        pk.PathKernelInfluence(squeezed, data, line, torch.nn.MSELoss(), show_progress=False)
+
+    batch_stats = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(64, track_running_stats=False, dtype=F64), model
+    )
+    final = {f"1.{k}": v for k, v in path.final.items()}
+    final.update({f"0.{k}": v.detach() for k, v in batch_stats[0].named_parameters()})
+    line = pk.TrainingPath.from_checkpoints([final, final], [0.1, 0.1])
+    with pytest.raises(TypeError, match="needs the rest of the batch") as info:
+        explainer((batch_stats, data, line))
+    assert "Expected more than 1 value per channel" in str(info.value)
 
 
 class _Ragged(torch.utils.data.Dataset):
