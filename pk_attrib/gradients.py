@@ -114,7 +114,8 @@ class FunctionalModel:
     """A model evaluated at flat parameter vectors (float ``dtype``), with per-example gradients.
 
     Args:
-        model: The model. It is copied, converted to ``dtype`` and put in eval mode; the
+        model: The model. It is copied, converted to ``dtype`` and put in eval mode (and
+            embeddings with ``sparse=True`` take dense gradients: the same values); the
             original is not modified.
         names: Recorded parameter names, in flat-vector order.
         shapes: Their shapes.
@@ -152,6 +153,9 @@ class FunctionalModel:
                 f"{tuple(shapes[n])} in the path: pass the model the path was recorded from"
             )
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        for module in self.model.modules():  # sparse gradients: the same values, other layout
+            if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                module.sparse = False
         chosen = set(names if active is None else active)
         self.names = [n for n in names if n in chosen] + [n for n in names if n not in chosen]
         self.n_active = len(chosen & set(names))

@@ -44,7 +44,7 @@ class _Reference:
         fn().backward()
         return torch.cat(
             [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                (p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                 for p in self.params
             ]
         )

@@ -678,6 +678,30 @@ def test_a_model_vmap_cannot_batch_is_explained_one_example_at_a_time():
     assert dec.diagnostics.max_reconstruction_error < 1e-10
 
 
+def test_an_embedding_with_sparse_gradients_is_explained():
+    """nn.Embedding(sparse=True) trained with SGD: once a raw "reshape is not implemented for
+    sparse tensors" from inside the explainer."""
+    torch.manual_seed(8)
+    tokens = torch.randint(0, 6, (12, 4))
+    data = TensorDataset(tokens, tokens[:, 0] % 3)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(6, 4, sparse=True), torch.nn.Flatten(), torch.nn.Linear(16, 3)
+    ).to(F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        _train_steps(model, optimizer, data, 4, batch=4, recorder=recorder)
+    model.eval()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    queries, target = torch.randint(0, 6, (2, 4)), torch.tensor([0, 2])
+    dec = pk.PathKernelInfluence(
+        model, data, recorder.path, loss_fn, quadrature=3, show_progress=False
+    ).attribute(queries, target=target)
+    ref = reference_decomposition(model, data, recorder.path, loss_fn, queries, target, q=3)
+    torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+    assert model[0].sparse  # the user's model is left as it was
+
+
 def test_linear_regression_closed_form():
     """f(x; w) = w·x is linear, so φ_s = x and c_i = −Σ_s (η/|B|) x·g_i(w_s) exactly."""
     torch.manual_seed(3)
