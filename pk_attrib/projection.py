@@ -290,8 +290,9 @@ class FactorizedProjector(Projector):
     applied to the flattened gradient, with E[(P_out ⊗ P_in)ᵀ(P_out ⊗ P_in)] = I. Each Linear
     layer gets k_out × k_in ≤ dim features (√dim each side, except that a side no wider
     than its share stays unprojected and the other side gets dim / its width); the
-    remaining parameters share one dense block of dim features. Features are concatenated
-    (dot products add up, so they stay unbiased).
+    remaining parameters share one dense block of dim features, or stay unprojected when
+    they have at most dim coordinates. Features are concatenated (dot products add up, so
+    they stay unbiased).
 
     Unbiased, but noisier than a dense or sparse projection with as many features: a
     Kronecker product of two √dim-dimensional projections is not a JL projection of
@@ -313,8 +314,10 @@ class FactorizedProjector(Projector):
         for name, size in zip(self.names, self.sizes, strict=True):
             self.offsets[name] = (offset, size)
             offset += size
+        # the other parameters: projected densely, unless they fit in dim features
         self.dense = None
-        if self.rest:
+        rest_size = sum(self.offsets[n][1] for n in self.rest)
+        if rest_size > int(dim):
             self.dense = DenseProjector(fm, dim, seed)
             self.dense.names = self.rest
             self.dense.sizes = [self.offsets[n][1] for n in self.rest]
@@ -325,11 +328,11 @@ class FactorizedProjector(Projector):
             width_in = in_f + (bias is not None)
             self.sides[mod_name] = _sides(out_f, width_in, int(dim), self.k_out, self.k_in)
         features = sum(k_o * k_i for k_o, k_i in self.sides.values())
-        self.dim = features + (int(dim) if self.rest else 0)
+        self.dim = features + (int(dim) if self.dense is not None else rest_size)
 
     def config(self):
-        """Adds the layout version (narrow sides unprojected since version 2)."""
-        return {**super().config(), "layout": 2}
+        """Adds the layout version (3: narrow sides and small other parameters unprojected)."""
+        return {**super().config(), "layout": 3}
 
     def factors(self, mod_name: str, out_features: int, in_features: int):
         """(P_out (k_out, out), P_in (k_in, in [+1 for the bias])) of a layer.
@@ -371,11 +374,11 @@ class FactorizedProjector(Projector):
             if p_in is not None:
                 block = block @ p_in.to(x.dtype).T
             parts.append(block.reshape(x.shape[0], -1))
-        if self.dense is not None:
+        if self.rest:
             rest = torch.cat(
                 [x[:, a : a + n] for a, n in (self.offsets[name] for name in self.rest)], 1
             )
-            parts.append(self.dense.project(rest))
+            parts.append(rest if self.dense is None else self.dense.project(rest))
         return torch.cat(parts, 1)
 
     def training_features(self, w, batch, loss_fn):
@@ -418,10 +421,9 @@ class FactorizedProjector(Projector):
             act = act if p_in is None else act @ p_in.T
             feat = torch.einsum("bto,bti->boi", delta, act)
             parts.append(feat.reshape(batch, -1))
-        if self.dense is not None:
-            names = self.rest
-            grads = fm.loss_grads(w, (*inputs, labels), loss_fn, names=names)
-            parts.append(self.dense.project(grads))
+        if self.rest:
+            grads = fm.loss_grads(w, (*inputs, labels), loss_fn, names=self.rest)
+            parts.append(grads if self.dense is None else self.dense.project(grads))
         return torch.cat(parts, 1)
 
 

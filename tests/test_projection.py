@@ -135,6 +135,31 @@ def test_factorized_keeps_a_narrow_side_exact_and_gives_the_other_side_its_featu
     torch.testing.assert_close(exact @ exact.T, grads @ grads.T, rtol=1e-10, atol=1e-12)
 
 
+def test_factorized_leaves_other_parameters_that_fit_unprojected():
+    """Parameters outside Linear layers (a LayerNorm's) are projected densely only when they
+    have more coordinates than k: they were always, so at k = 4096 a 1,242-parameter model
+    read 3e-4 off the exact contributions, and no more exact at k = 65536."""
+    torch.manual_seed(45)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).to(F64)
+    fm, w = functional(model)
+    x, y = torch.randn(7, 6, dtype=F64), torch.randint(0, 3, (7,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    grads = fm.loss_grads(w, (x, y), loss_fn)
+    whole = make_projector(fm, "factorized", 64, seed=2)
+    assert whole.rest == ["1.weight", "1.bias"] and whole.dense is None
+    assert whole.dim == fm.d_active  # 35 + 18 + 10: nothing projected
+    exact = whole.training_features(w, (x, y), loss_fn)
+    torch.testing.assert_close(exact @ exact.T, grads @ grads.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(whole.project(grads), exact, rtol=1e-10, atol=1e-12)
+    small = make_projector(fm, "factorized", 9, seed=2)  # 10 LayerNorm coordinates > 9
+    assert small.dense is not None
+    torch.testing.assert_close(
+        small.training_features(w, (x, y), loss_fn), small.project(grads), rtol=1e-10, atol=1e-12
+    )
+
+
 class Reused(torch.nn.Module):
     """A Linear layer used in a way its captured terms must handle, or be refused for."""
 
