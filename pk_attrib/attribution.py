@@ -30,8 +30,11 @@ from .gradients import (
     FunctionalModel,
     OutputFn,
     check_batch_dimension,
+    leaves,
+    n_rows,
     prepare_target,
     select_output,
+    take,
 )
 from .path import TrainingPath
 from .projection import ProjectorKind, make_projector
@@ -305,23 +308,33 @@ class PathKernelInfluence(DataInfluence):
 
     # -- decomposition ------------------------------------------------------------------------
 
-    def _queries(self, inputs) -> tuple[torch.Tensor, ...]:
-        batch = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        if not batch or not all(isinstance(t, torch.Tensor) for t in batch):
-            raise TypeError("inputs must be a tensor or a tuple of tensors (first dim: queries)")
-        if any(t.dim() == 0 for t in batch):
+    def _queries(self, inputs) -> tuple[Any, ...]:
+        batch = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        tensors = [leaves(x) if isinstance(x, (tuple, list, dict)) else [x] for x in batch]
+        if not batch or not all(
+            part and all(isinstance(t, torch.Tensor) for t in part) for part in tensors
+        ):
+            raise TypeError(
+                "inputs must be a tensor or a tuple of the model's inputs, each a tensor or a "
+                "tuple / list / dict of tensors (first dimension: queries)"
+            )
+        found = [t for part in tensors for t in part]
+        if any(t.dim() == 0 for t in found):
             raise ValueError("inputs must have a first dimension indexing the queries")
+        if len({t.shape[0] for t in found}) > 1:
+            shapes = ", ".join(str(tuple(t.shape)) for t in found)
+            raise ValueError(f"the inputs' first dimensions (queries) differ: {shapes}")
         return self._fm.cast(batch)
 
     def _target(self, queries, target, output_fn):
-        n = queries[0].shape[0]
+        n = n_rows(queries)
         if output_fn is None:
-            first = tuple(q[:1] for q in queries)
+            first = take(queries, slice(0, 1))
             try:
                 with torch.no_grad():
                     outputs = self._fm.outputs(self._fm.flatten(self.path.final), first)
             except RuntimeError as err:
-                shapes = ", ".join(str(tuple(q.shape)) for q in queries)
+                shapes = ", ".join(str(tuple(q.shape)) for q in leaves(queries))
                 raise ValueError(
                     f"the model fails on the first query (inputs of shape {shapes}; the first "
                     "dimension indexes the queries: one example x is x.unsqueeze(0)): "
@@ -351,7 +364,8 @@ class PathKernelInfluence(DataInfluence):
         """Decompose the model's output on each query into training-example contributions.
 
         Args:
-            inputs: Queries, (n_test, ...), or a tuple of such tensors (``model(*inputs)``).
+            inputs: Queries, (n_test, ...), or a tuple of the model's inputs
+                (``model(*inputs)``), each such a tensor or a tuple / list / dict of them.
             target: Which output to explain, as in Captum: an int, one index per query
                 ((n_test,) tensor or list), or None for a model with a scalar output.
             output_fn: Explain ``output_fn(outputs, target) -> (n,)`` instead of one logit
@@ -363,7 +377,7 @@ class PathKernelInfluence(DataInfluence):
             A `Decomposition` with contributions (n_test, n_train), bias, prediction, delta.
         """
         queries = self._queries(inputs)
-        if queries[0].shape[0] == 0:
+        if n_rows(queries) == 0:
             raise ValueError("inputs hold no queries (their first dimension is 0)")
         tgt, output_fn = self._target(queries, target, output_fn)
         if self._projector.kind is not ProjectorKind.IDENTITY:
@@ -381,12 +395,12 @@ class PathKernelInfluence(DataInfluence):
 
     def _projected(self, queries, target, output_fn) -> Decomposition:
         """Exact sweep with projected contributions, queries in memory-bounded chunks."""
-        n = queries[0].shape[0]
+        n = n_rows(queries)
         size = self._query_chunk()
         features = self._call_features()
         parts = []
         for a in range(0, n, size):
-            chunk = tuple(q[a : a + size] for q in queries)
+            chunk = take(queries, slice(a, a + size))
             tgt = None if target is None else target[a : a + size]
             part = self._engine.exact(
                 chunk,
@@ -444,12 +458,12 @@ class PathKernelInfluence(DataInfluence):
                 "model(*batch[:-1]) gives the outputs, labels come last"
             )
         *x, labels = batch
-        return self._queries(tuple(x)), labels.to(self._fm.device)
+        return self._queries(tuple(x)), self._fm.cast((labels,))[0]
 
     def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
         """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
         projected = self._projector.kind is not ProjectorKind.IDENTITY  # (exact mode only)
-        n = queries[0].shape[0]
+        n = n_rows(queries)
         size = self._query_chunk() if projected else max(1, n)
         features = self._call_features()  # shared by blocks
 
@@ -457,8 +471,8 @@ class PathKernelInfluence(DataInfluence):
             norms = {} if score == "cosine" else None
             if self.mode == "exact":
                 values = self._engine.exact(
-                    tuple(q[rows] for q in queries),
-                    labels[rows],
+                    take(queries, rows),
+                    take(labels, rows),
                     output_fn,
                     self.quadrature,
                     False,
@@ -506,8 +520,9 @@ class PathKernelInfluence(DataInfluence):
         point the test example's way, e.g. its duplicates (their cosine is ~1).
 
         Args:
-            inputs: A batch ``(inputs..., labels)`` (``model(*inputs[:-1])``, labels last),
-                or a DataLoader of such batches.
+            inputs: A batch ``(inputs..., labels)`` (``model(*inputs[:-1])``, labels last;
+                an input may be a tuple / list / dict of tensors), or a DataLoader of such
+                batches.
             k: None for all scores; an int for the k most influential per test example,
                 streamed over the training set in blocks (memory O(n_test × (k + block));
                 with ``projection_dim``, plus the steps' projected training features,
@@ -536,14 +551,14 @@ class PathKernelInfluence(DataInfluence):
                 queries, labels = self._split_batch(batch)
                 block = self._scores_block(queries, labels, output_fn, {}, score)
                 if aggregate:  # summed over the queries, block by block
-                    size = self._block(queries[0].shape[0] * (2 if score == "cosine" else 1))
+                    size = self._block(n_rows(queries) * (2 if score == "cosine" else 1))
                     for a in range(0, n_train, size):
                         total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
                     continue
                 if k is None:
                     results.append(block(0, n_train))
                     continue
-                size = self._block(queries[0].shape[0] * (2 if score == "cosine" else 1))
+                size = self._block(n_rows(queries) * (2 if score == "cosine" else 1))
                 results.append(
                     scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
                 )

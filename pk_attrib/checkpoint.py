@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .decomposition import Decomposition, Diagnostics
 from .engine import Engine, _check_finite, add_norms, example_weights
-from .gradients import OutputFn
+from .gradients import OutputFn, n_rows, take
 from .linear import capture, dot_products, linear_layers, squared_norms
 from .path import Step
 
@@ -43,7 +43,7 @@ def decompose(
 
 def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     fm, path, p = engine.fm, engine.p.path, engine.p
-    n, S = inputs[0].shape[0], len(path)
+    n, S = n_rows(inputs), len(path)
     dtype, device = fm.dtype, fm.device
     first, last = columns if columns is not None else (0, engine.n_train)
     contributions = torch.zeros(n, last - first, dtype=dtype, device=device)
@@ -287,7 +287,7 @@ def self_influence(engine: Engine, indices: torch.Tensor | None, batch=None) -> 
 
 def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torch.Tensor:
     fm, path, p = engine.fm, engine.p.path, engine.p
-    m = len(indices) if indices is not None else batch[-1].shape[0]
+    m = len(indices) if indices is not None else n_rows(batch[-1])
     out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
     chunk = max(1, fm.chunk_size())
     for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
@@ -308,7 +308,7 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
             for a in range(0, len(rows), chunk):
                 r = rows[a : a + chunk]
                 if batch is not None:
-                    examples = fm.cast(tuple(t[r] for t in batch))
+                    examples = fm.cast(take(tuple(batch), r))
                 else:
                     examples = engine._batch(indices[r])
                 g = fm.loss_grads(w, examples, p.loss_fn)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import numbers
 import os
 import re
 from collections.abc import Iterable
@@ -28,7 +29,13 @@ from torch.utils.data import (
 )
 
 from .exceptions import LossReductionError
-from .gradients import CollatedDataset, Reduction, check_batch_dimension, gather_examples
+from .gradients import (
+    CollatedDataset,
+    Reduction,
+    check_batch_dimension,
+    gather_examples,
+    leaves,
+)
 from .path import TrainingPath
 from .wrappers import plain_name, unwrap
 
@@ -278,12 +285,34 @@ class ExampleIndex:
         if len(dataset) == 0:
             raise ValueError("train_dataset is empty: no example can be located in it")
         # dtypes as training saw them: collated (Python floats become float64)
-        self.reference = gather_examples(dataset, torch.tensor([0]))
+        self.reference = tensors_of(gather_examples(dataset, torch.tensor([0])))
         self.dtypes = dtypes = [t.dtype for t in self.reference]
         self.rows: dict[bytes, list[int]] = {}
         for i in range(len(dataset)):
-            item = [torch.as_tensor(t, dtype=dt) for t, dt in zip(dataset[i], dtypes, strict=True)]
+            item = tensors_of(dataset[i])
+            if len(item) != len(dtypes):
+                raise ValueError(
+                    f"train_dataset's item {i} holds {len(item)} tensors, item 0 {len(dtypes)}"
+                )
+            item = [t.to(dt) for t, dt in zip(item, dtypes, strict=True)]
             self.rows.setdefault(example_key(item), []).append(i)
+
+
+def tensors_of(parts) -> list[torch.Tensor]:
+    """The tensors of a batch or an item, in order.
+
+    Each part is a tensor, a tuple / list / dict of tensors (nested inputs), or numbers
+    (made one tensor; a Python number as a DataLoader collates it: a float is float64).
+    """
+    found = []
+    for part in parts:
+        if isinstance(part, (tuple, list, dict)) and leaves(part):
+            found += leaves(part)
+        elif isinstance(part, numbers.Number):
+            found.append(default_collate([part])[0])
+        else:
+            found.append(torch.as_tensor(part))
+    return found
 
 
 def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
@@ -304,7 +333,7 @@ def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
     reference, lookup, dtypes = index.reference, index.rows, index.dtypes
     found = []
     for batch in batches:
-        items = [torch.as_tensor(t).detach().cpu() for t in batch]
+        items = [t.detach().cpu() for t in tensors_of(batch)]
         if len(items) != len(dtypes):
             raise ValueError(
                 f"the inputs have {len(items)} tensors per example (inputs..., labels), "

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .decomposition import Decomposition, Diagnostics
 from .exceptions import NonFiniteError, PkAttribWarning
 from .features import FeatureCache
-from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples
+from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples, n_rows
 from .path import TrainingPath
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
@@ -175,7 +175,7 @@ class Engine:
         """
         fm, path, p = self.fm, self.p.path, self.p
         rule = make_rule(path, self.vectors, fm.active_names)
-        n, S = inputs[0].shape[0], len(path)
+        n, S = n_rows(inputs), len(path)
         dtype, device = fm.dtype, fm.device
         first, last = columns if columns is not None else (0, self.n_train)
         contributions = torch.zeros(n, last - first, dtype=dtype, device=device)

@@ -25,11 +25,40 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from .exceptions import StoreMismatchError, VectorizationWarning
 
 OutputFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+# Inputs, labels and model outputs may be tensors or (nested) tuples, lists and dicts of
+# them (a model taking a dict, one returning (logits, aux)): the first dimension of every
+# tensor indexes the examples.
+
+
+def leaves(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a tensor or a nested tuple / list / dict of them, in a fixed order."""
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def take(tree: Any, index: slice | int | torch.Tensor) -> Any:
+    """``t[index]`` for every tensor of the tree (its examples ``index``), same structure."""
+    return pytree.tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, tree)
+
+
+def one_row(tree: Any) -> Any:
+    """One example as a batch of one: ``t.unsqueeze(0)`` for every tensor of the tree."""
+    return pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def n_rows(tree: Any) -> int:
+    """The number of examples of a batch: its first tensor's first dimension."""
+    found = leaves(tree)
+    if not found or found[0].dim() == 0:
+        raise ValueError("a batch needs a tensor whose first dimension indexes the examples")
+    return found[0].shape[0]
 
 
 class Reduction(str, enum.Enum):
@@ -228,14 +257,24 @@ class FunctionalModel:
         names = [n for n in self.names if n in grads]
         return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in names], -1)
 
-    def cast(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Move a batch to the device; floating tensors take the computation dtype."""
-        return tuple(
-            t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None)
-            if isinstance(t, torch.Tensor)
-            else torch.as_tensor(t, device=self.device)
-            for t in batch
-        )
+    def cast(self, batch: Sequence[Any]) -> tuple[Any, ...]:
+        """Move a batch to the device; floating tensors take the computation dtype.
+
+        Each part is a tensor, a nested tuple / list / dict of tensors (cast leaf by leaf),
+        or numbers (made a tensor).
+        """
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None)
+
+        def part(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                return one(x)
+            if isinstance(x, (tuple, list, dict)) and leaves(x):
+                return pytree.tree_map(lambda t: one(t) if isinstance(t, torch.Tensor) else t, x)
+            return torch.as_tensor(x, device=self.device)
+
+        return tuple(part(x) for x in batch)
 
     def _call(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]):
         return functional_call(self.model, {**self.constants, **params}, tuple(inputs))
@@ -296,17 +335,18 @@ class FunctionalModel:
         act, passive = self._split(self.unflatten(w), names)
 
         def single(pa, pp, inputs, label):
-            out = self._call({**pa, **pp}, tuple(x.unsqueeze(0) for x in inputs))
-            return loss_fn(out, label.unsqueeze(0)).sum()
+            out = self._call({**pa, **pp}, one_row(inputs))
+            return loss_fn(out, one_row(label)).sum()
 
         *inputs, labels = batch
+        inputs = tuple(inputs)
         step = self._map(grad(single), (None, None, 0, 0))
-        n = labels.shape[0]
+        n = n_rows(labels)
         size = self.chunk_size()
         chunks = []
         for a in range(0, n, size):
-            part = tuple(x[a : a + size] for x in inputs)
-            chunks.append(self._flat_grads(step(act, passive, part, labels[a : a + size]), 1))
+            part, lab = take(inputs, slice(a, a + size)), take(labels, slice(a, a + size))
+            chunks.append(self._flat_grads(step(act, passive, part, lab), 1))
         if not chunks:
             width = sum(v.numel() for v in act.values())
             return torch.zeros(0, width, dtype=self.dtype, device=self.device)
@@ -328,18 +368,19 @@ class FunctionalModel:
             loss_fn: The training loss.
         """
         *inputs, labels = batch
+        inputs = tuple(inputs)
 
         def single(pa, pp, x, label):
-            out = self._call({**pa, **pp}, tuple(v.unsqueeze(0) for v in x))
-            return loss_fn(out, label.unsqueeze(0)).sum()
+            out = self._call({**pa, **pp}, one_row(x))
+            return loss_fn(out, one_row(label)).sum()
 
         step = self._map(grad(single), (0, 0, 0, 0))
         size = max(1, self.chunk_size(2))  # the parameters are replicated per example
         chunks = []
-        for a in range(0, labels.shape[0], size):
+        for a in range(0, n_rows(labels), size):
             act, passive = self._split(self.unflatten(ws[a : a + size]))
-            part = tuple(x[a : a + size] for x in inputs)
-            chunks.append(self._flat_grads(step(act, passive, part, labels[a : a + size]), 1))
+            part, lab = take(inputs, slice(a, a + size)), take(labels, slice(a, a + size))
+            chunks.append(self._flat_grads(step(act, passive, part, lab), 1))
         if not chunks:
             return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
         return torch.cat(chunks)
@@ -349,7 +390,7 @@ class FunctionalModel:
         """ℓ_i for each row of a batch's outputs, (B,), whatever the loss's reduction."""
 
         def one(out, label):
-            return loss_fn(out.unsqueeze(0), label.unsqueeze(0)).sum()
+            return loss_fn(one_row(out), one_row(label)).sum()
 
         return vmap(one)(outputs, labels)
 
@@ -390,13 +431,14 @@ class FunctionalModel:
             and f(x_j; ws[k]) as (q, n).
         """
         act, passive = self._split(self.unflatten(ws), names)
-        n = inputs[0].shape[0]
+        inputs = tuple(inputs)
+        n = n_rows(inputs)
         tgt = target if target is not None else torch.zeros(n, dtype=torch.int64)
         has_target = target is not None
 
         def single(pa, pp, x, t):
-            out = self._call({**pa, **pp}, tuple(v.unsqueeze(0) for v in x))
-            value = output_fn(out, t.unsqueeze(0) if has_target else None).reshape(())
+            out = self._call({**pa, **pp}, one_row(x))
+            value = output_fn(out, one_row(t) if has_target else None).reshape(())
             return value, value
 
         per_query = self._map(grad(single, has_aux=True), (None, None, 0, 0))
@@ -404,8 +446,8 @@ class FunctionalModel:
         size = max(1, self.chunk_size(ws.shape[0]))
         grads, values = [], []
         for a in range(0, n, size):
-            part = tuple(x[a : a + size] for x in inputs)
-            g, v = per_point(act, passive, part, tgt[a : a + size])
+            part = take(inputs, slice(a, a + size))
+            g, v = per_point(act, passive, part, take(tgt, slice(a, a + size)))
             if weights is None:
                 grads.append(self._flat_grads(g, 2))
             elif weights.dim() == 1:
@@ -439,23 +481,36 @@ class FunctionalModel:
         params = self.unflatten(w)
         act, passive = self._split(params)
         *inputs, labels = batch
+        inputs = tuple(inputs)
+        n = n_rows(labels)
+        with torch.no_grad():
+            batched, spec = pytree.tree_flatten(self._call(params, inputs))
+        # the outputs' tensors, flattened per example and concatenated: (n, C)
+        where = [j for j, t in enumerate(batched) if isinstance(t, torch.Tensor)]
+        shapes = [batched[j].shape[1:] for j in where]
+        outs = torch.cat([batched[j].reshape(n, -1) for j in where], 1)
+
+        def as_outputs(flat: torch.Tensor):
+            """One example's (C,) outputs back in the model's structure, a batch of one."""
+            parts = torch.split(flat, [s.numel() for s in shapes])
+            tree = list(batched)
+            for j, part, shape in zip(where, parts, shapes, strict=True):
+                tree[j] = part.reshape(1, *shape)
+            return pytree.tree_unflatten(tree, spec)
 
         def out_single(pa, x):
-            return self._call({**pa, **passive}, tuple(v.unsqueeze(0) for v in x)).reshape(-1)
+            out = self._call({**pa, **passive}, one_row(x))
+            return torch.cat([t.reshape(-1) for t in leaves(out)])
 
         def dloss_single(out, label):
-            return grad(lambda o: loss_fn(o.unsqueeze(0), label.unsqueeze(0)).sum())(out)
+            return grad(lambda o: loss_fn(as_outputs(o), one_row(label)).sum())(out)
 
-        n = labels.shape[0]
-        with torch.no_grad():
-            outs = self._call(params, tuple(inputs)).reshape(n, -1)
         c = outs.shape[1]
         size = max(1, self.chunk_size(c))
         jac = self._map(jacrev(out_single), (None, 0))
         jacs = []
         for a in range(0, n, size):
-            part = tuple(x[a : a + size] for x in inputs)
-            jacs.append(self._flat_grads(jac(act, part), 2))
+            jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
         dloss = vmap(dloss_single)(outs, labels)
         return torch.cat(jacs), dloss
 
@@ -533,27 +588,12 @@ def _loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:
     Arguments and results may be tensors, or tuples, lists and dicts of them.
     """
     mapped = [a for a, dim in zip(args, in_dims, strict=True) if dim is not None]
-    n = _leaves(mapped[0])[0].shape[0]
+    n = n_rows(mapped[0])
     results = [
-        fn(*(a if dim is None else _index(a, i) for a, dim in zip(args, in_dims, strict=True)))
+        fn(*(a if dim is None else take(a, i) for a, dim in zip(args, in_dims, strict=True)))
         for i in range(n)
     ]
     return _stack(results)
-
-
-def _leaves(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    values = tree.values() if isinstance(tree, dict) else tree
-    return [leaf for value in values for leaf in _leaves(value)]
-
-
-def _index(tree: Any, i: int) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree[i]
-    if isinstance(tree, dict):
-        return {k: _index(v, i) for k, v in tree.items()}
-    return type(tree)(_index(v, i) for v in tree)
 
 
 def _stack(results: list) -> Any:

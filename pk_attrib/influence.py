@@ -8,12 +8,13 @@ engine's contributions with f(x) = −loss(x) as the explained quantity.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine, _check_finite, example_weights
-from .gradients import OutputFn
+from .gradients import OutputFn, n_rows, one_row, take
 from .quadrature import QuadratureRule, StepIntegrator
 from .rules import make_rule
 
@@ -28,16 +29,19 @@ def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     Adam self-influence of 1,500 digits took 16.8 s, 7 s of it in 700,000 separate loss calls;
     vectorized, 11.4 s.)
     """
-    vectorized = torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)).sum())
+    vectorized = torch.func.vmap(lambda o, t: loss_fn(one_row(o), one_row(t)).sum())
     trusted: bool | None = None  # whether the vectorized call gives the row-by-row numbers
 
-    def by_rows(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = [loss_fn(outputs[i : i + 1], labels[i : i + 1]).sum() for i in range(len(outputs))]
-        return torch.stack(rows)
+    def by_rows(outputs: Any, labels: Any) -> torch.Tensor:
+        each = [
+            loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
+            for i in range(n_rows(outputs))
+        ]
+        return torch.stack(each)
 
-    def explained(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def explained(outputs: Any, labels: Any) -> torch.Tensor:
         nonlocal trusted
-        if len(outputs) == 1:  # (per-example gradients call it on one row)
+        if n_rows(outputs) == 1:  # (per-example gradients call it on one row)
             return -loss_fn(outputs, labels).sum().reshape(1)
         if trusted is False:
             return -by_rows(outputs, labels)

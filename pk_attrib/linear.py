@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from .gradients import FunctionalModel
+from .gradients import FunctionalModel, n_rows
 
 
 def linear_layers(
@@ -101,7 +101,7 @@ def capture(
 
         handles.append(modules[mod_name].register_forward_hook(hook))
     owned = [n for _, weight, bias in layers for n in (weight, bias) if n]
-    batch = inputs[0].shape[0]
+    batch = n_rows(inputs)
     try:
         with torch.enable_grad():
             params = {n: p.detach() for n, p in fm.unflatten(w).items()}

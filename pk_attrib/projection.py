@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .exceptions import PkAttribWarning, UnsupportedError
-from .gradients import FunctionalModel
+from .gradients import FunctionalModel, n_rows, take
 from .linear import capture, linear_layers
 
 
@@ -122,8 +122,8 @@ class Projector:
         # a full chunk overshoots memory_budget by ~10% on the 1M MLP with "sparse")
         size = max(1, min(fm.chunk_size(2), fm.memory_budget // max(1, 16 * self.dim)))
         out = []
-        for a in range(0, labels.shape[0], size):
-            part = (*(x[a : a + size] for x in inputs), labels[a : a + size])
+        for a in range(0, n_rows(labels), size):
+            part = (*take(tuple(inputs), slice(a, a + size)), take(labels, slice(a, a + size)))
             out.append(self.project(fm.loss_grads(w, part, loss_fn)))
         if not out:
             return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
@@ -181,10 +181,10 @@ class DenseProjector(Projector):
         if not layers:
             return super().training_features(w, batch, loss_fn)
         *inputs, labels = batch
-        rows = fm.chunk_size()  # a forward/backward pass at most as large as a gradient chunk
+        chunk = fm.chunk_size()  # a forward/backward pass at most as large as a gradient chunk
         out, group, held = [], [], 0
-        for a in range(0, labels.shape[0], rows):
-            part = (*(x[a : a + rows] for x in inputs), labels[a : a + rows])
+        for a in range(0, n_rows(labels), chunk):
+            part = (*take(tuple(inputs), slice(a, a + chunk)), take(labels, slice(a, a + chunk)))
             captured = capture(fm, w, part[:-1], _losses(fm, part[-1], loss_fn), layers, check=True)
             if captured is None:  # the captured terms do not rebuild a layer's gradient
                 return super().training_features(w, batch, loss_fn)
@@ -387,9 +387,9 @@ class FactorizedProjector(Projector):
         *inputs, labels = batch
         size = max(1, fm.memory_budget // max(1, 64 * self.dim))
         out = []
-        for a in range(0, labels.shape[0], size):
-            part = tuple(x[a : a + size] for x in inputs)
-            out.append(self._features(w, part, labels[a : a + size], loss_fn))
+        for a in range(0, n_rows(labels), size):
+            part = take(tuple(inputs), slice(a, a + size))
+            out.append(self._features(w, part, take(labels, slice(a, a + size)), loss_fn))
         if not out:
             return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
         return torch.cat(out)
@@ -408,10 +408,10 @@ class FactorizedProjector(Projector):
             )
         # checked once the model is seen to rebuild a batch of several examples (one alone
         # cannot show how a layer's rows group into examples)
-        self._checked = self._checked or labels.shape[0] >= 2
+        self._checked = self._checked or n_rows(labels) >= 2
         captured = captured.factors
         parts = []
-        batch = labels.shape[0]
+        batch = n_rows(labels)
         for mod_name, _, bias in self.layers:
             act, delta = captured[mod_name]
             if bias is not None:

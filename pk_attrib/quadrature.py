@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gradients import FunctionalModel
+from .gradients import FunctionalModel, n_rows
 
 # Node counts the adaptive rule climbs through.
 LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -133,12 +133,12 @@ class StepIntegrator:
         phis, _ = self.fm.output_grads(
             points, self.inputs, self.target, self.output_fn, weights=grid
         )
-        self.evaluations += len(steps) * q * self.inputs[0].shape[0]
+        self.evaluations += len(steps) * q * n_rows(self.inputs)
         for k, step in enumerate(steps):
             self._prefetched[step] = (phis[k], q)
 
     def _phi(self, w: torch.Tensor, delta: torch.Tensor, nodes, weights) -> torch.Tensor:
-        n = self.inputs[0].shape[0]
+        n = n_rows(self.inputs)
         per_node = max(
             1, self.fm.memory_budget // max(1, 3 * n * self.fm.d_active * self.fm.dtype.itemsize)
         )

@@ -16,9 +16,10 @@ import copy
 from collections.abc import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset
 
-from .gradients import gather_examples, select_output
+from .gradients import gather_examples, n_rows, select_output, take
 from .path import TrainingPath
 from .quadrature import gauss_legendre
 
@@ -54,17 +55,24 @@ def per_example_gradients(
     model: torch.nn.Module,
     names: list[str],
     w: torch.Tensor,
-    batch: tuple[torch.Tensor, ...],
+    batch: tuple,
     loss_fn: Callable,
 ) -> torch.Tensor:
-    """g_i(w) by one ``backward()`` per example, float64 (B, d)."""
+    """g_i(w) by one ``backward()`` per example, float64 (B, d).
+
+    ``batch`` is ``(inputs..., labels)``; an input may be a tuple / list / dict of tensors.
+    """
     ref = _Reference(model, names)
     ref.set(w.double())
     *inputs, labels = batch
+    inputs = pytree.tree_map(
+        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        tuple(inputs),
+    )
     rows = []
-    for i in range(labels.shape[0]):
-        x = tuple(t[i : i + 1].double() if t.is_floating_point() else t[i : i + 1] for t in inputs)
-        rows.append(ref.grad(lambda x=x, i=i: loss_fn(ref.model(*x), labels[i : i + 1]).sum()))
+    for i in range(n_rows(labels)):
+        x, y = take(inputs, slice(i, i + 1)), take(labels, slice(i, i + 1))
+        rows.append(ref.grad(lambda x=x, y=y: loss_fn(ref.model(*x), y).sum()))
     return torch.stack(rows)
 
 

@@ -1,5 +1,6 @@
 """The Captum contract: influence(), top-k, self_influence(), TracInCP migration, layers=."""
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -830,3 +831,115 @@ def test_per_example_losses_are_each_row_alone_vectorized_or_not():
     calls.clear()
     fn(logits, labels)
     assert calls == [1] * 7  # row by row from then on
+
+
+class _Halves(torch.utils.data.Dataset):
+    """Digits as ((left half, right half), label) or ({"a": left, "b": right}, label)."""
+
+    def __init__(self, data, as_dict):
+        self.data, self.as_dict = data, as_dict
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        halves = (x[:32], x[32:])
+        return (dict(zip("ab", halves, strict=True)) if self.as_dict else halves), y
+
+
+class _NestedNet(torch.nn.Module):
+    """The digits MLP over nested inputs, returning (logits, hidden) or a dict of them."""
+
+    def __init__(self, net, as_dict):
+        super().__init__()
+        self.net, self.as_dict = net, as_dict
+
+    def forward(self, halves):
+        parts = [halves["a"], halves["b"]] if self.as_dict else list(halves)
+        hidden = torch.tanh(self.net[0](torch.cat(parts, 1)))
+        logits = self.net[2](hidden)
+        return {"logits": logits, "hidden": hidden} if self.as_dict else (logits, hidden)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuples", "dicts"])
+def test_nested_inputs_and_tuple_or_dict_outputs_give_the_flat_models_numbers(as_dict):
+    """Items ((x1, x2), y) or ({"a": x1, "b": x2}, y) and a model returning (logits, hidden)
+    (or a dict) follow Captum's convention, but were refused ("Could not infer dtype of
+    dict"), and influence / self_influence / kernel / checkpoint mode crashed on tuple
+    outputs. The same network on the flat digits gives the numbers to match."""
+    torch.manual_seed(21)
+    flat_model = digits_mlp(hidden=6)
+    nested = _NestedNet(copy.deepcopy(flat_model), as_dict)
+    flat_data = train_set(n=30)
+    nested_data = _Halves(flat_data, as_dict)
+    paths = []
+    for model, data, logits in [
+        (flat_model, flat_data, lambda out: out),
+        (nested, nested_data, (lambda out: out["logits"]) if as_dict else (lambda out: out[0])),
+    ]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+        loader = DataLoader(data, batch_size=10)  # in order: the same batches for both
+        with pk.PathRecorder(model, optimizer) as recorder:
+            for _ in range(2):
+                for x, y in recorder.watch(loader):
+                    optimizer.zero_grad()
+                    F.cross_entropy(logits(model(x)), y).backward()
+                    optimizer.step()
+        paths.append(recorder.path)
+    unpack = (lambda out: out["logits"]) if as_dict else (lambda out: out[0])
+    x, y = digits()
+    queries, labels = x[1500:1503], y[1500:1503]
+    halves = (queries[:, :32], queries[:, 32:])
+    nested_queries = dict(zip("ab", halves, strict=True)) if as_dict else halves
+
+    def nested_loss(out, lab):
+        return F.cross_entropy(unpack(out), lab)
+
+    def nested_logit(out, target):
+        return unpack(out).gather(1, target[:, None])[:, 0]
+
+    loss = torch.nn.CrossEntropyLoss()
+    flat = pk.PathKernelInfluence(flat_model, flat_data, paths[0], loss, show_progress=False)
+    other = pk.PathKernelInfluence(
+        nested, nested_data, paths[1], nested_loss, loss_reduction="mean", show_progress=False
+    )
+    expected = flat.attribute(queries, target=labels, kernel=True)
+    got = other.attribute((nested_queries,), target=labels, output_fn=nested_logit, kernel=True)
+    torch.testing.assert_close(got.contributions, expected.contributions, rtol=1e-9, atol=1e-13)
+    # the kernel has a column per output number: the 10 logits, then the 6 hidden units
+    # (which the loss does not read: weight 0)
+    assert got.kernel.shape == (3, 30, 16)
+    torch.testing.assert_close(got.kernel[..., :10], expected.kernel, rtol=1e-9, atol=1e-13)
+    assert float(got.weights[..., 10:].abs().max()) == 0.0
+    assert got.diagnostics.max_reconstruction_error < 1e-10
+    torch.testing.assert_close(
+        other.influence((nested_queries, labels)),
+        flat.influence((queries, labels)),
+        rtol=1e-9,
+        atol=1e-13,
+    )
+    every = flat.self_influence()
+    torch.testing.assert_close(other.self_influence(), every, rtol=1e-9, atol=1e-13)
+    some = [nested_data[i] for i in (4, 17)]
+    given = torch.utils.data.default_collate(some)
+    torch.testing.assert_close(other.self_influence(tuple(given)), every[[4, 17]])
+    # TracIn on the same path (checkpoint mode) agrees too
+    flat_cp = pk.PathKernelInfluence(
+        flat_model, flat_data, paths[0], loss, mode="checkpoint", show_progress=False
+    )
+    other_cp = pk.PathKernelInfluence(
+        nested,
+        nested_data,
+        paths[1],
+        nested_loss,
+        loss_reduction="mean",
+        mode="checkpoint",
+        show_progress=False,
+    )
+    torch.testing.assert_close(
+        other_cp.influence((nested_queries, labels)),
+        flat_cp.influence((queries, labels)),
+        rtol=1e-9,
+        atol=1e-13,
+    )
