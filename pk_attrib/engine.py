@@ -412,8 +412,11 @@ class Engine:
                 "augmentation in training, BatchNorm in train mode, gradient clipping, a loss "
                 "reduction or accumulation other than the one given, per-example loss weights "
                 "(class weights, ignore_index), parameters trained by another optimizer than "
-                "the recorded one, a model whose output for an example depends on the rest of "
-                "its batch, or wrong indices. What the example gradients do not rebuild is the "
+                "the recorded one, a parameter frozen (requires_grad=False) while its .grad "
+                "stayed a zero tensor (zero_grad(set_to_none=False)), a model that changes its "
+                "weights in forward (Embedding(max_norm=...)), a model whose output for an "
+                "example depends on the rest of its batch, or wrong indices. What the example "
+                "gradients do not rebuild is the "
                 "'unexplained' term of the bias (and `delta` holds what the output change "
                 "along the path does not match)",
                 ReconstructionWarning,
