@@ -290,16 +290,7 @@ class Engine:
             return contributions
         errors = torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
         self._warn_reconstruction(errors)
-        if integrator.unconverged:
-            steps = sorted(integrator.unconverged)
-            warnings.warn(
-                f"the adaptive quadrature reached its largest rule ({LADDER[-1]} nodes) without "
-                f"matching the exact output change on {len(steps)} step(s) (first: {steps[:5]}); "
-                "the explained output is probably not smooth there (a max, a kink, a "
-                "discontinuity). The remainder is reported in `delta`",
-                QuadratureWarning,
-                stacklevel=3,
-            )
+        warn_unconverged(integrator.unconverged, "`delta`")
         explained = contributions.sum(1)
         # without projection the contributions are exact and add up to the explained part
         exact_total = explained if projector is None else sums.explained_exact
@@ -422,6 +413,26 @@ class Engine:
                 ReconstructionWarning,
                 stacklevel=4,
             )
+
+
+def warn_unconverged(steps: list[int], where: str) -> None:
+    """Raise a `QuadratureWarning` for steps the adaptive rule could not match.
+
+    Args:
+        steps: The step numbers (may repeat).
+        where: Where the remainder shows, for the message.
+    """
+    if not steps:
+        return
+    steps = sorted(set(steps))
+    warnings.warn(
+        f"the adaptive quadrature reached its largest rule ({LADDER[-1]} nodes) without "
+        f"matching the exact output change on {len(steps)} step(s) (first: {steps[:5]}); "
+        "the explained output is probably not smooth there (a max, a kink, a "
+        f"discontinuity). The remainder is reported in {where}",
+        QuadratureWarning,
+        stacklevel=4,
+    )
 
 
 def add_norms(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, _check_finite, example_weights
+from .engine import Engine, _check_finite, example_weights, warn_unconverged
 from .gradients import OutputFn, n_rows, one_row, take
 from .quadrature import QuadratureRule, StepIntegrator
 from .rules import make_rule
@@ -168,6 +168,16 @@ def exact_self_influence_plain_sgd(
     out = torch.zeros(len(indices), dtype=fm.dtype, device=fm.device)
     eps = torch.finfo(fm.dtype).eps
     w_next = fm.flatten(path.final)
+    # each step may leave rtol of an example's whole change, spread over the steps (as in
+    # `Engine.exact`): f(x_i) at the two ends of the path, for the examples asked about
+    w_first = fm.flatten(path.initial)
+    share = torch.zeros(engine.n_train, dtype=fm.dtype, device=fm.device)
+    for part in torch.split(indices, 4096):
+        *inputs, labels = engine._batch(part)
+        total = output_fn(fm.outputs(w_next, inputs), labels)
+        total = total - output_fn(fm.outputs(w_first, inputs), labels)
+        share[part.to(fm.device)] = quad.rtol * total.abs() / max(len(path), 1)
+    integrator = StepIntegrator(fm, quad, (), None, output_fn)  # one rung, carried over steps
     for s in tqdm(range(len(path) - 1, -1, -1), desc="steps", disable=not p.show_progress):
         step = path.step(s)
         w = fm.flatten(step.params)
@@ -180,18 +190,22 @@ def exact_self_influence_plain_sgd(
         members = step.indices[keep]
         kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)[keep]
         *inputs, labels = engine._batch(members)
-        f_s = output_fn(fm.outputs(w, inputs), labels)
-        f_next = output_fn(fm.outputs(w_prev_next, inputs), labels)
+        inputs = tuple(inputs)
+        f_s, m_s = engine._forward_and_scale(w, inputs, labels, output_fn)
+        f_next, m_next = engine._forward_and_scale(w_prev_next, inputs, labels, output_fn)
         _check_finite(f_s, "training-example output", s)
-        integrator = StepIntegrator(fm, quad, tuple(inputs), labels, output_fn)
-        floor = 16 * eps * (f_s.abs() + f_next.abs())
-        phi, _ = integrator.integrate(w, delta, f_next - f_s, floor, s)
+        integrator.retarget(inputs, labels)
+        # what rounding leaves of the exact change (a loss carries its logits' rounding)
+        floor = 16 * eps * (f_s.abs() + f_next.abs() + m_s + m_next)
+        tol = torch.maximum(share[members.to(fm.device)], floor)
+        phi, _ = integrator.integrate(w, delta, f_next - f_s, tol, s)
         v, _ = rule.begin(s, step, phi, fm.active(w))
         sign, _ = rule.coefficients(step)
         grads = fm.loss_grads(w, (*inputs, labels), p.loss_fn)
         _check_finite(grads, "training gradient", s)
         values = -(v * grads * sign).sum(1) * kappa.to(fm.dtype)
         out.index_add_(0, rows[keep].to(fm.device), values)
+    warn_unconverged(integrator.unconverged, "the scores")
     return out
 
 

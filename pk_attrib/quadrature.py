@@ -107,6 +107,16 @@ class StepIntegrator:
         self._prefetched: dict[int, tuple[torch.Tensor, int]] = {}
         self.climbs = 0  # steps whose first rule failed (their prefetched rule was wasted)
 
+    def retarget(self, inputs, target) -> None:
+        """Integrate for other queries from now on, starting from the rung reached so far.
+
+        Args:
+            inputs: The new queries' inputs, each (n', ...).
+            target: Their targets, (n',), or None.
+        """
+        self.inputs, self.target = inputs, target
+        self._prefetched.clear()
+
     def first_rule(self) -> tuple[tuple[float, ...], tuple[float, ...], int]:
         """Nodes, weights and node count the next step is tried with first."""
         if self.rule.kind is Quadrature.LEFT:

@@ -186,6 +186,40 @@ def test_checkpoint_self_influence_on_a_recorded_path_selects_entries_too(run):
     check_self_influence_is_the_diagonal_and_selects(ex, data, 1e-12, 1e-15)
 
 
+def test_plain_sgd_self_influence_integrates_to_the_same_tolerance_as_attribute(monkeypatch):
+    """In float32 a well-fitted example's loss is tiny, and its logits' rounding exceeded
+    the tolerance the plain-SGD self-influence gave each step (16 eps |f|, without the
+    logits' scale or the step's share of rtol): steps climbed to 64 nodes (7x the time on
+    the digits MLP), and those that stopped there raised no QuadratureWarning."""
+    from pk_attrib import quadrature
+
+    torch.manual_seed(22)
+    model = digits_mlp(hidden=16).float()
+    x, y = digits()
+    data = torch.utils.data.TensorDataset(x[:100].float(), y[:100])
+    path = record(model, torch.optim.SGD(model.parameters(), lr=0.5), data, epochs=20)
+    used = []
+    integrate = quadrature.StepIntegrator.integrate
+
+    def counting(self, *args, **kwargs):
+        phi, q = integrate(self, *args, **kwargs)
+        used.append(q)
+        return phi, q
+
+    monkeypatch.setattr(quadrature.StepIntegrator, "integrate", counting)
+    ex = explainer((model, data, path))
+    scores = ex.self_influence()
+    assert len(used) == len(path) and max(used) <= 8  # (64 before)
+    diagonal = ex.influence(data.tensors).diagonal()
+    torch.testing.assert_close(scores, diagonal, rtol=1e-3, atol=1e-5)
+    # a kink the rule cannot resolve is reported, as attribute() reports it
+    relu = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    relu_data = train_set(n=40)
+    relu_path = record(relu.double(), torch.optim.SGD(relu.parameters(), lr=2.0), relu_data)
+    with pytest.warns(pk.QuadratureWarning, match="reported in the scores"):
+        explainer((relu, relu_data, relu_path), rtol=1e-12).self_influence()
+
+
 @pytest.mark.parametrize("opt", ["adam", "adam_l2_amsgrad"])
 def test_exact_self_influence_under_adam_is_the_diagonal(opt):
     torch.manual_seed(20)
