@@ -33,6 +33,7 @@ from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
 
 WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
+BLOCK_BYTES = 32 << 20  # query gradients of the steps integrated in one batched call
 
 
 class ReconstructionWarning(PkAttribWarning):
@@ -201,7 +202,10 @@ class Engine:
         flat: dict[int, torch.Tensor] = {}
         train_grads: dict[int, torch.Tensor] = {}
         size, climbs = 1, 0
-        block = max(1, min(16, fm.memory_budget // max(1, 12 * n * fm.d * dtype.itemsize)))
+        # steps integrated per batched call: their query gradients (2 nodes a step at first)
+        # stay within a working set the allocator recycles; larger ones fault in fresh pages
+        per_step = n * fm.d * dtype.itemsize
+        block = max(1, min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step)))
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
             if columns is None and s not in flat:  # integrate a block of steps in one call
