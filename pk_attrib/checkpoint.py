@@ -8,13 +8,15 @@ this is Captum's TracInCP with ``test_loss_fn`` = the explained output, up to si
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from tqdm.auto import tqdm
 
 from .decomposition import Decomposition, Diagnostics
-from .engine import Engine, _check_finite, add_norms, example_weights
+from .engine import BLOCK_BYTES, Engine, _check_finite, add_norms, example_weights
 from .gradients import OutputFn, n_rows, take
-from .linear import capture, dot_products, linear_layers, squared_norms
+from .linear import capture, dot_products, example_losses, linear_layers, squared_norms
 from .path import Step
 
 
@@ -289,7 +291,26 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
     fm, path, p = engine.fm, engine.p.path, engine.p
     m = len(indices) if indices is not None else n_rows(batch[-1])
     out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
-    chunk = max(1, fm.chunk_size())
+    if not m:
+        return out
+
+    def examples(r: torch.Tensor):
+        if batch is not None:
+            return fm.cast(take(tuple(batch), r))
+        return engine._batch(indices[r])
+
+    # Linear layers: ‖g‖² from each layer's activations and output gradients, no
+    # per-example gradients formed (where those rebuild the gradients: checked once)
+    layers, rest = linear_layers(fm)
+    if layers and len(path):
+        fm.use_buffers(path.step(0).buffers)
+        *x, labels = examples(torch.arange(min(m, 2)))
+        losses = example_losses(fm, labels, p.loss_fn)
+        if capture(fm, fm.flatten(path.step(0).params), x, losses, layers, check=True) is None:
+            layers = []
+    # rows per call: their gradients (or a layer's factors) within a recycled working set
+    width = fm.d_active if not layers else max(fm.d_active // 8, 1)
+    chunk = max(1, min(fm.chunk_size(), BLOCK_BYTES // (3 * width * fm.dtype.itemsize)))
     for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
         step = path.step(s)
         fm.use_buffers(step.buffers)
@@ -305,13 +326,27 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
                 weights.append((_rates(lr, skipped), hits[:, 0], kappa[hits[:, 1]]))
         for lr, rows, kappa in weights:
             eta = _eta(engine, lr)
+            rest_lr = _rest_scale(engine, lr, rest)
             for a in range(0, len(rows), chunk):
                 r = rows[a : a + chunk]
-                if batch is not None:
-                    examples = fm.cast(take(tuple(batch), r))
+                *x, labels = examples(r)
+                if layers:
+                    factors = capture(
+                        fm,
+                        w,
+                        x,
+                        example_losses(fm, labels, p.loss_fn),
+                        layers,
+                        rest,
+                        lambda names, x=x, labels=labels, w=w: fm.loss_grads(
+                            w, (*x, labels), p.loss_fn, names=names
+                        ),
+                    )
+                    scale = functools.partial(_lr_of, engine, lr)
+                    values = squared_norms(factors, layers, scale, rest_lr)
                 else:
-                    examples = engine._batch(indices[r])
-                g = fm.loss_grads(w, examples, p.loss_fn)
-                _check_finite(g, "training gradient", s)
-                out.index_add_(0, r.to(fm.device), (g * g * eta).sum(1) * kappa[a : a + chunk])
+                    g = fm.loss_grads(w, (*x, labels), p.loss_fn)
+                    values = (g * g) @ eta if eta.dim() else (g * g).sum(1) * eta
+                _check_finite(values, "training gradient", s)
+                out.index_add_(0, r.to(fm.device), values * kappa[a : a + chunk])
     return out

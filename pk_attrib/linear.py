@@ -49,6 +49,11 @@ def linear_layers(
     return layers, [n for n in names if n not in covered]
 
 
+def example_losses(fm: FunctionalModel, labels, loss_fn) -> Callable:
+    """``outputs -> (B,)``: each example's training loss, for `capture`."""
+    return lambda outputs: fm.per_example_losses(outputs, labels, loss_fn)
+
+
 @dataclass
 class LayerFactors:
     """Per-example factors: per layer (a (B, T, in), δ (B, T, out)), and other gradients."""

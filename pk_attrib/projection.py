@@ -20,7 +20,7 @@ import torch
 
 from .exceptions import PkAttribWarning, UnsupportedError
 from .gradients import FunctionalModel, n_rows, take
-from .linear import capture, linear_layers
+from .linear import capture, example_losses, linear_layers
 
 
 class ProjectorKind(str, enum.Enum):
@@ -185,7 +185,9 @@ class DenseProjector(Projector):
         out, group, held = [], [], 0
         for a in range(0, n_rows(labels), chunk):
             part = (*take(tuple(inputs), slice(a, a + chunk)), take(labels, slice(a, a + chunk)))
-            captured = capture(fm, w, part[:-1], _losses(fm, part[-1], loss_fn), layers, check=True)
+            captured = capture(
+                fm, w, part[:-1], example_losses(fm, part[-1], loss_fn), layers, check=True
+            )
             if captured is None:  # the captured terms do not rebuild a layer's gradient
                 return super().training_features(w, batch, loss_fn)
             terms = captured.factors
@@ -247,11 +249,6 @@ class DenseProjector(Projector):
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _losses(fm: FunctionalModel, labels: torch.Tensor, loss_fn) -> Callable:
-    """``outputs -> (B,)`` per-example training losses, for `capture`."""
-    return lambda outputs: fm.per_example_losses(outputs, labels, loss_fn)
 
 
 class SparseProjector(Projector):
@@ -397,7 +394,9 @@ class FactorizedProjector(Projector):
     def _features(self, w, inputs, labels, loss_fn):
         fm = self.fm
         check = not self._checked  # once: the model's structure does not change
-        captured = capture(fm, w, inputs, _losses(fm, labels, loss_fn), self.layers, check=check)
+        captured = capture(
+            fm, w, inputs, example_losses(fm, labels, loss_fn), self.layers, check=check
+        )
         if captured is None:
             raise UnsupportedError(
                 "projector='factorized' builds each Linear layer's per-example gradient from "
