@@ -432,8 +432,10 @@ def warn_unconverged(steps: list[int], where: str) -> None:
     warnings.warn(
         f"the adaptive quadrature reached its largest rule ({LADDER[-1]} nodes) without "
         f"matching the exact output change on {len(steps)} step(s) (first: {steps[:5]}); "
-        "the explained output is probably not smooth there (a max, a kink, a "
-        f"discontinuity). The remainder is reported in {where}",
+        "the explained output is probably not smooth there (ReLU, max-pooling, a max, a "
+        f"discontinuity). The remainder is reported in {where}. Such steps cost up to "
+        f"{LADDER[-1]} query gradients each: pass quadrature=q (say 4 or 8) to bound the cost, "
+        "or use a smooth activation (GELU, SiLU) for an exact decomposition",
         QuadratureWarning,
         stacklevel=4,
     )
