@@ -203,9 +203,14 @@ class Engine:
         train_grads: dict[int, torch.Tensor] = {}
         size, climbs = 1, 0
         # steps integrated per batched call: their query gradients (2 nodes a step at first)
-        # stay within a working set the allocator recycles; larger ones fault in fresh pages
+        # and training gradients stay within a working set the allocator recycles; larger
+        # ones fault in fresh pages
         per_step = n * fm.d * dtype.itemsize
-        block = max(1, min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step)))
+        batch_bytes = (len(path.step(S - 1).indices) if S else 1) * fm.d_active * dtype.itemsize
+        block = min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step))
+        if not kernel and projector is None:
+            block = min(block, BLOCK_BYTES // max(1, batch_bytes))
+        block = max(1, block)
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
             if columns is None and s not in flat:  # integrate a block of steps in one call
@@ -331,8 +336,13 @@ class Engine:
         """Per-example gradients of the batches of several steps, in one vmap call."""
         parts = [path.step(j).indices for j in steps]
         indices = torch.cat(parts)
-        ws = torch.cat([flat[j].expand(len(idx), -1) for j, idx in zip(steps, parts, strict=True)])
-        grads = self.fm.loss_grads_at(ws, self._batch(indices), self.p.loss_fn)
+        batch = self._batch(indices)
+        if len({len(idx) for idx in parts}) == 1:  # batches of one size: steps as a dimension
+            ws = torch.stack([flat[j] for j in steps])
+            grads = self.fm.loss_grads_by_step(ws, batch, self.p.loss_fn)
+        else:
+            ws = torch.cat([flat[j].expand(len(i), -1) for j, i in zip(steps, parts, strict=True)])
+            grads = self.fm.loss_grads_at(ws, batch, self.p.loss_fn)
         return dict(zip(steps, torch.split(grads, [len(idx) for idx in parts]), strict=True))
 
     def _projected_step(

@@ -385,6 +385,55 @@ class FunctionalModel:
             return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
         return torch.cat(chunks)
 
+    def loss_grads_by_step(
+        self,
+        ws: torch.Tensor,
+        batch: Sequence[Any],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-example loss gradients of S equal-sized batches at their steps' parameters.
+
+        Returns (S·B, d_active), batch by batch.
+
+        The same numbers as `loss_grads_at` with each row of ``ws`` repeated B times, without
+        copying the parameters per example (the steps are a vmap dimension of their own).
+
+        Args:
+            ws: Flat parameters of each step, (S, d).
+            batch: ``(inputs..., labels)`` of the S·B examples, step by step.
+            loss_fn: The training loss.
+        """
+        *inputs, labels = batch
+        inputs = tuple(inputs)
+        steps = ws.shape[0]
+        size = n_rows(labels) // steps
+
+        def single(pa, pp, x, label):
+            out = self._call({**pa, **pp}, one_row(x))
+            return loss_fn(out, one_row(label)).sum()
+
+        per_example = self._map(grad(single), (None, None, 0, 0))
+        per_step = self._map(per_example, (0, 0, 0, 0))
+
+        def by_step(tree, a, b):
+            return pytree.tree_map(
+                lambda t: (
+                    t[a * size : b * size].reshape(b - a, size, *t.shape[1:])
+                    if isinstance(t, torch.Tensor)
+                    else t
+                ),
+                tree,
+            )
+
+        chunk = max(1, self.chunk_size(2) // max(1, size))
+        chunks = []
+        for a in range(0, steps, chunk):
+            b = min(steps, a + chunk)
+            act, passive = self._split(self.unflatten(ws[a:b]))
+            g = per_step(act, passive, by_step(inputs, a, b), by_step(labels, a, b))
+            chunks.append(self._flat_grads(g, 2).reshape((b - a) * size, -1))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
     @staticmethod
     def per_example_losses(outputs, labels, loss_fn) -> torch.Tensor:
         """ℓ_i for each row of a batch's outputs, (B,), whatever the loss's reduction."""

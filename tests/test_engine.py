@@ -774,6 +774,22 @@ def test_fast_per_example_gradients_equal_the_backward_loop():
     torch.testing.assert_close(
         small.loss_grads(w, (x[:7], y[:7]), loss_fn), slow, rtol=1e-12, atol=1e-14
     )
+    # three steps' batches of 4, each at its own parameters: steps as a vmap dimension, and
+    # the parameters copied per example, give the backward loop's numbers
+    ws = torch.stack([w, 1.1 * w, w - 0.05])
+    batch = (x[:12], y[:12])
+    by_step = torch.cat(
+        [per_example_gradients(model, names, ws[k], (x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4]),
+                               loss_fn) for k in range(3)]
+    )  # fmt: skip
+    for f in (fm, small):
+        torch.testing.assert_close(
+            f.loss_grads_by_step(ws, batch, loss_fn), by_step, rtol=1e-12, atol=1e-14
+        )
+        each = ws.repeat_interleave(4, 0)
+        torch.testing.assert_close(
+            f.loss_grads_at(each, batch, loss_fn), by_step, rtol=1e-12, atol=1e-14
+        )
 
 
 def test_output_fn_explains_any_scalar_and_scalar_models_need_no_target():
