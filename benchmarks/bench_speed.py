@@ -32,6 +32,10 @@ query's label.
     timed (building node parameters and gathering batches is not). Target: exact-mode wall
     time / bare time <= 1.5.
 
+(c) For information, ``self_influence()`` of every training example: exact mode on the
+    recorded path, checkpoint mode on the 10 files, and Captum's
+    ``TracInCP.self_influence()`` (sample-wise gradients) on the same files.
+
 Every time is the median of ``--repeats`` rounds after one untimed warm-up round; each
 round runs all contenders of a part once, in rotating order, so that changing background
 load hits them alike. The load average is printed before and after: on a shared machine
@@ -421,6 +425,33 @@ def bench_exact_mode(run: Trained, cfg: Config, profile: bool) -> bool:
 # -- main --------------------------------------------------------------------------------------
 
 
+# -- (c) self-influence, side by side with Captum (information, no target) -------------------
+
+
+def bench_self_influence(run: Trained, cfg: Config) -> None:
+    """Part (c): self_influence() in exact and checkpoint mode, and Captum's on the files."""
+    print("\n(c) self_influence() of every training example (information)")
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(torch.load(run.checkpoints[-1], weights_only=True))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    exact = pk.PathKernelInfluence(run.model, run.train_set, run.path, loss_fn, show_progress=False)
+    path = pk.TrainingPath.from_checkpoints(run.checkpoints, run.learning_rates, model=model)
+    tracin_pk = pk.PathKernelInfluence(model, run.train_set, path, loss_fn, show_progress=False)
+    batch_size = max(cfg.captum_sample_wise_batch_sizes)
+    tracin = make_tracin(run, True, batch_size)
+    cases = {
+        f"pk_attrib exact ({len(run.path)} steps)": wall(exact.self_influence),
+        f"pk_attrib checkpoint ({len(run.checkpoints)} files)": wall(tracin_pk.self_influence),
+        f"captum sample_wise batch_size={batch_size}": wall(tracin.self_influence),
+    }
+    timed = interleaved_medians(cases, cfg.repeats)
+    for name, (seconds, _) in timed.items():
+        print(f"    {name:<40s} {seconds * 1e3:9.1f} ms")
+    (_, ours), (_, theirs) = list(timed.values())[1:]
+    diff = float((ours - theirs).abs().max() / theirs.abs().max())
+    print(f"    checkpoint mode vs Captum: max relative difference {diff:.1e}")
+
+
 def print_load(label: str) -> None:
     """Print the 1-minute load average against the core count."""
     load = os.getloadavg()[0]
@@ -457,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained {len(run.path)} steps in {time.perf_counter() - start:.1f} s")
         passed_a = bench_checkpoint_mode(run, cfg)
         passed_b = bench_exact_mode(run, cfg, args.profile)
+        bench_self_influence(run, cfg)
     print_load("\nload average at end")
     overall = passed_a and passed_b
     print(f"\noverall: {'PASS' if overall else 'FAIL'}")

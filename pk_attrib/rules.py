@@ -332,6 +332,8 @@ class Rule:
 class SGDRule(Rule):
     """SGD with momentum, dampening, nesterov, weight decay and maximize (PyTorch convention)."""
 
+    _terms_of: tuple | None = None  # (step index, its terms): the last step asked for
+
     def memoryless(self, step: Step) -> bool:
         """Plain SGD (no momentum in any group) keeps no state between steps."""
         return all(float(h.get("momentum", 0.0)) == 0.0 for h in step.hyper)
@@ -345,6 +347,13 @@ class SGDRule(Rule):
         the gradient), 0 where it does not move. c scales the buffer before the step into the
         one after it: μ where it moves, 0 where it starts, 1 where it is carried unchanged.
         """
+        if self._terms_of is not None and self._terms_of[0] == step.index:  # ~9 calls a step
+            return self._terms_of[1]
+        terms = self._build_terms(step)
+        self._terms_of = (step.index, terms)
+        return terms
+
+    def _build_terms(self, step: Step):
         eta = self._eta(step)
         mu = self.vec.hyper(step, "momentum")
         damp = 1.0 - self.vec.hyper(step, "dampening")
