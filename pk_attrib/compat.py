@@ -307,12 +307,21 @@ def tensors_of(parts) -> list[torch.Tensor]:
     found = []
     for part in parts:
         if isinstance(part, (tuple, list, dict)) and leaves(part):
-            found += leaves(part)
+            found += leaves(_keys_sorted(part))  # (dicts match whatever their key order)
         elif isinstance(part, numbers.Number):
             found.append(default_collate([part])[0])
         else:
             found.append(torch.as_tensor(part))
     return found
+
+
+def _keys_sorted(tree):
+    """The tree with every dict's keys in sorted order (by their text)."""
+    if isinstance(tree, dict):
+        return {k: _keys_sorted(tree[k]) for k in sorted(tree, key=str)}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_keys_sorted(v) for v in tree)
+    return tree
 
 
 def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .decomposition import Decomposition, Diagnostics
 from .exceptions import NonFiniteError, PkAttribWarning
 from .features import FeatureCache
-from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples, n_rows
+from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples, leaves, n_rows
 from .path import TrainingPath
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
@@ -133,10 +133,11 @@ class Engine:
         """
         outputs = self.fm.outputs(w, inputs)
         f = output_fn(outputs, target).reshape(-1)
-        if isinstance(outputs, torch.Tensor) and outputs.numel() and outputs.shape[0] == len(f):
-            scale = outputs.detach().abs().reshape(len(f), -1).amax(1).to(f.dtype)
-        else:
-            scale = torch.zeros_like(f)
+        scale = torch.zeros_like(f)
+        for t in leaves(outputs):  # (tuple and dict outputs: their batch-first tensors)
+            if t.is_floating_point() and t.dim() and t.shape[0] == len(f) and t.numel():
+                largest = t.detach().abs().reshape(len(f), -1).amax(1).to(f.dtype)
+                scale = torch.maximum(scale, largest)
         return f, scale
 
     # -- exact ----------------------------------------------------------------------------
@@ -206,11 +207,8 @@ class Engine:
         # and training gradients stay within a working set the allocator recycles; larger
         # ones fault in fresh pages
         per_step = n * fm.d * dtype.itemsize
-        batch_bytes = (len(path.step(S - 1).indices) if S else 1) * fm.d_active * dtype.itemsize
-        block = min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step))
-        if not kernel and projector is None:
-            block = min(block, BLOCK_BYTES // max(1, batch_bytes))
-        block = max(1, block)
+        block = max(1, min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step)))
+        example_bytes = fm.d_active * dtype.itemsize  # a training gradient
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
             if columns is None and s not in flat:  # integrate a block of steps in one call
@@ -218,6 +216,13 @@ class Engine:
                 size = max(1, size // 2) if integrator.climbs > climbs else min(block, 2 * size)
                 climbs = integrator.climbs
                 steps = list(range(max(0, s - size + 1), s + 1))
+                if not kernel and projector is None:  # their training gradients, too
+                    held = 0
+                    for k in range(len(steps) - 1, -1, -1):
+                        held += len(path.step(steps[k]).indices) * example_bytes
+                        if held > BLOCK_BYTES and k < len(steps) - 1:
+                            steps = steps[k + 1 :]
+                            break
                 flat = {j: fm.flatten(path.step(j).params) for j in steps}
                 flat[s + 1] = w_next
                 segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]

@@ -111,7 +111,7 @@ class CollatedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[0] for t in gather_examples(self, torch.tensor([int(i)])))
+        return tuple(take(part, 0) for part in gather_examples(self, torch.tensor([int(i)])))
 
 
 def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -407,6 +407,8 @@ class FunctionalModel:
         inputs = tuple(inputs)
         steps = ws.shape[0]
         size = n_rows(labels) // steps
+        if size == 0:
+            return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
 
         def single(pa, pp, x, label):
             out = self._call({**pa, **pp}, one_row(x))
@@ -441,7 +443,18 @@ class FunctionalModel:
         def one(out, label):
             return loss_fn(one_row(out), one_row(label)).sum()
 
-        return vmap(one)(outputs, labels)
+        try:
+            return vmap(one)(outputs, labels)
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            if _not_vmaps_doing(err):
+                raise
+        # a loss vmap cannot trace (data-dependent branches, .item()), or outputs that are
+        # not all batch-first: one row at a time, rows counted by the labels
+        each = [
+            loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
+            for i in range(n_rows(labels))
+        ]
+        return torch.stack(each) if each else torch.zeros(0)
 
     def batch_grad(self, w, batch, loss_fn, weights: torch.Tensor) -> torch.Tensor:
         """∇_w Σ_i weights_i ℓ_i(w) in one backward pass, (d_active,)."""
@@ -576,12 +589,11 @@ def check_batch_dimension(outputs: Any, what: str) -> None:
         outputs: The model's outputs for one example.
         what: Which example, for the message ("training example 0", "the first query").
     """
-    if isinstance(outputs, torch.Tensor) and (outputs.dim() == 0 or outputs.shape[0] != 1):
+    if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
         raise ValueError(
-            f"on {what}, given as a batch of one (x.unsqueeze(0)), the model returns an "
-            f"output of shape {tuple(outputs.shape)}, not (1, ...): pk_attrib evaluates "
-            "examples one at a time, so the model must keep the batch dimension first "
-            "(e.g. .squeeze(-1) rather than .squeeze())"
+            f"on {what}, given as a batch of one (x.unsqueeze(0)), the model returns a 0-dim "
+            "output: pk_attrib evaluates examples one at a time, so the model must keep the "
+            "batch dimension (e.g. .squeeze(-1) rather than .squeeze())"
         )
 
 

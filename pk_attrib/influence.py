@@ -35,13 +35,13 @@ def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     def by_rows(outputs: Any, labels: Any) -> torch.Tensor:
         each = [
             loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
-            for i in range(n_rows(outputs))
+            for i in range(n_rows(labels))
         ]
         return torch.stack(each)
 
     def explained(outputs: Any, labels: Any) -> torch.Tensor:
         nonlocal trusted
-        if n_rows(outputs) == 1:  # (per-example gradients call it on one row)
+        if n_rows(labels) == 1:  # (per-example gradients call it on one row)
             return -loss_fn(outputs, labels).sum().reshape(1)
         if trusted is False:
             return -by_rows(outputs, labels)

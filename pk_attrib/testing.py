@@ -73,6 +73,8 @@ def per_example_gradients(
     for i in range(n_rows(labels)):
         x, y = take(inputs, slice(i, i + 1)), take(labels, slice(i, i + 1))
         rows.append(ref.grad(lambda x=x, y=y: loss_fn(ref.model(*x), y).sum()))
+    if not rows:
+        return torch.zeros(0, sum(p.numel() for p in ref.params), dtype=torch.float64)
     return torch.stack(rows)
 
 

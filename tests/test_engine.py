@@ -702,6 +702,36 @@ def test_an_embedding_with_sparse_gradients_is_explained():
     assert model[0].sparse  # the user's model is left as it was
 
 
+def test_steps_with_empty_batches_are_explained():
+    """Two consecutive steps that credit no example (record_batch([]), a zero loss): a block
+    of such steps crashed the batched training gradients ("cannot reshape tensor of 0
+    elements")."""
+    torch.manual_seed(12)
+    data = train_set(n=12)
+    x, y = data.tensors
+    model = digits_mlp(hidden=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty = torch.zeros(0, dtype=torch.int64)
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for idx in [torch.arange(0, 4), torch.arange(4, 8), torch.arange(8, 12), empty, empty]:
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum") if len(idx) else None
+            if loss is None:  # nothing to learn from: a zero gradient
+                loss = 0 * sum(p.sum() for p in model.parameters())
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    dec = pk.PathKernelInfluence(
+        model, data, recorder.path, loss_fn, quadrature=3, show_progress=False
+    ).attribute(x[:2], target=y[:2])
+    ref = reference_decomposition(
+        model, data, recorder.path, loss_fn, x[:2], y[:2], q=3, loss_reduction="sum"
+    )
+    torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
+
+
 def test_linear_regression_closed_form():
     """f(x; w) = w·x is linear, so φ_s = x and c_i = −Σ_s (η/|B|) x·g_i(w_s) exactly."""
     torch.manual_seed(3)

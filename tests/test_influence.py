@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -341,8 +342,24 @@ def test_models_that_need_the_batch_or_drop_its_dimension_are_refused_saying_so(
     final = {f"net.{k}": v for k, v in path.final.items()}
     squeezed.load_state_dict(final)
     line = pk.TrainingPath.from_checkpoints([final, final], [0.1, 0.1])
-    with pytest.raises(ValueError, match=r"output of shape \(\), not \(1, \.\.\.\)"):
+    with pytest.raises(ValueError, match="returns a 0-dim output"):
         pk.PathKernelInfluence(squeezed, data, line, torch.nn.MSELoss(), show_progress=False)
+
+    class TokensFlat(torch.nn.Module):  # (B, 2·32) -> (2B, 10): two rows per example
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x.reshape(-1, 2, 32).repeat(1, 1, 2).reshape(-1, 64))
+
+    flat = TokensFlat()
+    flat.load_state_dict({f"net.{k}": v for k, v in path.final.items()})
+    line = pk.TrainingPath.from_checkpoints([flat.state_dict()] * 2, [0.1, 0.1])
+    pk.PathKernelInfluence(  # no longer refused: its output for one example is (2, 10)
+        flat, data, line, lambda out, lab: F.cross_entropy(out.reshape(-1, 20), lab),
+        loss_reduction="mean", show_progress=False,
+    )  # fmt: skip
 
     batch_stats = torch.nn.Sequential(
         torch.nn.BatchNorm1d(64, track_running_stats=False, dtype=F64), model
@@ -474,6 +491,19 @@ def test_checkpoint_self_influence_is_the_learning_rate_weighted_squared_gradien
         for st, lr in zip(states, rates, strict=True)
     )  # fmt: skip
     torch.testing.assert_close(ex.self_influence(), expected, rtol=1e-10, atol=1e-14)
+
+    def branching(out, lab):  # data-dependent control flow: vmap cannot trace it
+        loss = F.cross_entropy(out, lab, reduction="sum")
+        return loss if float(loss.detach()) > 0 else 0 * loss
+
+    branchy = pk.PathKernelInfluence(
+        model, data, path, branching, loss_reduction="sum", mode="checkpoint",
+        show_progress=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pk.VectorizationWarning)  # (said once, and true)
+        branchy_scores = branchy.self_influence()
+    torch.testing.assert_close(branchy_scores, expected, rtol=1e-10, atol=1e-14)
 
 
 def test_a_tracincp_script_runs_unchanged_against_pk_attrib(tmp_path):
@@ -1002,6 +1032,16 @@ def test_nested_inputs_and_tuple_or_dict_outputs_give_the_flat_models_numbers(as
     some = [nested_data[i] for i in (4, 17)]
     given = torch.utils.data.default_collate(some)
     torch.testing.assert_close(other.self_influence(tuple(given)), every[[4, 17]])
+    if as_dict:  # the keys in another order find the same examples
+        reordered = ({"b": given[0]["b"], "a": given[0]["a"]}, given[1])
+        torch.testing.assert_close(other.self_influence(reordered), every[[4, 17]])
+    # a training DataLoader with its own collate_fn over nested items (once: items were
+    # read with t[0] on each part, a dict key or the first half)
+    loader = DataLoader(nested_data, batch_size=7, collate_fn=torch.utils.data.default_collate)
+    from_loader = pk.PathKernelInfluence(
+        nested, loader, paths[1], nested_loss, loss_reduction="mean", show_progress=False
+    )
+    torch.testing.assert_close(from_loader.self_influence(), every, rtol=1e-9, atol=1e-13)
     # TracIn on the same path (checkpoint mode) agrees too
     flat_cp = pk.PathKernelInfluence(
         flat_model, flat_data, paths[0], loss, mode="checkpoint", show_progress=False
