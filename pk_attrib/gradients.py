@@ -350,7 +350,7 @@ class FunctionalModel:
         if not chunks:
             width = sum(v.numel() for v in act.values())
             return torch.zeros(0, width, dtype=self.dtype, device=self.device)
-        return torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def loss_grads_at(
         self,
@@ -383,7 +383,7 @@ class FunctionalModel:
             chunks.append(self._flat_grads(step(act, passive, part, lab), 1))
         if not chunks:
             return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
-        return torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def loss_grads_by_step(
         self,
@@ -574,7 +574,7 @@ class FunctionalModel:
         for a in range(0, n, size):
             jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
         dloss = vmap(dloss_single)(outs, labels)
-        return torch.cat(jacs), dloss
+        return (jacs[0] if len(jacs) == 1 else torch.cat(jacs)), dloss
 
 
 def check_batch_dimension(outputs: Any, what: str) -> None:
