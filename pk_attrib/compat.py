@@ -320,7 +320,7 @@ def _keys_sorted(tree):
     if isinstance(tree, dict):
         return {k: _keys_sorted(tree[k]) for k in sorted(tree, key=str)}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_keys_sorted(v) for v in tree)
+        return [_keys_sorted(v) for v in tree]  # (only the order of the leaves matters)
     return tree
 
 
