@@ -111,7 +111,9 @@ class CollatedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return tuple(take(part, 0) for part in gather_examples(self, torch.tensor([int(i)])))
+        batch = gather_examples(self, torch.tensor([int(i)]))
+        # row 0 of each part: of every tensor in it, or the first of a list of other things
+        return tuple(take(part, 0) if leaves(part) else part[0] for part in batch)
 
 
 def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
