@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .decomposition import Decomposition, Diagnostics
 from .engine import BLOCK_BYTES, Engine, _check_finite, add_norms, example_weights
-from .gradients import OutputFn, n_rows, take
+from .gradients import NotBatchFirst, OutputFn, n_rows, take
 from .linear import capture, dot_products, example_losses, linear_layers, squared_norms
 from .path import Step
 
@@ -75,7 +75,10 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
         fm.use_buffers(path.step(0).buffers)
         w0 = fm.flatten(path.step(0).params)
-        probe = query_terms(w0, check=True)
+        try:  # (outputs without a row per example cannot be read per layer)
+            probe = query_terms(w0, check=True)
+        except NotBatchFirst:
+            probe = None
         ok = probe is not None  # (a weight also used outside its module: no)
         if ok and n < 2 <= engine.n_train:
             # one query cannot show how a layer's rows group into examples (time-major
@@ -85,7 +88,10 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
             def losses(out: torch.Tensor) -> torch.Tensor:
                 return fm.per_example_losses(out, labels, p.loss_fn)
 
-            ok = capture(fm, w0, x, losses, layers, check=True) is not None
+            try:  # (outputs without a row per example cannot be read per layer either)
+                ok = capture(fm, w0, x, losses, layers, check=True) is not None
+            except NotBatchFirst:
+                ok = False
         cache["layers"] = ok
         if ok:  # the first checkpoint's query terms, as the loop takes them
             cache[0] = probe
@@ -306,7 +312,12 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
         fm.use_buffers(path.step(0).buffers)
         *x, labels = examples(torch.arange(min(m, 2)))
         losses = example_losses(fm, labels, p.loss_fn)
-        if capture(fm, fm.flatten(path.step(0).params), x, losses, layers, check=True) is None:
+        try:  # (outputs without a row per example cannot be read per layer either)
+            w0 = fm.flatten(path.step(0).params)
+            ok = capture(fm, w0, x, losses, layers, check=True) is not None
+        except NotBatchFirst:
+            ok = False
+        if not ok:
             layers = []
     # rows per call: their gradients (or a layer's factors) within a recycled working set
     width = fm.d_active if not layers else max(fm.d_active // 8, 1)

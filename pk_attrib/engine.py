@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 from .decomposition import Decomposition, Diagnostics
 from .exceptions import NonFiniteError, PkAttribWarning
 from .features import FeatureCache
-from .gradients import FunctionalModel, OutputFn, Reduction, gather_examples, leaves, n_rows
+from .gradients import (
+    FunctionalModel,
+    OutputFn,
+    Reduction,
+    gather_examples,
+    n_rows,
+    read_outputs,
+)
 from .path import TrainingPath
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
@@ -134,8 +141,8 @@ class Engine:
         outputs = self.fm.outputs(w, inputs)
         f = output_fn(outputs, target).reshape(-1)
         scale = torch.zeros_like(f)
-        for t in leaves(outputs):  # (tuple and dict outputs: their batch-first tensors)
-            if t.is_floating_point() and t.dim() and t.shape[0] == len(f) and t.numel():
+        for t in read_outputs(outputs, target, output_fn):
+            if t.dim() and t.shape[0] == len(f) and t.numel():
                 largest = t.detach().abs().reshape(len(f), -1).amax(1).to(f.dtype)
                 scale = torch.maximum(scale, largest)
         return f, scale

@@ -450,8 +450,9 @@ class FunctionalModel:
         except (RuntimeError, ValueError, NotImplementedError) as err:
             if _not_vmaps_doing(err):
                 raise
-        # a loss vmap cannot trace (data-dependent branches, .item()), or outputs that are
-        # not all batch-first: one row at a time, rows counted by the labels
+        # a loss vmap cannot trace (data-dependent branches, .item()), or outputs of which
+        # some are not batch-first (a GRU's h_n): one row at a time, rows counted by the labels
+        check_rows(outputs, labels, loss_fn)
         each = [
             loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
             for i in range(n_rows(labels))
@@ -577,6 +578,51 @@ class FunctionalModel:
             jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
         dloss = vmap(dloss_single)(outs, labels)
         return (jacs[0] if len(jacs) == 1 else torch.cat(jacs)), dloss
+
+
+def read_outputs(outputs, target, output_fn: OutputFn) -> list[torch.Tensor]:
+    """The floating tensors of the model's outputs that the explained quantity reads.
+
+    A plain tensor output is read; of a tuple or dict output, the tensors ``output_fn``
+    depends on (an auxiliary output it ignores, however large or non-finite, is not).
+    """
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() else []
+    flat, spec = pytree.tree_flatten(outputs)
+    where = [j for j, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not where:
+        return []
+    with torch.enable_grad():
+        probes = [flat[j].detach().requires_grad_() for j in where]
+        tree = list(flat)
+        for j, probe in zip(where, probes, strict=True):
+            tree[j] = probe
+        value = output_fn(pytree.tree_unflatten(tree, spec), target)
+        if not value.requires_grad:
+            return []
+        grads = torch.autograd.grad(value.sum(), probes, allow_unused=True)
+    return [flat[j] for j, g in zip(where, grads, strict=True) if g is not None and bool(g.any())]
+
+
+class NotBatchFirst(ValueError):
+    """The outputs a loss reads have no row per example (time-major or flattened)."""
+
+
+def check_rows(outputs: Any, labels: Any, loss_fn: Callable) -> None:
+    """Raise unless the outputs the loss reads have a row per example (batch first).
+
+    Per-example losses are read row by row from a batch's outputs; a time-major (T, B, ...)
+    or token-flattened (B·T, ...) output would give each example another's rows.
+    """
+    n = n_rows(labels)
+    for t in read_outputs(outputs, labels, loss_fn):
+        if t.dim() == 0 or t.shape[0] != n:
+            raise NotBatchFirst(
+                "influence() and self_influence() read each example's loss from its row of "
+                f"the model's outputs, but for {n} examples the output the loss reads has shape "
+                f"{tuple(t.shape)}: return outputs with the batch dimension first, (B, ...), or "
+                "explain with attribute(output_fn=...), which takes the outputs as they are"
+            )
 
 
 def check_batch_dimension(outputs: Any, what: str) -> None:

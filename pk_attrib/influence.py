@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine, _check_finite, example_weights, warn_unconverged
-from .gradients import OutputFn, n_rows, one_row, take
+from .gradients import OutputFn, check_rows, n_rows, one_row, take
 from .quadrature import QuadratureRule, StepIntegrator
 from .rules import make_rule
 
@@ -33,6 +33,7 @@ def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     trusted: bool | None = None  # whether the vectorized call gives the row-by-row numbers
 
     def by_rows(outputs: Any, labels: Any) -> torch.Tensor:
+        check_rows(outputs, labels, loss_fn)
         each = [
             loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
             for i in range(n_rows(labels))

@@ -732,6 +732,44 @@ def test_steps_with_empty_batches_are_explained():
     torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
 
 
+def test_an_auxiliary_output_the_explained_quantity_ignores_sets_no_tolerance():
+    """A model returning (logits, aux): the rounding floor of the adaptive rule comes from
+    the outputs output_fn reads. Taken from every output, an aux holding NaN made every step
+    climb to 64 nodes (and warn), one holding inf accepted every step at 2 nodes, 4.6e-5
+    off the reference."""
+
+    class WithAux(torch.nn.Sequential):  # the same parameter names as the plain MLP
+        fill = 0.0
+
+        def forward(self, inputs):
+            logits = super().forward(inputs)
+            return logits, torch.full_like(logits, self.fill)
+
+    def logit(out, target):
+        out = out[0] if isinstance(out, tuple) else out
+        return out.gather(1, target[:, None])[:, 0]
+
+    torch.manual_seed(14)
+    data = train_set(n=20)
+    x, y = digits()
+    plain = digits_mlp(hidden=6)
+    path = record(plain, torch.optim.SGD(plain.parameters(), lr=2.0), data, batch_size=10)
+    expected = pk.PathKernelInfluence(
+        plain, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    ).attribute(x[1500:1502], target=y[1500:1502], output_fn=logit)
+    for fill in (float("nan"), float("inf"), 1e12):
+        model = WithAux(*plain)
+        model.fill = fill
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pk.QuadratureWarning)
+            got = pk.PathKernelInfluence(
+                model, data, path, lambda out, lab: F.cross_entropy(out[0], lab),
+                loss_reduction="mean", show_progress=False,
+            ).attribute(x[1500:1502], target=y[1500:1502], output_fn=logit)  # fmt: skip
+        assert torch.equal(got.diagnostics.nodes, expected.diagnostics.nodes)
+        torch.testing.assert_close(got.contributions, expected.contributions, rtol=0, atol=0)
+
+
 def test_linear_regression_closed_form():
     """f(x; w) = w·x is linear, so φ_s = x and c_i = −Σ_s (η/|B|) x·g_i(w_s) exactly."""
     torch.manual_seed(3)

@@ -348,7 +348,7 @@ def test_models_that_need_the_batch_or_drop_its_dimension_are_refused_saying_so(
     class TokensFlat(torch.nn.Module):  # (B, 2·32) -> (2B, 10): two rows per example
         def __init__(self):
             super().__init__()
-            self.net = model
+            self.net = copy.deepcopy(model)  # (trained below: the fixture's stays as it is)
 
         def forward(self, x):
             return self.net(x.reshape(-1, 2, 32).repeat(1, 1, 2).reshape(-1, 64))
@@ -356,10 +356,26 @@ def test_models_that_need_the_batch_or_drop_its_dimension_are_refused_saying_so(
     flat = TokensFlat()
     flat.load_state_dict({f"net.{k}": v for k, v in path.final.items()})
     line = pk.TrainingPath.from_checkpoints([flat.state_dict()] * 2, [0.1, 0.1])
-    pk.PathKernelInfluence(  # no longer refused: its output for one example is (2, 10)
-        flat, data, line, lambda out, lab: F.cross_entropy(out.reshape(-1, 20), lab),
-        loss_reduction="mean", show_progress=False,
-    )  # fmt: skip
+
+    def pairs_loss(out, lab):
+        return F.cross_entropy(out.reshape(-1, 20), lab)
+
+    pk.PathKernelInfluence(  # not refused: its output for one example is (2, 10)
+        flat, data, line, pairs_loss, loss_reduction="mean", show_progress=False
+    )
+    # recorded: attribute(output_fn=...) reads such outputs as they are; influence() reads
+    # each example's loss from its rows, and says it cannot (it crashed deep inside)
+    recorded = record(flat, torch.optim.SGD(flat.parameters(), lr=0.1), data, loss_fn=pairs_loss)
+    ex = pk.PathKernelInfluence(
+        flat, data, recorded, pairs_loss, loss_reduction="mean", show_progress=False
+    )
+    x, y = data.tensors
+    dec = ex.attribute(
+        x[:3], target=y[:3], output_fn=lambda out, t: out.reshape(-1, 20).gather(1, t[:, None])
+    )
+    assert float(dec.relative_delta.max()) < 1e-8
+    with pytest.raises(ValueError, match=r"has shape \(6, 10\): return outputs with the batch"):
+        ex.influence((x[:3], y[:3]))
 
     batch_stats = torch.nn.Sequential(
         torch.nn.BatchNorm1d(64, track_running_stats=False, dtype=F64), model
