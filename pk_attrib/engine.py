@@ -40,7 +40,9 @@ from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
 
 WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
-BLOCK_BYTES = 32 << 20  # query gradients of the steps integrated in one batched call
+# the gradients one batched call may hold (the query and training gradients of a block of
+# steps, a chunk of checkpoint-mode self-influence): a working set the allocator recycles
+BLOCK_BYTES = 32 << 20
 
 
 class ReconstructionWarning(PkAttribWarning):
@@ -201,7 +203,6 @@ class Engine:
         prediction = f_next
         _check_finite(prediction, "output of the final model", S)
         f_initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
-        eps = torch.finfo(dtype).eps
         share = quad.rtol * (prediction - f_initial).abs() / max(S, 1)
         integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
         phi_delta = zeros.clone()
@@ -242,8 +243,7 @@ class Engine:
             f_s, m_s = self._forward_and_scale(w_full, inputs, target, output_fn)
             _check_finite(f_s, "query output", s)
             change = f_next - f_s
-            # what rounding leaves of the exact change f(w_s+1) − f(w_s) the check compares to
-            floor = 16 * eps * (f_s.abs() + f_next.abs() + m_s + m_next)
+            floor = rounding_floor(f_s, m_s, f_next, m_next)
             indices = step.indices
             kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
             kappa = kappa.to(dtype=dtype, device=device)
@@ -439,6 +439,15 @@ class Engine:
                 ReconstructionWarning,
                 stacklevel=4,
             )
+
+
+def rounding_floor(f_s, m_s, f_next, m_next) -> torch.Tensor:
+    """What rounding leaves of the exact change f(w_s+1) − f(w_s) a step is checked with, (n,).
+
+    ``m_s``, ``m_next``: the largest |model output| the explained outputs f read (a loss or
+    a log-probability carries its logits' rounding, however small f itself is).
+    """
+    return 16 * torch.finfo(f_s.dtype).eps * (f_s.abs() + f_next.abs() + m_s + m_next)
 
 
 def warn_unconverged(steps: list[int], where: str) -> None:

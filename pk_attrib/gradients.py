@@ -281,6 +281,15 @@ class FunctionalModel:
     def _call(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]):
         return functional_call(self.model, {**self.constants, **params}, tuple(inputs))
 
+    def _example_loss(self, loss_fn: Callable) -> Callable:
+        """One example's loss as a batch of one: ``(active, other params, inputs, label) -> ℓ``."""
+
+        def single(pa, pp, x, label):
+            out = self._call({**pa, **pp}, one_row(x))
+            return loss_fn(out, one_row(label)).sum()
+
+        return single
+
     def chunk_size(self, per_item: int = 1) -> int:
         """How many per-example gradients (each ``per_item`` × d values) fit the budget."""
         item = max(1, self.d_active * per_item * self.dtype.itemsize * 3)  # grads + temporaries
@@ -336,13 +345,9 @@ class FunctionalModel:
         """
         act, passive = self._split(self.unflatten(w), names)
 
-        def single(pa, pp, inputs, label):
-            out = self._call({**pa, **pp}, one_row(inputs))
-            return loss_fn(out, one_row(label)).sum()
-
         *inputs, labels = batch
         inputs = tuple(inputs)
-        step = self._map(grad(single), (None, None, 0, 0))
+        step = self._map(grad(self._example_loss(loss_fn)), (None, None, 0, 0))
         n = n_rows(labels)
         size = self.chunk_size()
         chunks = []
@@ -372,11 +377,7 @@ class FunctionalModel:
         *inputs, labels = batch
         inputs = tuple(inputs)
 
-        def single(pa, pp, x, label):
-            out = self._call({**pa, **pp}, one_row(x))
-            return loss_fn(out, one_row(label)).sum()
-
-        step = self._map(grad(single), (0, 0, 0, 0))
+        step = self._map(grad(self._example_loss(loss_fn)), (0, 0, 0, 0))
         size = max(1, self.chunk_size(2))  # the parameters are replicated per example
         chunks = []
         for a in range(0, n_rows(labels), size):
@@ -412,11 +413,7 @@ class FunctionalModel:
         if size == 0:
             return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
 
-        def single(pa, pp, x, label):
-            out = self._call({**pa, **pp}, one_row(x))
-            return loss_fn(out, one_row(label)).sum()
-
-        per_example = self._map(grad(single), (None, None, 0, 0))
+        per_example = self._map(grad(self._example_loss(loss_fn)), (None, None, 0, 0))
         per_step = self._map(per_example, (0, 0, 0, 0))
 
         def by_step(tree, a, b):
@@ -451,13 +448,8 @@ class FunctionalModel:
             if _not_vmaps_doing(err):
                 raise
         # a loss vmap cannot trace (data-dependent branches, .item()), or outputs of which
-        # some are not batch-first (a GRU's h_n): one row at a time, rows counted by the labels
-        check_rows(outputs, labels, loss_fn)
-        each = [
-            loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
-            for i in range(n_rows(labels))
-        ]
-        return torch.stack(each) if each else torch.zeros(0)
+        # some are not batch-first (a GRU's h_n)
+        return row_losses(outputs, labels, loss_fn)
 
     def batch_grad(self, w, batch, loss_fn, weights: torch.Tensor) -> torch.Tensor:
         """∇_w Σ_i weights_i ℓ_i(w) in one backward pass, (d_active,)."""
@@ -623,6 +615,20 @@ def check_rows(outputs: Any, labels: Any, loss_fn: Callable) -> None:
                 f"{tuple(t.shape)}: return outputs with the batch dimension first, (B, ...), or "
                 "explain with attribute(output_fn=...), which takes the outputs as they are"
             )
+
+
+def row_losses(outputs: Any, labels: Any, loss_fn: Callable) -> torch.Tensor:
+    """ℓ_i of each row, one loss call per row (rows counted by the labels), (B,).
+
+    Raises:
+        NotBatchFirst: The outputs the loss reads have no row per example.
+    """
+    check_rows(outputs, labels, loss_fn)
+    each = [
+        loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
+        for i in range(n_rows(labels))
+    ]
+    return torch.stack(each) if each else torch.zeros(0)
 
 
 def check_batch_dimension(outputs: Any, what: str) -> None:

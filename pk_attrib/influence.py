@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, _check_finite, example_weights, warn_unconverged
-from .gradients import OutputFn, check_rows, n_rows, one_row, take
+from .engine import Engine, _check_finite, example_weights, rounding_floor, warn_unconverged
+from .gradients import OutputFn, n_rows, one_row, row_losses
 from .quadrature import QuadratureRule, StepIntegrator
 from .rules import make_rule
 
@@ -32,27 +32,19 @@ def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     vectorized = torch.func.vmap(lambda o, t: loss_fn(one_row(o), one_row(t)).sum())
     trusted: bool | None = None  # whether the vectorized call gives the row-by-row numbers
 
-    def by_rows(outputs: Any, labels: Any) -> torch.Tensor:
-        check_rows(outputs, labels, loss_fn)
-        each = [
-            loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
-            for i in range(n_rows(labels))
-        ]
-        return torch.stack(each)
-
     def explained(outputs: Any, labels: Any) -> torch.Tensor:
         nonlocal trusted
         if n_rows(labels) == 1:  # (per-example gradients call it on one row)
             return -loss_fn(outputs, labels).sum().reshape(1)
         if trusted is False:
-            return -by_rows(outputs, labels)
+            return -row_losses(outputs, labels, loss_fn)
         try:
             fast = vectorized(outputs, labels)
         except Exception:  # a loss vmap cannot trace (data-dependent branches, .item(), ...)
             trusted = False
-            return -by_rows(outputs, labels)
+            return -row_losses(outputs, labels, loss_fn)
         if trusted is None:
-            slow = by_rows(outputs, labels)
+            slow = row_losses(outputs, labels, loss_fn)
             trusted = _same_rows(fast, slow)  # None: these rows cannot decide; ask again later
             if not trusted:
                 return -slow
@@ -167,7 +159,6 @@ def exact_self_influence_plain_sgd(
     position = torch.full((engine.n_train,), -1, dtype=torch.int64)
     position[indices] = torch.arange(len(indices))
     out = torch.zeros(len(indices), dtype=fm.dtype, device=fm.device)
-    eps = torch.finfo(fm.dtype).eps
     w_next = fm.flatten(path.final)
     # each step may leave rtol of an example's whole change, spread over the steps (as in
     # `Engine.exact`): f(x_i) at the two ends of the path, for the examples asked about
@@ -196,8 +187,7 @@ def exact_self_influence_plain_sgd(
         f_next, m_next = engine._forward_and_scale(w_prev_next, inputs, labels, output_fn)
         _check_finite(f_s, "training-example output", s)
         integrator.retarget(inputs, labels)
-        # what rounding leaves of the exact change (a loss carries its logits' rounding)
-        floor = 16 * eps * (f_s.abs() + f_next.abs() + m_s + m_next)
+        floor = rounding_floor(f_s, m_s, f_next, m_next)
         tol = torch.maximum(share[members.to(fm.device)], floor)
         phi, _ = integrator.integrate(w, delta, f_next - f_s, tol, s)
         v, _ = rule.begin(s, step, phi, fm.active(w))
