@@ -84,14 +84,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
             # one query cannot show how a layer's rows group into examples (time-major
             # (T, B, ...) inputs pass with B = 1); two training examples can
             *x, labels = engine._batch(torch.arange(2))
-
-            def losses(out: torch.Tensor) -> torch.Tensor:
-                return fm.per_example_losses(out, labels, p.loss_fn)
-
-            try:  # (outputs without a row per example cannot be read per layer either)
-                ok = capture(fm, w0, x, losses, layers, check=True) is not None
-            except NotBatchFirst:
-                ok = False
+            ok = _layers_rebuild(fm, w0, x, labels, p.loss_fn, layers)
         cache["layers"] = ok
         if ok:  # the first checkpoint's query terms, as the loop takes them
             cache[0] = probe
@@ -119,17 +112,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
                 for a in range(0, len(indices), size):
                     idx = indices[a : a + size]
                     *x, labels = engine._batch(idx + first)
-                    train = capture(
-                        fm,
-                        w,
-                        x,
-                        lambda out, labels=labels: fm.per_example_losses(out, labels, p.loss_fn),
-                        layers,
-                        rest,
-                        lambda names, x=x, labels=labels, w=w: fm.loss_grads(
-                            w, (*x, labels), p.loss_fn, names=names
-                        ),
-                    )
+                    train = _training_factors(fm, w, x, labels, p.loss_fn, layers, rest)
                     train_evals += len(idx)
                     scores = dot_products(
                         cache[s],
@@ -210,6 +193,32 @@ class _Rates(tuple):
     """
 
     skipped: frozenset = frozenset()
+
+
+def _layers_rebuild(fm, w, x, labels, loss_fn, layers) -> bool:
+    """Whether the Linear layers' factors rebuild these training examples' loss gradients.
+
+    No where a weight is also used outside its module, a layer's rows do not group into
+    examples, or the outputs the loss reads have no row per example.
+    """
+    try:
+        losses = example_losses(fm, labels, loss_fn)
+        return capture(fm, w, x, losses, layers, check=True) is not None
+    except NotBatchFirst:
+        return False
+
+
+def _training_factors(fm, w, x, labels, loss_fn, layers, rest):
+    """The training examples' Linear-layer factors and other parameters' gradients at w."""
+    return capture(
+        fm,
+        w,
+        x,
+        example_losses(fm, labels, loss_fn),
+        layers,
+        rest,
+        lambda names: fm.loss_grads(w, (*x, labels), loss_fn, names=names),
+    )
 
 
 def _rates(lr, skipped: frozenset) -> _Rates:
@@ -311,13 +320,8 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
     if layers and len(path):
         fm.use_buffers(path.step(0).buffers)
         *x, labels = examples(torch.arange(min(m, 2)))
-        losses = example_losses(fm, labels, p.loss_fn)
-        try:  # (outputs without a row per example cannot be read per layer either)
-            w0 = fm.flatten(path.step(0).params)
-            ok = capture(fm, w0, x, losses, layers, check=True) is not None
-        except NotBatchFirst:
-            ok = False
-        if not ok:
+        w0 = fm.flatten(path.step(0).params)
+        if not _layers_rebuild(fm, w0, x, labels, p.loss_fn, layers):
             layers = []
     # rows per call: their gradients (or a layer's factors) within a recycled working set
     width = fm.d_active if not layers else max(fm.d_active // 8, 1)
@@ -342,17 +346,7 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
                 r = rows[a : a + chunk]
                 *x, labels = examples(r)
                 if layers:
-                    factors = capture(
-                        fm,
-                        w,
-                        x,
-                        example_losses(fm, labels, p.loss_fn),
-                        layers,
-                        rest,
-                        lambda names, x=x, labels=labels, w=w: fm.loss_grads(
-                            w, (*x, labels), p.loss_fn, names=names
-                        ),
-                    )
+                    factors = _training_factors(fm, w, x, labels, p.loss_fn, layers, rest)
                     scale = functools.partial(_lr_of, engine, lr)
                     values = squared_norms(factors, layers, scale, rest_lr)
                 else:
