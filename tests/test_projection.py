@@ -24,6 +24,14 @@ def functional(model):
     return fm, fm.flatten(dict(model.named_parameters())).detach()
 
 
+def random_batch_gradients(model, n, width):
+    """(fm, w, batch, loss_fn, per-example gradients) of n random examples, 3 classes."""
+    fm, w = functional(model)
+    batch = (torch.randn(n, width, dtype=F64), torch.randint(0, 3, (n,)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    return fm, w, batch, loss_fn, fm.loss_grads(w, batch, loss_fn)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sparse", "factorized"])
 def test_projected_dot_products_are_unbiased_and_shrink_like_one_over_sqrt_k(kind):
     torch.manual_seed(40)
@@ -110,10 +118,7 @@ def test_factorized_keeps_a_narrow_side_exact_and_gives_the_other_side_its_featu
     model = torch.nn.Sequential(
         torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 3)
     ).to(F64)
-    fm, w = functional(model)
-    x, y = torch.randn(9, 40, dtype=F64), torch.randint(0, 3, (9,))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    grads = fm.loss_grads(w, (x, y), loss_fn)
+    fm, w, (x, y), loss_fn, grads = random_batch_gradients(model, 9, 40)
     proj = make_projector(fm, "factorized", 64, seed=5)
     # layer 0: 30 x 41 > 64, neither side <= 8: 8 x 8; layer 2: 3 outputs (<= 8): 3 x 21
     assert proj.sides == {"0": (8, 8), "2": (3, 21)} and proj.dim == 64 + 63
@@ -143,10 +148,7 @@ def test_factorized_leaves_other_parameters_that_fit_unprojected():
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
     ).to(F64)
-    fm, w = functional(model)
-    x, y = torch.randn(7, 6, dtype=F64), torch.randint(0, 3, (7,))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    grads = fm.loss_grads(w, (x, y), loss_fn)
+    fm, w, (x, y), loss_fn, grads = random_batch_gradients(model, 7, 6)
     whole = make_projector(fm, "factorized", 64, seed=2)
     assert whole.rest == ["1.weight", "1.bias"] and whole.dense is None
     assert whole.dim == fm.d_active  # 35 + 18 + 10: nothing projected
