@@ -16,11 +16,12 @@ gradients and activations land on fresh pages too. Two allocators avoid this:
 from __future__ import annotations
 
 import collections
-import mmap
 import threading
 from collections.abc import Iterable
 
 import torch
+
+from .diskio import _anonymous_map, page_aligned_empty
 
 _ALIGN = 64  # bytes; a cache line, and a multiple of every dtype's size
 
@@ -60,7 +61,7 @@ class BufferPool:
                 with self._lock:
                     self._idle_bytes -= buffer.numel() * buffer.element_size()
                 return buffer
-        return torch.empty(shape, dtype=dtype)
+        return page_aligned_empty(shape, dtype)  # O_DIRECT writes it straight from memory
 
     def give(self, tensors: Iterable[torch.Tensor]) -> None:
         """Return buffers obtained from `take` (the caller no longer uses them).
@@ -116,11 +117,3 @@ class SlabAllocator:
         view = self._slab[self._offset : self._offset + nbytes]
         self._offset += -(-nbytes // _ALIGN) * _ALIGN
         return view.view(dtype).view(shape)
-
-
-def _anonymous_map(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` over a fresh private anonymous memory map (zeroed pages)."""
-    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no such maps; the heap will do
-        return torch.empty(nbytes, dtype=torch.uint8)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(memory, dtype=torch.uint8)  # the tensor keeps the map alive

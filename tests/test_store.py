@@ -762,3 +762,151 @@ def test_views_of_one_storage_in_a_dtype_we_do_not_stream_are_written_whole(tmp_
     for key, value in {"a": a, "b": b}.items():
         assert loaded[key].dtype == value.dtype
         assert torch.equal(loaded[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+def _direct_io_works(folder) -> bool:
+    """Whether this file system takes O_DIRECT writes (ext4 and xfs do; tmpfs may not)."""
+    import errno
+
+    from pk_attrib.diskio import PAGE, _anonymous_map
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = Path(folder) / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError as err:
+        assert err.errno == errno.EINVAL
+        return False
+    try:
+        os.write(fd, _anonymous_map(PAGE).numpy())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_durable_tensor_files_start_large_tensors_on_pages_and_read_back(tmp_path, monkeypatch):
+    """A shard is laid out for O_DIRECT: data from a page of the file, large tensors each on
+    a page (after zero fillers), and page-aligned buffers go to the disk without a copy."""
+    import json
+
+    import safetensors
+    import xxhash
+
+    from pk_attrib.diskio import PAGE, SequentialWriter, page_aligned_empty
+    from pk_attrib.store import write_tensor_file
+
+    direct = []
+    real = SequentialWriter._write_direct
+    monkeypatch.setattr(
+        SequentialWriter, "_write_direct", lambda self, v: (direct.append(v.size), real(self, v))
+    )
+    g = torch.Generator().manual_seed(0)
+    aligned = page_aligned_empty(torch.Size([300, 257]), torch.float32)  # 308,400 bytes
+    aligned.copy_(torch.randn(300, 257, generator=g))
+    assert aligned.data_ptr() % PAGE == 0
+    tensors = {
+        "0/idx": torch.arange(37),
+        "0/w/bias": torch.randn(513, generator=g),  # leaves the next one off a page
+        "0/w/aligned": aligned,
+        "0/w/heap": torch.randn(70_001, generator=g),  # large, wherever the heap put it
+        "0/w/transposed": torch.randn(400, 200, generator=g).t(),  # written as a copy
+        "0/step": torch.tensor(3.0, dtype=torch.float64),
+    }
+    file = tmp_path / "shard.safetensors"
+    entry = write_tensor_file(file, tensors, {"format": "test"}, durable=True)
+    data = file.read_bytes()
+    assert entry["bytes"] == len(data) and entry["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
+    start = 8 + int.from_bytes(data[:8], "little")
+    assert start % PAGE == 0
+    header = json.loads(data[8:start])
+    for key in ("0/w/aligned", "0/w/heap", "0/w/transposed"):  # each >= 256 KiB
+        assert (start + header[key]["data_offsets"][0]) % PAGE == 0, key
+    fillers = [k for k in header if k.startswith("pad/")]
+    assert 1 <= len(fillers) <= 3
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        assert set(f.keys()) == set(tensors) | set(fillers)
+        for key, value in tensors.items():
+            assert torch.equal(f.get_tensor(key), value), key
+        for key in fillers:
+            assert not f.get_tensor(key).any()
+    if _direct_io_works(tmp_path):  # the page-aligned tensor went straight to the disk
+        assert sum(direct) >= aligned.numel() * 4 - PAGE
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_direct_writes_fall_back_to_the_page_cache_when_refused(tmp_path, monkeypatch):
+    """tmpfs refuses O_DIRECT at open, some file systems refuse an alignment at write:
+    either way the file gets the same bytes."""
+    import errno
+
+    import numpy as np
+
+    from pk_attrib import diskio
+    from pk_attrib.diskio import PAGE, SequentialWriter, page_aligned_empty
+
+    rng = np.random.default_rng(0)
+    big = page_aligned_empty(torch.Size([3 * PAGE + 100]), torch.uint8)
+    big.copy_(torch.from_numpy(rng.integers(0, 256, big.numel(), dtype=np.uint8)))
+    chunks = [b"head", big.numpy(), rng.integers(0, 256, 5000, dtype=np.uint8)]
+    chunks += [rng.integers(0, 256, 300_000, dtype=np.uint8) for _ in range(5)]  # > staging
+    expected = b"".join(bytes(c) for c in chunks)
+
+    def write_all(name, **kwargs):
+        writer = SequentialWriter(tmp_path / name, **kwargs)
+        for c in chunks:
+            writer.write(c)
+        writer.close(sync=True)
+        assert (tmp_path / name).read_bytes() == expected
+        assert writer.position == len(expected)
+        return writer
+
+    write_all("plain")
+    write_all("through", direct=False)
+    real_open, real_write = os.open, os.write
+    refused = []
+
+    def open_refusing_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(diskio.os, "open", open_refusing_direct)
+    assert not write_all("no_direct_open").direct
+    monkeypatch.setattr(diskio.os, "open", real_open)
+
+    def write_refusing_once(fd, data):
+        if not refused:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(diskio.os, "write", write_refusing_once)
+    if write_all("refused_write").direct is not False or not refused:
+        pytest.fail("a refused write must leave the writer writing through the page cache")
+
+
+def test_a_model_with_large_parameters_records_to_disk_bit_for_bit(tmp_path):
+    """Parameters of 256 KiB and more are snapshot into page-aligned buffers and written
+    without the page cache; the store holds exactly the weights of each step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 260), torch.nn.Tanh(), torch.nn.Linear(260, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 300, generator=g), torch.randint(0, 3, (40,), generator=g)
+    expected = []
+    recorder = pk.PathRecorder(model, optimizer, store=tmp_path / "s", dataset_size=40)
+    for s in range(12):
+        expected.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        run_steps(model, optimizer, x, y, recorder, s, s + 1)
+    recorder.close()
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert len(path) == 12
+    for s in range(12):
+        for name, value in expected[s].items():
+            assert torch.equal(path.params(s)[name], value), (s, name)
+    for name, p in model.named_parameters():
+        assert torch.equal(path.final[name], p.detach())
