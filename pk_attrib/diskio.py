@@ -24,6 +24,8 @@ import torch
 PAGE = 4096  # alignment of file offsets, lengths and memory for O_DIRECT (any block size)
 _STAGING = 1 << 20  # bytes gathered before a write, for what cannot go straight
 _MAP_MIN = 256 << 10  # buffers from this size on are their own page-aligned map
+# how file systems refuse O_DIRECT (Linux: EINVAL; some FUSE and network ones: not supported)
+_REFUSED = {errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL), errno.ENOTSUP}
 
 
 def _anonymous_map(nbytes: int) -> torch.Tensor:
@@ -75,13 +77,13 @@ class SequentialWriter:
         self.fd = -1
         if self.direct:
             try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
-            except OSError as err:  # tmpfs and others refuse the flag at open
-                if err.errno != errno.EINVAL:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)  # less the umask
+            except OSError as err:  # tmpfs, FUSE and others may refuse the flag at open
+                if err.errno not in _REFUSED:
                     raise
                 self.direct = False
         if self.fd < 0:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path, flags, 0o666)
         self.position = 0  # bytes handed to the file system so far
         self._staging = _anonymous_map(_STAGING).numpy() if self.direct else None
         self._filled = 0
@@ -126,7 +128,7 @@ class SequentialWriter:
             self.fd = -1
 
     def abandon(self) -> None:
-        """Close the file without writing what is gathered (after a failure)."""
+        """Close the file (if still open) without writing what is gathered (after a failure)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -145,7 +147,7 @@ class SequentialWriter:
             try:
                 n = os.write(self.fd, view)
             except OSError as err:  # a file system that refuses this alignment
-                if err.errno != errno.EINVAL:
+                if err.errno not in _REFUSED:
                     raise
                 self._drop_direct()
                 self._write_through(view)

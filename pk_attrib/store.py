@@ -190,7 +190,7 @@ def write_tensor_file(
         return {"file": path.name, HASH: _HASHES[HASH](data).hexdigest(), "bytes": len(data)}
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order
     header: dict[str, Any] = {"__metadata__": metadata}
-    chunks: list[Any] = []  # the data section, in file order
+    chunks: list[Any] = []  # the data section, in file order: tensors and zero fillers
     offset = 0
     for key in order:
         t = tensors[key]
@@ -211,7 +211,7 @@ def write_tensor_file(
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
         }
-        chunks.append(_as_bytes(t))
+        chunks.append(t)  # its bytes are taken when written: a copy, if not contiguous
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     # pad (with spaces, as the format allows) to 8 bytes, or so that the data section starts
@@ -222,12 +222,15 @@ def write_tensor_file(
     writer = SequentialWriter(tmp, direct=durable)
     try:
         for chunk in (len(head).to_bytes(8, "little") + head, *chunks):
-            digest.update(chunk)  # the hash and write release the GIL for large buffers
-            writer.write(chunk)
-    except BaseException:
+            data = _as_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk
+            digest.update(data)  # the hash and write release the GIL for large buffers
+            writer.write(data)
+            del data
+        writer.close(sync=durable)
+    except BaseException:  # a full disk, an I/O error: no partial file stays behind
         writer.abandon()
+        tmp.unlink(missing_ok=True)
         raise
-    writer.close(sync=durable)
     os.replace(tmp, path)
     return {"file": path.name, HASH: digest.hexdigest(), "bytes": 8 + len(head) + offset}
 

@@ -910,3 +910,31 @@ def test_a_model_with_large_parameters_records_to_disk_bit_for_bit(tmp_path):
             assert torch.equal(path.params(s)[name], value), (s, name)
     for name, p in model.named_parameters():
         assert torch.equal(path.final[name], p.detach())
+
+
+def test_a_failed_shard_write_leaves_no_file_and_files_follow_the_umask(tmp_path, monkeypatch):
+    """A full disk raises, leaving neither the shard nor its temporary file; shards get the
+    permissions any file gets (0o666 less the umask), as the manifest next to them does."""
+    import errno
+
+    from pk_attrib import diskio
+    from pk_attrib.store import write_tensor_file
+
+    tensors = {"0/w/a": torch.randn(100_000), "0/idx": torch.arange(8)}
+    old = os.umask(0o002)
+    try:
+        write_tensor_file(tmp_path / "ok.safetensors", tensors, {}, durable=True)
+        write_tensor_file(tmp_path / "plain.safetensors", tensors, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ok.safetensors").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "plain.safetensors").stat().st_mode & 0o777 == 0o664
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskio.os, "write", full)
+    for durable in (True, False):
+        with pytest.raises(OSError, match="No space"):
+            write_tensor_file(tmp_path / "full.safetensors", tensors, {}, durable=durable)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.safetensors", "plain.safetensors"]
