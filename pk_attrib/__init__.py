@@ -43,6 +43,10 @@ def __getattr__(name: str):
         from .attribution import PathKernelInfluence
 
         return PathKernelInfluence
+    if name in ("testing", "viz"):  # pk.testing / pk.viz without importing them first
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pk_attrib' has no attribute {name!r}")
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .decomposition import Decomposition, Diagnostics
-from .exceptions import NonFiniteError, PkAttribWarning
+from .exceptions import IndexOutOfRangeError, NonFiniteError, PkAttribWarning
 from .features import FeatureCache
 from .gradients import (
     FunctionalModel,
@@ -129,6 +129,13 @@ class Engine:
         )
 
     def _batch(self, indices: torch.Tensor):
+        if indices.numel() and int(indices.max()) >= self.n_train:
+            raise IndexOutOfRangeError(
+                f"the path's batch indices reach {int(indices.max())}, but train_dataset has "
+                f"{self.n_train} examples: the recording noted indices into another dataset "
+                "(record_batch without dataset_size= checks no bound); pass the dataset the "
+                "recorder watched, in the same order"
+            )
         return self.fm.cast(gather_examples(self.p.train_dataset, indices))
 
     def _forward(self, w, inputs, target, output_fn) -> torch.Tensor:

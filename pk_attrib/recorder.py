@@ -306,6 +306,8 @@ class PathRecorder:
         if self._closed:
             raise RecordingError("this recorder is closed: create a new PathRecorder")
         idx = torch.as_tensor(indices).reshape(-1)
+        if idx.numel() == 0:  # an empty list reads as float32
+            idx = idx.to(torch.int64)
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
         idx = idx.to("cpu", torch.int64, copy=True)  # the caller may reuse its array
@@ -477,7 +479,11 @@ class PathRecorder:
         self._raw += 1
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: _copy(p, self.dtype) for n, p in self._params.items()}
+        """The parameters now, in the recorded dtypes (a widened model's lose nothing)."""
+        return {
+            n: _copy(p, self.dtype or was)
+            for (n, p), was in zip(self._params.items(), self._dtypes, strict=True)
+        }
 
     def _take(self, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """A CPU copy of ``tensor``, in a slab (memory mode) or a pool buffer (disk mode).
@@ -533,7 +539,7 @@ class PathRecorder:
                 PkAttribWarning,
                 stacklevel=2,
             )
-        finalize = self._inflight is None
+        finalize = self._inflight is None and self._final_is_known()
         if self._writer is None:
             if finalize:
                 self._backend.final = self._snapshot()
@@ -553,6 +559,25 @@ class PathRecorder:
                     (self.store / listed["file"]).unlink(missing_ok=True)
         finally:
             self._release()
+
+    def _final_is_known(self) -> bool:
+        """Whether the parameters still hold the weights after the last recorded step.
+
+        A dtype change that a step then refused (``model.half()``) rounded them; widening
+        (``model.double()``) lost nothing, and the final parameters are stored in the
+        recorded dtypes either way.
+        """
+        for (name, p), was in zip(self._params.items(), self._dtypes, strict=True):
+            if p.dtype != was and torch.promote_types(was, p.dtype) != p.dtype:
+                warnings.warn(
+                    f"parameter {name} was converted from {was} to {p.dtype} after the last "
+                    "recorded step, which rounded the weights that step reached: the path ends "
+                    "at its last full snapshot instead of at those weights",
+                    PkAttribWarning,
+                    stacklevel=3,
+                )
+                return False
+        return True
 
     def __enter__(self) -> PathRecorder:
         return self
@@ -595,6 +620,9 @@ class PathRecorder:
     def _open_locked(self, fresh: dict[str, Any]) -> dict[str, Any]:
         root = self.store
         if not (root / MANIFEST).exists():
+            # the path ends at the initial weights until the first shard is on the disk, so
+            # that a resume after a crash before it can tell whether steps were lost
+            fresh["final"] = write_final(root / FINAL, self._snapshot(), durable=True)
             write_manifest(root, fresh)
             return fresh
         manifest = read_manifest(root)
@@ -625,6 +653,13 @@ class PathRecorder:
             return n_raw, True
         every = manifest.get("every", 1)
         last = ((n_raw - 1) // every) * every if n_raw else 0
+        if n_raw == 0 and manifest.get("final") is not None:  # (the initial weights)
+            raise StoreMismatchError(
+                f"{self.store} holds no optimizer step, and the model's parameters are not the "
+                "initial ones it lists: the earlier session's steps were lost before they "
+                "reached the disk (killed within its first flush_interval?). Start again from "
+                "the initial weights, or record into a new folder"
+            )
         if n_raw == 0 or _equal(current, path._raw_params(last)):
             return last, False
         earlier = _matching_snapshot(path, current, range(last - every, -1, -every))

@@ -938,3 +938,91 @@ def test_a_failed_shard_write_leaves_no_file_and_files_follow_the_umask(tmp_path
         with pytest.raises(OSError, match="No space"):
             write_tensor_file(tmp_path / "full.safetensors", tensors, {}, durable=durable)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.safetensors", "plain.safetensors"]
+
+
+def test_a_store_whose_first_steps_never_reached_the_disk_refuses_a_later_checkpoint(tmp_path):
+    """Killed before its first shard: the store lists no step but its initial weights, so a
+    resume from a later checkpoint is refused (it would lose those steps without a word),
+    and a resume from the initial weights records the whole run."""
+    store = tmp_path / "s"
+    proc = child(
+        f"""
+        import torch, pk_attrib as pk
+        from _runs import make, run_steps
+        model, optimizer, x, y = make()
+        r = pk.PathRecorder(model, optimizer, store={str(store)!r}, dataset_size=40,
+                            flush_interval=3600)
+        run_steps(model, optimizer, x, y, r, 0, 10)
+        torch.save(model.state_dict(), {str(tmp_path / "ckpt.pt")!r})
+        print("saved", flush=True)
+        run_steps(model, optimizer, x, y, r, 10, 100000, sleep=0.01)
+        """
+    )
+    assert proc.stdout.readline().strip() == "saved"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    path = pk.TrainingPath.load(store)
+    assert len(path) == 0
+    initial = replay(0)[0]
+    for name, value in initial.items():
+        assert torch.equal(path.final[name], value)
+
+    model, optimizer, x, y = make()
+    model.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    with pytest.raises(pk.StoreMismatchError, match="lost before they reached the disk"):
+        pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, 12)
+    assert_matches_replay(pk.TrainingPath.load(store), replay(12))
+
+
+@pytest.mark.parametrize("store", [None, "disk"])
+def test_closing_after_a_refused_dtype_change_never_stores_rounded_weights(tmp_path, store):
+    """model.half() after step 4: the next step is refused, and close() must not list the
+    rounded weights as the final ones (the path ends at its last snapshot); model.double()
+    loses nothing, and the final parameters keep the recorded dtype."""
+    for convert, steps in ((torch.nn.Module.half, 3), (torch.nn.Module.double, 4)):
+        folder = None if store is None else tmp_path / convert.__name__
+        model, optimizer, x, y = make()
+        recorder = pk.PathRecorder(model, optimizer, store=folder, dataset_size=40)
+        run_steps(model, optimizer, x, y, recorder, 0, 4)
+        convert(model)
+        with pytest.raises(pk.RecordingError, match="changed its dtype"):
+            run_steps(model, optimizer, x.to(model[0].weight.dtype), y, recorder, 4, 5)
+        recorder.discard_batches()  # the refused step's batch
+        if convert is torch.nn.Module.half:
+            with pytest.warns(pk.PkAttribWarning, match="rounded the weights"):
+                recorder.close()
+        else:
+            recorder.close()
+        path = recorder.path if folder is None else pk.TrainingPath.load(folder)
+        assert len(path) == steps
+        assert_matches_replay(path, replay(4)[: steps + 1])
+        assert all(t.dtype == torch.float32 for t in path.final.values())
+
+
+def test_indices_beyond_the_training_set_are_named_when_explaining(tmp_path):
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer) as recorder:  # no dataset_size: no bound
+        for _ in range(3):
+            recorder.record_batch(torch.tensor([0, 1, 45]))
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[:3]), y[:3]).backward()
+            optimizer.step()
+    data = torch.utils.data.TensorDataset(x, y)  # 40 examples
+    explainer = pk.PathKernelInfluence(model, data, recorder.path, torch.nn.CrossEntropyLoss())
+    with pytest.raises(pk.IndexOutOfRangeError, match="reach 45, but train_dataset has 40"):
+        explainer.attribute(x[:2], target=y[:2])
+
+
+def test_an_empty_list_of_indices_is_an_empty_batch():
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=40)
+    recorder.record_batch([])
+    recorder.record_batch([3, 4])
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[3:5]), y[3:5]).backward()
+    optimizer.step()
+    recorder.close()
+    assert recorder.path.step(0).indices.tolist() == [3, 4]

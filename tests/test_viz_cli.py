@@ -106,3 +106,17 @@ def test_demo_runs_end_to_end_and_inspect_checks_the_store(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     assert main(["inspect", str(tmp_path / "store")]) == 1
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_testing_and_viz_are_attributes_of_a_fresh_import():
+    """The README writes pk.testing.* and pk.viz.* after `import pk_attrib as pk` alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pk_attrib as pk; "
+        "print(pk.testing.reference_decomposition.__name__, pk.viz.waterfall.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["reference_decomposition", "waterfall"]
