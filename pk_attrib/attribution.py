@@ -371,7 +371,8 @@ class PathKernelInfluence(DataInfluence):
             output_fn: Explain ``output_fn(outputs, target) -> (n,)`` instead of one logit
                 (a margin, a log-probability, a loss, ...). It is called on single rows too.
             kernel: Also compute the path kernel K(x, x_i) and the weights a_i(x) (costs C
-                gradients per training example and step for a model with C outputs).
+                gradients per training example and step for a model with C outputs). Exact
+                mode only (checkpoint mode raises `UnsupportedError`).
 
         Returns:
             A `Decomposition` with contributions (n_test, n_train), bias, prediction, delta.

@@ -52,17 +52,20 @@ def dataset_of(train: Dataset | DataLoader) -> Dataset:
 
     Raises:
         ValueError: The loader shuffles, picks a subset or another order, drops a last
-            partial batch, or reads an IterableDataset (no indices).
+            partial batch, or the dataset is an IterableDataset (no indices).
     """
-    if not isinstance(train, DataLoader):
-        return train
-    dataset = train.dataset
+    dataset = train.dataset if isinstance(train, DataLoader) else train
     if isinstance(dataset, IterableDataset):
+        where = (
+            "a DataLoader over an IterableDataset" if dataset is not train else "an IterableDataset"
+        )
         raise ValueError(
-            "train_dataset is a DataLoader over an IterableDataset, which has no indices: "
+            f"train_dataset is {where}, which has no indices: "
             "influence scores are indexed by training example, so pass a map-style Dataset "
             "(with __getitem__ and __len__), in the order the training examples are numbered"
         )
+    if not isinstance(train, DataLoader):
+        return train
     sampler = getattr(train.batch_sampler, "sampler", train.sampler)
     if isinstance(sampler, _SHUFFLING) or isinstance(train.sampler, _SHUFFLING):
         raise ValueError(

@@ -118,7 +118,8 @@ def test_a_training_loader_is_read_as_it_batches_or_refused_when_it_cannot_be(ru
         (DataLoader(data, batch_size=8, sampler=list(range(10))), "yields 10 examples of 40"),
         (DataLoader(data, batch_size=8, sampler=[1, 0, *range(2, n)]), "position 0 holds 1"),
         (DataLoader(data, batch_size=16, drop_last=True), "leaves out its last 8 examples"),
-        (DataLoader(_Stream(data)), "IterableDataset"),
+        (DataLoader(_Stream(data)), "a DataLoader over an IterableDataset"),
+        (_Stream(data), "train_dataset is an IterableDataset"),
         (
             DataLoader(data, sampler=torch.utils.data.SequentialSampler(range(20))),
             "20 examples of 40",
