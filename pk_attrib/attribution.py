@@ -352,6 +352,23 @@ class PathKernelInfluence(DataInfluence):
             tgt = tgt.expand(n).clone()
         if tgt is not None and tgt.shape[0] != n:
             raise ValueError(f"target has {tgt.shape[0]} rows for {n} queries")
+        with torch.no_grad():  # a first call, to name a wrong signature or shape here
+            outputs = self._fm.outputs(
+                self._fm.flatten(self.path.final), take(queries, slice(0, 1))
+            )
+            try:
+                value = output_fn(outputs, None if tgt is None else tgt[:1])
+            except TypeError as err:
+                raise TypeError(
+                    f"output_fn is called as output_fn(outputs, target) and returns one value "
+                    f"per query (n,); calling it failed: {err}"
+                ) from err
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"output_fn must return one value per query, a (n,) tensor; for one query it "
+                f"returned {got}"
+            )
         return tgt, output_fn
 
     def attribute(

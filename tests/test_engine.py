@@ -881,6 +881,11 @@ def test_output_fn_explains_any_scalar_and_scalar_models_need_no_target():
     by_int = explainer.attribute(x[1500:1502], target=3)
     by_list = explainer.attribute(x[1500:1502], target=[3, 3])
     torch.testing.assert_close(by_int.contributions, by_list.contributions, rtol=0, atol=0)
+    # a one-argument output_fn, or one that returns a row per class, is named up front
+    with pytest.raises(TypeError, match=r"output_fn\(outputs, target\)"):
+        explainer.attribute(x[1500:1502], output_fn=lambda out: out.logsumexp(-1))
+    with pytest.raises(ValueError, match=r"one value per query.*returned \(1, 10\)"):
+        explainer.attribute(x[1500:1502], output_fn=lambda out, t: out.log_softmax(-1))
 
 
 def test_buffers_embeddings_and_tied_weights():
