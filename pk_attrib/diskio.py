@@ -53,6 +53,22 @@ def page_aligned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return _anonymous_map(nbytes).view(dtype).view(shape)
 
 
+def settle(fd: int) -> None:
+    """Flush a written file to the disk and drop its pages from the page cache.
+
+    Once the file is on the disk its cached pages are clean, and dropping them lets the next
+    shard reuse the same memory instead of growing the page cache by a shard each time
+    (files written with ``O_DIRECT`` have none). Fresh memory is what makes writing through
+    the cache expensive: on the 2-core VM of the benchmarks, writing 1.5 GiB in 4 MiB blocks
+    took 9-10 ms of kernel CPU per block into a growing page cache, against 1.1 ms per block
+    with this after every 128 MiB. Flushing also makes a shard survive a power cut before
+    the manifest lists it.
+    """
+    os.fsync(fd)
+    if hasattr(os, "posix_fadvise"):  # (not on Windows or macOS: the pages stay cached)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _address(data: np.ndarray) -> int:
     return data.__array_interface__["data"][0]
 
@@ -114,15 +130,13 @@ class SequentialWriter:
         """Write what is gathered, optionally flush the file to the disk, and close it.
 
         Args:
-            sync: ``os.fsync`` the file, then drop its cached pages (if any).
+            sync: Flush the file to the disk, then drop its cached pages (`settle`).
         """
         try:
             if self._filled:
                 self._flush_staging()
             if sync:
-                os.fsync(self.fd)
-                if hasattr(os, "posix_fadvise"):  # pages written through the cache
-                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                settle(self.fd)
         finally:
             os.close(self.fd)
             self.fd = -1

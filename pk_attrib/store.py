@@ -37,7 +37,7 @@ import torch
 import xxhash
 
 from .buffers import BufferPool
-from .diskio import PAGE, SequentialWriter
+from .diskio import PAGE, SequentialWriter, settle
 from .exceptions import (
     CorruptStoreError,
     FormatVersionError,
@@ -112,24 +112,8 @@ def _write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
         f.write(data)
         if durable:
             f.flush()
-            _settle(f.fileno())
+            settle(f.fileno())
     os.replace(tmp, path)
-
-
-def _settle(fd: int) -> None:
-    """Flush a written file to the disk and drop its pages from the page cache.
-
-    Once the file is on the disk its cached pages are clean, and dropping them lets the next
-    shard reuse the same memory instead of growing the page cache by a shard each time.
-    Fresh memory is what makes writing expensive: on the 2-core VM of the benchmarks,
-    writing 1.5 GiB in 4 MiB blocks took 9-10 ms of kernel CPU per block into a growing
-    page cache, against 1.1 ms per block with this after every 128 MiB (and the disk itself
-    takes 1.8 GiB/s with fsync). Flushing also makes a shard survive a power cut before the
-    manifest lists it.
-    """
-    os.fsync(fd)
-    if hasattr(os, "posix_fadvise"):  # (not on Windows or macOS: the pages stay cached)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 # safetensors' dtype codes of the torch dtypes a store holds
@@ -179,7 +163,7 @@ def write_tensor_file(
         durable: Also flush the file to the disk (fsync) before it takes its name, and then
             drop its pages from the page cache: a recorder's shards are written once and
             read much later, and fresh page-cache memory for gigabytes of them costs more
-            CPU than the write itself (see `_settle`).
+            CPU than the write itself (see `diskio.settle`).
     """
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):  # rare: let
