@@ -326,13 +326,16 @@ class PathKernelInfluence(DataInfluence):
             raise ValueError(f"the inputs' first dimensions (queries) differ: {shapes}")
         return self._fm.cast(batch)
 
+    def _first_outputs(self, queries):
+        """The final model's outputs for the first query (a batch of one)."""
+        with torch.no_grad():
+            return self._fm.outputs(self._fm.flatten(self.path.final), take(queries, slice(0, 1)))
+
     def _target(self, queries, target, output_fn):
         n = n_rows(queries)
         if output_fn is None:
-            first = take(queries, slice(0, 1))
             try:
-                with torch.no_grad():
-                    outputs = self._fm.outputs(self._fm.flatten(self.path.final), first)
+                outputs = self._first_outputs(queries)
             except RuntimeError as err:
                 shapes = ", ".join(str(tuple(q.shape)) for q in leaves(queries))
                 raise ValueError(
@@ -352,17 +355,15 @@ class PathKernelInfluence(DataInfluence):
             tgt = tgt.expand(n).clone()
         if tgt is not None and tgt.shape[0] != n:
             raise ValueError(f"target has {tgt.shape[0]} rows for {n} queries")
-        with torch.no_grad():  # a first call, to name a wrong signature or shape here
-            outputs = self._fm.outputs(
-                self._fm.flatten(self.path.final), take(queries, slice(0, 1))
-            )
-            try:
+        outputs = self._first_outputs(queries)
+        try:  # a first call, to name a wrong signature or shape here
+            with torch.no_grad():
                 value = output_fn(outputs, None if tgt is None else tgt[:1])
-            except TypeError as err:
-                raise TypeError(
-                    f"output_fn is called as output_fn(outputs, target) and returns one value "
-                    f"per query (n,); calling it failed: {err}"
-                ) from err
+        except TypeError as err:
+            raise TypeError(
+                f"output_fn is called as output_fn(outputs, target) and returns one value "
+                f"per query (n,); calling it failed: {err}"
+            ) from err
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(
