@@ -196,7 +196,8 @@ class PathRecorder:
             reasons.append(f"every={every}: a snapshot of one step in {every}")
         if not self._kind.exact:
             reasons.append(description["note"])
-        fresh = new_manifest(self._snapshot(), description, dataset_size, every, dtype)
+        # (the parameters give names, shapes and dtypes: no copy needed)
+        fresh = new_manifest(self._params, description, dataset_size, every, dtype)
         fresh.update(approximate=bool(reasons), approximate_reasons=reasons)
 
         if self.store is None:

@@ -209,7 +209,7 @@ def write_tensor_file(
             data = _as_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk
             digest.update(data)  # the hash and write release the GIL for large buffers
             writer.write(data)
-            del data
+            del data  # a non-contiguous tensor's copy goes before the next is made
         writer.close(sync=durable)
     except BaseException:  # a full disk, an I/O error: no partial file stays behind
         writer.abandon()
