@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pk_attrib as pk
+from pk_attrib.engine import WARN_RECONSTRUCTION
 from pk_attrib.testing import per_example_gradients, reference_decomposition
 
 F64 = torch.float64
@@ -490,7 +491,14 @@ def test_a_float32_step_smaller_than_its_rounding_is_no_false_alarm():
 def test_a_fault_right_after_a_tiny_learning_rate_is_still_caught(adam):
     """The optimizer state read back from a step with lr 1e-9 is mostly float32 rounding;
     the check then advances it from the step before (it once let a halved gradient at the
-    next step through: error 0, no warning, 'unexplained' 0.04)."""
+    next step through: error 0, no warning, 'unexplained' 0.04).
+
+    The clean steps are held to the library's float32 warning threshold, not to a number
+    read off one CPU: Adam divides each coordinate by its own gradient's size, so where the
+    5 examples' gradients cancel, the float32 rounding of the recomputed gradient (which
+    differs between CPUs: 1.3e-5 at step 0 with AVX-512, below 1e-5 without) is a visible
+    fraction of that coordinate's step. What the check must do is not warn about it and
+    still single out the faulty step."""
     torch.manual_seed(15)
     model = digits_mlp(hidden=6).float()
     x, y = digits()
@@ -511,10 +519,12 @@ def test_a_fault_right_after_a_tiny_learning_rate_is_still_caught(adam):
     explainer = pk.PathKernelInfluence(
         model, data, recorder.path, torch.nn.CrossEntropyLoss(), show_progress=False
     )
-    with pytest.warns(pk.ReconstructionWarning):
+    with pytest.warns(pk.ReconstructionWarning, match=r"\(step 5;"):
         dec = explainer.attribute(x[1500:1502].float(), target=y[1500:1502])
     errors = dec.diagnostics.reconstruction_error
-    assert float(errors[5]) > 0.05 and float(errors[:5].max()) < 1e-5
+    no_alarm = WARN_RECONSTRUCTION[torch.float32]  # what rounding may reach without a warning
+    assert float(errors[5]) > 0.05 and float(errors[:5].max()) < no_alarm
+    assert float(errors[6:].max()) < no_alarm
 
 
 def test_a_scalar_parameter_is_explained():
