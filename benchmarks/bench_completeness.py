@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     import captum
 
-    import pk_attrib.attribution  # noqa: F401 - pk_attrib loads it lazily; keep it out of cell 1
+    import pk_attrib.explain.explainer  # noqa: F401 - pk_attrib loads it lazily; keep it out of cell 1
 
     print("pk_attrib completeness benchmark")
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")

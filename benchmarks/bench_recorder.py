@@ -90,7 +90,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pk_attrib as pk
-from pk_attrib.diskio import _anonymous_map  # page-aligned memory, for the O_DIRECT raw rate
+from pk_attrib.record.diskio import _anonymous_map  # page-aligned memory, for the O_DIRECT raw rate
 
 MODES = ("bare", "copy", "memory", "disk")
 TARGET_WORKLOAD = "mlp1m"

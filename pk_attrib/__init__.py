@@ -3,12 +3,17 @@
 A training callback (`PathRecorder`) records the path the weights take; the path kernel of
 Domingos (2020) turns it into an exact decomposition of any prediction into one
 contribution per training example.
+
+The package follows the pipeline: `pk_attrib.record` (a training run in, a `TrainingPath`
+out), `pk_attrib.engine` (a path and queries in, a `Decomposition` out), `pk_attrib.explain`
+(`PathKernelInfluence`, the Captum-style API on top), then `viz`, `cli` and `testing`.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from .decomposition import Decomposition, Diagnostics, Ranked, TopK
-from .engine import QuadratureWarning, ReconstructionWarning
+from .engine.projection import ProjectorKind
+from .engine.quadrature import Quadrature
 from .exceptions import (
     CorruptStoreError,
     FormatVersionError,
@@ -19,16 +24,16 @@ from .exceptions import (
     NotAStoreError,
     PkAttribError,
     PkAttribWarning,
+    QuadratureWarning,
+    ReconstructionWarning,
     RecordingError,
     StoreError,
     StoreMismatchError,
     UnsupportedError,
     VectorizationWarning,
 )
-from .path import Step, TrainingPath
-from .projection import ProjectorKind
-from .quadrature import Quadrature
-from .recorder import PathRecorder
+from .record.path import Step, TrainingPath
+from .record.recorder import PathRecorder
 
 try:
     __version__ = version("pk-attrib")
@@ -40,7 +45,7 @@ def __getattr__(name: str):
     # PathKernelInfluence subclasses captum's DataInfluence, and importing captum imports
     # matplotlib: load it on first use so that `import pk_attrib` stays light.
     if name == "PathKernelInfluence":
-        from .attribution import PathKernelInfluence
+        from .explain.explainer import PathKernelInfluence
 
         return PathKernelInfluence
     if name in ("testing", "viz"):  # pk.testing / pk.viz without importing them first

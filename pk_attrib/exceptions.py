@@ -59,3 +59,11 @@ class LossReductionError(PkAttribError, ValueError):
 
 class VectorizationWarning(PkAttribWarning):
     """torch.func.vmap cannot batch the model: it is evaluated one example at a time."""
+
+
+class ReconstructionWarning(PkAttribWarning):
+    """Recorded steps are not rebuilt by the example gradients (dropout, clipping, ...)."""
+
+
+class QuadratureWarning(PkAttribWarning):
+    """The adaptive quadrature could not reach its tolerance on some steps."""

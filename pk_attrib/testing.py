@@ -19,9 +19,10 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset
 
-from .gradients import gather_examples, n_rows, select_output, take
-from .path import TrainingPath
-from .quadrature import gauss_legendre
+from .engine.batches import gather_examples, n_rows, take
+from .engine.outputs import select_output
+from .engine.quadrature import gauss_legendre
+from .record.path import TrainingPath
 
 
 class _Reference:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pk_attrib as pk
-from pk_attrib.engine import WARN_RECONSTRUCTION
+from pk_attrib.engine.exact import WARN_RECONSTRUCTION
 from pk_attrib.testing import per_example_gradients, reference_decomposition
 
 F64 = torch.float64
@@ -840,7 +840,7 @@ def test_fast_per_example_gradients_equal_the_backward_loop():
     x, y = digits()
     names = [n for n, _ in model.named_parameters()]
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    from pk_attrib.gradients import FunctionalModel
+    from pk_attrib.engine.functional import FunctionalModel
 
     fm = FunctionalModel(model, names, shapes, F64)
     w = fm.flatten(dict(model.named_parameters())).detach()

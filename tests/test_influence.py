@@ -16,7 +16,7 @@ from test_engine import OPTIMIZERS, digits, digits_mlp, layernorm_gelu, record, 
 from torch.utils.data import DataLoader
 
 import pk_attrib as pk
-from pk_attrib.influence import negative_loss
+from pk_attrib.engine.scores import negative_loss
 
 F64 = torch.float64
 
@@ -193,7 +193,7 @@ def test_plain_sgd_self_influence_integrates_to_the_same_tolerance_as_attribute(
     the tolerance the plain-SGD self-influence gave each step (16 eps |f|, without the
     logits' scale or the step's share of rtol): steps climbed to 64 nodes (7x the time on
     the digits MLP), and those that stopped there raised no QuadratureWarning."""
-    from pk_attrib import quadrature
+    from pk_attrib.engine import quadrature
 
     torch.manual_seed(22)
     model = digits_mlp(hidden=16).float()
@@ -403,7 +403,7 @@ class _Ragged(torch.utils.data.Dataset):
 
 
 def test_locating_examples_matches_them_as_training_collated_them():
-    from pk_attrib.compat import locate
+    from pk_attrib.explain.data import locate
 
     x = torch.randn(6, 3, dtype=F64)
     x[2, 1] = float("nan")  # NaN matches NaN
@@ -834,7 +834,7 @@ def test_cosine_in_exact_mode_finds_duplicates_and_matches_the_closed_form(quadr
 
 
 def test_cosine_neither_underflows_nor_overflows_in_float32():
-    from pk_attrib.influence import cosine
+    from pk_attrib.engine.scores import cosine
 
     for energy in (1e-24, 1e20):  # the product of the two sides would be 0 or inf
         c = torch.tensor([[energy, -energy / 2]], dtype=torch.float32)
@@ -886,7 +886,7 @@ def test_a_model_with_two_inputs_is_explained_with_its_logit_target():
 
 def test_per_example_losses_are_each_row_alone_vectorized_or_not():
     """negative_loss: −loss_fn(row) per row, in one vmap call when that gives the same numbers."""
-    from pk_attrib.influence import negative_loss
+    from pk_attrib.engine.scores import negative_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 4, generator=g, dtype=torch.float64)

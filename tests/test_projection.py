@@ -7,9 +7,9 @@ import torch
 from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
 
 import pk_attrib as pk
-from pk_attrib.gradients import FunctionalModel
-from pk_attrib.linear import capture, linear_layers
-from pk_attrib.projection import (
+from pk_attrib.engine.factors import capture, linear_layers
+from pk_attrib.engine.functional import FunctionalModel
+from pk_attrib.engine.projection import (
     FactorizedProjector,
     make_projector,
 )
@@ -398,7 +398,7 @@ def test_an_in_memory_feature_cache_keeps_within_the_memory_budget(run):
 def test_influence_uses_the_projection_in_memory_bounded_chunks_and_blocks(run, kind):
     """influence() scores are the projected sweep's contributions to −loss, whether the
     queries come in one chunk or one by one and the training set in one block or in 7s."""
-    from pk_attrib.influence import negative_loss
+    from pk_attrib.engine.scores import negative_loss
 
     x, y = digits()
     queries = (x[1500:1505], y[1500:1505])
@@ -474,7 +474,7 @@ def test_linear_layers_used_in_unusual_ways_give_exact_numbers_or_an_error(model
 
 def test_feature_caches_of_another_hash_algorithm_are_kept_apart(run, tmp_path, monkeypatch):
     """A cache an earlier version wrote (sha256 entries) is neither read nor overwritten."""
-    import pk_attrib.attribution as attribution
+    import pk_attrib.explain.explainer as explainer
 
     model, data, path = run
     stored = path.save(tmp_path / "store")
@@ -484,7 +484,7 @@ def test_feature_caches_of_another_hash_algorithm_are_kept_apart(run, tmp_path, 
     first = pk.PathKernelInfluence(model, data, stored, loss, **kwargs).attribute(
         x[1500:1502], target=y[1500:1502]
     )
-    monkeypatch.setattr(attribution, "HASH", "sha256")  # as if written by another version
+    monkeypatch.setattr(explainer, "HASH", "sha256")  # as if written by another version
     other = pk.PathKernelInfluence(model, data, stored, loss, **kwargs).attribute(
         x[1500:1502], target=y[1500:1502]
     )

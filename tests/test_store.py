@@ -552,6 +552,8 @@ def as_version_1(store):
 
 
 def test_a_version_1_store_with_sha256_hashes_loads_checks_and_resumes(tmp_path):
+    from pk_attrib.record.store import library_version
+
     store = tmp_path / "s"
     model, optimizer, x, y = make()
     with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1) as rec:
@@ -570,7 +572,7 @@ def test_a_version_1_store_with_sha256_hashes_loads_checks_and_resumes(tmp_path)
         run_steps(model, optimizer, x, y, rec, 6, 9)
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["format_version"] == 2
-    assert manifest["library_version"] == pk.store.library_version()
+    assert manifest["library_version"] == library_version()
     assert sorted({"sha256" in e for e in manifest["shards"]}) == [False, True]
     path = pk.TrainingPath.load(store)
     path.verify()
@@ -605,10 +607,10 @@ def test_many_steps_make_few_files(tmp_path):
 def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkeypatch):
     """Shards are fsynced (then dropped from the page cache) before the manifest names them,
     so a power cut cannot leave a manifest pointing at a shard the disk never got."""
-    import pk_attrib.store as store
+    import pk_attrib.record.writer as writer
 
     events = []
-    real_fsync, real_manifest = os.fsync, store.write_manifest
+    real_fsync, real_manifest = os.fsync, writer.write_manifest
 
     def fsync(fd):
         events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
@@ -619,8 +621,8 @@ def test_each_shard_is_on_the_disk_before_the_manifest_lists_it(tmp_path, monkey
         events.append(("manifest", [shard["file"] for shard in data["shards"]] + final))
         return real_manifest(root, data, *args, **kwargs)
 
-    monkeypatch.setattr(store.os, "fsync", fsync)
-    monkeypatch.setattr(store, "write_manifest", manifest)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(writer, "write_manifest", manifest)
     record(tmp_path / "s", steps=40, shard_bytes=20_000)
     synced, listed = set(), 0
     for kind, what in events:
@@ -641,7 +643,7 @@ def test_streamed_tensor_files_read_back_with_safetensors(tmp_path):
     import safetensors.torch
     import xxhash
 
-    from pk_attrib.store import write_tensor_file
+    from pk_attrib.record.store import write_tensor_file
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -698,7 +700,7 @@ def test_recycled_snapshot_buffers_keep_every_step_exact(tmp_path):
 
 
 def test_slab_snapshots_are_aligned_disjoint_and_survive_their_allocator():
-    from pk_attrib.buffers import SlabAllocator
+    from pk_attrib.record.buffers import SlabAllocator
 
     slab = SlabAllocator(slab_bytes=1000)
     shapes = [(3, 5), (7,), (), (0, 4), (300,), (2, 2), (40, 10)]  # (40, 10) > one slab
@@ -749,8 +751,8 @@ def test_views_of_one_storage_in_a_dtype_we_do_not_stream_are_written_whole(tmp_
     storage) come back byte for byte."""
     import safetensors.torch
 
-    from pk_attrib.buffers import SlabAllocator
-    from pk_attrib.store import write_tensor_file
+    from pk_attrib.record.buffers import SlabAllocator
+    from pk_attrib.record.store import write_tensor_file
 
     slab = SlabAllocator(slab_bytes=4096)
     a, b = slab.take(torch.Size([3, 4]), torch.float8_e4m3fn), slab.take((5,), torch.float8_e4m3fn)
@@ -768,7 +770,7 @@ def _direct_io_works(folder) -> bool:
     """Whether this file system takes O_DIRECT writes (ext4 and xfs do; tmpfs may not)."""
     import errno
 
-    from pk_attrib.diskio import PAGE, _anonymous_map
+    from pk_attrib.record.diskio import PAGE, _anonymous_map
 
     if not hasattr(os, "O_DIRECT"):
         return False
@@ -796,8 +798,8 @@ def test_durable_tensor_files_start_large_tensors_on_pages_and_read_back(tmp_pat
     import safetensors
     import xxhash
 
-    from pk_attrib.diskio import PAGE, SequentialWriter, page_aligned_empty
-    from pk_attrib.store import write_tensor_file
+    from pk_attrib.record.diskio import PAGE, SequentialWriter, page_aligned_empty
+    from pk_attrib.record.store import write_tensor_file
 
     direct = []
     real = SequentialWriter._write_direct
@@ -845,8 +847,8 @@ def test_direct_writes_fall_back_to_the_page_cache_when_refused(tmp_path, monkey
 
     import numpy as np
 
-    from pk_attrib import diskio
-    from pk_attrib.diskio import PAGE, SequentialWriter, page_aligned_empty
+    from pk_attrib.record import diskio
+    from pk_attrib.record.diskio import PAGE, SequentialWriter, page_aligned_empty
 
     rng = np.random.default_rng(0)
     big = page_aligned_empty(torch.Size([3 * PAGE + 100]), torch.uint8)
@@ -917,8 +919,8 @@ def test_a_failed_shard_write_leaves_no_file_and_files_follow_the_umask(tmp_path
     permissions any file gets (0o666 less the umask), as the manifest next to them does."""
     import errno
 
-    from pk_attrib import diskio
-    from pk_attrib.store import write_tensor_file
+    from pk_attrib.record import diskio
+    from pk_attrib.record.store import write_tensor_file
 
     tensors = {"0/w/a": torch.randn(100_000), "0/idx": torch.arange(8)}
     old = os.umask(0o002)

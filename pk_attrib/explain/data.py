@@ -1,17 +1,14 @@
-"""Captum compatibility: TracInCP's arguments, training sets given as DataLoaders, ``layers``.
+"""The training set an explainer is given, and finding given examples in it.
 
-Helpers for `PathKernelInfluence`'s constructor, kept apart so that it reads as the API.
+Scores are indexed by dataset index (the indices a recorder stores): `dataset_of` accepts a
+Dataset or a DataLoader that yields every example once, in order (its ``collate_fn`` kept);
+`check_examples` tries item 0 the way the engine will use every item; `locate` finds the
+training examples a Captum-style batch holds (`ExampleIndex`: the training set by content).
 """
 
 from __future__ import annotations
 
-import copy
-import glob
 import numbers
-import os
-import re
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,16 +25,8 @@ from torch.utils.data import (
     default_convert,
 )
 
-from .exceptions import LossReductionError
-from .gradients import (
-    CollatedDataset,
-    Reduction,
-    check_batch_dimension,
-    gather_examples,
-    leaves,
-)
-from .path import TrainingPath
-from .wrappers import plain_name, unwrap
+from ..engine.batches import CollatedDataset, gather_examples, leaves
+from ..engine.outputs import check_batch_dimension
 
 _SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 _DEFAULT_COLLATE = (default_collate, default_convert)
@@ -169,26 +158,6 @@ def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn
         ) from exc
 
 
-def loss_reduction(loss_fn, given: str | None, needed: bool) -> Reduction:
-    """How the training loop reduced the loss over a batch (explicit, or read from loss_fn)."""
-    if given is not None:
-        try:
-            return Reduction(given)
-        except ValueError:
-            valid = ", ".join(repr(r.value) for r in Reduction)
-            raise LossReductionError(f"loss_reduction={given!r}: use one of {valid}") from None
-    found = getattr(loss_fn, "reduction", None)
-    if found in ("mean", "sum"):
-        return Reduction(found)
-    if not needed:  # checkpoints weigh every example alike: the reduction plays no part
-        return Reduction.SUM
-    raise LossReductionError(
-        "cannot tell how the training loss combined the examples of a batch "
-        f"({'reduction=' + repr(found) if found else type(loss_fn).__name__ + ' has no reduction'}"
-        "): pass loss_reduction='mean' (PyTorch's default) or 'sum', as in the training loop"
-    )
-
-
 def example_key(items) -> bytes:
     """A byte key identifying an example by its tensors, to find it in the training set."""
     return b"".join(
@@ -202,76 +171,6 @@ def example_key(items) -> bytes:
         .tobytes()
         for t in items
     )
-
-
-def checkpoint_files(checkpoints: Any) -> list[Any]:
-    """Checkpoints as TracInCP reads them.
-
-    A folder's files, or a list of file names, in natural order ("epoch-2" before
-    "epoch-10"); one file; or any other objects as given (for a ``checkpoints_load_func``
-    that reads them).
-    """
-    if isinstance(checkpoints, (str, os.PathLike)):
-        folder = Path(checkpoints)
-        if folder.is_dir():  # (sub-folders cannot be checkpoints)
-            found = [f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f)]
-            return sorted(found, key=_natural)
-        return [str(folder)]
-    if isinstance(checkpoints, Iterable):
-        items = list(checkpoints)
-        if items and all(isinstance(c, (str, os.PathLike)) for c in items):
-            return sorted((str(c) for c in items), key=_natural)
-        return items
-    raise TypeError(f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}")
-
-
-def _natural(name: str) -> list:
-    """Sort key: digit runs compare as numbers ("ckpt-9" < "ckpt-10"), as Captum sorts."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
-    """Build a checkpoint path the way TracInCP reads checkpoints (load_func returns the lr)."""
-    if load_func is None:
-        from captum.influence._core.tracincp import _load_flexible_state_dict as load_func
-    scratch = copy.deepcopy(model)
-    states, lrs = [], []
-    for file in checkpoint_files(checkpoints):
-        lrs.append(float(load_func(scratch, file)))  # into the model as given, as TracInCP
-        inner = unwrap(scratch)  # by the wrapper-free names; buffers too (BatchNorm)
-        tensors = [*inner.named_parameters(), *inner.named_buffers()]
-        states.append({n: t.detach().clone() for n, t in tensors})
-    if not states:
-        raise ValueError(f"no checkpoint files found in {checkpoints!r}")
-    return TrainingPath.from_checkpoints(states, lrs, model=unwrap(model))
-
-
-def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[str]):
-    """Recorded parameter names inside the given modules (None: all)."""
-    if layers is None:
-        return None
-    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
-        raise TypeError(
-            f"layers must be a list of module names, like TracInCP's (e.g. ['fc2']), got {layers!r}"
-        )
-    if "" in layers:  # the model itself: every parameter, so the kernel stays exact
-        return None
-    modules = dict(model.named_modules())
-    layers = [plain_name(name, modules) for name in layers]
-    unknown = [name for name in layers if name not in modules]
-    if unknown:
-        raise ValueError(
-            f"layers {unknown} are not modules of the model (valid: "
-            f"{[n for n in modules if n][:8]}...)"
-        )
-    chosen = [
-        n
-        for n in names
-        if any(n == f"{m}.{n.split('.')[-1]}" or n.startswith(m + ".") for m in layers)
-    ]
-    if not chosen:
-        raise ValueError(f"layers {layers} hold no recorded (trainable) parameters")
-    return chosen
 
 
 class ExampleIndex:

@@ -1,4 +1,4 @@
-"""Optimizer rules: how each recorded step depends on the example gradients (DESIGN.md §1).
+"""The base of every optimizer rule: the backward adjoint sweep and the one-step check.
 
 Every supported optimizer makes Δ_s a linear function of the "effective gradients"
 G_r = σ Σ_{j∈B_r} κ_j g_j(w_r) + λ_r w_r of the current and earlier steps (σ = −1 with
@@ -31,14 +31,8 @@ from typing import Any
 
 import torch
 
-from .exceptions import UnsupportedError
-from .optim import SCHEDULER_KEYS
-from .path import Step, TrainingPath
+from ...record.path import Step, TrainingPath
 
-SUPPORTED = {
-    "sgd": {"momentum", "dampening", "nesterov", "weight_decay", "maximize"},
-    "adam": {"betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"},
-}
 # Steps whose check may wait for the state before them (each holds four (d,) vectors).
 _MAX_WAITING = 8
 
@@ -105,9 +99,16 @@ class Rule:
 
     STATE_KEY = ""  # the optimizer state this rule carries between steps (its state_dict key)
 
-    def __init__(self, path: TrainingPath, vectors: GroupVectors):
+    # the optimizer kinds (`OptimizerKind` values) this rule explains, and the options it
+    # models: a param group setting any other option to a non-default value is refused
+    KINDS: tuple[str, ...] = ()
+    OPTIONS: frozenset[str] = frozenset()
+
+    def __init__(self, path: TrainingPath, vectors: GroupVectors, names: list[str], kind: str):
         self.path = path
         self.vec = vectors
+        self._names = names  # the differentiated parameters, in flat-vector order
+        self.kind = kind
         self.errors: dict[int, float] = {}
         self._carry: torch.Tensor | None = None  # adjoint of the state after this step
         # how the state before this step enters it (μ, β1): it scales the carry back
@@ -327,279 +328,3 @@ class Rule:
         if prev is None:
             return None
         return -((self._carry * self._carry_factor) @ prev)
-
-
-class SGDRule(Rule):
-    """SGD with momentum, dampening, nesterov, weight decay and maximize (PyTorch convention)."""
-
-    _terms_of: tuple | None = None  # (step index, its terms): the last step asked for
-
-    def memoryless(self, step: Step) -> bool:
-        """Plain SGD (no momentum in any group) keeps no state between steps."""
-        return all(float(h.get("momentum", 0.0)) == 0.0 for h in step.hyper)
-
-    def _terms(self, step: Step):
-        """(η, μ, d, nesterov, c, moving) per coordinate at this step.
-
-        ``moving``: the momentum buffer takes this step's gradient (μ ≠ 0 and not skipped;
-        PyTorch leaves the buffer untouched at a step with μ = 0 and resumes from it later).
-        d = 1 − dampening where it moves, 1 where the buffer starts here (PyTorch starts it at
-        the gradient), 0 where it does not move. c scales the buffer before the step into the
-        one after it: μ where it moves, 0 where it starts, 1 where it is carried unchanged.
-        """
-        if self._terms_of is not None and self._terms_of[0] == step.index:  # ~9 calls a step
-            return self._terms_of[1]
-        terms = self._build_terms(step)
-        self._terms_of = (step.index, terms)
-        return terms
-
-    def _build_terms(self, step: Step):
-        eta = self._eta(step)
-        mu = self.vec.hyper(step, "momentum")
-        damp = 1.0 - self.vec.hyper(step, "dampening")
-        nesterov = self.vec.hyper(step, "nesterov", False)
-        moving = mu != 0
-        skip = self._mask(step.skipped)
-        if skip is not None:
-            moving = moving & ~skip
-        carry = torch.where(moving, mu, 1.0)
-        starts = moving if step.fresh_state else self._mask(step.fresh_params)
-        if starts is not None:
-            damp = torch.where(starts, 1.0, damp)
-            carry = torch.where(starts & moving, 0.0, carry)
-        damp = torch.where(moving, damp, 0.0)
-        return eta, mu, damp, nesterov, carry, moving
-
-    def begin(self, s, step, phi, w):
-        """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
-        eta, mu, damp, nesterov, carry, moving = self._terms(step)
-        self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
-        pending = self._carry if not next_fresh else None
-        if pending is None and not bool(moving.any()):  # plain SGD: no state to carry
-            self._carry, self._carry_factor = None, carry
-            return eta * phi, None
-        # u_s: adjoint of the buffer b_s = μ_s b_{s−1} + d_s G_s, used by P_s = b_s or G_s + μ_s b_s
-        direct = torch.where(nesterov.bool(), mu, torch.ones_like(mu))
-        u = torch.where(moving, eta * direct * phi, 0.0)
-        if pending is not None:
-            u = u + self._carry_factor * pending
-        self._carry, self._carry_factor = u, carry
-        v = damp * u + nesterov * eta * phi
-        return torch.where(moving, v, eta * phi), None
-
-    STATE_KEY = "momentum_buffer"
-
-    def uses_state(self, step: Step) -> torch.Tensor:
-        """Where Δ_s depends on the buffer before the step: where the buffer moves."""
-        return self._terms(step)[5]
-
-    def passes_through(self, step: Step) -> bool:
-        """A step where no buffer moves (momentum 0, or skipped) carries them unchanged."""
-        return not bool(self._terms(step)[5].any())
-
-    def recover(self, step, delta, G, w):
-        """The momentum buffer b_s from Δ_s = −η_s P_s (NaN where Δ_s does not show it)."""
-        eta, mu, _, nesterov, _, moving = self._terms(step)
-        p = torch.where(eta != 0, -delta / torch.where(eta != 0, eta, 1.0), math.nan)
-        safe_mu = torch.where(mu != 0, mu, 1.0)
-        buffer = torch.where(nesterov.bool(), (p - G) / safe_mu, p)
-        return torch.where(moving, buffer, math.nan)
-
-    def recovery_uncertainty(self, step, floor):
-        """How far the recovered buffer can be off from the rounding ``floor`` of Δ_s."""
-        eta, mu, _, nesterov, _, moving = self._terms(step)
-        scale = (eta * torch.where(nesterov.bool(), mu, 1.0)).abs()
-        known = moving & (scale != 0)
-        return torch.where(known, floor / torch.where(known, scale, 1.0), 0.0)
-
-    def carry_uncertainty(self, step, unc):
-        """The uncertainty of the buffer after the step, from the one before it."""
-        return self._terms(step)[4].abs() * unc
-
-    def prediction_uncertainty(self, step, unc):
-        """How far Δ̂_s can move with the buffer before the step off by ``unc``."""
-        eta, mu, _, nesterov, carry, moving = self._terms(step)
-        sensitivity = (eta * carry * torch.where(nesterov.bool(), mu, 1.0)).abs()
-        return torch.where(moving, sensitivity * unc, 0.0)
-
-    def advance(self, step, prev, G, w):
-        """b̂_s = c_s b_{s−1} + d_s G_s (d_s G_s for a fresh buffer)."""
-        _, _, damp, _, carry, _ = self._terms(step)
-        if prev is None:
-            return damp * G
-        return torch.where(carry == 0, 0.0, carry * prev) + damp * G
-
-    def predict(self, step, prev, G, w):
-        """Δ̂_s = −η_s P̂_s with b̂_s = μ_s b_{s−1} + d_s G_s."""
-        eta, mu, _, nesterov, _, moving = self._terms(step)
-        buffer = self.advance(step, prev, G, w)
-        update = torch.where(nesterov.bool(), G + mu * buffer, buffer)
-        return torch.where(eta != 0, -eta * torch.where(moving, update, G), 0.0)
-
-
-class AdamRule(Rule):
-    """Adam and AdamW (amsgrad and maximize too), with the recorded second moments."""
-
-    def __init__(self, path, vectors, decoupled: bool):
-        super().__init__(path, vectors)
-        self.decoupled = decoupled
-        self._denominators: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def coupled_decay(self, step):
-        """Adam's L2 weight decay enters G; AdamW's decoupled decay does not."""
-        lam = self.vec.hyper(step, "weight_decay")
-        return torch.zeros_like(lam) if self.decoupled else lam
-
-    def _denominator(self, step: Step, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D_s, β1 carried) of `_build_denominator`, kept for the last two steps asked for.
-
-        A step's sweep, its check and the check of the step after it each need them.
-        """
-        found = self._denominators.get(step.index)
-        if found is None:
-            found = self._build_denominator(step, names)
-            self._denominators[step.index] = found
-            if len(self._denominators) > 2:
-                del self._denominators[next(iter(self._denominators))]
-        return found
-
-    def _build_denominator(self, step: Step, names: list[str]):
-        """D_s = 1 / ((1 − β1^t)(sqrt(v_s / (1 − β2^t)) + ε)), elementwise (d,).
-
-        v_s is ``max_exp_avg_sq`` for the param groups with amsgrad, ``exp_avg_sq`` otherwise.
-        """
-        state = step.optimizer_state
-        amsgrad = [bool(h.get("amsgrad", False)) for h in step.hyper]
-        keys = {
-            n: "max_exp_avg_sq" if amsgrad[self.vec.group_of.get(n, 0)] else "exp_avg_sq"
-            for n in names
-        }
-        absent = {
-            n for n in names if n not in state.get(keys[n], {}) or n not in state.get("step", {})
-        }
-        missing = sorted(
-            {k for n, k in keys.items() if n in absent - step.skipped and n not in state.get(k, {})}
-        )
-        if missing or absent - step.skipped:
-            raise UnsupportedError(
-                f"step {step.index} has no recorded Adam state ({', '.join(missing or ['step'])}"
-                "): the exact Adam rule needs a path recorded by PathRecorder; use "
-                "mode='checkpoint'"
-            )
-        dtype, device = self.vec.dtype, self.vec.device
-        shapes = self.path.param_shapes
-        # a skipped parameter that never had a gradient has no state yet; η_s = 0 there
-        v = torch.cat(
-            [
-                torch.ones(shapes[n].numel()) if n in absent else state[keys[n]][n].reshape(-1)
-                for n in names
-            ]
-        ).to(device, dtype)
-        t = torch.cat(
-            [
-                torch.ones(shapes[n].numel())
-                if n in absent
-                else state["step"][n].reshape(1).expand(shapes[n].numel())
-                for n in names
-            ]
-        ).to(device, dtype)
-        beta1 = self._beta1(step)
-        beta2 = self.vec.vec([float(h["betas"][1]) for h in step.hyper])
-        eps = self.vec.hyper(step, "eps")
-        D = 1.0 / ((1.0 - beta1**t) * (torch.sqrt(v / (1.0 - beta2**t)) + eps))
-        return D, self._beta1(step, carried=True)
-
-    def _beta1(self, step: Step, carried: bool = False) -> torch.Tensor:
-        """β1 per coordinate; ``carried``: 1 where the step skipped the parameter."""
-        beta1 = self.vec.vec([float(h["betas"][0]) for h in step.hyper])
-        skip = self._mask(step.skipped) if carried else None
-        return beta1 if skip is None else torch.where(skip, 1.0, beta1)
-
-    def begin(self, s, step, phi, w):
-        """v_s = (1 − β1) u_s; u_s = η_s D_s φ_s + β1 u_{s+1}; AdamW decay as extra term.
-
-        Where the step skipped a parameter, β1 reads 1 (its moment is carried unchanged).
-        """
-        eta = self._eta(step)
-        D, beta1 = self._denominator(step, self._names)
-        self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
-        if self._carry is not None and not next_fresh:  # in place: the carry is ours alone
-            u = self._carry.mul_(self._carry_factor).addcmul_(phi, eta * D)
-        else:
-            u = (eta * D) * phi
-        self._carry, self._carry_factor = u, beta1
-        extra = None
-        if self.decoupled:
-            lam = self.vec.hyper(step, "weight_decay")
-            extra = -(phi @ (eta * lam * w))
-        return (1.0 - beta1) * u, extra
-
-    STATE_KEY = "exp_avg"
-
-    def recover(self, step, delta, G, w):
-        """The first moment m_s from Δ_s = −η_s λ w_s − η_s D_s m_s (NaN where η_s D_s = 0)."""
-        eta = self._eta(step)
-        D, _ = self._denominator(step, self._names)
-        moved = delta + (eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0)
-        scale = eta * D
-        return torch.where(scale != 0, -moved / torch.where(scale != 0, scale, 1.0), math.nan)
-
-    def recovery_uncertainty(self, step, floor):
-        """How far the recovered first moment can be off from the rounding ``floor`` of Δ_s."""
-        D, _ = self._denominator(step, self._names)
-        scale = (self._eta(step) * D).abs()
-        return torch.where(scale != 0, floor / torch.where(scale != 0, scale, 1.0), 0.0)
-
-    def carry_uncertainty(self, step, unc):
-        """The uncertainty of m_s from that of m_{s−1} (scaled by β1, 1 where skipped)."""
-        return self._beta1(step, carried=True).abs() * unc
-
-    def prediction_uncertainty(self, step, unc):
-        """How far Δ̂_s = −η_s D_s (β1 m_{s−1} + ...) moves with m_{s−1} off by ``unc``."""
-        D, beta1 = self._denominator(step, self._names)
-        return (self._eta(step) * D * beta1).abs() * unc
-
-    def advance(self, step, prev, G, w):
-        """m̂_s = β1 m_{s−1} + (1 − β1) G_s ((1 − β1) G_s for a fresh first moment)."""
-        beta1 = self._beta1(step, carried=True)
-        return (1.0 - beta1) * G if prev is None else beta1 * prev + (1.0 - beta1) * G
-
-    def predict(self, step, prev, G, w):
-        """Δ̂_s from m̂_s = β1 m_{s−1} + (1 − β1) G_s."""
-        eta = self._eta(step)
-        D, _ = self._denominator(step, self._names)
-        m = self.advance(step, prev, G, w)
-        decay = eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0
-        return torch.where(eta != 0, -decay - eta * D * m, 0.0)
-
-
-def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Rule:
-    """The exact rule for the path's optimizer.
-
-    Raises:
-        UnsupportedError: The optimizer (or one of its options) has no exact rule.
-    """
-    optimizer = path.optimizer or {}
-    kind = optimizer.get("kind")
-    if kind not in ("sgd", "adam", "adamw"):
-        raise UnsupportedError(
-            f"optimizer {optimizer.get('class', kind)} has no exact decomposition rule "
-            "(exact: SGD, Adam, AdamW): use mode='checkpoint'"
-        )
-    family = "sgd" if kind == "sgd" else "adam"
-    for g, group in enumerate(optimizer["groups"]):
-        unknown = {
-            k
-            for k, v in group["hyper"].items()
-            if k not in SUPPORTED[family]
-            and k not in SCHEDULER_KEYS
-            and v not in (None, False, 0, 0.0)
-        }
-        if unknown:
-            raise UnsupportedError(
-                f"param group {g} uses {sorted(unknown)}, which the exact {kind} rule does not "
-                "model: use mode='checkpoint'"
-            )
-    rule = SGDRule(path, vectors) if family == "sgd" else AdamRule(path, vectors, kind == "adamw")
-    rule._names = names
-    return rule

@@ -13,11 +13,12 @@ import functools
 import torch
 from tqdm.auto import tqdm
 
-from .decomposition import Decomposition, Diagnostics
-from .engine import BLOCK_BYTES, Engine, _check_finite, add_norms, example_weights
-from .gradients import NotBatchFirst, OutputFn, n_rows, take
-from .linear import capture, dot_products, example_losses, linear_layers, squared_norms
-from .path import Step
+from ..decomposition import Decomposition, Diagnostics
+from ..record.path import Step
+from .batches import n_rows, take
+from .exact import BLOCK_BYTES, Engine, _check_finite, add_norms, example_weights
+from .factors import capture, dot_products, example_losses, linear_layers, squared_norms
+from .outputs import NotBatchFirst, OutputFn
 
 
 def decompose(

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import torch
 
+from ..exceptions import StoreMismatchError
 from .backends import MemoryBackend, new_manifest
-from .exceptions import StoreMismatchError
 from .wrappers import plain_name, unwrap
 
 
-def path_from_checkpoints(
+def checkpoint_records(
     checkpoints: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike],
     learning_rates: float | Sequence[float],
     model: torch.nn.Module | None = None,
-):
-    """See `TrainingPath.from_checkpoints`."""
-    from .path import TrainingPath
+) -> tuple[dict, MemoryBackend]:
+    """The manifest and in-memory tensors of a path of checkpoints.
 
+    See `TrainingPath.from_checkpoints`, which wraps them.
+    """
     states = [_load_checkpoint(c) for c in checkpoints]
     if not states:
         raise ValueError("from_checkpoints needs at least one checkpoint")
@@ -73,7 +74,7 @@ def path_from_checkpoints(
         approximate_reasons=["built from checkpoints: only checkpoint mode applies"],
         complete=True,
     )
-    return TrainingPath(manifest, backend)
+    return manifest, backend
 
 
 def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:

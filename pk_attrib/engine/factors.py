@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from .gradients import FunctionalModel, n_rows
+from .batches import n_rows
+from .functional import FunctionalModel
 
 
 def linear_layers(

@@ -18,78 +18,39 @@ custom samplers. Every batch since the previous optimizer step belongs to the ne
 from __future__ import annotations
 
 import atexit
-import collections
 import os
-import re
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .backends import DiskBackend, MemoryBackend, new_manifest
-from .buffers import BufferPool, SlabAllocator
-from .exceptions import (
+from ..exceptions import (
     IndexOutOfRangeError,
     MissingBatchIndicesError,
-    NotAStoreError,
     PkAttribWarning,
     RecordingError,
     StoreMismatchError,
 )
-from .optim import (
-    SCHEDULED_KEYS,
-    SCHEDULER_KEYS,
-    OptimizerKind,
+from .backends import MemoryBackend, new_manifest
+from .buffers import BufferPool, SlabAllocator
+from .optimizers import (
+    INITIAL_STATE,
+    STATE_AFTER_STEP,
     describe_optimizer,
     group_hyper,
     group_lr,
     optimizer_kind,
 )
 from .path import TrainingPath
-from .store import (
-    FINAL,
-    LOCK,
-    MANIFEST,
-    AsyncShardWriter,
-    lock_store,
-    read_manifest,
-    unlock_store,
-    write_final,
-    write_manifest,
-)
+from .resume import final_name, open_store
+from .sampling import indexed_batches
+from .store import write_final
 from .wrappers import unwrap
-
-_STATE_AFTER_STEP = ("exp_avg_sq", "max_exp_avg_sq", "step")
-_INITIAL_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
-
-
-def _own_copy(item: Any) -> Any:
-    """A copy of what a sampler yielded (an int, a list, an array or a tensor of indices)."""
-    if isinstance(item, torch.Tensor):
-        return item.clone()
-    return item.copy() if hasattr(item, "copy") else item
-
-
-class _RecordingSampler:
-    """Wraps a (batch) sampler: yields what it yields and appends it to a queue."""
-
-    def __init__(self, inner: Iterable, seen: collections.deque):
-        self.inner = inner
-        self.seen = seen
-
-    def __iter__(self):
-        for item in self.inner:
-            # a copy: a batch sampler may refill the same list, and with workers the loader
-            # draws batches ahead of the steps they belong to
-            self.seen.append(_own_copy(item))
-            yield item
-
-    def __len__(self) -> int:
-        return len(self.inner)  # type: ignore[arg-type]
+from .writer import AsyncShardWriter, unlock_store
 
 
 class PathRecorder:
@@ -154,7 +115,6 @@ class PathRecorder:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.model = unwrap(model)  # torch.compile / DDP: the wrapped module's names
-        self._may_truncate = truncate
         self.optimizer = optimizer
         self.every = every
         self.dtype = dtype
@@ -207,7 +167,7 @@ class PathRecorder:
             # a slab per step's snapshot (at least 1 MiB): a kept tensor keeps one step alive
             self._slab = SlabAllocator(max(1 << 20, step_bytes + 64 * len(self._params)))
         else:
-            self._manifest = self._open_store(fresh)
+            self._manifest, self._lock = open_store(self.store, fresh, self._snapshot, truncate)
             # a step records its hyperparameters when they differ from the store's first ones
             self._base_hyper = [g["hyper"] for g in self._manifest["optimizer"]["groups"]]
             self._raw = len(self._manifest["steps"])
@@ -272,27 +232,8 @@ class PathRecorder:
                 ) from None
         else:
             self._set_dataset_size(size)
-        seen: collections.deque = collections.deque()
-        attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
-        original = getattr(loader, attr)
-        persistent = getattr(loader, "_iterator", None)  # persistent workers' iterator
-        if persistent is not None:
-            inner = persistent._index_sampler
-            inner = inner.inner if isinstance(inner, _RecordingSampler) else inner
-            persistent._index_sampler = _RecordingSampler(inner, seen)
-        object.__setattr__(loader, attr, _RecordingSampler(original, seen))
-        try:
-            iterator = iter(loader)
-        finally:
-            object.__setattr__(loader, attr, original)
-        for batch in iterator:
-            if not seen:
-                raise RecordingError(
-                    "the DataLoader yielded a batch whose indices were not seen: its iterator "
-                    "does not draw from its sampler in the usual way; call "
-                    "recorder.record_batch(indices) yourself"
-                )
-            self.record_batch(seen.popleft())
+        for indices, batch in indexed_batches(loader):
+            self.record_batch(indices)
             yield batch
 
     def record_batch(self, indices: Any) -> None:
@@ -381,7 +322,7 @@ class PathRecorder:
             kept = set()
             for name, p in self._params.items():
                 for key, value in (optimizer.state.get(p) or {}).items():
-                    if key in _INITIAL_STATE and isinstance(value, torch.Tensor):
+                    if key in INITIAL_STATE and isinstance(value, torch.Tensor):
                         tensors[f"{r}/init/{key}/{name}"] = _copy(
                             value, torch.float64 if value.dim() == 0 else None
                         )
@@ -452,10 +393,11 @@ class PathRecorder:
         self._stateless = []
         if fresh:
             meta["fresh"] = fresh
-        if self._kind in (OptimizerKind.ADAM, OptimizerKind.ADAMW) and r % self.every == 0:
+        kept_after = STATE_AFTER_STEP.get(self._kind, ())
+        if kept_after and r % self.every == 0:
             for name, p in self._params.items():
                 state = optimizer.state.get(p) or {}
-                for key in _STATE_AFTER_STEP:
+                for key in kept_after:
                     if isinstance(state.get(key), torch.Tensor):
                         value = state[key]
                         tensors[f"{r}/{key}/{name}"] = (  # in its own dtype: squared
@@ -552,7 +494,7 @@ class PathRecorder:
                 self._writer.list_pending()
                 listed = self._manifest.get("final")  # what the manifest on the disk lists
                 self._manifest["final"] = write_final(
-                    self.store / _final_name(listed), self._snapshot(), durable=True
+                    self.store / final_name(listed), self._snapshot(), durable=True
                 )
                 self._manifest["complete"] = True
                 self._writer.write_manifest()
@@ -586,29 +528,6 @@ class PathRecorder:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- resuming a store ------------------------------------------------------------------
-
-    def _open_store(self, fresh: dict[str, Any]) -> dict[str, Any]:
-        root = self.store
-        if root.exists() and not root.is_dir():
-            raise NotAStoreError(f"{root} is a file, not a folder: choose a folder for the store")
-        if (
-            not (root / MANIFEST).exists()
-            and root.exists()
-            and any(f.name != LOCK for f in root.iterdir())
-        ):
-            raise NotAStoreError(
-                f"{root} is not empty and holds no pk_attrib store: choose a new or "
-                "empty folder, so that nothing in it is overwritten"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_store(root)
-        try:
-            return self._open_locked(fresh)
-        except BaseException:
-            self._release()
-            raise
-
     def _release(self) -> None:
         """Let other recorders open the store."""
         if self._lock is not None:
@@ -617,86 +536,6 @@ class PathRecorder:
         if getattr(self, "_writer", None) is not None:
             self._abandoned.detach()
             self._writer.release_lock()
-
-    def _open_locked(self, fresh: dict[str, Any]) -> dict[str, Any]:
-        root = self.store
-        if not (root / MANIFEST).exists():
-            # the path ends at the initial weights until the first shard is on the disk, so
-            # that a resume after a crash before it can tell whether steps were lost
-            fresh["final"] = write_final(root / FINAL, self._snapshot(), durable=True)
-            write_manifest(root, fresh)
-            return fresh
-        manifest = read_manifest(root)
-        _check_same_run(manifest, fresh, root)
-        current = self._snapshot()
-        resume_at, at_final = self._resume_point(manifest, current)
-        on_disk = manifest.get("final")  # what the manifest on the disk lists
-        _truncate(manifest, resume_at)
-        if not at_final:
-            # the path must end where this session starts, until its first snapshot is on
-            # the disk: a crash before that then loses nothing
-            manifest["final"] = write_final(root / _final_name(on_disk), current, durable=True)
-        manifest["complete"] = False
-        write_manifest(root, manifest)  # (as this version's: new shards carry its hash)
-        listed = {e["file"] for e in manifest["shards"] + [manifest["final"]] if e} | {MANIFEST}
-        for leftover in root.iterdir():  # what this library writes, unlisted: a crash's
-            if leftover.name not in listed and _OWN_FILE.fullmatch(leftover.name):
-                leftover.unlink()
-        return manifest
-
-    def _resume_point(
-        self, manifest: dict[str, Any], current: dict[str, torch.Tensor]
-    ) -> tuple[int, bool]:
-        """The raw step to continue from, and whether ``current`` is the listed final."""
-        path = TrainingPath(manifest, DiskBackend(self.store, manifest))
-        n_raw = len(manifest["steps"])
-        if manifest.get("final") is not None and _equal(current, path.final):
-            return n_raw, True
-        every = manifest.get("every", 1)
-        last = ((n_raw - 1) // every) * every if n_raw else 0
-        if n_raw == 0 and manifest.get("final") is not None:  # (the initial weights)
-            raise StoreMismatchError(
-                f"{self.store} holds no optimizer step, and the model's parameters are not the "
-                "initial ones it lists: the earlier session's steps were lost before they "
-                "reached the disk (killed within its first flush_interval?). Start again from "
-                "the initial weights, or record into a new folder"
-            )
-        if n_raw == 0 or _equal(current, path._raw_params(last)):
-            return last, False
-        earlier = _matching_snapshot(path, current, range(last - every, -1, -every))
-        if earlier is not None and self._may_truncate:
-            return earlier, False
-        if earlier is not None:
-            raise StoreMismatchError(
-                f"{self.store} holds {n_raw} optimizer steps, and the model's parameters equal "
-                f"its snapshot before step {earlier} (resuming from an older checkpoint?). To "
-                f"continue from there, pass truncate=True: the {n_raw - earlier} steps after it "
-                "are dropped from the store. Restore the optimizer's state saved with those "
-                "weights too (momentum, Adam's moments): the store does not keep it"
-            )
-        raise StoreMismatchError(
-            f"{self.store} holds {n_raw} optimizer steps, but the model's parameters equal "
-            "none of its recorded snapshots, so a resumed recording would not be a continuous "
-            "path: restore the model from a checkpoint of this run (and the optimizer from the "
-            "same one: the store does not keep momentum or Adam's moments), or record into a "
-            "new folder"
-        )
-
-
-# the files a store's writer makes (and their temporary names while being written)
-_OWN_FILE = re.compile(
-    r"(shard-\d{8}\.safetensors|final(-next)?\.safetensors|manifest\.json)(\.tmp)?"
-)
-_NEXT_FINAL = "final-next.safetensors"
-
-
-def _final_name(listed: dict[str, Any] | None) -> str:
-    """A name for new final parameters that the manifest on the disk does not list.
-
-    Replacing a listed file before the manifest names its new hash would leave a store
-    that fails its check if the process died in between; the two names alternate.
-    """
-    return _NEXT_FINAL if listed is not None and listed["file"] == FINAL else FINAL
 
 
 def _stop_writer(writer: AsyncShardWriter) -> None:
@@ -710,78 +549,6 @@ def _stop_writer(writer: AsyncShardWriter) -> None:
 
 def _copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True)
-
-
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[n], b[n].to(a[n].dtype)) for n in a)
-
-
-def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
-    if old["params"] != new["params"]:
-        raise StoreMismatchError(
-            f"{root} was recorded from a model with other parameters (names, shapes or "
-            "dtypes differ): record this model into a new folder"
-        )
-    old_opt, new_opt = old.get("optimizer") or {}, new["optimizer"]
-    old_groups, new_groups = old_opt.get("groups", []), new_opt["groups"]
-    if old_opt.get("class") != new_opt["class"] or [g["params"] for g in old_groups] != [
-        g["params"] for g in new_groups
-    ]:
-        raise StoreMismatchError(
-            f"{root} was recorded with optimizer {old_opt.get('class')} over other param "
-            f"groups than this {new_opt['class']}: resume with the same optimizer, or record "
-            "into a new folder"
-        )
-    # schedulers' bookkeeping and the values they move (recorded per step) may differ
-    ignored = SCHEDULER_KEYS | SCHEDULED_KEYS
-    for g, (was, now) in enumerate(zip(old_groups, new_groups, strict=True)):
-        keys = (set(was["hyper"]) | set(now["hyper"])) - ignored
-        differ = sorted(k for k in keys if was["hyper"].get(k) != now["hyper"].get(k))
-        if differ:
-            shown = ", ".join(
-                f"{k}: {was['hyper'].get(k)!r} recorded, {now['hyper'].get(k)!r} now"
-                for k in differ
-            )
-            raise StoreMismatchError(
-                f"{root} was recorded with other optimizer settings in param group {g} "
-                f"({shown}): resume with the same settings, or record into a new folder"
-            )
-    if old.get("every", 1) != new["every"]:
-        raise StoreMismatchError(
-            f"{root} was recorded with every={old.get('every', 1)}, not every={new['every']}"
-        )
-
-
-def _matching_snapshot(path: TrainingPath, current: dict, raws: Iterable[int]) -> int | None:
-    """The first raw step in ``raws`` whose recorded snapshot equals ``current``, or None.
-
-    Each candidate is compared on one small parameter first, so only a match reads a whole
-    snapshot.
-    """
-    first = min(current, key=lambda n: current[n].numel())
-    for r in raws:
-        probe = path._backend.tensor(r, f"w/{first}")
-        if probe is not None and torch.equal(current[first], probe.to(current[first].dtype)):
-            if _equal(current, path._raw_params(r)):
-                return r
-    return None
-
-
-def _truncate(manifest: dict[str, Any], n_raw: int) -> None:
-    """Keep the first ``n_raw`` steps; the final parameters stay listed only if all steps do.
-
-    Kept, they hold the last step's end until the writer lists a shard with the next
-    snapshot, so a crash right after reopening loses nothing.
-    """
-    if n_raw < len(manifest["steps"]):
-        manifest["final"] = None
-    manifest["steps"] = manifest["steps"][:n_raw]
-    shards = []
-    for entry in manifest["shards"]:
-        if entry["first_step"] < n_raw:
-            entry["n_steps"] = min(entry["n_steps"], n_raw - entry["first_step"])
-            shards.append(entry)
-    manifest["shards"] = shards
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .exceptions import StoreMismatchError
+from ..exceptions import StoreMismatchError
 
 
 class OptimizerKind(str, enum.Enum):
@@ -41,6 +41,15 @@ HYPER_KEYS = {
     OptimizerKind.ADAM: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
     OptimizerKind.ADAMW: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
 }
+# Optimizer state an exact rule reads back at every recorded step, by family (Adam's second
+# moments and step counts: with them fixed, a step is linear in its gradients).
+STATE_AFTER_STEP = {
+    OptimizerKind.ADAM: ("exp_avg_sq", "max_exp_avg_sq", "step"),
+    OptimizerKind.ADAMW: ("exp_avg_sq", "max_exp_avg_sq", "step"),
+}
+# State an optimizer may already hold when the recording begins: kept once, since its effect
+# on the outputs is a term of its own (not an example's doing).
+INITIAL_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
 # Keys torch's LR schedulers (and SWALR) add to param groups: bookkeeping, not step options
 # (the values they set, lr, momentum and betas, are recorded per step).
 SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}

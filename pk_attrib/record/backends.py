@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .exceptions import StoreError
+from ..exceptions import StoreError
 from .store import FORMAT, FORMAT_VERSION, ShardReader, dtype_name, library_version
 
 

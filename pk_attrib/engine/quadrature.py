@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gradients import FunctionalModel, n_rows
+from .batches import n_rows
+from .functional import FunctionalModel
 
 # Node counts the adaptive rule climbs through.
 LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)

@@ -24,18 +24,18 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .decomposition import Decomposition, Diagnostics
-from .exceptions import IndexOutOfRangeError, NonFiniteError, PkAttribWarning
-from .features import FeatureCache
-from .gradients import (
-    FunctionalModel,
-    OutputFn,
-    Reduction,
-    gather_examples,
-    n_rows,
-    read_outputs,
+from ..decomposition import Decomposition, Diagnostics
+from ..exceptions import (
+    IndexOutOfRangeError,
+    NonFiniteError,
+    QuadratureWarning,
+    ReconstructionWarning,
 )
-from .path import TrainingPath
+from ..record.path import TrainingPath
+from .batches import gather_examples, n_rows
+from .features import FeatureCache
+from .functional import FunctionalModel
+from .outputs import OutputFn, Reduction, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
 
@@ -43,14 +43,6 @@ WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
 # the gradients one batched call may hold (the query and training gradients of a block of
 # steps, a chunk of checkpoint-mode self-influence): a working set the allocator recycles
 BLOCK_BYTES = 32 << 20
-
-
-class ReconstructionWarning(PkAttribWarning):
-    """Recorded steps are not rebuilt by the example gradients (dropout, clipping, ...)."""
-
-
-class QuadratureWarning(PkAttribWarning):
-    """The adaptive quadrature could not reach its tolerance on some steps."""
 
 
 @dataclass

@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .exceptions import PkAttribWarning, UnsupportedError
-from .gradients import FunctionalModel, n_rows, take
-from .linear import capture, example_losses, linear_layers
+from ..exceptions import PkAttribWarning, UnsupportedError
+from .batches import n_rows, take
+from .factors import capture, example_losses, linear_layers
+from .functional import FunctionalModel
 
 
 class ProjectorKind(str, enum.Enum):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import numbers
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,27 +19,20 @@ from captum.influence import DataInfluence
 from captum.influence._utils.common import KMostInfluentialResults
 from torch.utils.data import DataLoader, Dataset
 
-from . import checkpoint, compat
-from . import influence as scores
-from .decomposition import Decomposition
-from .engine import Engine, Problem
-from .exceptions import NotAStoreError, PkAttribWarning, StoreMismatchError, UnsupportedError
-from .features import FeatureCache
-from .gradients import (
-    FunctionalModel,
-    OutputFn,
-    check_batch_dimension,
-    leaves,
-    n_rows,
-    prepare_target,
-    select_output,
-    take,
-)
-from .path import TrainingPath
-from .projection import ProjectorKind, make_projector
-from .quadrature import Quadrature, QuadratureRule
-from .store import HASH, MANIFEST
-from .wrappers import module_for
+from ..decomposition import Decomposition
+from ..engine import scores, tracin
+from ..engine.batches import n_rows, take
+from ..engine.exact import Engine, Problem
+from ..engine.features import FeatureCache
+from ..engine.functional import FunctionalModel
+from ..engine.outputs import OutputFn
+from ..engine.projection import ProjectorKind, make_projector
+from ..engine.quadrature import Quadrature, QuadratureRule
+from ..exceptions import StoreMismatchError, UnsupportedError
+from ..record.path import TrainingPath
+from ..record.store import HASH
+from ..record.wrappers import module_for
+from . import arguments, data, sources
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -137,13 +129,15 @@ class PathKernelInfluence(DataInfluence):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
         self.model = model
-        self.train_dataset = compat.dataset_of(train_dataset)
+        self.train_dataset = data.dataset_of(train_dataset)
         if checkpoints is not None and not isinstance(checkpoints, (str, os.PathLike, list)):
             checkpoints = list(checkpoints)  # (a generator: read once, kept below)
-        self.path, from_tracincp = self._load_path(model, path, checkpoints, checkpoints_load_func)
+        self.path, from_tracincp = sources.load_path(
+            model, path, checkpoints, checkpoints_load_func
+        )
         # TracInCP's attributes: the checkpoints as read (natural order), how, in what chunks
         self.checkpoints = (
-            compat.checkpoint_files(checkpoints if checkpoints is not None else path)
+            sources.checkpoint_files(checkpoints if checkpoints is not None else path)
             if from_tracincp
             else None
         )
@@ -153,7 +147,7 @@ class PathKernelInfluence(DataInfluence):
         self.test_loss_fn = test_loss_fn or loss_fn
         self.layers = layers
         needs_reduction = any(True for _ in self.path.step(0).parts) if len(self.path) else False
-        self.reduction = compat.loss_reduction(loss_fn, loss_reduction, needs_reduction)
+        self.reduction = arguments.loss_reduction(loss_fn, loss_reduction, needs_reduction)
         fixed = isinstance(accumulation, numbers.Integral) and not isinstance(accumulation, bool)
         if not (accumulation in ("sum", "mean") or (fixed and accumulation >= 1)):
             raise ValueError(
@@ -163,11 +157,11 @@ class PathKernelInfluence(DataInfluence):
         accumulation = int(accumulation) if fixed else accumulation
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
-        self.mode = self._resolve_mode(mode)
+        self.mode = sources.resolve_mode(self.path, mode)
         first = next(model.parameters())
         self.dtype = dtype or first.dtype
         model = module_for(model, self.path.param_names)  # inside torch.compile / DDP
-        active = compat.layer_params(model, layers, self.path.param_names)
+        active = arguments.layer_params(model, layers, self.path.param_names)
         if active is not None and quadrature == "adaptive":
             quadrature = 4  # the exact output change cannot check a partial gradient
         self.quadrature = QuadratureRule.parse(quadrature, rtol, self.dtype)
@@ -197,9 +191,9 @@ class PathKernelInfluence(DataInfluence):
             active,
         )
         self.memory_budget = memory_budget
-        compat.check_examples(self.train_dataset, self._fm, self.path.final, loss_fn)
+        data.check_examples(self.train_dataset, self._fm, self.path.final, loss_fn)
         if not from_tracincp:
-            self._check_final(model)
+            sources.check_final(self.path, model)
         self._problem = Problem(
             self._fm,
             self.path,
@@ -219,7 +213,7 @@ class PathKernelInfluence(DataInfluence):
                 "projection_dim="
             )
         self._features = None
-        self._examples: compat.ExampleIndex | None = None  # built by self_influence(inputs)
+        self._examples: data.ExampleIndex | None = None  # built by self_influence(inputs)
         if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
             folder = self._feature_folder()
             self._features = FeatureCache(folder, feature_dtype, memory_bytes=memory_budget)
@@ -238,139 +232,7 @@ class PathKernelInfluence(DataInfluence):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return Path(root) / "features" / digest
 
-    @staticmethod
-    def _load_path(model, path, checkpoints, load_func) -> tuple[TrainingPath, bool]:
-        if isinstance(path, TrainingPath):
-            return path, False
-        if checkpoints is None and isinstance(path, (str, os.PathLike)):
-            folder = Path(path)
-            if (folder / MANIFEST).is_file():
-                return TrainingPath.load(folder), False
-            _refuse_unreadable_path(folder)
-            try:  # a checkpoint file or a folder of them, as TracInCP reads them
-                return compat.path_from_tracincp(model, folder, load_func), True
-            except Exception as err:
-                raise NotAStoreError(
-                    f"{folder} is not a pk_attrib store (it has no {MANIFEST}), and reading it "
-                    f"as TracInCP checkpoints failed ({type(err).__name__}: {err}). Give the "
-                    "folder PathRecorder(store=...) wrote, a TrainingPath, or checkpoints that "
-                    "checkpoints_load_func can read"
-                ) from err
-        source = checkpoints if checkpoints is not None else path
-        if source is None:
-            raise TypeError(
-                "give the training path (a TrainingPath or a store folder), or TracInCP-style "
-                "checkpoints="
-            )
-        return compat.path_from_tracincp(model, source, load_func), True
-
-    def _resolve_mode(self, mode: str) -> str:
-        path = self.path
-        exact_ok = not path.approximate and (path.optimizer or {}).get("exact", False)
-        if mode == "auto":
-            return "exact" if exact_ok else "checkpoint"
-        if mode == "exact" and not exact_ok:
-            reasons = "; ".join(path.approximate_reasons) or "the optimizer has no exact rule"
-            raise UnsupportedError(
-                f"exact mode needs a path recorded at every step with SGD, Adam or AdamW, but "
-                f"this one is approximate ({reasons}): use mode='checkpoint', or record with "
-                "every=1"
-            )
-        return mode
-
-    def _check_final(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        narrowed = set()
-        for name, value in self.path.final.items():
-            mine = params[name].detach().to("cpu", value.dtype)
-            if not torch.allclose(mine, value, rtol=0, atol=0, equal_nan=True):
-                raise StoreMismatchError(
-                    f"the model's parameter {name} differs from the path's final value, so the "
-                    "decomposition would explain another model than yours: pass the model at "
-                    "the end of the recorded run, or load it with path.load_into(model)"
-                )
-            own = params[name].dtype
-            if own.is_floating_point and value.dtype.is_floating_point:
-                wider = torch.finfo(value.dtype).eps > torch.finfo(own).eps
-                # (a float32 run explained after model.double() holds the stored values)
-                if wider and not torch.equal(params[name].detach().cpu(), value.to(own)):
-                    narrowed.add((str(value.dtype), str(own)))
-        if narrowed:
-            stored, own = sorted(narrowed)[0]
-            warnings.warn(
-                f"the path stores the parameters in {stored}, narrower than the model's "
-                f"{own} (PathRecorder(dtype=...)): the decomposition explains the model with "
-                f"its weights rounded to {stored}, so `prediction` is that model's output, "
-                "which differs from yours by the rounding",
-                PkAttribWarning,
-                stacklevel=3,
-            )
-
     # -- decomposition ------------------------------------------------------------------------
-
-    def _queries(self, inputs) -> tuple[Any, ...]:
-        batch = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        tensors = [leaves(x) if isinstance(x, (tuple, list, dict)) else [x] for x in batch]
-        if not batch or not all(
-            part and all(isinstance(t, torch.Tensor) for t in part) for part in tensors
-        ):
-            raise TypeError(
-                "inputs must be a tensor or a tuple of the model's inputs, each a tensor or a "
-                "tuple / list / dict of tensors (first dimension: queries)"
-            )
-        found = [t for part in tensors for t in part]
-        if any(t.dim() == 0 for t in found):
-            raise ValueError("inputs must have a first dimension indexing the queries")
-        if len({t.shape[0] for t in found}) > 1:
-            shapes = ", ".join(str(tuple(t.shape)) for t in found)
-            raise ValueError(f"the inputs' first dimensions (queries) differ: {shapes}")
-        return self._fm.cast(batch)
-
-    def _first_outputs(self, queries):
-        """The final model's outputs for the first query (a batch of one)."""
-        with torch.no_grad():
-            return self._fm.outputs(self._fm.flatten(self.path.final), take(queries, slice(0, 1)))
-
-    def _target(self, queries, target, output_fn):
-        n = n_rows(queries)
-        if output_fn is None:
-            try:
-                outputs = self._first_outputs(queries)
-            except RuntimeError as err:
-                shapes = ", ".join(str(tuple(q.shape)) for q in leaves(queries))
-                raise ValueError(
-                    f"the model fails on the first query (inputs of shape {shapes}; the first "
-                    "dimension indexes the queries: one example x is x.unsqueeze(0)): "
-                    f"{str(err).splitlines()[0]}"
-                ) from err
-            check_batch_dimension(outputs, "the first query")
-            if not isinstance(outputs, torch.Tensor):
-                raise TypeError(
-                    f"the model returns a {type(outputs).__name__}, not a tensor: pass "
-                    "output_fn(outputs, target) -> (n,) to say which output to explain"
-                )
-            return prepare_target(target, n, outputs[0].numel()), select_output
-        tgt = None if target is None else torch.as_tensor(target, device=self._fm.device)
-        if tgt is not None and tgt.dim() == 0:
-            tgt = tgt.expand(n).clone()
-        if tgt is not None and tgt.shape[0] != n:
-            raise ValueError(f"target has {tgt.shape[0]} rows for {n} queries")
-        outputs = self._first_outputs(queries)
-        try:  # a first call, to name a wrong signature or shape here
-            with torch.no_grad():
-                value = output_fn(outputs, None if tgt is None else tgt[:1])
-        except TypeError as err:
-            raise TypeError(
-                f"output_fn is called as output_fn(outputs, target) and returns one value "
-                f"per query (n,); calling it failed: {err}"
-            ) from err
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"output_fn must return one value per query, a (n,) tensor; for one query it "
-                f"returned {got}"
-            )
-        return tgt, output_fn
 
     def attribute(
         self,
@@ -395,10 +257,12 @@ class PathKernelInfluence(DataInfluence):
         Returns:
             A `Decomposition` with contributions (n_test, n_train), bias, prediction, delta.
         """
-        queries = self._queries(inputs)
+        queries = arguments.queries(self._fm, inputs)
         if n_rows(queries) == 0:
             raise ValueError("inputs hold no queries (their first dimension is 0)")
-        tgt, output_fn = self._target(queries, target, output_fn)
+        tgt, output_fn = arguments.target_and_output(
+            self._fm, self.path.final, queries, target, output_fn
+        )
         if self._projector.kind is not ProjectorKind.IDENTITY:
             if kernel:  # (checkpoint mode refused projection when constructed)
                 raise UnsupportedError(
@@ -410,7 +274,7 @@ class PathKernelInfluence(DataInfluence):
             return self._engine.exact(queries, tgt, output_fn, self.quadrature, kernel)
         if kernel:
             raise UnsupportedError("the path kernel is defined in exact mode only")
-        return checkpoint.decompose(self._engine, queries, tgt, output_fn)
+        return tracin.decompose(self._engine, queries, tgt, output_fn)
 
     def _projected(self, queries, target, output_fn) -> Decomposition:
         """Exact sweep with projected contributions, queries in memory-bounded chunks."""
@@ -477,7 +341,7 @@ class PathKernelInfluence(DataInfluence):
                 "model(*batch[:-1]) gives the outputs, labels come last"
             )
         *x, labels = batch
-        return self._queries(tuple(x)), self._fm.cast((labels,))[0]
+        return arguments.queries(self._fm, tuple(x)), self._fm.cast((labels,))[0]
 
     def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
         """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
@@ -501,7 +365,7 @@ class PathKernelInfluence(DataInfluence):
                     norms=norms,
                 )
             else:
-                values = checkpoint.decompose(
+                values = tracin.decompose(
                     self._engine, queries, labels, output_fn, (a, b), cache, norms
                 )
             if norms is None:
@@ -623,10 +487,10 @@ class PathKernelInfluence(DataInfluence):
         finally:
             self._problem.show_progress = previous
 
-    def _example_index(self) -> compat.ExampleIndex:
+    def _example_index(self) -> data.ExampleIndex:
         """The training set by content (built on first use: it reads every item once)."""
         if self._examples is None:
-            self._examples = compat.ExampleIndex(self.train_dataset)
+            self._examples = data.ExampleIndex(self.train_dataset)
         return self._examples
 
     def _self_influence(self, inputs, show_progress):
@@ -639,15 +503,15 @@ class PathKernelInfluence(DataInfluence):
             out = []
             for batch in batches:
                 queries, labels = self._split_batch(batch)
-                out.append(checkpoint.self_influence(engine, None, (*queries, labels)))
+                out.append(tracin.self_influence(engine, None, (*queries, labels)))
             return torch.cat(out)
         indices = (
             torch.arange(len(self.train_dataset))
             if inputs is None
-            else compat.locate(self._example_index(), inputs)
+            else data.locate(self._example_index(), inputs)
         )
         if self.mode == "checkpoint":
-            return checkpoint.self_influence(engine, indices)
+            return tracin.self_influence(engine, indices)
         output_fn = scores.negative_loss(self.loss_fn)
         path = self.path
         rule_free = (
@@ -666,26 +530,3 @@ class PathKernelInfluence(DataInfluence):
         return scores.exact_self_influence_blocks(
             engine, indices, output_fn, self.quadrature, size, show_progress
         )
-
-
-def _refuse_unreadable_path(folder: Path) -> None:
-    """Raise `NotAStoreError` for a path that is neither a store nor checkpoints."""
-    hint = (
-        "give the folder PathRecorder(store=...) wrote, a TrainingPath, or TracInCP "
-        "checkpoints (a file, a folder of files, or checkpoints=[...])"
-    )
-    if not folder.exists():
-        raise NotAStoreError(f"{folder} does not exist: {hint}")
-    if folder.name == MANIFEST:
-        raise NotAStoreError(f"{folder} is a store's manifest: give its folder, {folder.parent}")
-    if folder.is_dir():
-        stores = sorted(d.name for d in folder.iterdir() if (d / MANIFEST).is_file())
-        if stores:
-            raise NotAStoreError(
-                f"{folder} is not a store but holds stores ({', '.join(stores[:5])}): give one"
-            )
-        if not any(f.is_file() for f in folder.iterdir()):
-            raise NotAStoreError(
-                f"{folder} holds neither a pk_attrib store (no {MANIFEST}) nor checkpoint "
-                f"files: {hint}"
-            )

@@ -16,8 +16,8 @@ from pathlib import Path
 import safetensors
 import torch
 
-from .exceptions import PkAttribWarning
-from .store import ShardReader, write_tensor_file
+from ..exceptions import PkAttribWarning
+from ..record.store import ShardReader, write_tensor_file
 
 
 class FeatureCache:

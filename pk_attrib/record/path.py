@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from ..exceptions import StoreError, StoreMismatchError
 from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
-from .exceptions import StoreError, StoreMismatchError
+from .from_checkpoints import checkpoint_records
 from .store import (
     FINAL,
     dtype_from_name,
@@ -240,9 +241,7 @@ class TrainingPath:
             A path with ``len(path) == K`` whose step k holds checkpoint k and η_k; it is
             marked approximate.
         """
-        from .checkpoints import path_from_checkpoints
-
-        return path_from_checkpoints(checkpoints, learning_rates, model)
+        return cls(*checkpoint_records(checkpoints, learning_rates, model))
 
     # -- description --------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ one example (or point) at a time instead: the same numbers, slower, and a
 from __future__ import annotations
 
 import copy
-import enum
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,119 +25,10 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils import _pytree as pytree
-from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from .exceptions import StoreMismatchError, VectorizationWarning
-
-OutputFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-# Inputs, labels and model outputs may be tensors or (nested) tuples, lists and dicts of
-# them (a model taking a dict, one returning (logits, aux)): the first dimension of every
-# tensor indexes the examples.
-
-
-def leaves(tree: Any) -> list[torch.Tensor]:
-    """The tensors of a tensor or a nested tuple / list / dict of them, in a fixed order."""
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
-def take(tree: Any, index: slice | int | torch.Tensor) -> Any:
-    """``t[index]`` for every tensor of the tree (its examples ``index``), same structure."""
-    return pytree.tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, tree)
-
-
-def one_row(tree: Any) -> Any:
-    """One example as a batch of one: ``t.unsqueeze(0)`` for every tensor of the tree."""
-    return pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, tree)
-
-
-def n_rows(tree: Any) -> int:
-    """The number of examples of a batch: its first tensor's first dimension."""
-    found = leaves(tree)
-    if not found or found[0].dim() == 0:
-        raise ValueError("a batch needs a tensor whose first dimension indexes the examples")
-    return found[0].shape[0]
-
-
-class Reduction(str, enum.Enum):
-    """How the training loss of a batch combines the per-example losses.
-
-    ``MEAN`` (PyTorch's default) weights each example by 1/|B|; ``SUM`` by 1.
-    """
-
-    MEAN = "mean"
-    SUM = "sum"
-
-
-def select_output(outputs: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """Default explained quantity: the logit ``target`` of each row, or a scalar output.
-
-    Args:
-        outputs: Model outputs, (n, C) or (n,) / (n, 1) for scalar models.
-        target: Class index per row, int64 (n,), or None for scalar outputs.
-
-    Returns:
-        The explained output per row, (n,).
-    """
-    if target is None:
-        if outputs.dim() == 1:
-            return outputs
-        return outputs.reshape(outputs.shape[0], -1)[:, 0]
-    flat = outputs.reshape(outputs.shape[0], -1)
-    return flat.gather(1, target.reshape(-1, 1).to(torch.int64))[:, 0]
-
-
-class CollatedDataset(Dataset):
-    """A map-style dataset whose batches are made by a DataLoader's own ``collate_fn``.
-
-    What a training set given as a DataLoader becomes: examples are gathered by index and
-    collated as the loader collates them. An item is one example as a row of such a batch.
-
-    Args:
-        dataset: The loader's dataset.
-        collate_fn: The loader's ``collate_fn``.
-        per_example: The loader does not batch (``batch_size=None``): it applies
-            ``collate_fn`` to each example, and batches are stacked from those.
-    """
-
-    def __init__(self, dataset: Dataset, collate_fn, per_example: bool = False):
-        self.dataset = dataset
-        self.collate_fn = collate_fn
-        self.per_example = per_example
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        batch = gather_examples(self, torch.tensor([int(i)]))
-        # row 0 of each part: of every tensor in it, or the first of a list of other things
-        return tuple(take(part, 0) if leaves(part) else part[0] for part in batch)
-
-
-def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Collate ``dataset[i]`` for the given indices into a batch tuple (inputs..., label).
-
-    A `CollatedDataset` collates with its loader's ``collate_fn``, others with PyTorch's
-    ``default_collate``.
-    """
-    if isinstance(dataset, TensorDataset):
-        return tuple(t[indices] for t in dataset.tensors)
-    if isinstance(dataset, CollatedDataset):
-        items = [dataset.dataset[int(i)] for i in indices]
-        if dataset.per_example:
-            batch = default_collate([dataset.collate_fn(item) for item in items])
-        else:
-            batch = dataset.collate_fn(items)
-        if not isinstance(batch, (tuple, list)):
-            raise TypeError(
-                f"train_dataset's collate_fn returns a {type(batch).__name__}, but batches must "
-                "be (inputs..., label), as in Captum's TracInCP: model(*batch[:-1]) gives the "
-                "outputs; wrap the collate_fn so that it returns a tuple"
-            )
-    else:
-        batch = default_collate([dataset[int(i)] for i in indices])
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+from ..exceptions import StoreMismatchError, VectorizationWarning
+from .batches import leaves, n_rows, one_row, take
+from .outputs import OutputFn, row_losses
 
 
 class FunctionalModel:
@@ -570,116 +460,6 @@ class FunctionalModel:
             jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
         dloss = vmap(dloss_single)(outs, labels)
         return (jacs[0] if len(jacs) == 1 else torch.cat(jacs)), dloss
-
-
-def read_outputs(outputs, target, output_fn: OutputFn) -> list[torch.Tensor]:
-    """The floating tensors of the model's outputs that the explained quantity reads.
-
-    A plain tensor output is read; of a tuple or dict output, the tensors ``output_fn``
-    depends on (an auxiliary output it ignores, however large or non-finite, is not).
-    """
-    if isinstance(outputs, torch.Tensor):
-        return [outputs] if outputs.is_floating_point() else []
-    flat, spec = pytree.tree_flatten(outputs)
-    where = [j for j, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not where:
-        return []
-    with torch.enable_grad():
-        probes = [flat[j].detach().requires_grad_() for j in where]
-        tree = list(flat)
-        for j, probe in zip(where, probes, strict=True):
-            tree[j] = probe
-        value = output_fn(pytree.tree_unflatten(tree, spec), target)
-        if not value.requires_grad:
-            return []
-        grads = torch.autograd.grad(value.sum(), probes, allow_unused=True)
-    return [flat[j] for j, g in zip(where, grads, strict=True) if g is not None and bool(g.any())]
-
-
-class NotBatchFirst(ValueError):
-    """The outputs a loss reads have no row per example (time-major or flattened)."""
-
-
-def check_rows(outputs: Any, labels: Any, loss_fn: Callable) -> None:
-    """Raise unless the outputs the loss reads have a row per example (batch first).
-
-    Per-example losses are read row by row from a batch's outputs; a time-major (T, B, ...)
-    or token-flattened (B·T, ...) output would give each example another's rows.
-    """
-    n = n_rows(labels)
-    for t in read_outputs(outputs, labels, loss_fn):
-        if t.dim() == 0 or t.shape[0] != n:
-            raise NotBatchFirst(
-                "influence() and self_influence() read each example's loss from its row of "
-                f"the model's outputs, but for {n} examples the output the loss reads has shape "
-                f"{tuple(t.shape)}: return outputs with the batch dimension first, (B, ...), or "
-                "explain with attribute(output_fn=...), which takes the outputs as they are"
-            )
-
-
-def row_losses(outputs: Any, labels: Any, loss_fn: Callable) -> torch.Tensor:
-    """ℓ_i of each row, one loss call per row (rows counted by the labels), (B,).
-
-    Raises:
-        NotBatchFirst: The outputs the loss reads have no row per example.
-    """
-    check_rows(outputs, labels, loss_fn)
-    each = [
-        loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
-        for i in range(n_rows(labels))
-    ]
-    return torch.stack(each) if each else torch.zeros(0)
-
-
-def check_batch_dimension(outputs: Any, what: str) -> None:
-    """Raise if the model's output for a batch of one example lost its batch dimension.
-
-    pk_attrib evaluates examples one at a time, as batches of one (``x.unsqueeze(0)``): a
-    model that ends in ``.squeeze()`` returns a 0-dim tensor there, which no loss or
-    explained output can be read from per example. (Tuple and dict outputs are the loss's
-    and ``output_fn``'s to read.)
-
-    Args:
-        outputs: The model's outputs for one example.
-        what: Which example, for the message ("training example 0", "the first query").
-    """
-    if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-        raise ValueError(
-            f"on {what}, given as a batch of one (x.unsqueeze(0)), the model returns a 0-dim "
-            "output: pk_attrib evaluates examples one at a time, so the model must keep the "
-            "batch dimension (e.g. .squeeze(-1) rather than .squeeze())"
-        )
-
-
-def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor | None:
-    """Validate a Captum-style target into an int64 (n,) tensor (or None for scalar outputs).
-
-    Raises:
-        ValueError: The target has the wrong shape or lies outside the model's outputs.
-    """
-    if target is None:
-        if n_outputs not in (None, 1):
-            raise ValueError(
-                f"the model has {n_outputs} outputs, so target= must say which one to explain "
-                "(an int, or one index per query), or pass output_fn="
-            )
-        return None
-    t = torch.as_tensor(target)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"target must hold integer output indices, got dtype {t.dtype}")
-    t = t.to(torch.int64).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(n).clone()
-    if t.numel() != n:
-        raise ValueError(
-            f"target has {t.numel()} entries for {n} queries: give one int, or one per query"
-        )
-    if n_outputs is not None and n and (int(t.min()) < 0 or int(t.max()) >= n_outputs):
-        raise ValueError(
-            f"target {int(t.max()) if int(t.max()) >= n_outputs else int(t.min())} is out of "
-            f"range for a model with {n_outputs} outputs (valid: 0..{n_outputs - 1})"
-        )
-    return t
 
 
 def _not_vmaps_doing(err: BaseException) -> bool:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, _check_finite, example_weights, rounding_floor, warn_unconverged
-from .gradients import OutputFn, n_rows, one_row, row_losses
+from .batches import n_rows, one_row
+from .exact import Engine, _check_finite, example_weights, rounding_floor, warn_unconverged
+from .outputs import OutputFn, row_losses
 from .quadrature import QuadratureRule, StepIntegrator
 from .rules import make_rule
 

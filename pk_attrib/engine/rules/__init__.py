@@ -1,0 +1,57 @@
+"""Optimizer rules: how each recorded step depends on the example gradients.
+
+Every supported optimizer makes Δ_s a linear function of the "effective gradients" of the
+current and earlier steps; a rule produces the adjoint that turns a query's φ_s into each
+example's share, walking the steps backwards, and checks every step (`base.Rule`).
+
+One module per optimizer family, each a `Rule` subclass naming the optimizer kinds it
+explains (`Rule.KINDS`) and the options it models (`Rule.OPTIONS`); `RULES` maps a kind to its
+rule. A new optimizer's rule is a module here and a line in `RULES`.
+"""
+
+from __future__ import annotations
+
+from ...exceptions import UnsupportedError
+from ...record.optimizers import SCHEDULER_KEYS
+from ...record.path import TrainingPath
+from .adam import AdamRule
+from .base import GroupVectors, Rule
+from .sgd import SGDRule
+
+RULES: dict[str, type[Rule]] = {kind: rule for rule in (SGDRule, AdamRule) for kind in rule.KINDS}
+
+
+def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Rule:
+    """The exact rule for the path's optimizer.
+
+    Args:
+        path: The training path (its manifest names the optimizer and its param groups).
+        vectors: Per-param-group values as per-coordinate vectors.
+        names: The differentiated parameters, in flat-vector order.
+
+    Raises:
+        UnsupportedError: The optimizer (or one of its options) has no exact rule.
+    """
+    optimizer = path.optimizer or {}
+    kind = optimizer.get("kind")
+    rule = RULES.get(kind)
+    if rule is None:
+        raise UnsupportedError(
+            f"optimizer {optimizer.get('class', kind)} has no exact decomposition rule "
+            f"(exact rules: {', '.join(RULES)}): use mode='checkpoint'"
+        )
+    for g, group in enumerate(optimizer["groups"]):
+        unknown = {
+            k
+            for k, v in group["hyper"].items()
+            if k not in rule.OPTIONS and k not in SCHEDULER_KEYS and v not in (None, False, 0, 0.0)
+        }
+        if unknown:
+            raise UnsupportedError(
+                f"param group {g} uses {sorted(unknown)}, which the exact {kind} rule does not "
+                "model: use mode='checkpoint'"
+            )
+    return rule(path, vectors, names, kind)
+
+
+__all__ = ["RULES", "AdamRule", "GroupVectors", "Rule", "SGDRule", "make_rule"]

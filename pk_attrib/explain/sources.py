@@ -1,0 +1,190 @@
+"""The path an explainer is given: a `TrainingPath`, a store folder, or TracInCP checkpoints.
+
+A folder with a store's manifest is a store; anything else given as ``path`` or
+``checkpoints`` is read the way Captum's ``TracInCP`` reads checkpoints (each file loaded into
+the model by ``checkpoints_load_func``, which returns its learning rate) and becomes an
+approximate path that checkpoint mode explains. `resolve_mode` says which mode a path
+allows, and `check_final` that the model handed in is the one at the end of the path.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..exceptions import NotAStoreError, PkAttribWarning, StoreMismatchError, UnsupportedError
+from ..record.path import TrainingPath
+from ..record.store import MANIFEST
+from ..record.wrappers import unwrap
+
+
+def load_path(
+    model: torch.nn.Module,
+    path: TrainingPath | str | os.PathLike | list | None,
+    checkpoints: str | os.PathLike | list | None,
+    load_func: Callable[[torch.nn.Module, str], float] | None,
+) -> tuple[TrainingPath, bool]:
+    """The training path an explainer's ``path`` / ``checkpoints`` arguments name.
+
+    Args:
+        model: The model (checkpoints are loaded into a copy of it).
+        path: A `TrainingPath`, a store folder, or (as TracInCP's) checkpoints.
+        checkpoints: TracInCP's name for checkpoints (instead of ``path``).
+        load_func: TracInCP's ``checkpoints_load_func`` (None: Captum's default).
+
+    Returns:
+        ``(path, from_tracincp)``: the path, and whether it was built from checkpoints.
+
+    Raises:
+        NotAStoreError: ``path`` is a folder that is neither a store nor checkpoints.
+        TypeError: Neither a path nor checkpoints were given.
+    """
+    if isinstance(path, TrainingPath):
+        return path, False
+    if checkpoints is None and isinstance(path, (str, os.PathLike)):
+        folder = Path(path)
+        if (folder / MANIFEST).is_file():
+            return TrainingPath.load(folder), False
+        _refuse_unreadable_path(folder)
+        try:  # a checkpoint file or a folder of them, as TracInCP reads them
+            return path_from_tracincp(model, folder, load_func), True
+        except Exception as err:
+            raise NotAStoreError(
+                f"{folder} is not a pk_attrib store (it has no {MANIFEST}), and reading it "
+                f"as TracInCP checkpoints failed ({type(err).__name__}: {err}). Give the "
+                "folder PathRecorder(store=...) wrote, a TrainingPath, or checkpoints that "
+                "checkpoints_load_func can read"
+            ) from err
+    source = checkpoints if checkpoints is not None else path
+    if source is None:
+        raise TypeError(
+            "give the training path (a TrainingPath or a store folder), or TracInCP-style "
+            "checkpoints="
+        )
+    return path_from_tracincp(model, source, load_func), True
+
+
+def resolve_mode(path: TrainingPath, mode: str) -> str:
+    """The mode an explainer runs in: ``mode``, or for ``"auto"`` what the path allows.
+
+    Raises:
+        UnsupportedError: ``mode="exact"`` on a path exact mode cannot explain.
+    """
+    exact_ok = not path.approximate and (path.optimizer or {}).get("exact", False)
+    if mode == "auto":
+        return "exact" if exact_ok else "checkpoint"
+    if mode == "exact" and not exact_ok:
+        reasons = "; ".join(path.approximate_reasons) or "the optimizer has no exact rule"
+        raise UnsupportedError(
+            f"exact mode needs a path recorded at every step with SGD, Adam or AdamW, but "
+            f"this one is approximate ({reasons}): use mode='checkpoint', or record with "
+            "every=1"
+        )
+    return mode
+
+
+def check_final(path: TrainingPath, model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters are not the path's final ones (warn when rounded).
+
+    Raises:
+        StoreMismatchError: A parameter differs from the path's final value.
+    """
+    params = dict(model.named_parameters())
+    narrowed = set()
+    for name, value in path.final.items():
+        mine = params[name].detach().to("cpu", value.dtype)
+        if not torch.allclose(mine, value, rtol=0, atol=0, equal_nan=True):
+            raise StoreMismatchError(
+                f"the model's parameter {name} differs from the path's final value, so the "
+                "decomposition would explain another model than yours: pass the model at "
+                "the end of the recorded run, or load it with path.load_into(model)"
+            )
+        own = params[name].dtype
+        if own.is_floating_point and value.dtype.is_floating_point:
+            wider = torch.finfo(value.dtype).eps > torch.finfo(own).eps
+            # (a float32 run explained after model.double() holds the stored values)
+            if wider and not torch.equal(params[name].detach().cpu(), value.to(own)):
+                narrowed.add((str(value.dtype), str(own)))
+    if narrowed:
+        stored, own = sorted(narrowed)[0]
+        warnings.warn(
+            f"the path stores the parameters in {stored}, narrower than the model's "
+            f"{own} (PathRecorder(dtype=...)): the decomposition explains the model with "
+            f"its weights rounded to {stored}, so `prediction` is that model's output, "
+            "which differs from yours by the rounding",
+            PkAttribWarning,
+            stacklevel=3,
+        )
+
+
+def checkpoint_files(checkpoints: Any) -> list[Any]:
+    """Checkpoints as TracInCP reads them.
+
+    A folder's files, or a list of file names, in natural order ("epoch-2" before
+    "epoch-10"); one file; or any other objects as given (for a ``checkpoints_load_func``
+    that reads them).
+    """
+    if isinstance(checkpoints, (str, os.PathLike)):
+        folder = Path(checkpoints)
+        if folder.is_dir():  # (sub-folders cannot be checkpoints)
+            found = [f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f)]
+            return sorted(found, key=_natural)
+        return [str(folder)]
+    if isinstance(checkpoints, Iterable):
+        items = list(checkpoints)
+        if items and all(isinstance(c, (str, os.PathLike)) for c in items):
+            return sorted((str(c) for c in items), key=_natural)
+        return items
+    raise TypeError(f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}")
+
+
+def _natural(name: str) -> list:
+    """Sort key: digit runs compare as numbers ("ckpt-9" < "ckpt-10"), as Captum sorts."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
+    """Build a checkpoint path the way TracInCP reads checkpoints (load_func returns the lr)."""
+    if load_func is None:
+        from captum.influence._core.tracincp import _load_flexible_state_dict as load_func
+    scratch = copy.deepcopy(model)
+    states, lrs = [], []
+    for file in checkpoint_files(checkpoints):
+        lrs.append(float(load_func(scratch, file)))  # into the model as given, as TracInCP
+        inner = unwrap(scratch)  # by the wrapper-free names; buffers too (BatchNorm)
+        tensors = [*inner.named_parameters(), *inner.named_buffers()]
+        states.append({n: t.detach().clone() for n, t in tensors})
+    if not states:
+        raise ValueError(f"no checkpoint files found in {checkpoints!r}")
+    return TrainingPath.from_checkpoints(states, lrs, model=unwrap(model))
+
+
+def _refuse_unreadable_path(folder: Path) -> None:
+    """Raise `NotAStoreError` for a path that is neither a store nor checkpoints."""
+    hint = (
+        "give the folder PathRecorder(store=...) wrote, a TrainingPath, or TracInCP "
+        "checkpoints (a file, a folder of files, or checkpoints=[...])"
+    )
+    if not folder.exists():
+        raise NotAStoreError(f"{folder} does not exist: {hint}")
+    if folder.name == MANIFEST:
+        raise NotAStoreError(f"{folder} is a store's manifest: give its folder, {folder.parent}")
+    if folder.is_dir():
+        stores = sorted(d.name for d in folder.iterdir() if (d / MANIFEST).is_file())
+        if stores:
+            raise NotAStoreError(
+                f"{folder} is not a store but holds stores ({', '.join(stores[:5])}): give one"
+            )
+        if not any(f.is_file() for f in folder.iterdir()):
+            raise NotAStoreError(
+                f"{folder} holds neither a pk_attrib store (no {MANIFEST}) nor checkpoint "
+                f"files: {hint}"
+            )

@@ -1,0 +1,223 @@
+"""Writing a store while training runs: the background shard writer and the store's lock.
+
+`AsyncShardWriter` takes each step's record from the training loop through a bounded queue
+and writes shards and manifest updates on its own thread (see `pk_attrib.record.store` for
+the format); `lock_store` keeps a second recorder out of a store being written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import StoreError
+from .buffers import BufferPool
+from .store import write_manifest, write_tensor_file
+
+_STOP = object()
+
+
+class _Flush:
+    def __init__(self):
+        self.done = threading.Event()
+
+
+class AsyncShardWriter:
+    """Background writer: step records in, safetensors shards and manifest updates out.
+
+    `put` blocks when the queue is full (memory stays bounded, no step is dropped).
+    A shard is written when it reaches ``shard_bytes``, or ``flush_interval`` seconds after
+    its first step arrived, or on `flush`/`close`; the manifest is rewritten after each
+    shard, so a killed process loses only the steps not yet written. A record's
+    ``"pooled"`` tensors go back to ``pool`` once its shard is written.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict[str, Any],
+        queue_steps: int = 8,
+        shard_bytes: int = 128 << 20,
+        flush_interval: float = 1.0,
+        pool: BufferPool | None = None,
+    ):
+        self.root = root
+        self.manifest = manifest
+        self.pool = pool
+        self._steps_json = [json.dumps(m, separators=(",", ":")) for m in manifest["steps"]]
+        self._unlisted: list[tuple[dict, list]] = []  # written shards the manifest awaits
+        self.lock = None  # the store's lock file (the recorder hands it over), held till done
+        self.shard_bytes = shard_bytes
+        self.flush_interval = flush_interval
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_steps))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pk_attrib-writer", daemon=True)
+        self._thread.start()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(
+                f"writing the store {self.root} failed: {self._error!r}. The steps recorded "
+                "before the failure are safe; free disk space or fix permissions and resume"
+            ) from self._error
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Queue one step record (blocks while the queue is full)."""
+        self._raise_if_failed()
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        """Block until every queued step is written and listed in the manifest.
+
+        (Except steps after a listed final that wait for the next snapshot's shard, see
+        `_write_shard`.)
+        """
+        if not self._thread.is_alive():
+            self._raise_if_failed()
+            return
+        marker = _Flush()
+        self._queue.put(marker)
+        marker.done.wait()
+        self._raise_if_failed()
+
+    def release_lock(self) -> None:
+        """Close the store's lock file, letting another recorder open the store."""
+        if self.lock is not None:
+            unlock_store(self.lock)
+            self.lock = None
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _run(self) -> None:
+        buffer: list[dict[str, Any]] = []
+        size = 0
+        deadline = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is not None and not isinstance(item, _Flush) and item is not _STOP:
+                buffer.append(item)
+                size += item["nbytes"]
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_interval
+            due = item is None or item is _STOP or isinstance(item, _Flush)
+            if buffer and (due or size >= self.shard_bytes):
+                if self._error is None:
+                    try:
+                        self._write_shard(buffer)
+                    except BaseException as err:  # surfaced to the training loop on next put
+                        self._error = err
+                buffer, size, deadline = [], 0, None
+            if isinstance(item, _Flush):
+                item.done.set()
+            if item is _STOP:
+                return
+
+    def _write_shard(self, records: list[dict[str, Any]]) -> None:
+        first = records[0]["step"]
+        tensors = {}
+        for record in records:
+            tensors.update(record["tensors"])
+        entry = write_tensor_file(
+            self.root / f"shard-{first:08d}.safetensors",
+            tensors,
+            {"format": "pk_attrib.shard", "first_step": str(first), "n_steps": str(len(records))},
+            durable=True,
+        )
+        entry.update(first_step=first, n_steps=len(records))
+        self._unlisted.append((entry, [record["meta"] for record in records]))
+        if self.pool is not None:
+            for record in records:
+                self.pool.give(record.get("pooled", ()))
+        snapshot = any("/w/" in key for record in records for key in record["tensors"])
+        if self.manifest.get("final") is not None and not snapshot:
+            # a resumed store lists where its earlier session ended; steps listed after it
+            # would end the path there, so they wait for the shard with the next snapshot
+            # (with every=k; a crash meanwhile loses only them)
+            return
+        # that snapshot continues the path beyond the listed end: it is final no longer
+        ended, self.manifest["final"] = self.manifest.get("final"), None
+        self.list_pending()
+        self.write_manifest()
+        if ended is not None:  # listed no more: a full copy of the weights
+            (self.root / ended["file"]).unlink(missing_ok=True)
+
+    def list_pending(self) -> None:
+        """Add the written but unlisted shards to the manifest (without writing it).
+
+        Call only while the writer thread is idle or stopped (the recorder's `close`, which
+        then lists the new final parameters).
+        """
+        for entry, metas in self._unlisted:
+            self.manifest["shards"].append(entry)
+            self.manifest["steps"].extend(metas)
+            self._steps_json.extend(json.dumps(m, separators=(",", ":")) for m in metas)
+        self._unlisted = []
+
+    def write_manifest(self) -> None:
+        """Rewrite the manifest (call only while the writer thread is idle or stopped)."""
+        write_manifest(self.root, self.manifest, self._steps_json)
+
+
+LOCK = ".lock"  # held (flock) by the recorder writing a store, released by close or exit
+
+
+def lock_store(root: Path):
+    """Lock a store for this recorder (the open file holds the lock; None without fcntl).
+
+    Raises:
+        StoreError: Another recorder, in this process or another, is writing the store.
+    """
+    if fcntl is None:  # (Windows: no advisory locks; one writer is up to the user)
+        return None
+    handle = open(root / LOCK, "a")  # noqa: SIM115 - held open while recording
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreError(
+            f"{root} is being recorded by another PathRecorder (in this process or another): "
+            "close it first (recorder.close()); one you no longer hold lets go when it is "
+            "garbage-collected or its process ends. Or record into another folder"
+        ) from None
+    _HELD.add(handle)
+    return handle
+
+
+def unlock_store(handle) -> None:
+    """Release a lock `lock_store` took (close its file)."""
+    _HELD.discard(handle)
+    handle.close()
+
+
+# lock files this process holds; a forked child (a DataLoader worker) closes its copies, or
+# it would keep the store locked after the recorder lets go (flock belongs to the open file)
+_HELD: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for handle in list(_HELD):
+        handle.close()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
