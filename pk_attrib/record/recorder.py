@@ -380,7 +380,9 @@ class PathRecorder:
         if self._closed or self._inflight is None:
             return
         r, tensors, meta = self._inflight
-        self._inflight = None
+        # (``_inflight`` stays set until the record is handed over: an interrupt before that,
+        # say Ctrl-C while put() waits for a slow disk, leaves this step unrecorded, and close()
+        # must then not store the weights after it as the end of the last recorded step)
         # optimizers skip a parameter without a gradient: no decay, no momentum, no state.
         # Read after the step: a closure (optimizer.step(closure)) makes the gradients inside it
         skipped = [i for i, p in enumerate(self._params.values()) if p.grad is None]
@@ -420,6 +422,7 @@ class PathRecorder:
         else:
             self._writer.put(record)
         self._raw += 1
+        self._inflight = None
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """The parameters now, in the recorded dtypes (a widened model's lose nothing)."""
@@ -466,9 +469,10 @@ class PathRecorder:
     def close(self) -> None:
         """Finish the recording: remove the hooks, write pending steps and the final parameters.
 
-        If an optimizer step failed half-way (an exception inside ``optimizer.step()``), the
-        final parameters are not trustworthy, so the path is left ending at its last full
-        snapshot rather than finalized.
+        If an optimizer step failed half-way (an exception inside ``optimizer.step()``, or a
+        Ctrl-C while the step's record waited for a slow disk), the weights now are not the end
+        of the last recorded step, so the path is left ending at its last full snapshot (and
+        marked interrupted) rather than finalized with them.
         """
         if self._closed:
             return
