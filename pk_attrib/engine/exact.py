@@ -35,7 +35,7 @@ from ..record.path import TrainingPath
 from .batches import gather_examples, n_rows
 from .features import FeatureCache
 from .functional import FunctionalModel
-from .outputs import OutputFn, Reduction, read_outputs
+from .outputs import NotBatchFirst, OutputFn, Reduction, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .rules import GroupVectors, make_rule
 
@@ -119,6 +119,9 @@ class Engine:
         self.vectors = GroupVectors(
             problem.path, self.fm.active_names, self.fm.dtype, self.fm.device
         )
+        # steps where the adaptive quadrature ran out of nodes in sweeps over blocks of
+        # columns (influence, self-influence): their callers warn once for all blocks
+        self.unconverged: set[int] = set()
 
     def _batch(self, indices: torch.Tensor):
         if indices.numel() and int(indices.max()) >= self.n_train:
@@ -306,7 +309,8 @@ class Engine:
                 effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
                 rule.finish_step(s, step, delta, effective + lam * w, w)
             w_next, f_next, m_next = w_full, f_s, m_s
-        if columns is not None:
+        if columns is not None:  # (the caller warns once for all its blocks)
+            self.unconverged.update(integrator.unconverged)
             return contributions
         errors = torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
         self._warn_reconstruction(errors)
@@ -342,6 +346,39 @@ class Engine:
             k_out,
             w_out,
         )
+
+    def check_steps(self) -> torch.Tensor:
+        """The step check alone: each recorded step against the one its batch rebuilds.
+
+        What `exact` computes along the way, for callers whose sweeps cover a block of
+        training examples at a time and so never hold a whole batch's gradient (the Captum
+        methods): one batched backward pass per step gives Σ_j κ_j g_j(w_s), from which the
+        optimizer's rule rebuilds Δ̂_s. It does not depend on any query.
+
+        Returns:
+            The step reconstruction error of each step, float64 (S,) (NaN where the check has
+            nothing to compare).
+        """
+        fm, path, p = self.fm, self.p.path, self.p
+        rule = make_rule(path, self.vectors, fm.active_names)
+        S = len(path)
+        w_next = fm.flatten(path.final) if S else None
+        for s in tqdm(range(S - 1, -1, -1), desc="step check", disable=not p.show_progress):
+            step = path.step(s)
+            w_full = fm.flatten(step.params)
+            kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
+            kappa = kappa.to(dtype=fm.dtype, device=fm.device)
+            batch = self._batch(step.indices)
+            try:
+                grad = fm.batch_grad(w_full, batch, p.loss_fn, kappa)
+            except NotBatchFirst:  # outputs without a row per example: one at a time
+                grad = kappa @ fm.loss_grads(w_full, batch, p.loss_fn)
+            _check_finite(grad, "training gradient", s)
+            sign, lam = rule.coefficients(step)
+            w = fm.active(w_full)
+            rule.finish_step(s, step, fm.active(w_next - w_full), sign * grad + lam * w, w)
+            w_next = w_full
+        return torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
 
     def _block_train_grads(self, path, steps, flat) -> dict[int, torch.Tensor]:
         """Per-example gradients of the batches of several steps, in one vmap call."""
@@ -416,7 +453,8 @@ class Engine:
                 rule.finish_step(s, at.step, at.delta, effective + at.lam * at.w, at.w)
         return evals
 
-    def _warn_reconstruction(self, errors: torch.Tensor) -> None:
+    def _warn_reconstruction(self, errors: torch.Tensor, stacklevel: int = 4) -> None:
+        """Raise a `ReconstructionWarning` when a step's error passes the dtype's threshold."""
         limit = WARN_RECONSTRUCTION.get(self.fm.dtype, 1e-3)
         finite = errors[~errors.isnan()]
         if finite.numel() and float(finite.max()) > limit:
@@ -436,7 +474,7 @@ class Engine:
                 "'unexplained' term of the bias (and `delta` holds what the output change "
                 "along the path does not match)",
                 ReconstructionWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
 
 
@@ -449,12 +487,13 @@ def rounding_floor(f_s, m_s, f_next, m_next) -> torch.Tensor:
     return 16 * torch.finfo(f_s.dtype).eps * (f_s.abs() + f_next.abs() + m_s + m_next)
 
 
-def warn_unconverged(steps: list[int], where: str) -> None:
+def warn_unconverged(steps, where: str, stacklevel: int = 4) -> None:
     """Raise a `QuadratureWarning` for steps the adaptive rule could not match.
 
     Args:
-        steps: The step numbers (may repeat).
+        steps: The step numbers (an iterable; may repeat).
         where: Where the remainder shows, for the message.
+        stacklevel: As for `warnings.warn`.
     """
     if not steps:
         return
@@ -467,7 +506,7 @@ def warn_unconverged(steps: list[int], where: str) -> None:
         f"{LADDER[-1]} query gradients each: pass quadrature=q (say 4 or 8) to bound the cost, "
         "or use a smooth activation (GELU, SiLU) for an exact decomposition",
         QuadratureWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..decomposition import Decomposition
 from ..engine import scores, tracin
 from ..engine.batches import n_rows, take
-from ..engine.exact import Engine, Problem
+from ..engine.exact import Engine, Problem, warn_unconverged
 from ..engine.features import FeatureCache
 from ..engine.functional import FunctionalModel
 from ..engine.outputs import OutputFn
@@ -214,6 +214,7 @@ class PathKernelInfluence(DataInfluence):
             )
         self._features = None
         self._examples: data.ExampleIndex | None = None  # built by self_influence(inputs)
+        self._step_errors: torch.Tensor | None = None  # the step check, run once (exact mode)
         if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
             folder = self._feature_folder()
             self._features = FeatureCache(folder, feature_dtype, memory_bytes=memory_budget)
@@ -429,6 +430,7 @@ class PathKernelInfluence(DataInfluence):
         previous, self._problem.show_progress = self._problem.show_progress, show_progress
         total = torch.zeros(n_train, dtype=self.dtype, device=self._fm.device)
         try:
+            self._check_steps()
             results = []
             for batch in batches:
                 queries, labels = self._split_batch(batch)
@@ -449,6 +451,7 @@ class PathKernelInfluence(DataInfluence):
             self._problem.show_progress = previous
             if self._features is not None:
                 self._features.flush()
+        self._warn_quadrature()
         if aggregate:
             if k is None:
                 return total[None]
@@ -483,9 +486,30 @@ class PathKernelInfluence(DataInfluence):
         """
         previous, self._problem.show_progress = self._problem.show_progress, show_progress
         try:
-            return self._self_influence(inputs, show_progress)
+            self._check_steps()
+            found = self._self_influence(inputs, show_progress)
         finally:
             self._problem.show_progress = previous
+        self._warn_quadrature()
+        return found
+
+    def _check_steps(self) -> None:
+        """The step check `attribute` runs, once per explainer for the Captum methods.
+
+        Their sweeps cover a block of training examples at a time, so the check runs on its
+        own (one batched backward pass per step) and warns as `attribute` does: scores of a
+        training set in another order, changed labels or another loss reduction are then
+        not returned in silence.
+        """
+        self._engine.unconverged.clear()
+        if self.mode != "exact" or self._step_errors is not None:
+            return
+        self._step_errors = self._engine.check_steps()
+        self._engine._warn_reconstruction(self._step_errors, stacklevel=4)
+
+    def _warn_quadrature(self) -> None:
+        """Warn once for the steps where the adaptive quadrature ran out of nodes."""
+        warn_unconverged(self._engine.unconverged, "the scores")
 
     def _example_index(self) -> data.ExampleIndex:
         """The training set by content (built on first use: it reads every item once)."""
