@@ -155,3 +155,66 @@ def test_the_captum_methods_warn_once_where_the_quadrature_ran_out_of_nodes():
     with pytest.warns(pk.QuadratureWarning, match="largest rule") as caught:
         explainer.influence((x[1500:1502], y[1500:1502]), k=2)
     assert len([w for w in caught if w.category is pk.QuadratureWarning]) == 1
+
+
+# -- 3. loading never executes code -----------------------------------------------------------
+
+
+class _Planted:
+    """Unpickled, it creates a file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _recorded_store(root, steps=4):
+    from _runs import make, run_steps
+
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=root, dataset_size=40) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, steps)
+    return model, torch.utils.data.TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY"])
+def test_a_store_without_its_manifest_is_refused_not_unpickled_as_checkpoints(
+    tmp_path, monkeypatch, forced
+):
+    if forced:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    store = tmp_path / "s"
+    model, data = _recorded_store(store)
+    (store / "manifest.json").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"w": _Planted(marker)}, store / "planted.pt")
+    loss = torch.nn.CrossEntropyLoss()
+    for given in ({"path": store}, {"checkpoints": store}, {"checkpoints": [store / "planted.pt"]}):
+        refused = (pk.CorruptStoreError, pk.StoreMismatchError)
+        with pytest.raises(refused, match="manifest|unpickle"):
+            pk.PathKernelInfluence(model, data, loss_fn=loss, show_progress=False, **given)
+    assert not marker.exists()
+
+
+def test_checkpoints_read_by_default_are_loaded_weights_only(tmp_path, monkeypatch):
+    """TracInCP's default loader calls torch.load(path), which unpickles anything on torch < 2.6
+    or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; pk_attrib's reads tensors only."""
+    from _runs import make
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    model, _, x, y = make()
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "epoch-1.pt")
+    torch.save({"learning_rate": 0.5, **model.state_dict()}, folder / "epoch-2.pt")
+    data = torch.utils.data.TensorDataset(x, y)
+    loss = torch.nn.CrossEntropyLoss()
+    explainer = pk.PathKernelInfluence(model, data, folder, loss, show_progress=False)
+    assert explainer.path.learning_rates[:, 0].tolist() == [1.0, 0.5]
+    marker = tmp_path / "ran"
+    torch.save({"w": _Planted(marker)}, folder / "epoch-3.pt")
+    with pytest.raises(pk.NotAStoreError, match="does not unpickle"):
+        pk.PathKernelInfluence(model, data, folder, loss, show_progress=False)
+    assert not marker.exists()

@@ -14,16 +14,24 @@ import glob
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..exceptions import NotAStoreError, PkAttribWarning, StoreMismatchError, UnsupportedError
+from ..exceptions import (
+    CorruptStoreError,
+    NotAStoreError,
+    PkAttribWarning,
+    StoreMismatchError,
+    UnsupportedError,
+)
+from ..record.from_checkpoints import read_checkpoint_file
 from ..record.path import TrainingPath
-from ..record.store import MANIFEST
-from ..record.wrappers import unwrap
+from ..record.store import MANIFEST, STORE_FILE
+from ..record.wrappers import plain_name, unwrap
+from ..record.writer import LOCK
 
 
 def load_path(
@@ -135,6 +143,7 @@ def checkpoint_files(checkpoints: Any) -> list[Any]:
     if isinstance(checkpoints, (str, os.PathLike)):
         folder = Path(checkpoints)
         if folder.is_dir():  # (sub-folders cannot be checkpoints)
+            _refuse_store_files(folder)
             found = [f for f in glob.glob(os.path.join(folder, "*")) if os.path.isfile(f)]
             return sorted(found, key=_natural)
         return [str(folder)]
@@ -153,8 +162,7 @@ def _natural(name: str) -> list:
 
 def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
     """Build a checkpoint path the way TracInCP reads checkpoints (load_func returns the lr)."""
-    if load_func is None:
-        from captum.influence._core.tracincp import _load_flexible_state_dict as load_func
+    load_func = load_func or load_checkpoint
     scratch = copy.deepcopy(model)
     states, lrs = [], []
     for file in checkpoint_files(checkpoints):
@@ -165,6 +173,56 @@ def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
     if not states:
         raise ValueError(f"no checkpoint files found in {checkpoints!r}")
     return TrainingPath.from_checkpoints(states, lrs, model=unwrap(model))
+
+
+def load_checkpoint(model: torch.nn.Module, file: str | os.PathLike) -> float:
+    """TracInCP's default ``checkpoints_load_func``, without running code from the file.
+
+    Like Captum's default, it loads a state_dict (or a checkpoint holding one under
+    ``state_dict`` / ``model_state_dict`` / ``model``; names with a ``module.`` prefix match
+    the plain model) into the model and returns the checkpoint's ``learning_rate`` entry (1
+    without one). Unlike it, the file is read with ``weights_only=True`` passed explicitly
+    (or as safetensors), so a crafted file cannot execute code whatever the torch version or
+    environment.
+
+    Args:
+        model: The model to load the checkpoint into (in place).
+        file: The checkpoint file.
+
+    Returns:
+        The checkpoint's learning rate.
+    """
+    raw = read_checkpoint_file(file)
+    if not isinstance(raw, Mapping):
+        raise StoreMismatchError(
+            f"checkpoint {file} holds a {type(raw).__name__}, not a state_dict: pass "
+            "checkpoints_load_func= to read it"
+        )
+    lr = raw.get("learning_rate", 1.0)
+    state = next(
+        (
+            raw[key]
+            for key in ("state_dict", "model_state_dict", "model")
+            if isinstance(raw.get(key), Mapping)
+        ),
+        {k: v for k, v in raw.items() if k != "learning_rate"},
+    )
+    target = unwrap(model)  # (torch.compile / DataParallel: by the plain names)
+    known = target.state_dict()
+    target.load_state_dict({plain_name(k, known): v for k, v in state.items()})
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+def _refuse_store_files(folder: Path) -> None:
+    """Refuse to read a damaged store as checkpoints: reading it would mean loading its files."""
+    found = sorted(f.name for f in folder.iterdir() if STORE_FILE.fullmatch(f.name))
+    if found or (folder / LOCK).exists():
+        raise CorruptStoreError(
+            f"{folder} holds a pk_attrib store's files ({', '.join(found[:3]) or LOCK}) but no "
+            f"{MANIFEST}: the store is damaged (its manifest was deleted or never written). It "
+            "is not read as checkpoints; restore manifest.json from a backup, or re-record "
+            "the run"
+        )
 
 
 def _refuse_unreadable_path(folder: Path) -> None:
@@ -178,6 +236,7 @@ def _refuse_unreadable_path(folder: Path) -> None:
     if folder.name == MANIFEST:
         raise NotAStoreError(f"{folder} is a store's manifest: give its folder, {folder.parent}")
     if folder.is_dir():
+        _refuse_store_files(folder)
         stores = sorted(d.name for d in folder.iterdir() if (d / MANIFEST).is_file())
         if stores:
             raise NotAStoreError(

@@ -7,8 +7,10 @@ TracIn-style: c_i(x) ≈ −Σ_k η_k ∇f(x; w_k) · ∇ℓ_i(w_k).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,19 +79,39 @@ def checkpoint_records(
     return manifest, backend
 
 
-def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:
-    if isinstance(checkpoint, Mapping):
-        state = dict(checkpoint)
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            import safetensors.torch
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """What a checkpoint file holds, read without running code from it.
 
-            state = safetensors.torch.load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+    ``.safetensors`` files are read as such; any other file with ``torch.load(...,
+    weights_only=True)``, passed explicitly so that no environment variable
+    (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) or torch version turns it into an unpickler
+    that can execute code.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        StoreMismatchError: The file holds something a weights-only load refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StoreMismatchError(
+            f"checkpoint {path} holds objects other than tensors and plain containers, which "
+            "pk_attrib does not unpickle (it could run code): save the model's state_dict "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from err
+
+
+def _load_checkpoint(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike) -> dict:
+    state = (
+        dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint_file(checkpoint)
+    )
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state.get(key), Mapping):
             state = dict(state[key])

@@ -8,7 +8,6 @@ naming why, so that a resumed recording is always one continuous path.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,9 @@ from ..exceptions import NotAStoreError, StoreMismatchError
 from .backends import DiskBackend
 from .optimizers import SCHEDULED_KEYS, SCHEDULER_KEYS
 from .path import TrainingPath
-from .store import FINAL, MANIFEST, read_manifest, write_final, write_manifest
+from .store import FINAL, MANIFEST, STORE_FILE, read_manifest, write_final, write_manifest
 from .writer import LOCK, lock_store, unlock_store
 
-# the files a store's writer makes (and their temporary names while being written)
-_OWN_FILE = re.compile(
-    r"(shard-\d{8}\.safetensors|final(-next)?\.safetensors|manifest\.json)(\.tmp)?"
-)
 _NEXT_FINAL = "final-next.safetensors"
 
 
@@ -94,7 +89,7 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
     write_manifest(root, manifest)  # (as this version's: new shards carry its hash)
     listed = {e["file"] for e in manifest["shards"] + [manifest["final"]] if e} | {MANIFEST}
     for leftover in root.iterdir():  # what this library writes, unlisted: a crash's
-        if leftover.name not in listed and _OWN_FILE.fullmatch(leftover.name):
+        if leftover.name not in listed and STORE_FILE.fullmatch(leftover.name):
             leftover.unlink()
     return manifest
 

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 
 try:
@@ -42,6 +43,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 stores hash their files with sha256 only
 MANIFEST = "manifest.json"
 FINAL = "final.safetensors"
+# the files a store's writer makes (and their temporary names while being written)
+STORE_FILE = re.compile(
+    r"(shard-\d{8}\.safetensors|final(-next)?\.safetensors|manifest\.json)(\.tmp)?"
+)
 
 
 @functools.cache
