@@ -218,3 +218,43 @@ def test_checkpoints_read_by_default_are_loaded_weights_only(tmp_path, monkeypat
     with pytest.raises(pk.NotAStoreError, match="does not unpickle"):
         pk.PathKernelInfluence(model, data, folder, loss, show_progress=False)
     assert not marker.exists()
+
+
+# -- 4. writes never follow links planted in the store ----------------------------------------
+
+
+def test_resuming_a_store_never_writes_through_links_planted_under_its_file_names(tmp_path):
+    from _runs import make, run_steps
+
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40) as recorder:
+        run_steps(model, optimizer, x, y, recorder, 0, 3)
+    path = pk.TrainingPath.load(store)
+    path.load_into(model, 2)  # resume from an earlier snapshot: new final weights get written
+    outside = {}
+    for name in ("manifest.json.tmp", "final.safetensors.tmp", "final-next.safetensors.tmp"):
+        target = tmp_path / f"outside-{name}"
+        target.write_text("precious")
+        (store / name).symlink_to(target)
+        outside[name] = target
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, truncate=True) as rec:
+        run_steps(model, optimizer, x, y, rec, 2, 5)
+    for target in outside.values():
+        assert target.read_text() == "precious"
+    assert not any(p.is_symlink() for p in store.iterdir())
+    assert len(pk.TrainingPath.load(store)) == 5
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_not_created(tmp_path):
+    from _runs import make
+
+    store = tmp_path / "s"
+    store.mkdir()
+    target = tmp_path / "elsewhere" / "created"
+    target.parent.mkdir()
+    (store / ".lock").symlink_to(target)
+    model, optimizer, _, _ = make()
+    with pytest.raises(pk.StoreError, match="symbolic link"):
+        pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    assert not target.exists()

@@ -9,7 +9,6 @@ the store, with a JSON index and a content hash per file.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import safetensors
 import torch
 
 from ..exceptions import PkAttribWarning
-from ..record.store import ShardReader, write_tensor_file
+from ..record.store import ShardReader, write_atomic, write_tensor_file
 
 
 class FeatureCache:
@@ -125,10 +124,8 @@ class FeatureCache:
         self._verified.add(name)
         self._index.update({k: name for k in self._pending})
         self._pending = {}
-        tmp = self.folder / "index.json.tmp"
         index = {"format": "pk_attrib.features", "steps": self._index, "files": self._files}
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, self.folder / "index.json")
+        write_atomic(self.folder / "index.json", json.dumps(index).encode())
 
     def verify(self, key: str, fresh: torch.Tensor) -> None:
         """Compare stored features with freshly computed ones; drop the cache if they differ.

@@ -73,6 +73,25 @@ def _address(data: np.ndarray) -> int:
     return data.__array_interface__["data"][0]
 
 
+def create_new(path: os.PathLike | str, flags: int = os.O_WRONLY) -> int:
+    """Create the file ``path`` anew and open it: a file descriptor, mode 0o666 less the umask.
+
+    Whatever was at ``path`` (a leftover temporary file, or a symbolic link planted under
+    its name to a file elsewhere) is removed first, never followed: the file is created with
+    ``O_EXCL | O_NOFOLLOW``, so an entry put back in between makes the open fail instead.
+
+    Args:
+        path: The file to create.
+        flags: Further ``os.open`` flags (``O_WRONLY``, ``O_DIRECT``, ...).
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | nofollow, 0o666)
+
+
 class SequentialWriter:
     """Write a new file front to back, with ``O_DIRECT`` where the system allows it.
 
@@ -88,18 +107,18 @@ class SequentialWriter:
     """
 
     def __init__(self, path: os.PathLike | str, direct: bool = True):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+        flags = os.O_WRONLY | getattr(os, "O_BINARY", 0)
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.fd = -1
         if self.direct:
             try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)  # less the umask
+                self.fd = create_new(path, flags | os.O_DIRECT)
             except OSError as err:  # tmpfs, FUSE and others may refuse the flag at open
                 if err.errno not in _REFUSED:
                     raise
                 self.direct = False
         if self.fd < 0:
-            self.fd = os.open(path, flags, 0o666)
+            self.fd = create_new(path, flags)
         self.position = 0  # bytes handed to the file system so far
         self._staging = _anonymous_map(_STAGING).numpy() if self.direct else None
         self._filled = 0

@@ -36,7 +36,7 @@ import torch
 import xxhash
 
 from ..exceptions import CorruptStoreError, FormatVersionError, NotAStoreError, StoreError
-from .diskio import PAGE, SequentialWriter, settle
+from .diskio import PAGE, SequentialWriter, create_new, settle
 
 FORMAT = "pk_attrib.training_path"
 FORMAT_VERSION = 2
@@ -103,13 +103,18 @@ def entry_hash(entry: dict[str, Any]) -> tuple[str, str]:
     )
 
 
-def _write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed over it."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            settle(f.fileno())
+    try:
+        with os.fdopen(create_new(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0)), "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                settle(f.fileno())
+    except BaseException:  # a full disk, an I/O error: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -167,7 +172,7 @@ def write_tensor_file(
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
             {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
         )
-        _write_atomic(path, data, durable)
+        write_atomic(path, data, durable)
         return {"file": path.name, HASH: _HASHES[HASH](data).hexdigest(), "bytes": len(data)}
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -260,7 +265,7 @@ def write_manifest(
     # durable in order: the files it lists are renamed into place (folder synced), then the
     # manifest itself is flushed, then its own rename is synced
     _sync_folder(root)
-    _write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode(), durable=True)
+    write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode(), durable=True)
     _sync_folder(root)
 
 

@@ -188,7 +188,17 @@ def lock_store(root: Path):
     """
     if fcntl is None:  # (Windows: no advisory locks; one writer is up to the user)
         return None
-    handle = open(root / LOCK, "a")  # noqa: SIM115 - held open while recording
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:  # (never through a link planted under its name: it would create the link's target)
+        fd = os.open(root / LOCK, flags, 0o666)
+    except OSError as err:
+        if (root / LOCK).is_symlink():
+            raise StoreError(
+                f"{root / LOCK} is a symbolic link: a store folder holds only the files "
+                "pk_attrib writes; remove the link"
+            ) from err
+        raise
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
