@@ -696,7 +696,7 @@ def test_recycled_snapshot_buffers_keep_every_step_exact(tmp_path):
             assert torch.equal(
                 a.optimizer_state["exp_avg_sq"][name], b.optimizer_state["exp_avg_sq"][name]
             ), (s, name)
-    assert len(reader._handles) <= reader.max_open  # a long path keeps few shards mapped
+    assert len(reader._open) <= reader.max_open  # a long path keeps few shards open
 
 
 def test_slab_snapshots_are_aligned_disjoint_and_survive_their_allocator():

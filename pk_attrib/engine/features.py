@@ -12,7 +12,6 @@ import json
 import warnings
 from pathlib import Path
 
-import safetensors
 import torch
 
 from ..exceptions import PkAttribWarning
@@ -55,7 +54,9 @@ class FeatureCache:
         self._pending: dict[str, torch.Tensor] = {}
         self._index: dict[str, str] = {}
         self._files: dict[str, dict] = {}  # file name -> manifest entry (with its hash)
-        self._verified: set[str] = set()
+        # reads (and checks once) the cache's files: a damaged cache is an error, never a
+        # wrong number
+        self._reader = None if self.folder is None else ShardReader(self.folder)
         if self.folder is not None and (self.folder / "index.json").is_file():
             index = json.loads((self.folder / "index.json").read_text())
             self._index, self._files = index["steps"], index["files"]
@@ -70,12 +71,7 @@ class FeatureCache:
             return self._memory[key]
         if key in self._pending:
             return self._pending[key]
-        name = self._index[key]
-        if name not in self._verified:  # a damaged cache is an error, never a wrong number
-            ShardReader(self.folder).check(self._files[name])
-            self._verified.add(name)
-        with safetensors.safe_open(str(self.folder / name), "pt") as f:
-            return f.get_tensor(key)
+        return self._reader.get(self._files[self._index[key]], key)
 
     def keep(self, key: str, value: torch.Tensor) -> torch.Tensor:
         """Store a step's tensor; return it as stored (the same numbers as a later read).
@@ -121,7 +117,7 @@ class FeatureCache:
         name = f"features-{len(set(self._index.values())):06d}.safetensors"
         meta = {"format": "pk_attrib.features"}
         self._files[name] = write_tensor_file(self.folder / name, dict(self._pending), meta)
-        self._verified.add(name)
+        self._reader.trust(name)
         self._index.update({k: name for k in self._pending})
         self._pending = {}
         index = {"format": "pk_attrib.features", "steps": self._index, "files": self._files}
@@ -153,4 +149,4 @@ class FeatureCache:
             stacklevel=2,
         )
         self._memory, self._pending, self._index, self._files = {}, {}, {}, {}
-        self._verified, self._memory_used = set(), 0
+        self._reader, self._memory_used = ShardReader(self.folder), 0

@@ -74,13 +74,8 @@ class DiskBackend:
         return len(self._shard_of)
 
     def tensor(self, raw: int, key: str) -> torch.Tensor | None:
-        """Tensor ``key`` of raw step ``raw`` (None when absent), a copy of the stored one.
-
-        (safetensors may hand out views of one shared memory map: editing one would change
-        what later reads of this path return.)
-        """
-        found = self.reader.get(self._shard_of[raw], f"{raw}/{key}")
-        return None if found is None else found.clone()
+        """Tensor ``key`` of raw step ``raw`` (None when absent), read into fresh memory."""
+        return self.reader.get(self._shard_of[raw], f"{raw}/{key}")
 
     def has(self, raw: int, key: str) -> bool:
         """Whether raw step ``raw`` holds tensor ``key``."""
@@ -99,7 +94,7 @@ class DiskBackend:
         entry = self.manifest.get("final")
         if entry is None:
             return None
-        return {name: self.reader.get(entry, f"w/{name}").clone() for name in names(self.manifest)}
+        return {name: self.reader.get(entry, f"w/{name}") for name in names(self.manifest)}
 
 
 def names(manifest: dict[str, Any]) -> list[str]:

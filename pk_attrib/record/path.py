@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..exceptions import StoreError, StoreMismatchError
+from ..exceptions import CorruptStoreError, StoreError, StoreMismatchError
 from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
 from .from_checkpoints import checkpoint_records
 from .store import (
@@ -112,14 +112,14 @@ class Step:
     @functools.cached_property
     def indices(self) -> torch.Tensor | None:
         """Dataset indices of the step's batch (all micro-batches, repeats kept), int64 (B,)."""
-        parts = [self._path._backend.tensor(r, "idx") for r in self.raw_steps]
+        parts = [self._path._batch(r)[0] for r in self.raw_steps]
         parts = [p for p in parts if p is not None]
         return torch.cat(parts) if parts else None
 
     @functools.cached_property
     def batch_sizes(self) -> torch.Tensor | None:
         """Sizes of the micro-batches accumulated into the step, int64 (n_micro,)."""
-        parts = [self._path._backend.tensor(r, "bs") for r in self.raw_steps]
+        parts = [self._path._batch(r)[1] for r in self.raw_steps]
         parts = [p for p in parts if p is not None]
         return torch.cat(parts) if parts else None
 
@@ -131,9 +131,9 @@ class Step:
         """
         backend, out = self._path._backend, []
         for r in self.raw_steps:
-            idx = backend.tensor(r, "idx")
+            idx, sizes = self._path._batch(r)
             if idx is not None:
-                out.append((tuple(backend.meta(r).get("lr", ())), idx, backend.tensor(r, "bs")))
+                out.append((tuple(backend.meta(r).get("lr", ())), idx, sizes))
         return out
 
     @functools.cached_property
@@ -158,6 +158,9 @@ class Step:
         for key in STATE_KEYS:
             found = {n: backend.tensor(raw, f"{key}/{n}") for n in self._path.param_names}
             found = {n: t for n, t in found.items() if t is not None}
+            for n, t in found.items():  # (a step count is a scalar)
+                shape = torch.Size([]) if key == "step" else self._path.param_shapes[n]
+                self._path._checked(t, raw, f"{key}/{n}", shape)
             if found:
                 out[key] = found
         return out
@@ -353,7 +356,49 @@ class TrainingPath:
         return self._raw_params(intervals[s][0])
 
     def _raw_params(self, raw: int) -> dict[str, torch.Tensor]:
-        return {n: self._backend.tensor(raw, f"w/{n}") for n in self.param_names}
+        shapes, dtypes = self.param_shapes, self.param_dtypes
+        return {
+            n: self._checked(
+                self._backend.tensor(raw, f"w/{n}"), raw, f"w/{n}", shapes[n], dtypes[n]
+            )
+            for n in self.param_names
+        }
+
+    def _checked(self, tensor, raw: int | str, key: str, shape, dtype=None) -> torch.Tensor:
+        """``tensor`` (``key`` of raw step ``raw``, or ``"final"``) if its shape and dtype fit."""
+        if tensor is None or tensor.shape != shape or (dtype is not None and tensor.dtype != dtype):
+            got = "nothing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise CorruptStoreError(
+                f"{'the final parameters' if raw == 'final' else f'optimizer step {raw}'} of the "
+                f"path hold {got} as {key}, where "
+                f"{tuple(shape)} {dtype or ''} belongs: the store was damaged or its files "
+                "swapped; restore it from a backup, or re-record the run"
+            )
+        return tensor
+
+    def _batch(self, raw: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Raw step ``raw``'s dataset indices and micro-batch sizes, checked (None, None: none)."""
+        idx, sizes = self._backend.tensor(raw, "idx"), self._backend.tensor(raw, "bs")
+        if idx is None and sizes is None:
+            return None, None
+        size = self.dataset_size
+        ok = (
+            idx is not None
+            and sizes is not None
+            and idx.dtype == sizes.dtype == torch.int64
+            and idx.dim() == sizes.dim() == 1
+            and bool((sizes >= 0).all())
+            and int(sizes.sum()) == len(idx)
+            and (not len(idx) or int(idx.min()) >= 0)
+            and (size is None or not len(idx) or int(idx.max()) < size)
+        )
+        if not ok:
+            raise CorruptStoreError(
+                f"optimizer step {raw} of the path holds batch indices that do not fit its "
+                f"batch sizes or the training set ({size} examples): the store was damaged; "
+                "restore it from a backup, or re-record the run"
+            )
+        return idx, sizes
 
     @property
     def initial(self) -> dict[str, torch.Tensor]:
@@ -365,7 +410,8 @@ class TrainingPath:
         """w_S, the parameters after the last step (the model being explained)."""
         final = self._backend.final_params()
         if final is not None:
-            return final
+            shapes, dtypes = self.param_shapes, self.param_dtypes
+            return {n: self._checked(t, "final", n, shapes[n], dtypes[n]) for n, t in final.items()}
         if self._backend.n_raw() == 0:
             raise StoreError("the path holds no recorded step yet")
         intervals = self._intervals()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..exceptions import NotAStoreError, StoreMismatchError
+from ..exceptions import CorruptStoreError, NotAStoreError, StoreMismatchError
 from .backends import DiskBackend
 from .optimizers import SCHEDULED_KEYS, SCHEDULER_KEYS
 from .path import TrainingPath
@@ -77,8 +77,15 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
         return fresh
     manifest = read_manifest(root)
     _check_same_run(manifest, fresh, root)
+    path = TrainingPath(manifest, DiskBackend(root, manifest))
+    try:  # every listed file, whole: a damaged store is not appended to
+        path.verify()
+    except CorruptStoreError as err:
+        raise CorruptStoreError(
+            f"{root} is damaged, so this recording does not continue it ({err})"
+        ) from err
     current = snapshot()
-    resume_at, at_final = _resume_point(root, manifest, current, truncate)
+    resume_at, at_final = _resume_point(root, path, current, truncate)
     on_disk = manifest.get("final")  # what the manifest on the disk lists
     _truncate(manifest, resume_at)
     if not at_final:
@@ -95,10 +102,10 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
 
 
 def _resume_point(
-    root: Path, manifest: dict[str, Any], current: dict[str, torch.Tensor], truncate: bool
+    root: Path, path: TrainingPath, current: dict[str, torch.Tensor], truncate: bool
 ) -> tuple[int, bool]:
     """The raw step to continue from, and whether ``current`` is the listed final."""
-    path = TrainingPath(manifest, DiskBackend(root, manifest))
+    manifest = path.manifest
     n_raw = len(manifest["steps"])
     if manifest.get("final") is not None and _equal(current, path.final):
         return n_raw, True

@@ -36,7 +36,9 @@ import torch
 import xxhash
 
 from ..exceptions import CorruptStoreError, FormatVersionError, NotAStoreError, StoreError
+from . import schema
 from .diskio import PAGE, SequentialWriter, create_new, settle
+from .tensorfile import DTYPE_CODES, TensorFile, check_header
 
 FORMAT = "pk_attrib.training_path"
 FORMAT_VERSION = 2
@@ -118,21 +120,6 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     os.replace(tmp, path)
 
 
-# safetensors' dtype codes of the torch dtypes a store holds
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
 _FILLER = "pad"  # names of the filler tensors before page-aligned ones: never a step's key
 _PAGE_ALIGNED_FROM = 256 << 10  # durable files give tensors from this size a page of their own
 _ZEROS = bytes(PAGE)
@@ -168,7 +155,7 @@ def write_tensor_file(
             CPU than the write itself (see `diskio.settle`).
     """
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-    if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):  # rare: let
+    if any(t.dtype not in DTYPE_CODES for t in tensors.values()):  # rare: let
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
             {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
         )
@@ -193,7 +180,7 @@ def write_tensor_file(
             chunks.append(_ZEROS[:gap])
             offset += gap
         header[key] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "dtype": DTYPE_CODES[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -289,6 +276,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     Raises:
         NotAStoreError: The folder is missing, or holds no pk_attrib manifest.
         FormatVersionError: The manifest's format version is not one this library reads.
+        CorruptStoreError: The manifest lacks a key readers rely on, or holds a wrong value.
     """
     root = Path(root)
     path = root / MANIFEST
@@ -321,31 +309,49 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
             f"install the pk_attrib version that wrote it "
             f"({manifest.get('library_version', 'unknown')})"
         )
+    schema.validate(manifest, str(path))
     return manifest
 
 
 class ShardReader:
-    """Lazy, verified, memory-mapped access to the tensor files of a store.
+    """Lazy, verified access to the tensor files of a store.
 
-    Each file is hashed once, on first use. At most ``max_open`` files stay open (least
-    recently used first out), so reading a long path does not keep every shard mapped.
+    Each file is hashed once, on first use, and its header checked against its size
+    (`tensorfile.TensorFile`); tensors are then read with plain reads. At most ``max_open``
+    files stay open (least recently used first out), so reading a long path does not keep
+    every shard open.
     """
 
     def __init__(self, root: Path, verify: bool = True, max_open: int = 2):
         self.root = root
         self.verify = verify
         self.max_open = max(1, max_open)
-        self._handles: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._open: collections.OrderedDict[str, TensorFile] = collections.OrderedDict()
         self._keys: dict[str, set[str]] = {}
         self._checked: set[str] = set()
 
     def check(self, entry: dict[str, Any]) -> Path:
-        """Check that a listed tensor file exists and matches its hash; return its path."""
+        """Check that a listed tensor file exists, matches its hash and its header its size.
+
+        Returns:
+            The file's path.
+
+        Raises:
+            CorruptStoreError: The file is missing, a link, or does not match.
+        """
         path = self.root / entry["file"]
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
+            what = "a symbolic link" if path.is_symlink() else "missing"
             raise CorruptStoreError(
-                f"tensor file {entry['file']} listed in {self.root / MANIFEST} is missing; "
+                f"tensor file {entry['file']} listed in {self.root / MANIFEST} is {what}; "
                 "restore it from a backup, or re-record the run"
+            )
+        size = path.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise CorruptStoreError(
+                f"tensor file {path} holds {size} bytes, but the manifest lists {entry['bytes']}: "
+                "it was truncated, extended or replaced; restore it from a backup, or re-record "
+                "the run"
             )
         algorithm, expected = entry_hash(entry)
         digest = file_hash(path, algorithm)
@@ -355,31 +361,36 @@ class ShardReader:
                 f"{expected[:12]}…, found {digest[:12]}…): it was modified or damaged; "
                 "restore it from a backup, or re-record the run"
             )
+        check_header(path)  # a crafted header can match a crafted hash
         return path
 
-    def handle(self, entry: dict[str, Any]):
-        """An open ``safe_open`` handle of a tensor file (verified on first use)."""
+    def trust(self, name: str) -> None:
+        """Skip the check of a file this process has just written (its hash is its own)."""
+        self._checked.add(name)
+
+    def handle(self, entry: dict[str, Any]) -> TensorFile:
+        """The open `TensorFile` of a listed file (verified on first use)."""
         name = entry["file"]
-        if name in self._handles:
-            self._handles.move_to_end(name)
-            return self._handles[name]
+        if name in self._open:
+            self._open.move_to_end(name)
+            return self._open[name]
         path = self.root / name
         if name not in self._checked:
             if self.verify or not path.is_file():
                 self.check(entry)
             self._checked.add(name)
-        handle = safetensors.safe_open(str(path), framework="pt", device="cpu")
-        self._handles[name] = handle
-        self._keys.setdefault(name, set(handle.keys()))
-        while len(self._handles) > self.max_open:
-            self._handles.popitem(last=False)
-        return handle
+        file = TensorFile(path)
+        self._open[name] = file
+        self._keys.setdefault(name, file.keys())
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return file
 
     def get(self, entry: dict[str, Any], key: str) -> torch.Tensor | None:
-        """The tensor ``key`` of a file, or None when the file has no such tensor."""
+        """The tensor ``key`` of a file (a fresh copy), or None when the file has no such tensor."""
         if key not in self.keys(entry):
             return None
-        return self.handle(entry).get_tensor(key)
+        return self.handle(entry).get(key)
 
     def keys(self, entry: dict[str, Any]) -> set[str]:
         """The tensor names of a file."""
