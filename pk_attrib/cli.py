@@ -120,17 +120,17 @@ def _plot(x, labels, dec, dec_targets, n_queries: int, picture: Path) -> None:
 
 
 def inspect(store: Path) -> int:
-    """Summarise a store and check every tensor file against its hash."""
+    """Summarise a store and check all the explainer relies on: 0 when it can be explained."""
     import pk_attrib as pk
 
     try:
         path = pk.TrainingPath.load(store)
-    except pk.PkAttribError as err:
+        optimizer = path.optimizer or {}
+        lrs = path.learning_rates if len(path) else None
+        size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
+    except (pk.PkAttribError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    optimizer = path.optimizer or {}
-    lrs = path.learning_rates if len(path) else None
-    size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
     print(f"store:       {store}")
     print(f"steps:       {len(path)} ({'complete' if path.complete else 'interrupted'})")
     print(f"optimizer:   {optimizer.get('class', 'none (checkpoints)')}")
@@ -144,10 +144,20 @@ def inspect(store: Path) -> int:
     print(f"mode:        {'approximate: ' + reasons if path.approximate else 'exact'}")
     try:
         path.verify()
-    except pk.PkAttribError as err:
+    except (pk.PkAttribError, OSError) as err:
         print(f"integrity:   FAILED: {err}", file=sys.stderr)
         return 1
-    print("integrity:   every tensor file matches its content hash")
+    print("integrity:   every tensor file matches its content hash and its header")
+    try:
+        path.check()
+        if not path.approximate and optimizer.get("exact"):
+            from .engine.rules import rule_for
+
+            rule_for(path)  # what the exact rule reads of the optimizer's settings
+    except (pk.PkAttribError, OSError) as err:
+        print(f"contents:    FAILED: {err}", file=sys.stderr)
+        return 1
+    print("contents:    every step's batch, weights and optimizer state read back and finite")
     return 0
 
 

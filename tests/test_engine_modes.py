@@ -295,21 +295,29 @@ def test_non_finite_values_name_the_step(recorded):
     x, _ = digits()
     bad = x[:2].clone()
     bad[0, 3] = float("nan")
-    with pytest.raises(pk.NonFiniteError, match="step"):
+    with pytest.raises(pk.NonFiniteError, match="weights are finite, so the inputs"):
         explainer.attribute(bad, target=1)
 
     xs = torch.randn(20, 3, dtype=F64) * 1000
     data = TensorDataset(xs, torch.randn(20, 1, dtype=F64))
     model = torch.nn.Linear(3, 1).to(F64)
     optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
-    with pk.PathRecorder(model, optimizer, dataset_size=20) as recorder:
-        for s in range(80):
-            idx = torch.arange(s % 4 * 5, s % 4 * 5 + 5)
-            recorder.record_batch(idx)
-            optimizer.zero_grad()
-            F.mse_loss(model(xs[idx]), data.tensors[1][idx]).backward()
-            optimizer.step()
-    with pytest.raises(pk.NonFiniteError, match="step"):
+    # the recorder says, when it closes, where the run diverged; the explainer names that step
+    # (its backward sweep meets the first NaN near the end)
+    with pytest.warns(pk.PkAttribWarning, match=r"diverged: its weights hold NaN or inf from"):
+        with pk.PathRecorder(model, optimizer, dataset_size=20) as recorder:
+            for s in range(80):
+                idx = torch.arange(s % 4 * 5, s % 4 * 5 + 5)
+                recorder.record_batch(idx)
+                optimizer.zero_grad()
+                F.mse_loss(model(xs[idx]), data.tensors[1][idx]).backward()
+                optimizer.step()
+    diverged = recorder.path.first_non_finite()
+    assert 0 < diverged < 80
+    params = recorder.path.params
+    assert all(bool(torch.isfinite(t).all()) for t in params(diverged - 1).values())
+    assert not all(bool(torch.isfinite(t).all()) for t in params(diverged).values())
+    with pytest.raises(pk.NonFiniteError, match=f"not finite from step {diverged} on"):
         pk.PathKernelInfluence(
             model, data, recorder.path, torch.nn.MSELoss(), show_progress=False
         ).attribute(xs[:1])

@@ -98,7 +98,8 @@ def digits_run():
 
 def _explainer(model, data, path, **kwargs):
     kwargs.setdefault("loss_fn", torch.nn.CrossEntropyLoss())
-    return pk.PathKernelInfluence(model, data, path, show_progress=False, quadrature=3, **kwargs)
+    kwargs.setdefault("quadrature", 3)
+    return pk.PathKernelInfluence(model, data, path, show_progress=False, **kwargs)
 
 
 def test_the_step_check_of_the_captum_methods_is_the_one_attribute_runs(digits_run):
@@ -258,3 +259,226 @@ def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_not_created(tmp
     with pytest.raises(pk.StoreError, match="symbolic link"):
         pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
     assert not target.exists()
+
+
+# -- 5. damaged and crafted files: a pk_attrib error naming the cause, never a traceback ------
+
+
+def _adam_store(root):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    groups = [
+        {"params": model[0].parameters()},
+        {"params": model[2].parameters(), "lr": 0.02, "weight_decay": 0.1},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+    with pk.PathRecorder(model, optimizer, store=root, dataset_size=12) as recorder:
+        for s in range(3):
+            idx = torch.arange(s * 4, s * 4 + 4)
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return model, torch.utils.data.TensorDataset(x, y)
+
+
+def _json_paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _json_paths(inner, (*prefix, key))
+    elif isinstance(value, list):
+        for key, inner in list(enumerate(value))[:3]:  # (a few entries of each list)
+            yield from _json_paths(inner, (*prefix, key))
+
+
+def _mutations(manifest):
+    import copy
+    import math
+
+    wrong = [None, "x", [], {}, -1, 10**10, math.nan, -math.inf, True, 1e308]
+    for where in _json_paths(manifest):
+        if not where:
+            continue
+        *parents, last = where
+        for value in ["<removed>", *wrong]:
+            changed = copy.deepcopy(manifest)
+            node = changed
+            for key in parents:
+                node = node[key]
+            if value == "<removed>":
+                if not isinstance(node, dict):
+                    continue
+                del node[last]
+            else:
+                node[last] = value
+            yield "/".join(map(str, where)), value, changed
+
+
+def _inspect(store, capsys) -> tuple[int, str]:
+    from pk_attrib.cli import main
+
+    code = main(["inspect", str(store)])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_every_damaged_manifest_is_refused_by_inspect_with_a_reason_or_explains(tmp_path, capsys):
+    """Every key removed, every value replaced by a wrong type, NaN, inf, negative or huge:
+    `pk-attrib inspect` exits 1 with a pk_attrib error (no traceback: any other exception fails
+    this test), or exits 0, and then the store explains (or refuses with a pk_attrib error)."""
+    import json
+
+    store = tmp_path / "s"
+    model, data = _adam_store(store)
+    original = (store / "manifest.json").read_text()
+    manifest = json.loads(original)
+    assert _inspect(store, capsys)[0] == 0
+    refused = accepted = 0
+    loss = torch.nn.CrossEntropyLoss()
+    for where, value, changed in _mutations(manifest):
+        (store / "manifest.json").write_text(json.dumps(changed))
+        code, said = _inspect(store, capsys)
+        assert "Traceback" not in said, (where, value, said)
+        if code == 1:
+            refused += 1
+            assert said.strip(), (where, value)
+            continue
+        accepted += 1
+        try:  # inspect said fine: it must explain, or refuse saying why
+            path = pk.TrainingPath.load(store)
+            path.load_into(model)
+            explainer = pk.PathKernelInfluence(model, data, path, loss, show_progress=False)
+            with __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore")
+                dec = explainer.attribute(data.tensors[0][:2], target=data.tensors[1][:2])
+            assert bool(torch.isfinite(dec.contributions).all()), (where, value)
+        except pk.PkAttribError:
+            pass
+    (store / "manifest.json").write_text(original)
+    assert refused > 300 and accepted > 10, (refused, accepted)
+
+
+def _crafted(raw: bytes, how: str) -> bytes:
+    import json
+
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    keys = [k for k in header if k != "__metadata__"]
+    first, second = header[keys[0]], header[keys[1]]
+    if how == "huge header length":
+        return (1 << 62).to_bytes(8, "little") + raw[8:]
+    if how == "header past the end":
+        return (len(raw)).to_bytes(8, "little") + raw[8:]
+    if how == "header not JSON":
+        return raw[:8] + b"!" + raw[9:]
+    if how == "truncated":
+        return raw[: len(raw) - 7]
+    if how == "offsets past the end":
+        first["data_offsets"] = [len(data) - 4, len(data) + 4]
+    elif how == "overlapping":
+        second["data_offsets"] = first["data_offsets"]
+        second["dtype"], second["shape"] = first["dtype"], first["shape"]
+    elif how == "unknown dtype":
+        first["dtype"] = "F128"
+    elif how == "shape against offsets":
+        first["shape"] = [10**6]
+    elif how == "negative offsets":
+        first["data_offsets"] = [-8, first["data_offsets"][1]]
+    head = json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "huge header length",
+        "header past the end",
+        "header not JSON",
+        "truncated",
+        "offsets past the end",
+        "overlapping",
+        "unknown dtype",
+        "shape against offsets",
+        "negative offsets",
+    ],
+)
+def test_a_crafted_safetensors_header_with_a_matching_hash_is_refused(tmp_path, capsys, how):
+    """A file whose hash was updated with it (so the hash check passes): inspect said every file
+    matched, and the explainer raised a raw SafetensorError (or allocated 2^62 bytes)."""
+    import json
+
+    import xxhash
+
+    store = tmp_path / "s"
+    model, data = _adam_store(store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    entry = manifest["shards"][0]
+    crafted = _crafted((store / entry["file"]).read_bytes(), how)
+    (store / entry["file"]).write_bytes(crafted)
+    entry.update(xxh3_128=xxhash.xxh3_128(crafted).hexdigest(), bytes=len(crafted))
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    code, said = _inspect(store, capsys)
+    assert code == 1 and "integrity:   FAILED" in said and "is damaged" in said, said
+    path = pk.TrainingPath.load(store)
+    with pytest.raises(pk.CorruptStoreError, match="is damaged"):
+        pk.PathKernelInfluence(
+            model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+        ).attribute(data.tensors[0][:1], target=0)
+
+
+def test_bad_arguments_are_refused_naming_them(digits_run):
+    model, data, path, (x, y) = digits_run
+    explainer = _explainer(model, data, path)
+    for k in (-1, 0, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            explainer.influence((x, y), k=k)
+    with pytest.raises(ValueError, match=r"test loss fails on the given labels \[12"):
+        explainer.influence((x, torch.tensor([12, 1, 2])))  # 10 classes
+    for budget in (0, -5, 1.5, None):
+        with pytest.raises(ValueError, match="memory_budget"):
+            _explainer(model, data, path, memory_budget=budget)
+    for rtol in (-1, float("nan"), 0, 2.0, "x"):
+        with pytest.raises(ValueError, match="rtol"):
+            _explainer(model, data, path, rtol=rtol, quadrature="adaptive")
+    with pytest.raises(ValueError, match="batch_size"):
+        _explainer(model, data, path, batch_size=0)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1])
+def test_a_step_with_a_nan_or_negative_learning_rate_is_refused_when_recorded(lr):
+    from _runs import make, run_steps
+
+    model, optimizer, x, y = make()
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=40)
+    run_steps(model, optimizer, x, y, recorder, 0, 2)
+    optimizer.param_groups[0]["lr"] = lr
+    with pytest.raises(pk.RecordingError, match="learning rate"):
+        run_steps(model, optimizer, x, y, recorder, 2, 3)
+    with pytest.warns(pk.PkAttribWarning, match="belong to no step"):
+        recorder.close()  # (the refused step's batch)
+    assert len(recorder.path) == 2
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "deleted"])
+def test_a_damaged_store_is_not_resumed(tmp_path, damage):
+    """A flipped or deleted middle shard was accepted and appended to."""
+    from _runs import make, run_steps
+
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    with pk.PathRecorder(model, optimizer, store=store, dataset_size=40, shard_bytes=1) as rec:
+        run_steps(model, optimizer, x, y, rec, 0, 5)
+    middle = store / "shard-00000002.safetensors"
+    if damage == "deleted":
+        middle.unlink()
+    else:
+        raw = bytearray(middle.read_bytes())
+        raw[-3] ^= 0x40
+        middle.write_bytes(bytes(raw))
+    before = (store / "manifest.json").read_text()
+    with pytest.raises(pk.CorruptStoreError, match="damaged, so this recording does not continue"):
+        pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    assert (store / "manifest.json").read_text() == before

@@ -87,12 +87,30 @@ class _StepBatch:
     kappa: torch.Tensor  # (m,) their weights
 
 
-def _check_finite(tensor: torch.Tensor, what: str, step: int) -> None:
-    if not bool(torch.isfinite(tensor.sum())):  # one pass; NaN and inf propagate
-        raise NonFiniteError(
-            f"non-finite {what} at step {step}: the training run diverged there or the inputs "
-            "hold NaN/inf; explain a path that stays finite, or check the data"
+def _check_finite(tensor: torch.Tensor, what: str, step: int | None, path: TrainingPath) -> None:
+    """Raise `NonFiniteError` if ``tensor`` holds NaN or inf, naming where the run diverged.
+
+    The sweep walks backwards, so the first non-finite value it meets is near the end of a
+    diverged run: the path is then read forwards for the first step whose weights are not
+    finite (only in this case).
+    """
+    if bool(torch.isfinite(tensor.sum())):  # one pass; NaN and inf propagate
+        return
+    diverged = path.first_non_finite()
+    if diverged is None:
+        cause = (
+            "the path's weights are finite, so the inputs or labels hold NaN/inf, or a "
+            "computation overflowed (the model on these inputs, or a huge recorded learning "
+            "rate or optimizer setting): check the data and the recorded run"
         )
+    else:
+        cause = (
+            f"the training run diverged: its weights are not finite from step {diverged} on "
+            f"(after optimizer step {diverged - 1}); explain a path that stays finite (record "
+            "a run that does not diverge, or explain up to the step before)"
+        )
+    where = "" if step is None else f" at step {step}"
+    raise NonFiniteError(f"non-finite {what}{where}: {cause}")
 
 
 def example_weights(batch_sizes: torch.Tensor, reduction: Reduction, accumulation: str | int):
@@ -203,7 +221,7 @@ class Engine:
         w_next = fm.flatten(path.final)
         f_next, m_next = self._forward_and_scale(w_next, inputs, target, output_fn)
         prediction = f_next
-        _check_finite(prediction, "output of the final model", S)
+        _check_finite(prediction, "output of the final model", S, self.p.path)
         f_initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
         share = quad.rtol * (prediction - f_initial).abs() / max(S, 1)
         integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
@@ -243,7 +261,7 @@ class Engine:
             delta_full = w_next - w_full
             w, delta = fm.active(w_full), fm.active(delta_full)  # differentiated coordinates
             f_s, m_s = self._forward_and_scale(w_full, inputs, target, output_fn)
-            _check_finite(f_s, "query output", s)
+            _check_finite(f_s, "query output", s, self.p.path)
             change = f_next - f_s
             floor = rounding_floor(f_s, m_s, f_next, m_next)
             indices = step.indices
@@ -261,7 +279,7 @@ class Engine:
                     continue
             tol = torch.maximum(share, floor)
             phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
-            _check_finite(phi, "query gradient", s)
+            _check_finite(phi, "query gradient", s, self.p.path)
             phi_delta += phi @ delta
             v, extra = rule.begin(s, step, phi, w)
             if extra is not None:
@@ -289,7 +307,7 @@ class Engine:
                 grads = train_grads.pop(s)
             else:
                 grads = fm.loss_grads(w_full, batch, p.loss_fn)
-            _check_finite(grads, "training gradient", s)
+            _check_finite(grads, "training gradient", s, self.p.path)
             train_evals += len(indices)
             signed = grads if _is_one(sign) else grads * sign
             contributions.index_add_(1, indices.to(device), -(v @ signed.T) * kappa)
@@ -309,6 +327,7 @@ class Engine:
                 effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
                 rule.finish_step(s, step, delta, effective + lam * w, w)
             w_next, f_next, m_next = w_full, f_s, m_s
+        _check_finite(contributions, "contributions", None, self.p.path)
         if columns is not None:  # (the caller warns once for all its blocks)
             self.unconverged.update(integrator.unconverged)
             return contributions
@@ -330,6 +349,7 @@ class Engine:
             "unexplained": unexplained,
         }
         bias = f_next + decay + state_term + unexplained
+        _check_finite(bias, "non-example terms of the bias", None, self.p.path)
         diagnostics = Diagnostics(
             "exact", quad.name, dtype, nodes, errors, integrator.evaluations, train_evals
         )
@@ -373,7 +393,7 @@ class Engine:
                 grad = fm.batch_grad(w_full, batch, p.loss_fn, kappa)
             except NotBatchFirst:  # outputs without a row per example: one at a time
                 grad = kappa @ fm.loss_grads(w_full, batch, p.loss_fn)
-            _check_finite(grad, "training gradient", s)
+            _check_finite(grad, "training gradient", s, self.p.path)
             sign, lam = rule.coefficients(step)
             w = fm.active(w_full)
             rule.finish_step(s, step, fm.active(w_next - w_full), sign * grad + lam * w, w)
@@ -421,7 +441,7 @@ class Engine:
         if f"f{s}" not in features:  # once per step, whatever the number of query chunks
             batch = self._batch(all_indices) if batch is None else batch
             feats = projector.training_features(at.w_full, batch, p.loss_fn)
-            _check_finite(feats, "projected training gradient", s)
+            _check_finite(feats, "projected training gradient", s, self.p.path)
             evals = len(all_indices)
             feats = features.keep(f"f{s}", feats)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,13 @@ class QuadratureRule:
     def parse(cls, quadrature: str | int | Quadrature, rtol: float | None, dtype: torch.dtype):
         """Parse ``"adaptive"``, ``"left"``, ``"midpoint"``, or an int q (Gauss–Legendre)."""
         default_rtol = 1e-9 if dtype == torch.float64 else 1e-5
+        if rtol is not None and (
+            isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < float(rtol) < 1
+        ):
+            raise ValueError(
+                f"rtol={rtol!r}: the adaptive quadrature's per-step tolerance is a number "
+                "between 0 and 1 (default 1e-9 in float64, 1e-5 in float32)"
+            )
         rtol = default_rtol if rtol is None else float(rtol)
         if isinstance(quadrature, bool):
             raise ValueError("quadrature must be a strategy name or a number of nodes")

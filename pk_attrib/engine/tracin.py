@@ -122,7 +122,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
                         lambda name, lr=lr: _lr_of(engine, lr, name),
                         rest_lr,
                     )
-                    _check_finite(scores, "gradient dot product", s)
+                    _check_finite(scores, "gradient dot product", s, engine.p.path)
                     contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + size])
                     if norms is not None:
                         add_norms(
@@ -135,7 +135,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
             continue
         if s not in cache:
             grads, _ = fm.output_grads(w[None], inputs, target, output_fn)
-            _check_finite(grads, "query gradient", s)
+            _check_finite(grads, "query gradient", s, engine.p.path)
             cache[s] = grads[0]
             query_evals += n
         query = cache[s]
@@ -144,7 +144,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
             for a in range(0, len(indices), chunk):
                 idx = indices[a : a + chunk]
                 g = fm.loss_grads(w, engine._batch(idx + first), p.loss_fn)
-                _check_finite(g, "training gradient", s)
+                _check_finite(g, "training gradient", s, engine.p.path)
                 train_evals += len(idx)
                 scores = scaled @ g.T
                 contributions.index_add_(1, idx.to(device), -scores * kappa[a : a + chunk])
@@ -353,6 +353,6 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
                 else:
                     g = fm.loss_grads(w, (*x, labels), p.loss_fn)
                     values = (g * g) @ eta if eta.dim() else (g * g).sum(1) * eta
-                _check_finite(values, "training gradient", s)
+                _check_finite(values, "training gradient", s, engine.p.path)
                 out.index_add_(0, r.to(fm.device), values * kappa[a : a + chunk])
     return out

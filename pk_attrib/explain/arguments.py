@@ -6,6 +6,7 @@ names the mistake and the fix.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -170,3 +171,44 @@ def target_and_output(
             f"returned {got}"
         )
     return tgt, output_fn
+
+
+def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= 1 (None when allowed); a bool, float or string is refused.
+
+    Raises:
+        ValueError: Naming the argument and what it must be.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_labels(fm: FunctionalModel, final, queries, labels, loss_fn) -> None:
+    """Evaluate the test loss of every query once, so that bad labels fail here, named.
+
+    Raises:
+        ValueError: ``loss_fn(outputs, labels)`` fails (a label out of the model's range, a
+            wrong dtype or shape) or is not finite.
+    """
+    if n_rows(queries) == 0:
+        return
+    with torch.no_grad():
+        outputs = fm.outputs(fm.flatten(final), queries)
+        try:
+            losses = loss_fn(outputs, labels)
+        except (IndexError, RuntimeError, ValueError, TypeError) as err:
+            found = leaves(labels)
+            shown = f"labels {found[0].tolist()[:8]}" if found else "the labels"
+            raise ValueError(
+                f"the test loss fails on the given {shown} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}): labels must fit the model's outputs "
+                "(class indices in range, as the loss expects)"
+            ) from err
+    if isinstance(losses, torch.Tensor) and not bool(torch.isfinite(losses).all()):
+        raise ValueError(
+            "the test loss of some given examples is not finite at the final weights: check "
+            "their inputs and labels"
+        )

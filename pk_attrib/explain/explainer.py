@@ -128,6 +128,8 @@ class PathKernelInfluence(DataInfluence):
     ):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
+        memory_budget = arguments.positive_int(memory_budget, "memory_budget (bytes)")
+        batch_size = arguments.positive_int(batch_size, "batch_size", allow_none=True)
         self.model = model
         self.train_dataset = data.dataset_of(train_dataset)
         if checkpoints is not None and not isinstance(checkpoints, (str, os.PathLike, list)):
@@ -335,14 +337,18 @@ class PathKernelInfluence(DataInfluence):
         """Training examples per block so that one (n, block) block fits the budget."""
         return max(1, self.memory_budget // max(1, 4 * n * self.dtype.itemsize))
 
-    def _split_batch(self, batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def _split_batch(self, batch, loss_fn) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """A Captum batch as (queries, labels), checked on ``loss_fn`` once."""
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError(
                 "inputs must be a batch (inputs..., labels), as in Captum's TracInCP: "
                 "model(*batch[:-1]) gives the outputs, labels come last"
             )
         *x, labels = batch
-        return arguments.queries(self._fm, tuple(x)), self._fm.cast((labels,))[0]
+        queries = arguments.queries(self._fm, tuple(x))
+        labels = self._fm.cast((labels,))[0]
+        arguments.check_labels(self._fm, self.path.final, queries, labels, loss_fn)
+        return queries, labels
 
     def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
         """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
@@ -424,6 +430,7 @@ class PathKernelInfluence(DataInfluence):
         """
         if score not in ("contribution", "cosine"):
             raise ValueError(f"score={score!r}: use 'contribution' or 'cosine'")
+        k = arguments.positive_int(k, "k", allow_none=True)
         batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
         output_fn = scores.negative_loss(self.test_loss_fn)
         n_train = len(self.train_dataset)
@@ -433,7 +440,7 @@ class PathKernelInfluence(DataInfluence):
             self._check_steps()
             results = []
             for batch in batches:
-                queries, labels = self._split_batch(batch)
+                queries, labels = self._split_batch(batch, self.test_loss_fn)
                 block = self._scores_block(queries, labels, output_fn, {}, score)
                 if aggregate:  # summed over the queries, block by block
                     size = self._block(n_rows(queries) * (2 if score == "cosine" else 1))
@@ -526,7 +533,7 @@ class PathKernelInfluence(DataInfluence):
             batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
             out = []
             for batch in batches:
-                queries, labels = self._split_batch(batch)
+                queries, labels = self._split_batch(batch, self.loss_fn)
                 out.append(tracin.self_influence(engine, None, (*queries, labels)))
             return torch.cat(out)
         indices = (

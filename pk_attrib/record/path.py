@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..exceptions import CorruptStoreError, StoreError, StoreMismatchError
+from ..exceptions import CorruptStoreError, NonFiniteError, StoreError, StoreMismatchError
 from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
 from .from_checkpoints import checkpoint_records
 from .store import (
@@ -416,6 +416,41 @@ class TrainingPath:
             raise StoreError("the path holds no recorded step yet")
         intervals = self._intervals()
         return self._raw_params(intervals[-1].stop if intervals else 0)
+
+    def check(self) -> None:
+        """Read every step as the engine will, checking what `verify` cannot see.
+
+        Each step's batch indices (in range, matching the batch sizes), snapshot (shape,
+        dtype), optimizer state and buffers are read, and the weights must be finite.
+
+        Raises:
+            CorruptStoreError: A step holds something the engine cannot use.
+            NonFiniteError: The run diverged: weights hold NaN or inf (the step is named).
+        """
+        for s in range(len(self)):  # (each read checks what it reads)
+            step = self.step(s)
+            _ = (step.indices, step.batch_sizes, step.optimizer_state, step.initial_state)
+            _ = step.buffers
+        diverged = self.first_non_finite()
+        if diverged is not None:
+            raise NonFiniteError(
+                f"the training run diverged: the weights before step {diverged} of the path hold "
+                f"NaN or inf (optimizer step {diverged - 1} made them so); steps before it can "
+                "be explained, later ones cannot"
+                if diverged
+                else "the initial weights hold NaN or inf: nothing on this path can be explained"
+            )
+
+    def first_non_finite(self) -> int | None:
+        """The first s whose weights w_s hold NaN or inf (len(path): the final ones), or None.
+
+        Where a diverged run went wrong: step s − 1 made the weights non-finite. Reads the
+        whole path.
+        """
+        for s in range(len(self) + 1):
+            if not all(bool(torch.isfinite(t).all()) for t in self.params(s).values()):
+                return s
+        return None
 
     def load_into(self, model: torch.nn.Module, s: int | None = None) -> None:
         """Copy w_s (default: the final parameters) into the model's parameters, by name."""

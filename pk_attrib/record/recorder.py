@@ -18,6 +18,7 @@ custom samplers. Every batch since the previous optimizer step belongs to the ne
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import warnings
 import weakref
@@ -310,6 +311,11 @@ class PathRecorder:
         sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
+        if not all(math.isfinite(lr) and lr >= 0 for lr in meta["lr"]):
+            raise RecordingError(
+                f"optimizer step {r} has learning rate(s) {meta['lr']}: a step with a NaN, "
+                "infinite or negative learning rate cannot be explained (check the scheduler)"
+            )
         hyper = [group_hyper(g) for g in optimizer.param_groups]
         if hyper != self._base_hyper:
             meta["hyper"] = hyper
@@ -487,25 +493,40 @@ class PathRecorder:
                 stacklevel=2,
             )
         finalize = self._inflight is None and self._final_is_known()
+        final = self._snapshot() if finalize else None
         if self._writer is None:
             if finalize:
-                self._backend.final = self._snapshot()
+                self._backend.final = final
                 self._manifest["complete"] = True
-            return
-        try:
-            self._writer.close()
-            if finalize:
-                self._writer.list_pending()
-                listed = self._manifest.get("final")  # what the manifest on the disk lists
-                self._manifest["final"] = write_final(
-                    self.store / final_name(listed), self._snapshot(), durable=True
-                )
-                self._manifest["complete"] = True
-                self._writer.write_manifest()
-                if listed is not None:  # (listed no more: a full copy of the weights)
-                    (self.store / listed["file"]).unlink(missing_ok=True)
-        finally:
-            self._release()
+        else:
+            try:
+                self._writer.close()
+                if finalize:
+                    self._writer.list_pending()
+                    listed = self._manifest.get("final")  # what the manifest on the disk lists
+                    self._manifest["final"] = write_final(
+                        self.store / final_name(listed), final, durable=True
+                    )
+                    self._manifest["complete"] = True
+                    self._writer.write_manifest()
+                    if listed is not None:  # (listed no more: a full copy of the weights)
+                        (self.store / listed["file"]).unlink(missing_ok=True)
+            finally:
+                self._release()
+        if final is not None and not all(bool(torch.isfinite(t).all()) for t in final.values()):
+            diverged = self.path.first_non_finite()  # (reads the path: only when it diverged)
+            where = (
+                "the initial weights already hold NaN or inf"
+                if diverged == 0
+                else f"its weights hold NaN or inf from step {diverged} of the path on "
+                f"(optimizer step {diverged - 1} made them so)"
+            )
+            warnings.warn(
+                f"the training run diverged: {where}. The path is kept as recorded; "
+                "explanations reaching past that step raise NonFiniteError",
+                PkAttribWarning,
+                stacklevel=2,
+            )
 
     def _final_is_known(self) -> bool:
         """Whether the parameters still hold the weights after the last recorded step.

@@ -80,7 +80,7 @@ def _params(manifest: dict) -> list[str]:
         names.append(_str(p.get("name"), f"params[{i}].name"))
         for j, n in enumerate(_list(p.get("shape"), f"params[{i}].shape")):
             _int(n, f"params[{i}].shape[{j}]")
-        if p.get("dtype") not in _DTYPES:
+        if not isinstance(p.get("dtype"), str) or p["dtype"] not in _DTYPES:
             raise _Bad(
                 f"params[{i}].dtype must be one of {sorted(_DTYPES)}, not {p.get('dtype')!r}"
             )
@@ -107,7 +107,7 @@ def _optimizer(manifest: dict, names: list[str]) -> int:
     for g, group in enumerate(groups):
         group = _dict(group, f"optimizer.groups[{g}]")
         for name in _list(group.get("params"), f"optimizer.groups[{g}].params"):
-            if name not in known:
+            if _str(name, f"optimizer.groups[{g}].params[]") not in known:
                 raise _Bad(f"optimizer.groups[{g}].params names {name!r}, which params lacks")
         _dict(group.get("hyper"), f"optimizer.groups[{g}].hyper")
     return len(groups)

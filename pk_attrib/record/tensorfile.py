@@ -76,7 +76,7 @@ class TensorFile:
             self.size = os.fstat(self.fd).st_size
             self.tensors, self.data_start = self._header()
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def _corrupt(self, what: str) -> CorruptStoreError:

@@ -11,7 +11,7 @@ rule. A new optimizer's rule is a module here and a line in `RULES`.
 
 from __future__ import annotations
 
-from ...exceptions import UnsupportedError
+from ...exceptions import CorruptStoreError, UnsupportedError
 from ...record.optimizers import SCHEDULER_KEYS
 from ...record.path import TrainingPath
 from .adam import AdamRule
@@ -31,6 +31,17 @@ def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Ru
 
     Raises:
         UnsupportedError: The optimizer (or one of its options) has no exact rule.
+        CorruptStoreError: Its hyperparameters are not what the rule reads.
+    """
+    return rule_for(path)(path, vectors, names, path.optimizer["kind"])
+
+
+def rule_for(path: TrainingPath) -> type[Rule]:
+    """The rule class that explains the path's optimizer, its settings checked.
+
+    Raises:
+        UnsupportedError: The optimizer (or one of its options) has no exact rule.
+        CorruptStoreError: Its hyperparameters are not what the rule reads.
     """
     optimizer = path.optimizer or {}
     kind = optimizer.get("kind")
@@ -40,6 +51,7 @@ def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Ru
             f"optimizer {optimizer.get('class', kind)} has no exact decomposition rule "
             f"(exact rules: {', '.join(RULES)}): use mode='checkpoint'"
         )
+    _check_hyper(path, rule)
     for g, group in enumerate(optimizer["groups"]):
         unknown = {
             k
@@ -51,7 +63,32 @@ def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Ru
                 f"param group {g} uses {sorted(unknown)}, which the exact {kind} rule does not "
                 "model: use mode='checkpoint'"
             )
-    return rule(path, vectors, names, kind)
+    return rule
 
 
-__all__ = ["RULES", "AdamRule", "GroupVectors", "Rule", "SGDRule", "make_rule"]
+def _check_hyper(path: TrainingPath, rule: type[Rule]) -> None:
+    """Refuse hyperparameters the rule cannot read (a store's manifest edited by hand).
+
+    Raises:
+        CorruptStoreError: Naming the step or group and the value.
+    """
+    groups = [("the optimizer's param group", g["hyper"]) for g in path.optimizer["groups"]]
+    for raw, meta in enumerate(path.manifest.get("steps", [])):
+        groups += [(f"optimizer step {raw}'s param group", h) for h in meta.get("hyper") or []]
+    for where, hyper in groups:
+        for key, kind in rule.HYPER.items():
+            if key not in hyper:
+                if kind.required:
+                    raise _bad(f"{where} has no {key!r}", path)
+            elif not kind.accepts(hyper[key]):
+                raise _bad(f"{where} has {key}={hyper[key]!r}, not {kind.description}", path)
+
+
+def _bad(what: str, path: TrainingPath) -> CorruptStoreError:
+    return CorruptStoreError(
+        f"the path's optimizer description is damaged: {what}. Restore the store's "
+        "manifest.json from a backup, or re-record the run"
+    )
+
+
+__all__ = ["RULES", "AdamRule", "GroupVectors", "Rule", "SGDRule", "make_rule", "rule_for"]

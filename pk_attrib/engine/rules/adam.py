@@ -14,7 +14,7 @@ import torch
 
 from ...exceptions import UnsupportedError
 from ...record.path import Step
-from .base import Rule
+from .base import Hyper, Rule
 
 
 class AdamRule(Rule):
@@ -24,6 +24,13 @@ class AdamRule(Rule):
     OPTIONS = frozenset(
         {"betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"}
     )
+    HYPER = {
+        "betas": Hyper("betas", required=True),
+        "eps": Hyper("number", required=True),
+        "weight_decay": Hyper("number"),
+        "amsgrad": Hyper("flag"),
+        "maximize": Hyper("flag"),
+    }
 
     def __init__(self, path, vectors, names, kind):
         super().__init__(path, vectors, names, kind)

@@ -27,6 +27,8 @@ term of its own (`Rule.initial_state_term`).
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,6 +92,39 @@ def _relative_error(delta: torch.Tensor, predicted: torch.Tensor, floor: torch.T
     return diff / norm
 
 
+@dataclass(frozen=True)
+class Hyper:
+    """What a rule reads from a hyperparameter: a number, a flag or a pair of betas."""
+
+    kind: str  # "number", "flag" or "betas"
+    required: bool = False
+
+    @property
+    def description(self) -> str:
+        """What a valid value is, for messages."""
+        return {
+            "number": "a finite number",
+            "flag": "true or false",
+            "betas": "two numbers in [0, 1)",
+        }[self.kind]
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is such a value."""
+
+        def number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.kind == "flag":
+            return isinstance(value, bool) or value in (0, 1)
+        if self.kind == "betas":
+            return (
+                isinstance(value, (list, tuple))
+                and len(value) == 2
+                and all(number(b) and 0 <= b < 1 for b in value)
+            )
+        return number(value)
+
+
 class Rule:
     """Base class: the backward adjoint sweep and the one-step reconstruction check.
 
@@ -103,6 +138,8 @@ class Rule:
     # models: a param group setting any other option to a non-default value is refused
     KINDS: tuple[str, ...] = ()
     OPTIONS: frozenset[str] = frozenset()
+    # the hyperparameters the rule reads, and what each must hold
+    HYPER: dict[str, Hyper] = {}
 
     def __init__(self, path: TrainingPath, vectors: GroupVectors, names: list[str], kind: str):
         self.path = path

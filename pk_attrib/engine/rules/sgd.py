@@ -12,7 +12,7 @@ import math
 import torch
 
 from ...record.path import Step
-from .base import Rule
+from .base import Hyper, Rule
 
 
 class SGDRule(Rule):
@@ -20,6 +20,13 @@ class SGDRule(Rule):
 
     KINDS = ("sgd",)
     OPTIONS = frozenset({"momentum", "dampening", "nesterov", "weight_decay", "maximize"})
+    HYPER = {
+        "momentum": Hyper("number"),
+        "dampening": Hyper("number"),
+        "weight_decay": Hyper("number"),
+        "nesterov": Hyper("flag"),
+        "maximize": Hyper("flag"),
+    }
 
     _terms_of: tuple | None = None  # (step index, its terms): the last step asked for
 
