@@ -1,6 +1,7 @@
 """What interruptions, damaged or crafted files, full disks and concurrent access do to a store,
 and that the Captum-style methods check what `attribute` checks (issue 24)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -482,3 +483,102 @@ def test_a_damaged_store_is_not_resumed(tmp_path, damage):
     with pytest.raises(pk.CorruptStoreError, match="damaged, so this recording does not continue"):
         pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
     assert (store / "manifest.json").read_text() == before
+
+
+# -- 6. disk and file-system faults --------------------------------------------------------
+
+
+def _disk_full(monkeypatch):
+    """Every tensor file write and every manifest flush fails as on a full disk."""
+    import errno
+
+    from pk_attrib.record import diskio, store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskio.SequentialWriter, "write", full)
+    monkeypatch.setattr(store, "settle", full)
+
+
+def _leftovers(root):
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_full_disk_is_a_store_error_at_start_at_close_and_on_resume(tmp_path, monkeypatch):
+    from _runs import make, run_steps
+
+    store = tmp_path / "s"
+    model, optimizer, x, y = make()
+    with monkeypatch.context() as patch:  # at start: the initial weights cannot be written
+        _disk_full(patch)
+        with pytest.raises(pk.StoreError, match="disk is full"):
+            pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    assert _leftovers(store) == []
+    recorder = pk.PathRecorder(model, optimizer, store=store, dataset_size=40)  # (unlocked)
+    run_steps(model, optimizer, x, y, recorder, 0, 4)
+    recorder.flush()
+    with monkeypatch.context() as patch:  # at close: the final weights cannot be written
+        _disk_full(patch)
+        with pytest.raises(pk.StoreError, match="disk is full"):
+            recorder.close()
+    assert _leftovers(store) == []
+    path = pk.TrainingPath.load(store)
+    assert not path.complete and len(path) == 3  # it ends at its last snapshot, w_3
+    assert_is_the_run(path)
+    path.load_into(model)  # resume from the last snapshot
+    with monkeypatch.context() as patch:  # on resume: its weights cannot be listed as the end
+        _disk_full(patch)
+        with pytest.raises(pk.StoreError, match="disk is full"):
+            pk.PathRecorder(model, optimizer, store=store, dataset_size=40)
+    assert _leftovers(store) == []
+    assert_is_the_run(pk.TrainingPath.load(store))
+
+
+def test_a_read_only_store_is_explained_with_projection_without_its_feature_cache(
+    tmp_path, monkeypatch
+):
+    """The feature cache could not be written: a raw OSError (Errno 30) came out."""
+    import errno
+
+    from pk_attrib.engine import features
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    store = tmp_path / "s"
+    model, data = _recorded_store(store)
+    monkeypatch.setattr(features, "write_tensor_file", read_only)
+    kwargs = dict(projection_dim=16, projector="sparse", show_progress=False)
+    loss = torch.nn.CrossEntropyLoss()
+    explainer = pk.PathKernelInfluence(model, data, store, loss, **kwargs)
+    with pytest.warns(pk.PkAttribWarning, match="cannot write the feature cache"):
+        dec = explainer.attribute(data.tensors[0][:2], target=0)
+    monkeypatch.undo()  # the same numbers as with a cache
+    again = pk.PathKernelInfluence(model, data, store, loss, **kwargs)
+    expected = again.attribute(data.tensors[0][:2], target=0)
+    torch.testing.assert_close(dec.contributions, expected.contributions, rtol=0, atol=0)
+    assert (store / "features").is_dir()
+
+
+def test_a_shard_truncated_while_it_is_read_is_an_error_not_sigbus(tmp_path):
+    """Memory-mapped shards killed the reading process with SIGBUS when truncated."""
+    store = tmp_path / "s"
+    _recorded_store(store, steps=6)
+    proc = child(
+        f"""
+        import os
+        import pk_attrib as pk
+        path = pk.TrainingPath.load({str(store)!r})
+        path.params(1)  # the shard is open now
+        shard = {str(store / "shard-00000000.safetensors")!r}
+        os.truncate(shard, os.path.getsize(shard) // 2)
+        try:
+            [path.params(s) for s in range(len(path) + 1)]
+        except pk.CorruptStoreError as err:
+            print("refused:", err)
+        """
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (proc.returncode, err)  # (-7 is SIGBUS)
+    assert out.startswith("refused:") and "truncated" in out, out

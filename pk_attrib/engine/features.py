@@ -62,6 +62,7 @@ class FeatureCache:
             self._index, self._files = index["steps"], index["files"]
         # features from an earlier session are checked once against fresh ones (`verify`)
         self.unverified = bool(self._index)
+        self._writable = self.folder is not None  # False once writing there failed
 
     def __contains__(self, key: str) -> bool:
         return key in self._memory or key in self._pending or key in self._index
@@ -89,10 +90,10 @@ class FeatureCache:
             The stored tensor: on ``device`` without a folder, else on the CPU.
         """
         feature = key.startswith("f")
-        device = self.device if self.folder is None else "cpu"
+        device = self.device if not self._writable else "cpu"
         stored = value.detach().to(device, self.dtype if feature else value.dtype)
         nbytes = stored.numel() * stored.element_size()
-        if self.folder is None:
+        if not self._writable:
             limit = self.memory_bytes
             if limit is not None and feature:  # features first: batch gradients are cheap
                 for other in [k for k in self._memory if k.startswith("g")]:  # to recompute
@@ -111,17 +112,32 @@ class FeatureCache:
 
     def flush(self) -> None:
         """Write pending features to a new shard and the index (atomically)."""
-        if self.folder is None or not self._pending:
+        if not self._writable or not self._pending:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"features-{len(set(self._index.values())):06d}.safetensors"
         meta = {"format": "pk_attrib.features"}
-        self._files[name] = write_tensor_file(self.folder / name, dict(self._pending), meta)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            entry = write_tensor_file(self.folder / name, dict(self._pending), meta)
+            files = {**self._files, name: entry}
+            index = {**self._index, **{k: name for k in self._pending}}
+            listed = {"format": "pk_attrib.features", "steps": index, "files": files}
+            write_atomic(self.folder / "index.json", json.dumps(listed).encode())
+        except OSError as err:  # a read-only store, a full disk: compute without the cache
+            self._writable = False
+            warnings.warn(
+                f"cannot write the feature cache in {self.folder} ({err.strerror or err}): "
+                "training features are kept in memory up to memory_budget and recomputed "
+                "beyond it; the results are the same",
+                PkAttribWarning,
+                stacklevel=3,
+            )
+            pending, self._pending = self._pending, {}
+            for key, value in pending.items():
+                self.keep(key, value)
+            return
         self._reader.trust(name)
-        self._index.update({k: name for k in self._pending})
-        self._pending = {}
-        index = {"format": "pk_attrib.features", "steps": self._index, "files": self._files}
-        write_atomic(self.folder / "index.json", json.dumps(index).encode())
+        self._files, self._index, self._pending = files, index, {}
 
     def verify(self, key: str, fresh: torch.Tensor) -> None:
         """Compare stored features with freshly computed ones; drop the cache if they differ.

@@ -14,11 +14,19 @@ from typing import Any
 
 import torch
 
-from ..exceptions import CorruptStoreError, NotAStoreError, StoreMismatchError
+from ..exceptions import CorruptStoreError, NotAStoreError, StoreError, StoreMismatchError
 from .backends import DiskBackend
 from .optimizers import SCHEDULED_KEYS, SCHEDULER_KEYS
 from .path import TrainingPath
-from .store import FINAL, MANIFEST, STORE_FILE, read_manifest, write_final, write_manifest
+from .store import (
+    FINAL,
+    MANIFEST,
+    STORE_FILE,
+    read_manifest,
+    write_failed,
+    write_final,
+    write_manifest,
+)
 from .writer import LOCK, lock_store, unlock_store
 
 _NEXT_FINAL = "final-next.safetensors"
@@ -59,8 +67,13 @@ def open_store(
             f"{root} is not empty and holds no pk_attrib store: choose a new or "
             "empty folder, so that nothing in it is overwritten"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    lock = lock_store(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = lock_store(root)
+    except StoreError:
+        raise
+    except OSError as err:
+        raise write_failed(root, err) from err
     try:
         return _open_locked(root, fresh, snapshot, truncate), lock
     except BaseException:

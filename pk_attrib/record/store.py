@@ -16,6 +16,7 @@ prefix of the run. No pickle is involved anywhere: loading a store never execute
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import hashlib
 import json
@@ -105,8 +106,25 @@ def entry_hash(entry: dict[str, Any]) -> tuple[str, str]:
     )
 
 
+def write_failed(path: Path, err: OSError) -> StoreError:
+    """The `StoreError` for a failed write of ``path``: what happened, and what to do."""
+    if isinstance(err, StoreError):
+        return err
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "the disk is full: free space, then resume (the store keeps what it listed)"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "the folder cannot be written: record into a writable folder"
+    else:
+        hint = "an I/O error: check the disk (the store keeps what its manifest listed)"
+    return StoreError(f"writing {path} failed ({err.strerror or err}): {hint}")
+
+
 def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed over it."""
+    """Write ``data`` to ``path`` through a temporary file renamed over it.
+
+    Raises:
+        StoreError: The write failed (a full disk, no permission); no file is left behind.
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
         with os.fdopen(create_new(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0)), "wb") as f:
@@ -114,10 +132,12 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
             if durable:
                 f.flush()
                 settle(f.fileno())
-    except BaseException:  # a full disk, an I/O error: no partial file stays behind
+        os.replace(tmp, path)
+    except BaseException as err:  # a full disk, an I/O error: no partial file stays behind
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_failed(path, err) from err
         raise
-    os.replace(tmp, path)
 
 
 _FILLER = "pad"  # names of the filler tensors before page-aligned ones: never a step's key
@@ -192,7 +212,10 @@ def write_tensor_file(
     head += b" " * (-(8 + len(head)) % PAGE if durable else -len(head) % 8)
     digest = _HASHES[HASH]()
     tmp = path.with_name(path.name + ".tmp")
-    writer = SequentialWriter(tmp, direct=durable)
+    try:
+        writer = SequentialWriter(tmp, direct=durable)
+    except OSError as err:
+        raise write_failed(path, err) from err
     try:
         for chunk in (len(head).to_bytes(8, "little") + head, *chunks):
             data = _as_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk
@@ -200,11 +223,13 @@ def write_tensor_file(
             writer.write(data)
             del data  # a non-contiguous tensor's copy goes before the next is made
         writer.close(sync=durable)
-    except BaseException:  # a full disk, an I/O error: no partial file stays behind
+        os.replace(tmp, path)
+    except BaseException as err:  # a full disk, an I/O error: no partial file stays behind
         writer.abandon()
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_failed(path, err) from err
         raise
-    os.replace(tmp, path)
     return {"file": path.name, HASH: digest.hexdigest(), "bytes": 8 + len(head) + offset}
 
 
