@@ -1,7 +1,6 @@
 """What interruptions, damaged or crafted files, full disks and concurrent access do to a store,
 and that the Captum-style methods check what `attribute` checks (issue 24)."""
 
-import os
 import signal
 import subprocess
 import sys
