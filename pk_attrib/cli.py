@@ -119,8 +119,29 @@ def _plot(x, labels, dec, dec_targets, n_queries: int, picture: Path) -> None:
     plt.close(fig)
 
 
-def inspect(store: Path) -> int:
-    """Summarise a store and check all the explainer relies on: 0 when it can be explained."""
+def inspect(store: Path, attempts: int = 5) -> int:
+    """Summarise a store and check all the explainer relies on: 0 when it can be explained.
+
+    A store a recorder is writing may change while it is read (its final weights are
+    replaced when a session resumes or ends): the check then starts again, from the
+    manifest as it is then, up to ``attempts`` times.
+    """
+    import time
+
+    import pk_attrib as pk
+
+    for attempt in range(attempts):
+        try:
+            return _inspect(store)
+        except pk.StoreChangedError as err:
+            if attempt == attempts - 1:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    return 1
+
+
+def _inspect(store: Path) -> int:
     import pk_attrib as pk
 
     try:
@@ -128,37 +149,51 @@ def inspect(store: Path) -> int:
         optimizer = path.optimizer or {}
         lrs = path.learning_rates if len(path) else None
         size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
+    except pk.StoreChangedError:
+        raise
     except (pk.PkAttribError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"store:       {store}")
-    print(f"steps:       {len(path)} ({'complete' if path.complete else 'interrupted'})")
-    print(f"optimizer:   {optimizer.get('class', 'none (checkpoints)')}")
+    lines = [
+        f"store:       {store}",
+        f"steps:       {len(path)} ({'complete' if path.complete else 'interrupted'})",
+        f"optimizer:   {optimizer.get('class', 'none (checkpoints)')}",
+    ]
     if lrs is not None:
-        print(f"lr range:    {lrs.min().item():.3g} .. {lrs.max().item():.3g}")
+        lines.append(f"lr range:    {lrs.min().item():.3g} .. {lrs.max().item():.3g}")
     n = sum(s.numel() for s in path.param_shapes.values())
-    print(f"parameters:  {len(path.param_names)} tensors, {n:,} values, {path.dtype}")
-    print(f"dataset:     {path.dataset_size} examples")
-    print(f"on disk:     {size / 2**20:.1f} MiB")
+    lines += [
+        f"parameters:  {len(path.param_names)} tensors, {n:,} values, {path.dtype}",
+        f"dataset:     {path.dataset_size} examples",
+        f"on disk:     {size / 2**20:.1f} MiB",
+    ]
     reasons = "; ".join(path.approximate_reasons)
-    print(f"mode:        {'approximate: ' + reasons if path.approximate else 'exact'}")
-    try:
-        path.verify()
-    except (pk.PkAttribError, OSError) as err:
-        print(f"integrity:   FAILED: {err}", file=sys.stderr)
-        return 1
-    print("integrity:   every tensor file matches its content hash and its header")
-    try:
-        path.check()
-        if not path.approximate and optimizer.get("exact"):
-            from .engine.rules import rule_for
-
-            rule_for(path)  # what the exact rule reads of the optimizer's settings
-    except (pk.PkAttribError, OSError) as err:
-        print(f"contents:    FAILED: {err}", file=sys.stderr)
-        return 1
-    print("contents:    every step's batch, weights and optimizer state read back and finite")
+    lines.append(f"mode:        {'approximate: ' + reasons if path.approximate else 'exact'}")
+    for what, check, fine in [
+        ("integrity", path.verify, "every tensor file matches its content hash and its header"),
+        ("contents", lambda: _contents(path), "every step's batch, weights and optimizer state "
+         "read back, finite"),
+    ]:  # fmt: skip
+        try:
+            check()
+        except pk.StoreChangedError:
+            raise
+        except (pk.PkAttribError, OSError) as err:
+            print("\n".join(lines))
+            print(f"{what + ':':<12} FAILED: {err}", file=sys.stderr)
+            return 1
+        lines.append(f"{what + ':':<12} {fine}")
+    print("\n".join(lines))  # (printed once the store was read whole: no torn summary)
     return 0
+
+
+def _contents(path) -> None:
+    """What the engine reads of each step, and the exact rule's settings."""
+    path.check()
+    if not path.approximate and (path.optimizer or {}).get("exact"):
+        from .engine.rules import rule_for
+
+        rule_for(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,10 @@ class CorruptStoreError(StoreError):
     """A tensor file is missing, or its content does not match the recorded hash."""
 
 
+class StoreChangedError(StoreError):
+    """The store changed while it was being read: a recorder is writing it. Load it again."""
+
+
 class StoreMismatchError(PkAttribError, ValueError):
     """A store, model or optimizer do not belong together."""
 

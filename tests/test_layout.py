@@ -36,6 +36,7 @@ PUBLIC = [
     "ReconstructionWarning",
     "RecordingError",
     "Step",
+    "StoreChangedError",
     "StoreError",
     "StoreMismatchError",
     "TopK",

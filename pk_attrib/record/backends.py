@@ -56,10 +56,15 @@ class MemoryBackend:
 class DiskBackend:
     """Raw steps read from a store folder through its manifest."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], verify: bool = True):
+    def __init__(
+        self, root: Path, manifest: dict[str, Any], verify: bool = True, writing: bool = False
+    ):
         self.root = root
         self.manifest = manifest
-        self.reader = ShardReader(root, verify=verify)
+        # a reader tells a file a recorder changed from a damaged one; the recorder itself
+        # (``writing``: it holds the store) reads it as it is
+        stamp = None if writing else manifest.get("updated")
+        self.reader = ShardReader(root, verify=verify, stamp=stamp)
         self._shard_of: list[dict[str, Any]] = []
         for entry in manifest["shards"]:
             self._shard_of.extend([entry] * entry["n_steps"])

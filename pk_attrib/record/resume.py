@@ -20,6 +20,7 @@ from .optimizers import SCHEDULED_KEYS, SCHEDULER_KEYS
 from .path import TrainingPath
 from .store import (
     FINAL,
+    LOCK,
     MANIFEST,
     STORE_FILE,
     read_manifest,
@@ -27,7 +28,7 @@ from .store import (
     write_final,
     write_manifest,
 )
-from .writer import LOCK, lock_store, unlock_store
+from .writer import lock_store, unlock_store
 
 _NEXT_FINAL = "final-next.safetensors"
 
@@ -53,15 +54,18 @@ def open_store(
 
     Raises:
         NotAStoreError: The folder is a file, or holds something else than a store.
+        StoreError: Another recorder is writing the store (`pk_attrib.StoreError`), or the
+            folder cannot be written.
+        CorruptStoreError: The store is damaged (it is not appended to).
         StoreMismatchError: The store belongs to another run, or the parameters are at no
             point of it that a recording can continue from.
     """
     if root.exists() and not root.is_dir():
         raise NotAStoreError(f"{root} is a file, not a folder: choose a folder for the store")
-    if (
+    if (  # (a store's own files may be another recorder's, creating it now: see below)
         not (root / MANIFEST).exists()
         and root.exists()
-        and any(f.name != LOCK for f in root.iterdir())
+        and any(f.name != LOCK and not STORE_FILE.fullmatch(f.name) for f in root.iterdir())
     ):
         raise NotAStoreError(
             f"{root} is not empty and holds no pk_attrib store: choose a new or "
@@ -83,6 +87,16 @@ def open_store(
 
 def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
     if not (root / MANIFEST).exists():
+        shards = sorted(f.name for f in root.iterdir() if f.name.startswith("shard-"))
+        if shards:  # recorded steps, but no manifest to list them
+            raise CorruptStoreError(
+                f"{root} holds recorded shards ({', '.join(shards[:3])}) but no {MANIFEST}: "
+                "the store is damaged. Restore manifest.json from a backup, or record into "
+                "a new folder"
+            )
+        for leftover in root.iterdir():  # a creation that died before its manifest
+            if STORE_FILE.fullmatch(leftover.name):
+                leftover.unlink()
         # the path ends at the initial weights until the first shard is on the disk, so
         # that a resume after a crash before it can tell whether steps were lost
         fresh["final"] = write_final(root / FINAL, snapshot(), durable=True)
@@ -90,7 +104,7 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
         return fresh
     manifest = read_manifest(root)
     _check_same_run(manifest, fresh, root)
-    path = TrainingPath(manifest, DiskBackend(root, manifest))
+    path = TrainingPath(manifest, DiskBackend(root, manifest, writing=True))
     try:  # every listed file, whole: a damaged store is not appended to
         path.verify()
     except CorruptStoreError as err:

@@ -36,7 +36,13 @@ import safetensors.torch
 import torch
 import xxhash
 
-from ..exceptions import CorruptStoreError, FormatVersionError, NotAStoreError, StoreError
+from ..exceptions import (
+    CorruptStoreError,
+    FormatVersionError,
+    NotAStoreError,
+    StoreChangedError,
+    StoreError,
+)
 from . import schema
 from .diskio import PAGE, SequentialWriter, create_new, settle
 from .tensorfile import DTYPE_CODES, TensorFile, check_header
@@ -46,6 +52,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 stores hash their files with sha256 only
 MANIFEST = "manifest.json"
 FINAL = "final.safetensors"
+LOCK = ".lock"  # held (flock) by the recorder writing a store, released by close or exit
 # the files a store's writer makes (and their temporary names while being written)
 STORE_FILE = re.compile(
     r"(shard-\d{8}\.safetensors|final(-next)?\.safetensors|manifest\.json)(\.tmp)?"
@@ -347,10 +354,16 @@ class ShardReader:
     every shard open.
     """
 
-    def __init__(self, root: Path, verify: bool = True, max_open: int = 2):
+    def __init__(
+        self, root: Path, verify: bool = True, max_open: int = 2, stamp: float | None = None
+    ):
         self.root = root
         self.verify = verify
         self.max_open = max(1, max_open)
+        # the ``updated`` time of the manifest the caller read: a file that fails while the
+        # manifest on the disk is newer (or a recorder holds the store) was changed by a
+        # writer, which is no damage
+        self.stamp = stamp
         self._open: collections.OrderedDict[str, TensorFile] = collections.OrderedDict()
         self._keys: dict[str, set[str]] = {}
         self._checked: set[str] = set()
@@ -363,7 +376,29 @@ class ShardReader:
 
         Raises:
             CorruptStoreError: The file is missing, a link, or does not match.
+            StoreChangedError: It does not, because a recorder changed the store meanwhile.
         """
+        try:
+            return self._check(entry)
+        except CorruptStoreError as err:
+            raise self._changed(err) from err
+
+    def _changed(self, err: CorruptStoreError) -> StoreError:
+        """``err``, or a `StoreChangedError` when a writer changed the store while read."""
+        if self.stamp is None:
+            return err
+        try:
+            now = json.loads((self.root / MANIFEST).read_text()).get("updated")
+        except (OSError, ValueError, AttributeError):
+            now = None
+        if now == self.stamp and not lock_held(self.root):
+            return err
+        return StoreChangedError(
+            f"{self.root} changed while it was being read: a PathRecorder is writing it "
+            f"({err}). Load it again (TrainingPath.load), or wait until the recording is closed"
+        )
+
+    def _check(self, entry: dict[str, Any]) -> Path:
         path = self.root / entry["file"]
         if not path.is_file() or path.is_symlink():
             what = "a symbolic link" if path.is_symlink() else "missing"
@@ -415,11 +450,34 @@ class ShardReader:
         """The tensor ``key`` of a file (a fresh copy), or None when the file has no such tensor."""
         if key not in self.keys(entry):
             return None
-        return self.handle(entry).get(key)
+        try:
+            return self.handle(entry).get(key)
+        except CorruptStoreError as err:  # (a file shortened while being read)
+            raise self._changed(err) from err
 
     def keys(self, entry: dict[str, Any]) -> set[str]:
         """The tensor names of a file."""
         name = entry["file"]
         if name not in self._keys:
-            self.handle(entry)
+            try:
+                self.handle(entry)
+            except CorruptStoreError as err:
+                raise self._changed(err) from err
         return self._keys[name]
+
+
+def lock_held(root: Path) -> bool:
+    """Whether a recorder holds the store's lock now (it is being written)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False  # (no lock file: nobody ever recorded into it)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing also releases a shared lock taken)
+    return False

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..exceptions import StoreError
 from .buffers import BufferPool
-from .store import write_manifest, write_tensor_file
+from .store import LOCK, write_manifest, write_tensor_file
 
 _STOP = object()
 
@@ -175,9 +175,6 @@ class AsyncShardWriter:
     def write_manifest(self) -> None:
         """Rewrite the manifest (call only while the writer thread is idle or stopped)."""
         write_manifest(self.root, self.manifest, self._steps_json)
-
-
-LOCK = ".lock"  # held (flock) by the recorder writing a store, released by close or exit
 
 
 def lock_store(root: Path):
