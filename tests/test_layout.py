@@ -67,7 +67,16 @@ def _imports(name: str, file: Path, known: dict[str, Path]) -> set[str]:
     """The package's modules this module imports, anywhere in it (lazy imports too)."""
     package = name if file.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(file.read_text())):
+    tree = ast.parse(file.read_text())
+    typing_only = {  # imports under `if TYPE_CHECKING:` never run
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "pk_attrib"}
         elif isinstance(node, ast.ImportFrom):

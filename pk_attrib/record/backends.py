@@ -23,6 +23,7 @@ class MemoryBackend:
     def __init__(self):
         self.records: list[dict[str, Any]] = []
         self.final: dict[str, torch.Tensor] | None = None
+        self.final_buffers: dict[str, torch.Tensor] = {}
 
     def n_raw(self) -> int:
         """Number of raw optimizer steps held."""
@@ -51,6 +52,18 @@ class MemoryBackend:
     def has_final(self) -> bool:
         """Whether the final parameters were recorded."""
         return self.final is not None
+
+    def keys_by_step(self) -> dict[int, set[str]]:
+        """The tensor keys (without the step prefix) of every raw step."""
+        return {
+            r: {k.split("/", 1)[1] for k in record["tensors"]}
+            for r, record in enumerate(self.records)
+        }
+
+    def final_buffer(self, name: str) -> torch.Tensor | None:
+        """A copy of buffer ``name`` at the end of the run (None: not recorded)."""
+        found = self.final_buffers.get(name) if self.final is not None else None
+        return None if found is None else found.clone()
 
 
 class DiskBackend:
@@ -93,6 +106,21 @@ class DiskBackend:
     def has_final(self) -> bool:
         """Whether the final parameters were recorded."""
         return self.manifest.get("final") is not None
+
+    def keys_by_step(self) -> dict[int, set[str]]:
+        """The tensor keys (without the step prefix) of every raw step, shard by shard."""
+        found: dict[int, set[str]] = {r: set() for r in range(self.n_raw())}
+        for entry in self.manifest["shards"]:
+            for key in self.reader.keys(entry):
+                raw, _, rest = key.partition("/")
+                if raw.isdigit() and int(raw) in found:
+                    found[int(raw)].add(rest)
+        return found
+
+    def final_buffer(self, name: str) -> torch.Tensor | None:
+        """Buffer ``name`` at the end of the run (None: not recorded)."""
+        entry = self.manifest.get("final")
+        return None if entry is None else self.reader.get(entry, f"buf/{name}")
 
     def final_params(self) -> dict[str, torch.Tensor] | None:
         """The final parameters, or None for an interrupted run."""

@@ -147,3 +147,19 @@ def describe_optimizer(
             "(checkpoint) modes can explain this path"
         )
     return description
+
+
+def state_tensors(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], keys
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The optimizer's state tensors under ``keys``, by ``(key, parameter name)``.
+
+    Scalars (step counts) come as float64 0-dim tensors, the rest as they are held (the
+    caller copies what it keeps).
+    """
+    out = {}
+    for name, p in params.items():
+        for key, value in (optimizer.state.get(p) or {}).items():
+            if key in keys and isinstance(value, torch.Tensor):
+                out[key, name] = value.detach().to(torch.float64) if value.dim() == 0 else value
+    return out

@@ -2,8 +2,9 @@
 
 A path has ``len(path) = S`` steps. ``path.params(s)`` is w_s for s = 0..S, where w_S is the
 final model; ``path.step(s)`` bundles what step s needs: w_s, w_{s+1}, Δ_s, the dataset
-indices of its batch, the learning rates and the optimizer terms. Tensors are read lazily
-from memory-mapped safetensors files (or from memory for an in-memory recording).
+indices of its batch, the learning rates and the optimizer terms (`pk_attrib.record.step`).
+Tensors are read lazily from the store's safetensors files (or from memory for an in-memory
+recording).
 
 Recorded paths with ``every=k`` keep one snapshot every k optimizer steps; their step s spans
 k optimizer steps (indices concatenated, learning rates summed in ``lr_sum``) and the path
@@ -12,7 +13,6 @@ is marked approximate, as are paths built from a few checkpoints.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from ..exceptions import CorruptStoreError, NonFiniteError, StoreError, StoreMismatchError
 from .backends import DiskBackend, MemoryBackend, names, new_manifest, raw_keys
 from .from_checkpoints import checkpoint_records
+from .step import Step
 from .store import (
     FINAL,
     dtype_from_name,
@@ -34,164 +35,6 @@ from .store import (
 from .wrappers import module_for
 
 __all__ = ["DiskBackend", "MemoryBackend", "Step", "TrainingPath", "new_manifest"]
-
-# Optimizer terms recorded after a step (Adam/AdamW), by tensor-key prefix.
-STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "step")
-
-
-def _names(manifest: dict[str, Any]) -> list[str]:
-    return names(manifest)
-
-
-def _named(path: TrainingPath, meta: dict[str, Any], key: str) -> frozenset[str]:
-    """The parameters a raw step's metadata lists under ``key`` (by index), by name."""
-    indices = meta.get(key)
-    if not indices:
-        return frozenset()
-    names = path.param_names
-    return frozenset(names[i] for i in indices)
-
-
-class Step:
-    """Everything one step of a path holds. Tensors are loaded on first access.
-
-    Attributes:
-        index: The step number s in the path (0..len(path)-1).
-        raw_steps: The optimizer steps this step spans (``range``; one unless ``every > 1``).
-        lr: Learning rate of each param group in effect at the step.
-        lr_sum: Learning rates summed over the optimizer steps the step spans.
-        hyper: Hyperparameters of each param group at the step.
-        fresh_state: True when the optimizer had no state (momentum, moments) before it.
-        skipped: Names of the parameters the step left alone: they had no gradient
-            (``grad is None``), so the optimizer neither moved them nor touched their state
-            (no weight decay, no momentum), as PyTorch's optimizers do (with ``every > 1``:
-            left alone by every optimizer step the step spans).
-        fresh_params: Names of the parameters whose optimizer state starts at this step
-            while others already had some (a layer whose first gradient comes late: SGD then
-            starts its momentum buffer at the gradient, without dampening).
-    """
-
-    def __init__(self, path: TrainingPath, index: int, raws: range):
-        self._path = path
-        self.index = index
-        self.raw_steps = raws
-        meta = path._backend.meta(raws[0])
-        self.lr: tuple[float, ...] = tuple(meta.get("lr", ()))
-        sums = [0.0] * len(self.lr)
-        for r in raws:
-            for g, lr in enumerate(path._backend.meta(r).get("lr", ())):
-                sums[g] += lr
-        self.lr_sum: tuple[float, ...] = tuple(sums)
-        self.hyper: list[dict[str, Any]] = meta.get("hyper") or [
-            g["hyper"] for g in (path.optimizer or {}).get("groups", [])
-        ]
-        self.fresh_state: bool = bool(meta.get("fresh_state", False))
-        skipped = _named(path, meta, "skipped")
-        for r in raws[1:]:  # (every=k) left alone by every optimizer step the step spans
-            if not skipped:
-                break
-            skipped &= _named(path, path._backend.meta(r), "skipped")
-        self.skipped: frozenset[str] = skipped
-        self.fresh_params: frozenset[str] = _named(path, meta, "fresh")
-
-    @functools.cached_property
-    def params(self) -> dict[str, torch.Tensor]:
-        """w_s by parameter name."""
-        return self._path.params(self.index)
-
-    @functools.cached_property
-    def next_params(self) -> dict[str, torch.Tensor]:
-        """w_{s+1} by parameter name (w_S, the final parameters, for the last step)."""
-        return self._path.params(min(self.index + 1, len(self._path)))
-
-    @functools.cached_property
-    def delta(self) -> dict[str, torch.Tensor]:
-        """Δ_s = w_{s+1} − w_s by parameter name."""
-        return {n: self.next_params[n] - w for n, w in self.params.items()}
-
-    @functools.cached_property
-    def indices(self) -> torch.Tensor | None:
-        """Dataset indices of the step's batch (all micro-batches, repeats kept), int64 (B,)."""
-        parts = [self._path._batch(r)[0] for r in self.raw_steps]
-        parts = [p for p in parts if p is not None]
-        return torch.cat(parts) if parts else None
-
-    @functools.cached_property
-    def batch_sizes(self) -> torch.Tensor | None:
-        """Sizes of the micro-batches accumulated into the step, int64 (n_micro,)."""
-        parts = [self._path._batch(r)[1] for r in self.raw_steps]
-        parts = [p for p in parts if p is not None]
-        return torch.cat(parts) if parts else None
-
-    @functools.cached_property
-    def parts(self) -> list[tuple[tuple[float, ...], torch.Tensor, torch.Tensor]]:
-        """Per optimizer step spanned: ``(lr per group, indices (B,), micro-batch sizes)``.
-
-        One entry unless the path was recorded with ``every > 1``; empty for checkpoints.
-        """
-        backend, out = self._path._backend, []
-        for r in self.raw_steps:
-            idx, sizes = self._path._batch(r)
-            if idx is not None:
-                out.append((tuple(backend.meta(r).get("lr", ())), idx, sizes))
-        return out
-
-    @functools.cached_property
-    def parts_skipped(self) -> list[frozenset[str]]:
-        """For each entry of `parts`: the parameters that optimizer step skipped."""
-        backend = self._path._backend
-        return [
-            _named(self._path, backend.meta(r), "skipped")
-            for r in self.raw_steps
-            if backend.has(r, "idx")
-        ]
-
-    @functools.cached_property
-    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Optimizer terms recorded after the step: ``{"exp_avg_sq": {name: tensor}, ...}``.
-
-        Adam/AdamW record ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad) and ``step``;
-        SGD records nothing. Empty when nothing was recorded.
-        """
-        raw, backend = self.raw_steps[0], self._path._backend
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for key in STATE_KEYS:
-            found = {n: backend.tensor(raw, f"{key}/{n}") for n in self._path.param_names}
-            found = {n: t for n, t in found.items() if t is not None}
-            for n, t in found.items():  # (a step count is a scalar)
-                shape = torch.Size([]) if key == "step" else self._path.param_shapes[n]
-                self._path._checked(t, raw, f"{key}/{n}", shape)
-            if found:
-                out[key] = found
-        return out
-
-    @functools.cached_property
-    def buffers(self) -> dict[str, torch.Tensor]:
-        """Buffers (BatchNorm statistics, ...) a checkpoint holds, by name; {} for recordings.
-
-        Checkpoint mode evaluates the model at this step with them; a recorded path holds
-        none (buffers come from the model, constant along the path).
-        """
-        raw, backend = self.raw_steps[0], self._path._backend
-        found = {n: backend.tensor(raw, f"buf/{n}") for n in self._path.manifest.get("buffers", [])}
-        return {n: t for n, t in found.items() if t is not None}
-
-    @functools.cached_property
-    def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Optimizer buffers that existed before the step: ``{"momentum_buffer": {...}, ...}``.
-
-        Only recorded when the recording began on an optimizer that already had state.
-        """
-        raw, backend = self.raw_steps[0], self._path._backend
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for key in self._path._backend.meta(raw).get("initial_state", []):
-            out[key] = {n: backend.tensor(raw, f"init/{key}/{n}") for n in self._path.param_names}
-            out[key] = {n: t for n, t in out[key].items() if t is not None}
-        return out
-
-    def __repr__(self) -> str:
-        n = None if self.indices is None else len(self.indices)
-        return f"Step(index={self.index}, lr={self.lr}, batch={n})"
 
 
 class TrainingPath:
@@ -254,7 +97,7 @@ class TrainingPath:
     @property
     def param_names(self) -> list[str]:
         """Names of the recorded (trainable) parameters, in model order."""
-        return _names(self.manifest)
+        return names(self.manifest)
 
     @property
     def param_shapes(self) -> dict[str, torch.Size]:
@@ -440,6 +283,62 @@ class TrainingPath:
                 if diverged
                 else "the initial weights hold NaN or inf: nothing on this path can be explained"
             )
+
+    def _keys(self) -> dict[int, set[str]]:
+        """Tensor keys of every raw step (read once: shard headers or records)."""
+        n = self._backend.n_raw()
+        if getattr(self, "_key_index", None) is None or len(self._key_index) != n:
+            self._key_index = self._backend.keys_by_step()
+        return self._key_index
+
+    def _rng_state(self, raw: int, i: int) -> tuple[torch.Tensor, ...] | None:
+        """The random-number state micro-batch i of raw step ``raw`` started from, or None.
+
+        The latest kept at or before it (a recording keeps a state only when it moved).
+        """
+        keys = self._keys()
+        for r in range(raw, -1, -1):
+            kept = [int(k.split("/")[1]) for k in keys[r] if k.startswith("rng/")]
+            before = [j for j in kept if r < raw or j <= i]
+            if before:
+                j = max(before)
+                cuda = {k.split("/")[0] for k in keys[r] if k.startswith("rng_cuda")}
+                devices = sorted((d.removeprefix("rng_cuda") for d in cuda), key=int)
+                states = [self._backend.tensor(r, f"rng/{j}")]
+                states += [self._backend.tensor(r, f"rng_cuda{d}/{j}") for d in devices]
+                return tuple(states)
+        return None
+
+    def buffers(self, s: int) -> dict[str, torch.Tensor]:
+        """The model's buffers at w_s (s = len(path): at the end), by name; {} without any.
+
+        Each buffer's value is the latest the path kept at or before w_s (a recording keeps
+        a buffer again only when it changed).
+        """
+        names = self.manifest.get("buffers", [])
+        if not names:
+            return {}
+        intervals = self._intervals()
+        if s < 0:
+            s += len(intervals) + 1
+        out = {}
+        if s == len(intervals):
+            for name in names:
+                found = self._backend.final_buffer(name) if self._backend.has_final() else None
+                if found is not None:
+                    out[name] = found
+            if len(out) == len(names):
+                return out
+        raw = intervals[s][0] if s < len(intervals) else (intervals[-1].stop if intervals else 0)
+        keys = self._keys()
+        for name in names:
+            if name in out:
+                continue
+            for r in range(min(raw, self._backend.n_raw() - 1), -1, -1):
+                if f"buf/{name}" in keys[r]:
+                    out[name] = self._backend.tensor(r, f"buf/{name}")
+                    break
+        return out
 
     def first_non_finite(self) -> int | None:
         """The first s whose weights w_s hold NaN or inf (len(path): the final ones), or None.

@@ -38,6 +38,7 @@ from ..exceptions import (
 )
 from .backends import MemoryBackend, new_manifest
 from .buffers import BufferPool, SlabAllocator
+from .capture import ForwardState, running_statistics
 from .optimizers import (
     INITIAL_STATE,
     STATE_AFTER_STEP,
@@ -45,6 +46,7 @@ from .optimizers import (
     group_hyper,
     group_lr,
     optimizer_kind,
+    state_tensors,
 )
 from .path import TrainingPath
 from .resume import final_name, open_store
@@ -141,6 +143,11 @@ class PathRecorder:
         self._base_hyper = [g["hyper"] for g in description["groups"]]
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         self._pending: list[torch.Tensor] = []
+        # what each micro-batch's forward pass starts from (random-number state, buffers)
+        cuda = sorted({p.device.index or 0 for p in self._param_list if p.is_cuda})
+        self._forward = ForwardState(
+            dict(self.model.named_buffers()), cuda, running_statistics(self.model)
+        )
         self._last_batches: list[torch.Tensor] = []  # what the last optimizer step used
         self._pool: BufferPool | None = None  # recycled snapshot buffers (disk mode)
         self._slab: SlabAllocator | None = None  # packed kept snapshots (memory mode)
@@ -160,6 +167,7 @@ class PathRecorder:
         # (the parameters give names, shapes and dtypes: no copy needed)
         fresh = new_manifest(self._params, description, dataset_size, every, dtype)
         fresh.update(approximate=bool(reasons), approximate_reasons=reasons)
+        fresh["buffers"] = list(self._forward.buffers)
 
         if self.store is None:
             self._manifest = fresh
@@ -172,6 +180,8 @@ class PathRecorder:
             # a step records its hyperparameters when they differ from the store's first ones
             self._base_hyper = [g["hyper"] for g in self._manifest["optimizer"]["groups"]]
             self._raw = len(self._manifest["steps"])
+            # a store recorded without its buffers goes on without them
+            self._forward.keep_only(self._manifest.get("buffers", []))
             queue_steps = max(2, min(256, max_queue_bytes // max(step_bytes, 1)))
             # snapshots in flight: the queue, the shard being gathered, the step being taken
             self._pool = BufferPool(max_bytes=(queue_steps + 2) * step_bytes + shard_bytes)
@@ -261,7 +271,15 @@ class PathRecorder:
                 f"dataset has {size} examples: pass the indices into the dataset the recorder "
                 "was given (dataset_size=)"
             )
-        self._pending.append(idx)
+        self._hand_over([idx])
+
+    def _hand_over(self, batches: list[torch.Tensor]) -> None:
+        """Note micro-batches the loop is about to run, with the state their forward starts in."""
+        if not self._pending:  # a step's first batch: the buffers its forward passes start from
+            self._forward.step_begins()
+        for idx in batches:
+            self._pending.append(idx)
+            self._forward.batch_begins()
 
     def repeat_batch(self) -> None:
         """Credit the next optimizer step with the batch(es) the previous step used.
@@ -276,7 +294,7 @@ class PathRecorder:
             raise RecordingError("this recorder is closed: create a new PathRecorder")
         if not self._last_batches:
             raise RecordingError("no optimizer step was recorded yet: there is no batch to repeat")
-        self._pending.extend(self._last_batches)
+        self._hand_over(self._last_batches)
 
     def _set_dataset_size(self, size: int) -> None:
         if self._dataset_size is None:
@@ -310,6 +328,7 @@ class PathRecorder:
         indices = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
+        tensors.update(self._forward.tensors(r))
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
         if not all(math.isfinite(lr) and lr >= 0 for lr in meta["lr"]):
             raise RecordingError(
@@ -325,15 +344,10 @@ class PathRecorder:
         if not any(states):
             meta["fresh_state"] = True
         elif self._session_first:
-            kept = set()
-            for name, p in self._params.items():
-                for key, value in (optimizer.state.get(p) or {}).items():
-                    if key in INITIAL_STATE and isinstance(value, torch.Tensor):
-                        tensors[f"{r}/init/{key}/{name}"] = _copy(
-                            value, torch.float64 if value.dim() == 0 else None
-                        )
-                        kept.add(key)
-            meta["initial_state"] = sorted(kept)
+            found = state_tensors(optimizer, self._params, INITIAL_STATE)
+            for (key, name), value in found.items():
+                tensors[f"{r}/init/{key}/{name}"] = _copy(value, None)
+            meta["initial_state"] = sorted({key for key, _ in found})
         self._pooled = []
         if r % self.every == 0:
             for name, p in self._params.items():
@@ -381,6 +395,7 @@ class PathRecorder:
         skipped batch is not credited to the next step.
         """
         self._pending = []
+        self._forward.discard()
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._closed or self._inflight is None:
@@ -403,17 +418,13 @@ class PathRecorder:
             meta["fresh"] = fresh
         kept_after = STATE_AFTER_STEP.get(self._kind, ())
         if kept_after and r % self.every == 0:
-            for name, p in self._params.items():
-                state = optimizer.state.get(p) or {}
-                for key in kept_after:
-                    if isinstance(state.get(key), torch.Tensor):
-                        value = state[key]
-                        tensors[f"{r}/{key}/{name}"] = (  # in its own dtype: squared
-                            _copy(value, torch.float64)  # gradients underflow in float16
-                            if value.dim() == 0
-                            else self._take(value, None)
-                        )
+            for (key, name), value in state_tensors(optimizer, self._params, kept_after).items():
+                # (in their own dtype: squared gradients underflow in float16)
+                tensors[f"{r}/{key}/{name}"] = (
+                    _copy(value, None) if value.dim() == 0 else self._take(value, None)
+                )
         self._last_batches, self._pending = self._pending, []
+        self._forward.step_done()
         self._session_first = False
         record = {
             "step": r,
@@ -494,9 +505,11 @@ class PathRecorder:
             )
         finalize = self._inflight is None and self._final_is_known()
         final = self._snapshot() if finalize else None
+        buffers = self._forward.current_buffers()
         if self._writer is None:
             if finalize:
                 self._backend.final = final
+                self._backend.final_buffers = buffers
                 self._manifest["complete"] = True
         else:
             try:
@@ -505,7 +518,7 @@ class PathRecorder:
                     self._writer.list_pending()
                     listed = self._manifest.get("final")  # what the manifest on the disk lists
                     self._manifest["final"] = write_final(
-                        self.store / final_name(listed), final, durable=True
+                        self.store / final_name(listed), final, durable=True, buffers=buffers
                     )
                     self._manifest["complete"] = True
                     self._writer.write_manifest()

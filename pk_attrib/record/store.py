@@ -241,12 +241,22 @@ def write_tensor_file(
 
 
 def write_final(
-    path: Path, params: dict[str, torch.Tensor], durable: bool = False
+    path: Path,
+    params: dict[str, torch.Tensor],
+    durable: bool = False,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Write a store's final parameters (name -> tensor) to ``path``; return the entry."""
-    return write_tensor_file(
-        path, {f"w/{n}": t for n, t in params.items()}, {"format": "pk_attrib.final"}, durable
-    )
+    """Write a store's final parameters (and buffers) to ``path``; return the entry.
+
+    Args:
+        path: The file.
+        params: Parameter name -> tensor (``"w/<name>"`` in the file).
+        durable: As for `write_tensor_file`.
+        buffers: Buffer name -> tensor (``"buf/<name>"``), the model's at the end.
+    """
+    tensors = {f"w/{n}": t for n, t in params.items()}
+    tensors.update({f"buf/{n}": t for n, t in (buffers or {}).items()})
+    return write_tensor_file(path, tensors, {"format": "pk_attrib.final"}, durable)
 
 
 def _manifest_text(manifest: dict[str, Any], steps_json: list[str] | None = None) -> str:
