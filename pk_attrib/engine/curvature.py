@@ -56,12 +56,12 @@ class Curvature(str, enum.Enum):
 
 
 def _forward(fm: FunctionalModel, inputs: tuple) -> Callable[[torch.Tensor], object]:
-    """w (d,) -> the model's outputs on the batch's inputs."""
+    """The batch's outputs as a function of the flat parameters w (d,)."""
     return lambda w: fm._call(fm.unflatten(w), inputs)
 
 
 def _losses(fm: FunctionalModel, labels, loss_fn: Callable) -> Callable:
-    """outputs -> the per-example losses ℓ_j, (B,)."""
+    """The per-example losses ℓ_j (B,) as a function of the batch's outputs."""
     return lambda out: fm.per_example_losses(out, labels, loss_fn)
 
 

@@ -160,7 +160,7 @@ class AdamRule(Rule):
     # -- counterfactual scores ---------------------------------------------------------------
 
     def counterfactual_state(self) -> int:
-        """m and v, and v_max when a param group uses amsgrad."""
+        """Two state tensors (m and v), three (and v_max) when a param group uses amsgrad."""
         groups = (self.path.optimizer or {}).get("groups", [])
         return 3 if any(g["hyper"].get("amsgrad", False) for g in groups) else 2
 
@@ -209,8 +209,11 @@ class AdamRule(Rule):
         return w - decay - update, after
 
     def state_point(self, step, previous, w, delta, G):
-        """(m, v[, v_max]) before the step: v's as recorded after the step before (or before
-        the recording, or zeros for a fresh state); m from Δ_s (m_s = β1 m + (1 − β1) G_s)."""
+        """The state (m, v[, v_max]) before the step.
+
+        v and v_max as recorded after the step before (or before the recording; zeros for a
+        fresh state); m from the recorded Δ_s, which shows m_s = β1 m + (1 − β1) G_s.
+        """
         if step.fresh_state:
             found = {}
         elif previous is not None:
