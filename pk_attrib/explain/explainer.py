@@ -32,7 +32,7 @@ from ..exceptions import StoreMismatchError, UnsupportedError
 from ..record.path import TrainingPath
 from ..record.store import HASH
 from ..record.wrappers import module_for
-from . import arguments, data, sources
+from . import arguments, counterfactual, data, sources
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -96,6 +96,11 @@ class PathKernelInfluence(DataInfluence):
             ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
             of the working memory: a path held in memory can then take about twice
             ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid it).
+        hessian: How counterfactual scores let a later step's gradient respond to earlier
+            changes of the weights: ``"fisher"`` (default: the batch's empirical Fisher,
+            which ranked best on benchmarks/bench_lds.py and costs least), ``"exact"``
+            (the batch loss's Hessian: the true derivative of the run) or
+            ``"gauss-newton"``; see `pk_attrib.engine.curvature.Curvature`.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class PathKernelInfluence(DataInfluence):
         projection_seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
         cache_features: bool = True,
+        hessian: str = counterfactual.DEFAULT_HESSIAN.value,
     ):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
@@ -166,6 +172,7 @@ class PathKernelInfluence(DataInfluence):
             quadrature = 4  # the exact output change cannot check a partial gradient
         self.quadrature = QuadratureRule.parse(quadrature, rtol, self.dtype)
         self.show_progress = show_progress
+        self.hessian = counterfactual.Curvature.parse(hessian)
         size = self.path.dataset_size
         if size is not None and size != len(self.train_dataset):
             raise StoreMismatchError(
@@ -328,6 +335,37 @@ class PathKernelInfluence(DataInfluence):
         per_query = 8 * d * self.dtype.itemsize
         return max(1, (self.memory_budget - reserve) // per_query)
 
+    def counterfactual(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor, ...],
+        target: Any = None,
+        output_fn: OutputFn | None = None,
+        hessian: str | None = None,
+    ) -> torch.Tensor:
+        """How each query's output responds to upweighting each training example, through training.
+
+        scores[q, i] = d f(x_q; w_S) / d ε_i, where ε_i scales example i's loss term in every
+        batch that drew it: the reverse-mode derivative of the whole recorded run, in which
+        every later weight and gradient responds too (DESIGN.md §1). Removing example i
+        changes f by about −scores[q, i]; positive means proponent, as for contributions.
+        Exact mode only; queries are processed in blocks that fit ``memory_budget``, each
+        holding a few (d,) adjoints per query.
+
+        Args:
+            inputs: Queries, as in `attribute`.
+            target: Which output to explain, as in `attribute`.
+            output_fn: Explain ``output_fn(outputs, target) -> (n,)`` instead of one logit.
+            hessian: ``"fisher"``, ``"exact"`` or ``"gauss-newton"`` (default: the
+                explainer's ``hessian``).
+
+        Returns:
+            (n_test, n_train) scores.
+
+        Raises:
+            UnsupportedError: The path is explained in checkpoint mode, or ``layers`` was given.
+        """
+        return counterfactual.scores(self, inputs, target, output_fn, hessian)
+
     # -- Captum contract ------------------------------------------------------------------------
 
     def _block(self, n: int) -> int:
@@ -415,14 +453,18 @@ class PathKernelInfluence(DataInfluence):
             aggregate: As in TracInCP: sum the scores over all test examples, (1, n_train),
                 and with ``k`` the k training examples of highest (lowest) sum, each (1, k).
                 Computed in blocks of training examples (memory O(n_test × block)).
-            score: ``"contribution"`` (default) or ``"cosine"``.
+            score: ``"contribution"`` (default), ``"cosine"``, or ``"counterfactual"``: the
+                derivative of the test loss's decrease with respect to upweighting the
+                training example through the whole run (see `counterfactual`).
 
         Returns:
             (n_test, n_train) scores, or ``KMostInfluentialResults(indices, influence_scores)``,
             each (n_test, k), sorted (n_test reads 1 with ``aggregate``).
         """
-        if score not in ("contribution", "cosine"):
-            raise ValueError(f"score={score!r}: use 'contribution' or 'cosine'")
+        if score not in ("contribution", "cosine", "counterfactual"):
+            raise ValueError(f"score={score!r}: use 'contribution', 'cosine' or 'counterfactual'")
+        if score == "counterfactual":
+            return counterfactual.influence(self, inputs, k, proponents, aggregate, show_progress)
         batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
         output_fn = scores.negative_loss(self.test_loss_fn)
         n_train = len(self.train_dataset)
@@ -461,13 +503,21 @@ class PathKernelInfluence(DataInfluence):
         return KMostInfluentialResults(indices, values)
 
     def self_influence(
-        self, inputs: Any = None, show_progress: bool = False, outer_loop_by_checkpoints=False
+        self,
+        inputs: Any = None,
+        show_progress: bool = False,
+        outer_loop_by_checkpoints=False,
+        *,
+        score: str | None = None,
     ) -> torch.Tensor:
         """Each training example's influence on its own loss, (n_train,) (Captum contract).
 
-        Exact mode: the example's exact contribution to the decrease of its own loss along
-        the path. Checkpoint mode: TracIn's Σ_k η_k ‖∇ℓ_i(w_k)‖². High scores flag examples
-        the model had to work to fit, such as mislabeled ones.
+        ``score="contribution"``: in exact mode the example's exact contribution to the
+        decrease of its own loss along the path; in checkpoint mode TracIn's
+        Σ_k η_k ‖∇ℓ_i(w_k)‖². ``score="counterfactual"`` (exact mode): the derivative of the
+        decrease of its own final loss with respect to upweighting it through the whole run
+        (`counterfactual`). High scores flag examples the model had to work to fit, such as
+        mislabeled ones.
 
         Args:
             inputs: None for the whole training set; or a batch ``(inputs..., labels)`` (or a
@@ -477,15 +527,15 @@ class PathKernelInfluence(DataInfluence):
             show_progress: Show progress bars.
             outer_loop_by_checkpoints: Accepted for TracInCP compatibility (its loop order);
                 the numbers do not depend on it.
+            score: ``"contribution"`` or ``"counterfactual"``; default: SELF_DEFAULT.
 
         Returns:
             Scores, (n_train,) or (n_inputs,).
         """
-        previous, self._problem.show_progress = self._problem.show_progress, show_progress
-        try:
-            return self._self_influence(inputs, show_progress)
-        finally:
-            self._problem.show_progress = previous
+        with counterfactual.progress(self, show_progress):
+            if counterfactual.self_score(self, score) == "contribution":
+                return self._self_influence(inputs, show_progress)
+            return counterfactual.self_influence(self, inputs)
 
     def _example_index(self) -> data.ExampleIndex:
         """The training set by content (built on first use: it reads every item once)."""
