@@ -11,6 +11,9 @@ per vector).
 from __future__ import annotations
 
 import enum
+import functools
+import importlib
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -55,6 +58,18 @@ class Curvature(str, enum.Enum):
             raise ValueError(f"hessian={value!r}: use one of {valid}") from None
 
 
+@functools.cache
+def _jvp_ready() -> None:
+    """Load what torch.func.jvp loads on first use, without its deprecation warning.
+
+    torch registers its jvp decompositions with ``torch.jit.script``, deprecated since
+    torch 2.10: a warning about torch's internals that no caller can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        importlib.import_module("torch._decomp.decompositions_for_jvp")
+
+
 def _forward(fm: FunctionalModel, inputs: tuple) -> Callable[[torch.Tensor], object]:
     """The batch's outputs as a function of the flat parameters w (d,)."""
     return lambda w: fm._call(fm.unflatten(w), inputs)
@@ -93,6 +108,7 @@ def product(
     Returns:
         (n, d).
     """
+    _jvp_ready()
     *inputs, labels = batch
     inputs = tuple(inputs)
     forward = _forward(fm, inputs)
