@@ -25,7 +25,7 @@ from .functional import FunctionalModel
 class Curvature(str, enum.Enum):
     """How a step's gradient responds to a change of the weights before it (``hessian=``).
 
-    ``EXACT``: the Hessian of the batch loss (forward-over-reverse, jvp of grad). The true
+    ``EXACT``: the Hessian of the batch loss (the vjp of its gradient, once per step). The true
     derivative of the training run, which finite differences of real retraining confirm; it
     may be indefinite, and on long runs with large steps its products can grow.
 
@@ -36,8 +36,11 @@ class Curvature(str, enum.Enum):
 
     ``FISHER``: the empirical Fisher Σ_j κ_j g_j g_jᵀ of the step's batch (what Data Value
     Embedding uses). Built from the per-example gradients the scores need anyway, so it
-    costs two matrix products a step: the cheapest, and the one that ranked best in
-    benchmarks/bench_lds.py.
+    costs two matrix products a step: the cheapest.
+
+    On benchmarks/bench_lds.py (digits MLP, SGD, 640 steps) the linear datamodeling scores
+    were 0.867 (exact), 0.816 (Gauss–Newton) and 0.822 (Fisher, equal to dattri's DVEmb);
+    flipped labels were found best by the Fisher self-influence.
     """
 
     EXACT = "exact"
@@ -124,9 +127,9 @@ def product(
             return pull(jvp(per_example, (w,), (u,))[1] * kappa)[0]
 
         return vmap(fisher)(vectors)
-    if curvature is Curvature.EXACT:
+    if curvature is Curvature.EXACT:  # reverse over reverse: one graph for every vector
         gradient = grad(lambda v: (losses(forward(v)) * kappa).sum())
-        return vmap(lambda u: jvp(gradient, (w,), (u,))[1])(vectors)
+        return vmap(vjp(gradient, w)[1])(vectors)[0]
     outputs, pull = vjp(forward, w)
     output_gradient = grad(lambda out: (losses(out) * kappa).sum())
 

@@ -97,10 +97,12 @@ class PathKernelInfluence(DataInfluence):
             of the working memory: a path held in memory can then take about twice
             ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid it).
         hessian: How counterfactual scores let a later step's gradient respond to earlier
-            changes of the weights: ``"fisher"`` (default: the batch's empirical Fisher,
-            which ranked best on benchmarks/bench_lds.py and costs least), ``"exact"``
-            (the batch loss's Hessian: the true derivative of the run) or
-            ``"gauss-newton"``; see `pk_attrib.engine.curvature.Curvature`.
+            changes of the weights: ``"exact"`` (the batch loss's Hessian: the true
+            derivative of the run), ``"fisher"`` (the batch's empirical Fisher, as dattri's
+            DVEmb) or ``"gauss-newton"`` (`pk_attrib.engine.curvature.Curvature`). Default:
+            ``"exact"`` for `counterfactual` and `influence` (it predicted retraining best on
+            benchmarks/bench_lds.py), ``"fisher"`` for `self_influence` (it found mislabeled
+            examples best there, and costs least with every training example as a query).
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class PathKernelInfluence(DataInfluence):
         projection_seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
         cache_features: bool = True,
-        hessian: str = counterfactual.DEFAULT_HESSIAN.value,
+        hessian: str | None = None,
     ):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
@@ -172,7 +174,7 @@ class PathKernelInfluence(DataInfluence):
             quadrature = 4  # the exact output change cannot check a partial gradient
         self.quadrature = QuadratureRule.parse(quadrature, rtol, self.dtype)
         self.show_progress = show_progress
-        self.hessian = counterfactual.Curvature.parse(hessian)
+        self.hessian = None if hessian is None else counterfactual.Curvature.parse(hessian)
         size = self.path.dataset_size
         if size is not None and size != len(self.train_dataset):
             raise StoreMismatchError(
@@ -355,8 +357,8 @@ class PathKernelInfluence(DataInfluence):
             inputs: Queries, as in `attribute`.
             target: Which output to explain, as in `attribute`.
             output_fn: Explain ``output_fn(outputs, target) -> (n,)`` instead of one logit.
-            hessian: ``"fisher"``, ``"exact"`` or ``"gauss-newton"`` (default: the
-                explainer's ``hessian``).
+            hessian: ``"exact"``, ``"fisher"`` or ``"gauss-newton"`` (default: the
+                explainer's ``hessian``, else ``"exact"``).
 
         Returns:
             (n_test, n_train) scores.
@@ -512,12 +514,14 @@ class PathKernelInfluence(DataInfluence):
     ) -> torch.Tensor:
         """Each training example's influence on its own loss, (n_train,) (Captum contract).
 
-        ``score="contribution"``: in exact mode the example's exact contribution to the
-        decrease of its own loss along the path; in checkpoint mode TracIn's
-        Σ_k η_k ‖∇ℓ_i(w_k)‖². ``score="counterfactual"`` (exact mode): the derivative of the
-        decrease of its own final loss with respect to upweighting it through the whole run
-        (`counterfactual`). High scores flag examples the model had to work to fit, such as
-        mislabeled ones.
+        ``score="counterfactual"`` (the default in exact mode): the derivative of the decrease
+        of the example's own final loss with respect to upweighting it through the whole run
+        (`counterfactual`, with the explainer's ``hessian``, else the empirical Fisher).
+        ``score="contribution"`` (the default in checkpoint mode and with ``layers``): in
+        exact mode the example's exact contribution to the decrease of its own loss along
+        the path; in checkpoint mode TracIn's Σ_k η_k ‖∇ℓ_i(w_k)‖². High scores flag
+        examples the model had to work to fit, such as mislabeled ones (which the
+        counterfactual score found best on benchmarks/bench_lds.py).
 
         Args:
             inputs: None for the whole training set; or a batch ``(inputs..., labels)`` (or a
@@ -527,7 +531,7 @@ class PathKernelInfluence(DataInfluence):
             show_progress: Show progress bars.
             outer_loop_by_checkpoints: Accepted for TracInCP compatibility (its loop order);
                 the numbers do not depend on it.
-            score: ``"contribution"`` or ``"counterfactual"``; default: SELF_DEFAULT.
+            score: ``"counterfactual"`` or ``"contribution"`` (default: see above).
 
         Returns:
             Scores, (n_train,) or (n_inputs,).
