@@ -91,7 +91,7 @@ class Config:
     epochs: int = 20
     models: int = 100
     flip: float = 0.15
-    trak_dims: tuple[int, ...] = (256, 512)
+    trak_dims: tuple[int, ...] = (128, 256, 512)
     seed: int = 0
     skip: frozenset[str] = frozenset()
     mislabel: bool = True
@@ -521,7 +521,7 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", type=int, default=100, help="retrained half-subset models")
     parser.add_argument("--flip", type=float, default=0.15, help="mislabeled fraction")
-    parser.add_argument("--trak-dims", default="256,512", help="TRAK projection dimensions")
+    parser.add_argument("--trak-dims", default="128,256,512", help="TRAK projection dimensions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma-separated: tracin, trak, dvemb")
     parser.add_argument("--no-mislabel", action="store_true", help="skip mislabel detection")

@@ -1,5 +1,6 @@
 """Counterfactual scores: against real retraining, the left-endpoint path kernel, and the API."""
 
+import copy
 import functools
 
 import pytest
@@ -393,3 +394,47 @@ def test_the_defaults():
     assert torch.equal(partial.self_influence(), partial.self_influence(score="contribution"))
     projected = explainer(model, path, projection_dim=64)  # self-influence stays exact
     assert torch.equal(projected.self_influence(), default)
+
+
+@pytest.mark.parametrize("opt", ["momentum_dampening_wd", "adam_amsgrad_l2"])
+def test_a_recording_that_starts_on_a_trained_optimizer(opt):
+    """The optimizer already holds state (momentum, Adam's moments and step count) when the
+    recording starts: the derivative covers the recorded steps, from that state."""
+    torch.manual_seed(0)
+    x, y = train_data()
+    model = layernorm_gelu().to(F64)
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    head, tail = batches()[:4], batches()[4:]
+    for idx in head:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    start = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+
+    def resume(eps):
+        net = layernorm_gelu().to(F64)
+        net.load_state_dict(start[0])
+        opt_ = OPTIMIZERS[opt](net.parameters())
+        opt_.load_state_dict(copy.deepcopy(start[1]))
+        for idx in tail:
+            opt_.zero_grad()
+            (eps[idx] * F.cross_entropy(net(x[idx]), y[idx], reduction="none")).mean().backward()
+            opt_.step()
+        return logits(net.eval())
+
+    with pk.PathRecorder(model, optimizer) as recorder:
+        for idx in tail:
+            recorder.record_batch(idx)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    assert not recorder.path.step(0).fresh_state
+    q, t = queries()
+    scores = explainer(model.eval(), recorder.path, hessian="exact").counterfactual(q, target=t)
+    fd = torch.zeros_like(scores)
+    for i in range(N):
+        up, down = torch.ones(N, dtype=F64), torch.ones(N, dtype=F64)
+        up[i], down[i] = 1 + H, 1 - H
+        fd[:, i] = (resume(up) - resume(down)) / (2 * H)
+    scale = fd.abs().amax(1, keepdim=True)
+    assert float(((scores - fd).abs() / scale).max()) <= 1e-6
