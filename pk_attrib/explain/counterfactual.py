@@ -30,7 +30,7 @@ PathKernelInfluence = Any
 # The default ``hessian=`` of `counterfactual` and ``influence(score="counterfactual")``: the
 # exact Hessian, the true derivative of the run. On benchmarks/bench_lds.py (digits MLP, SGD,
 # 640 steps, 100 retrained halves) its linear datamodeling score was 0.867, against 0.822 for
-# the empirical Fisher (= dattri's DVEmb) and 0.816 for Gauss-Newton, at 2-3x exact mode's time.
+# the empirical Fisher (= dattri's DVEmb) and 0.816 for Gauss-Newton, at 1.7x exact mode's time.
 DEFAULT_HESSIAN = Curvature.EXACT
 # The default of ``self_influence(score="counterfactual")``: the empirical Fisher, which found
 # flipped labels best there (AUC 0.9961 with SGD, 0.9949 with Adam; exact Hessian 0.9938 and
