@@ -443,10 +443,10 @@ def score_self_influence(
     exact = pk_exact(run)
     rows: dict[str, tuple[np.ndarray, float]] = {}
     if len(subset) == len(ys):
-        score, secs = timed(exact.self_influence)
+        score, secs = timed(lambda: exact.self_influence(score="contribution"))
     else:
         idx = torch.as_tensor(subset)
-        score, secs = timed(lambda: exact.self_influence((xs[idx], ys[idx])))
+        score, secs = timed(lambda: exact.self_influence((xs[idx], ys[idx]), score="contribution"))
     score = score.double().numpy()
     rows["pk exact self_influence()"] = (score, secs)
     # Variant (not the headline): the share of the example's own loss decrease it caused.

@@ -458,7 +458,9 @@ def bench_self_influence(run: Trained, cfg: Config) -> None:
     batch_size = max(cfg.captum_sample_wise_batch_sizes)
     tracin = make_tracin(run, True, batch_size)
     cases = {
-        f"pk_attrib exact ({len(run.path)} steps)": wall(exact.self_influence),
+        f"pk_attrib exact ({len(run.path)} steps)": wall(
+            lambda: exact.self_influence(score="contribution")
+        ),
         f"pk_attrib checkpoint ({len(run.checkpoints)} files)": wall(tracin_pk.self_influence),
         f"captum sample_wise batch_size={batch_size}": wall(tracin.self_influence),
     }

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 import pk_attrib as pk
 from pk_attrib.engine.scores import negative_loss
+from pk_attrib.explain.influence import block_size
 
 F64 = torch.float64
 
@@ -72,7 +73,7 @@ def test_streamed_top_k_equals_a_full_sort(run, proponents, mode):
     batch = (x[1500:1505], y[1500:1505])
     full = explainer(run, mode=mode).influence(batch)
     tiny = explainer(run, mode=mode, memory_budget=5 * 7 * 8 * 4)  # blocks of 7 examples
-    assert tiny._block(5) == 7
+    assert block_size(tiny, 5) == 7
     result = tiny.influence(batch, k=4, proponents=proponents)
     assert isinstance(result, KMostInfluentialResults)
     order = torch.sort(full, dim=1, descending=proponents)
@@ -160,16 +161,18 @@ class _Stream(torch.utils.data.IterableDataset):
 def check_self_influence_is_the_diagonal_and_selects(ex, data, rtol, atol):
     """Self-influence equals the influence diagonal; given training examples get their
     entries (to rtol/atol); an example outside the training set is refused. Returns it."""
-    self_scores = ex.self_influence()
+    self_scores = ex.self_influence(score="contribution")
     torch.testing.assert_close(
         self_scores, ex.influence(data.tensors).diagonal(), rtol=1e-9, atol=1e-13
     )
     picked = torch.tensor([7, 3, 30])
-    chosen = ex.self_influence((data.tensors[0][picked], data.tensors[1][picked]))
+    chosen = ex.self_influence(
+        (data.tensors[0][picked], data.tensors[1][picked]), score="contribution"
+    )
     torch.testing.assert_close(chosen, self_scores[picked], rtol=rtol, atol=atol)
     x, y = digits()
     with pytest.raises(ValueError, match="not in train_dataset"):
-        ex.self_influence((x[1500:1501], y[1500:1501]))
+        ex.self_influence((x[1500:1501], y[1500:1501]), score="contribution")
     return self_scores
 
 
@@ -178,7 +181,9 @@ def test_exact_self_influence_is_the_diagonal_and_given_inputs_select_entries(ru
     ex = explainer(run)
     self_scores = check_self_influence_is_the_diagonal_and_selects(ex, data, 1e-9, 1e-13)
     small_blocks = explainer(run, memory_budget=40_000)
-    torch.testing.assert_close(small_blocks.self_influence(), self_scores, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(
+        small_blocks.self_influence(score="contribution"), self_scores, rtol=1e-9, atol=1e-13
+    )
 
 
 def test_checkpoint_self_influence_on_a_recorded_path_selects_entries_too(run):
@@ -212,7 +217,7 @@ def test_plain_sgd_self_influence_integrates_to_the_same_tolerance_as_attribute(
 
     monkeypatch.setattr(quadrature.StepIntegrator, "integrate", counting)
     ex = explainer((model, data, path))
-    scores = ex.self_influence()
+    scores = ex.self_influence(score="contribution")
     assert len(used) == len(path) and max(used) <= 8  # (64 before)
     diagonal = ex.influence(data.tensors).diagonal()
     torch.testing.assert_close(scores, diagonal, rtol=1e-3, atol=1e-5)
@@ -221,7 +226,7 @@ def test_plain_sgd_self_influence_integrates_to_the_same_tolerance_as_attribute(
     relu_data = train_set(n=40)
     relu_path = record(relu.double(), torch.optim.SGD(relu.parameters(), lr=2.0), relu_data)
     with pytest.warns(pk.QuadratureWarning, match="reported in the scores"):
-        explainer((relu, relu_data, relu_path), rtol=1e-12).self_influence()
+        explainer((relu, relu_data, relu_path), rtol=1e-12).self_influence(score="contribution")
 
 
 @pytest.mark.parametrize("opt", ["adam", "adam_l2_amsgrad"])
@@ -232,29 +237,31 @@ def test_exact_self_influence_under_adam_is_the_diagonal(opt):
     path = record(model, OPTIMIZERS[opt](model.parameters()), data, batch_size=10)
     ex = explainer((model, data, path))
     diagonal = ex.influence(data.tensors).diagonal()
-    torch.testing.assert_close(ex.self_influence(), diagonal, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(
+        ex.self_influence(score="contribution"), diagonal, rtol=1e-9, atol=1e-13
+    )
     assert float(diagonal.min()) > 0  # each example's own steps lowered its loss
 
 
 def test_self_influence_of_given_inputs_casts_dtypes_and_refuses_ambiguous_copies(run):
     model, data, path = run
     ex = explainer(run)
-    self_scores = ex.self_influence()
+    self_scores = ex.self_influence(score="contribution")
     x, y = data.tensors
     picked = torch.tensor([4, 11])
     # float32 inputs and int32 labels of float64 / int64 training examples: the same examples
-    narrow = ex.self_influence((x[picked].float(), y[picked].int()))
+    narrow = ex.self_influence((x[picked].float(), y[picked].int()), score="contribution")
     torch.testing.assert_close(narrow, self_scores[picked], rtol=1e-9, atol=1e-13)
     # a float64 query one part in 1e12 off its training example: not that example
     off = x[4:5].clone()
     off[0, 10] += 1e-12
     with pytest.raises(ValueError, match="not in train_dataset"):
-        ex.self_influence((off, y[4:5]))
+        ex.self_influence((off, y[4:5]), score="contribution")
     lossy = (x[4:5].float() + 1e-3, y[4:5])
     with pytest.raises(ValueError, match=r"tensor 0 is torch\.float32, train_dataset's"):
-        ex.self_influence(lossy)
+        ex.self_influence(lossy, score="contribution")
     with pytest.raises(ValueError, match=r"shape \(10,\), train_dataset's first \(64,\)"):
-        ex.self_influence((x[4:5, :10], y[4:5]))
+        ex.self_influence((x[4:5, :10], y[4:5]), score="contribution")
 
     # a training set holding an example twice: its copies' exact self-influences differ
     torch.manual_seed(22)
@@ -262,12 +269,15 @@ def test_self_influence_of_given_inputs_casts_dtypes_and_refuses_ambiguous_copie
     net = digits_mlp(hidden=8)
     twice_path = record(net, torch.optim.SGD(net.parameters(), lr=0.1), twice, batch_size=7)
     dup = explainer((net, twice, twice_path))
-    both = dup.self_influence()[[3, 20]]
+    both = dup.self_influence(score="contribution")[[3, 20]]
     assert abs(float(both[0] - both[1])) > 1e-6 * float(both.abs().max())
     with pytest.raises(ValueError, match=r"occurs 2 times in train_dataset \(indices 3, 20\)"):
-        dup.self_influence((x[3:4], y[3:4]))
+        dup.self_influence((x[3:4], y[3:4]), score="contribution")
     torch.testing.assert_close(
-        dup.self_influence((x[5:6], y[5:6])), dup.self_influence()[5:6], rtol=1e-9, atol=1e-13
+        dup.self_influence((x[5:6], y[5:6]), score="contribution"),
+        dup.self_influence(score="contribution")[5:6],
+        rtol=1e-9,
+        atol=1e-13,
     )
 
 
@@ -291,13 +301,15 @@ def test_self_influence_of_given_inputs_reads_the_training_set_by_content_once(r
     reads = []
     for _ in range(2):
         before = counting.reads
-        scores = ex.self_influence((x[[3, 9]], y[[3, 9]]))
+        scores = ex.self_influence((x[[3, 9]], y[[3, 9]]), score="contribution")
         reads.append(counting.reads - before)
     # the first call indexed every example (+ item 0), and ran the step check once (it reads
     # every step's batch)
     checked = sum(len(step.indices) for step in path)
     assert reads[0] - reads[1] == len(data) + 1 + checked
-    torch.testing.assert_close(scores, ex.self_influence()[[3, 9]], rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(
+        scores, ex.self_influence(score="contribution")[[3, 9]], rtol=1e-9, atol=1e-13
+    )
 
 
 class _Dicts(torch.utils.data.Dataset):
@@ -512,7 +524,9 @@ def test_checkpoint_self_influence_is_the_learning_rate_weighted_squared_gradien
                                    data.tensors, torch.nn.CrossEntropyLoss()).pow(2).sum(1)
         for st, lr in zip(states, rates, strict=True)
     )  # fmt: skip
-    torch.testing.assert_close(ex.self_influence(), expected, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        ex.self_influence(score="contribution"), expected, rtol=1e-10, atol=1e-14
+    )
 
     def branching(out, lab):  # data-dependent control flow: vmap cannot trace it
         loss = F.cross_entropy(out, lab, reduction="sum")
@@ -524,7 +538,7 @@ def test_checkpoint_self_influence_is_the_learning_rate_weighted_squared_gradien
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pk.VectorizationWarning)  # (said once, and true)
-        branchy_scores = branchy.self_influence()
+        branchy_scores = branchy.self_influence(score="contribution")
     torch.testing.assert_close(branchy_scores, expected, rtol=1e-10, atol=1e-14)
 
 
@@ -661,7 +675,12 @@ def test_checkpoint_mode_leaves_out_parameters_a_step_skipped():
     torch.testing.assert_close(
         held.influence(queries), trained.influence(queries), rtol=1e-12, atol=1e-15
     )
-    torch.testing.assert_close(held.self_influence(), trained.self_influence(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        held.self_influence(score="contribution"),
+        trained.self_influence(score="contribution"),
+        rtol=1e-12,
+        atol=0,
+    )
 
 
 def test_layers_restrict_the_gradients_like_tracincp(tmp_path):
@@ -1049,21 +1068,29 @@ def test_nested_inputs_and_tuple_or_dict_outputs_give_the_flat_models_numbers(as
         rtol=1e-9,
         atol=1e-13,
     )
-    every = flat.self_influence()
-    torch.testing.assert_close(other.self_influence(), every, rtol=1e-9, atol=1e-13)
+    every = flat.self_influence(score="contribution")
+    torch.testing.assert_close(
+        other.self_influence(score="contribution"), every, rtol=1e-9, atol=1e-13
+    )
     some = [nested_data[i] for i in (4, 17)]
     given = torch.utils.data.default_collate(some)
-    torch.testing.assert_close(other.self_influence(tuple(given)), every[[4, 17]])
+    torch.testing.assert_close(
+        other.self_influence(tuple(given), score="contribution"), every[[4, 17]]
+    )
     if as_dict:  # the keys in another order find the same examples
         reordered = ({"b": given[0]["b"], "a": given[0]["a"]}, given[1])
-        torch.testing.assert_close(other.self_influence(reordered), every[[4, 17]])
+        torch.testing.assert_close(
+            other.self_influence(reordered, score="contribution"), every[[4, 17]]
+        )
     # a training DataLoader with its own collate_fn over nested items (once: items were
     # read with t[0] on each part, a dict key or the first half)
     loader = DataLoader(nested_data, batch_size=7, collate_fn=torch.utils.data.default_collate)
     from_loader = pk.PathKernelInfluence(
         nested, loader, paths[1], nested_loss, loss_reduction="mean", show_progress=False
     )
-    torch.testing.assert_close(from_loader.self_influence(), every, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(
+        from_loader.self_influence(score="contribution"), every, rtol=1e-9, atol=1e-13
+    )
     # TracIn on the same path (checkpoint mode) agrees too
     flat_cp = pk.PathKernelInfluence(
         flat_model, flat_data, paths[0], loss, mode="checkpoint", show_progress=False

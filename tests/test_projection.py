@@ -13,6 +13,7 @@ from pk_attrib.engine.projection import (
     FactorizedProjector,
     make_projector,
 )
+from pk_attrib.explain.influence import block_size
 
 F64 = torch.float64
 
@@ -412,7 +413,7 @@ def test_influence_uses_the_projection_in_memory_bounded_chunks_and_blocks(run, 
     tiny = make(
         run, projection_dim=64, projector=kind, memory_budget=5 * 7 * 8 * 4, cache_features=False
     )  # (a feature cache would keep float32 features)
-    assert tiny._block(5) == 7 and tiny._query_chunk() == 1
+    assert block_size(tiny, 5) == 7 and tiny._query_chunk() == 1
     top = tiny.influence(queries, k=4)
     order = torch.sort(scores, dim=1, descending=True)
     torch.testing.assert_close(top.influence_scores, order.values[:, :4], rtol=1e-10, atol=1e-14)

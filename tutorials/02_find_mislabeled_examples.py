@@ -115,15 +115,18 @@ print(
 #
 # ## Exact self-influence
 #
-# `self_influence()` returns one score per training example, shape `(n_train,)`, ordered
-# like the dataset. With the recorded path it is exact: the score of example i is its
-# contribution c_i(x_i) to the decrease of its own loss ℓ_i along the whole path, computed
-# with the same decomposition as tutorial 1 (with −loss as the explained output).
+# `self_influence(score="contribution")` returns one score per training example, shape
+# `(n_train,)`, ordered like the dataset. With the recorded path it is exact: the score of
+# example i is its contribution c_i(x_i) to the decrease of its own loss ℓ_i along the whole
+# path, computed with the same decomposition as tutorial 1 (with −loss as the explained
+# output). (`self_influence()` without `score=` returns the counterfactual score on a
+# recorded path: how much upweighting the example lowers its own final loss through the
+# whole run; see the README.)
 
 # %%
 explainer = pk.PathKernelInfluence(model, train, path, loss_fn=loss_fn, show_progress=False)
 start = time.perf_counter()
-exact = explainer.self_influence()
+exact = explainer.self_influence(score="contribution")
 print(f"exact self-influence: shape {tuple(exact.shape)} ({time.perf_counter() - start:.1f} s)")
 print(f"  mean over clean examples   {float(exact[~flipped].mean()):8.4f}")
 print(f"  mean over flipped examples {float(exact[flipped].mean()):8.4f}")

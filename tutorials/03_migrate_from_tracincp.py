@@ -221,7 +221,7 @@ exact_influencer = pk.PathKernelInfluence(
 )
 exact_scores = exact_influencer.influence((test_x, test_y))
 exact_top = exact_influencer.influence((test_x, test_y), k=5, proponents=True)
-exact_self = exact_influencer.self_influence()
+exact_self = exact_influencer.self_influence(score="contribution")
 print("mode:", exact_influencer.mode, "| influence:", tuple(exact_scores.shape))
 print("top-5 proponents of test example 0, exact:   ", exact_top.indices[0].tolist())
 print("top-5 proponents of test example 0, TracInCP:", captum_top.indices[0].tolist())

@@ -20,7 +20,7 @@ from captum.influence._utils.common import KMostInfluentialResults
 from torch.utils.data import DataLoader, Dataset
 
 from ..decomposition import Decomposition
-from ..engine import scores, tracin
+from ..engine import tracin
 from ..engine.batches import n_rows, take
 from ..engine.exact import Engine, Problem, warn_unconverged
 from ..engine.features import FeatureCache
@@ -32,7 +32,7 @@ from ..exceptions import StoreMismatchError, UnsupportedError
 from ..record.path import TrainingPath
 from ..record.store import HASH
 from ..record.wrappers import module_for
-from . import arguments, data, sources
+from . import arguments, counterfactual, data, influence, sources
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -96,6 +96,13 @@ class PathKernelInfluence(DataInfluence):
             ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
             of the working memory: a path held in memory can then take about twice
             ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid it).
+        hessian: How counterfactual scores let a later step's gradient respond to earlier
+            changes of the weights: ``"exact"`` (the batch loss's Hessian: the true
+            derivative of the run), ``"fisher"`` (the batch's empirical Fisher, as dattri's
+            DVEmb) or ``"gauss-newton"`` (`pk_attrib.engine.curvature.Curvature`). Default:
+            ``"exact"`` for `counterfactual` and `influence` (it predicted retraining best on
+            benchmarks/bench_lds.py), ``"fisher"`` for `self_influence` (it found mislabeled
+            examples best there, and costs least with every training example as a query).
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class PathKernelInfluence(DataInfluence):
         projection_seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
         cache_features: bool = True,
+        hessian: str | None = None,
     ):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
@@ -168,6 +176,7 @@ class PathKernelInfluence(DataInfluence):
             quadrature = 4  # the exact output change cannot check a partial gradient
         self.quadrature = QuadratureRule.parse(quadrature, rtol, self.dtype)
         self.show_progress = show_progress
+        self.hessian = None if hessian is None else counterfactual.Curvature.parse(hessian)
         size = self.path.dataset_size
         if size is not None and size != len(self.train_dataset):
             raise StoreMismatchError(
@@ -331,11 +340,39 @@ class PathKernelInfluence(DataInfluence):
         per_query = 8 * d * self.dtype.itemsize
         return max(1, (self.memory_budget - reserve) // per_query)
 
-    # -- Captum contract ------------------------------------------------------------------------
+    def counterfactual(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor, ...],
+        target: Any = None,
+        output_fn: OutputFn | None = None,
+        hessian: str | None = None,
+    ) -> torch.Tensor:
+        """How each query's output responds to upweighting each training example, through training.
 
-    def _block(self, n: int) -> int:
-        """Training examples per block so that one (n, block) block fits the budget."""
-        return max(1, self.memory_budget // max(1, 4 * n * self.dtype.itemsize))
+        scores[q, i] = d f(x_q; w_S) / d ε_i, where ε_i scales example i's loss term in every
+        batch that drew it: the reverse-mode derivative of the whole recorded run, in which
+        every later weight and gradient responds too (DESIGN.md §1). Removing example i
+        changes f by about −scores[q, i]; positive means proponent, as for contributions.
+        Exact mode only; queries are processed in blocks that fit ``memory_budget``, each
+        holding a few (d,) adjoints per query.
+
+        Args:
+            inputs: Queries, as in `attribute`.
+            target: Which output to explain, as in `attribute`.
+            output_fn: Explain ``output_fn(outputs, target) -> (n,)`` instead of one logit.
+            hessian: ``"exact"``, ``"fisher"`` or ``"gauss-newton"`` (default: the
+                explainer's ``hessian``, else ``"exact"``).
+
+        Returns:
+            (n_test, n_train) scores.
+
+        Raises:
+            UnsupportedError: The path is explained in checkpoint mode, or ``layers`` was given.
+        """
+        self._check_steps()
+        return counterfactual.scores(self, inputs, target, output_fn, hessian)
+
+    # -- Captum contract ------------------------------------------------------------------------
 
     def _split_batch(self, batch, loss_fn) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """A Captum batch as (queries, labels), checked on ``loss_fn`` once."""
@@ -349,42 +386,6 @@ class PathKernelInfluence(DataInfluence):
         labels = self._fm.cast((labels,))[0]
         arguments.check_labels(self._fm, self.path.final, queries, labels, loss_fn)
         return queries, labels
-
-    def _scores_block(self, queries, labels, output_fn, cache, score: str = "contribution"):
-        """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
-        projected = self._projector.kind is not ProjectorKind.IDENTITY  # (exact mode only)
-        n = n_rows(queries)
-        size = self._query_chunk() if projected else max(1, n)
-        features = self._call_features()  # shared by blocks
-
-        def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
-            norms = {} if score == "cosine" else None
-            if self.mode == "exact":
-                values = self._engine.exact(
-                    take(queries, rows),
-                    take(labels, rows),
-                    output_fn,
-                    self.quadrature,
-                    False,
-                    columns=(a, b),
-                    projector=self._projector if projected else None,
-                    features=features,
-                    norms=norms,
-                )
-            else:
-                values = tracin.decompose(
-                    self._engine, queries, labels, output_fn, (a, b), cache, norms
-                )
-            if norms is None:
-                return values
-            return scores.cosine(values, norms["query"], norms["train"])
-
-        def block(a: int, b: int) -> torch.Tensor:
-            if n == 0:
-                return torch.zeros(0, b - a, dtype=self.dtype, device=self._fm.device)
-            return torch.cat([chunk(a, b, slice(r, r + size)) for r in range(0, n, size)])
-
-        return block
 
     def influence(
         self,
@@ -422,62 +423,42 @@ class PathKernelInfluence(DataInfluence):
             aggregate: As in TracInCP: sum the scores over all test examples, (1, n_train),
                 and with ``k`` the k training examples of highest (lowest) sum, each (1, k).
                 Computed in blocks of training examples (memory O(n_test × block)).
-            score: ``"contribution"`` (default) or ``"cosine"``.
+            score: ``"contribution"`` (default), ``"cosine"``, or ``"counterfactual"``: the
+                derivative of the test loss's decrease with respect to upweighting the
+                training example through the whole run (see `counterfactual`).
 
         Returns:
             (n_test, n_train) scores, or ``KMostInfluentialResults(indices, influence_scores)``,
             each (n_test, k), sorted (n_test reads 1 with ``aggregate``).
         """
-        if score not in ("contribution", "cosine"):
-            raise ValueError(f"score={score!r}: use 'contribution' or 'cosine'")
+        if score not in ("contribution", "cosine", "counterfactual"):
+            raise ValueError(f"score={score!r}: use 'contribution', 'cosine' or 'counterfactual'")
         k = arguments.positive_int(k, "k", allow_none=True)
-        batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
-        output_fn = scores.negative_loss(self.test_loss_fn)
-        n_train = len(self.train_dataset)
-        previous, self._problem.show_progress = self._problem.show_progress, show_progress
-        total = torch.zeros(n_train, dtype=self.dtype, device=self._fm.device)
-        try:
-            self._check_steps()
-            results = []
-            for batch in batches:
-                queries, labels = self._split_batch(batch, self.test_loss_fn)
-                block = self._scores_block(queries, labels, output_fn, {}, score)
-                if aggregate:  # summed over the queries, block by block
-                    size = self._block(n_rows(queries) * (2 if score == "cosine" else 1))
-                    for a in range(0, n_train, size):
-                        total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
-                    continue
-                if k is None:
-                    results.append(block(0, n_train))
-                    continue
-                size = self._block(n_rows(queries) * (2 if score == "cosine" else 1))
-                results.append(
-                    scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
-                )
-        finally:
-            self._problem.show_progress = previous
-            if self._features is not None:
-                self._features.flush()
+        self._check_steps()
+        if score == "counterfactual":
+            return counterfactual.influence(self, inputs, k, proponents, aggregate, show_progress)
+        found = influence.influence(self, inputs, k, proponents, aggregate, score, show_progress)
         self._warn_quadrature()
-        if aggregate:
-            if k is None:
-                return total[None]
-            top = torch.topk(total, min(int(k), n_train), largest=proponents)
-            return KMostInfluentialResults(top.indices[None], top.values[None])
-        if k is None:
-            return torch.cat(results)
-        indices = torch.cat([r[0] for r in results])
-        values = torch.cat([r[1] for r in results])
-        return KMostInfluentialResults(indices, values)
+        return found
 
     def self_influence(
-        self, inputs: Any = None, show_progress: bool = False, outer_loop_by_checkpoints=False
+        self,
+        inputs: Any = None,
+        show_progress: bool = False,
+        outer_loop_by_checkpoints=False,
+        *,
+        score: str | None = None,
     ) -> torch.Tensor:
         """Each training example's influence on its own loss, (n_train,) (Captum contract).
 
-        Exact mode: the example's exact contribution to the decrease of its own loss along
-        the path. Checkpoint mode: TracIn's Σ_k η_k ‖∇ℓ_i(w_k)‖². High scores flag examples
-        the model had to work to fit, such as mislabeled ones.
+        ``score="counterfactual"`` (the default in exact mode): the derivative of the decrease
+        of the example's own final loss with respect to upweighting it through the whole run
+        (`counterfactual`, with the explainer's ``hessian``, else the empirical Fisher).
+        ``score="contribution"`` (the default in checkpoint mode and with ``layers``): in
+        exact mode the example's exact contribution to the decrease of its own loss along
+        the path; in checkpoint mode TracIn's Σ_k η_k ‖∇ℓ_i(w_k)‖². High scores flag
+        examples the model had to work to fit, such as mislabeled ones (which the
+        counterfactual score found best on benchmarks/bench_lds.py).
 
         Args:
             inputs: None for the whole training set; or a batch ``(inputs..., labels)`` (or a
@@ -487,16 +468,16 @@ class PathKernelInfluence(DataInfluence):
             show_progress: Show progress bars.
             outer_loop_by_checkpoints: Accepted for TracInCP compatibility (its loop order);
                 the numbers do not depend on it.
+            score: ``"counterfactual"`` or ``"contribution"`` (default: see above).
 
         Returns:
             Scores, (n_train,) or (n_inputs,).
         """
-        previous, self._problem.show_progress = self._problem.show_progress, show_progress
-        try:
+        with counterfactual.progress(self, show_progress):
             self._check_steps()
-            found = self._self_influence(inputs, show_progress)
-        finally:
-            self._problem.show_progress = previous
+            if counterfactual.self_score(self, score) == "counterfactual":
+                return counterfactual.self_influence(self, inputs)
+            found = influence.self_influence(self, inputs, show_progress)
         self._warn_quadrature()
         return found
 
@@ -523,41 +504,3 @@ class PathKernelInfluence(DataInfluence):
         if self._examples is None:
             self._examples = data.ExampleIndex(self.train_dataset)
         return self._examples
-
-    def _self_influence(self, inputs, show_progress):
-        engine = self._engine
-        # checkpoints weigh every example at every checkpoint, so any example has a score;
-        # a recorded path (every=k, another optimizer) weighs each example by its batches
-        by_batches = len(self.path) > 0 and bool(self.path.step(0).parts)
-        if inputs is not None and self.mode == "checkpoint" and not by_batches:
-            batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
-            out = []
-            for batch in batches:
-                queries, labels = self._split_batch(batch, self.loss_fn)
-                out.append(tracin.self_influence(engine, None, (*queries, labels)))
-            return torch.cat(out)
-        indices = (
-            torch.arange(len(self.train_dataset))
-            if inputs is None
-            else data.locate(self._example_index(), inputs)
-        )
-        if self.mode == "checkpoint":
-            return tracin.self_influence(engine, indices)
-        output_fn = scores.negative_loss(self.loss_fn)
-        path = self.path
-        rule_free = (
-            self._fm.partial is False
-            and path.optimizer["kind"] == "sgd"
-            and all(float(h.get("momentum", 0.0)) == 0.0 for step in path for h in step.hyper)
-        )
-        if rule_free:
-            return scores.exact_self_influence_plain_sgd(
-                engine, indices, output_fn, self.quadrature
-            )
-        size = max(1, int((self.memory_budget / (8 * self.dtype.itemsize)) ** 0.5))
-        size = min(
-            size, max(1, self.memory_budget // (4 * self._fm.d_active * self.dtype.itemsize))
-        )
-        return scores.exact_self_influence_blocks(
-            engine, indices, output_fn, self.quadrature, size, show_progress
-        )

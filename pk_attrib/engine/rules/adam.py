@@ -163,3 +163,77 @@ class AdamRule(Rule):
         m = self.advance(step, prev, G, w)
         decay = eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0
         return torch.where(eta != 0, -decay - eta * D * m, 0.0)
+
+    # -- counterfactual scores ---------------------------------------------------------------
+
+    def counterfactual_state(self) -> int:
+        """Two state tensors (m and v), three (and v_max) when a param group uses amsgrad."""
+        groups = (self.path.optimizer or {}).get("groups", [])
+        return 3 if any(g["hyper"].get("amsgrad", False) for g in groups) else 2
+
+    def _flat_state(self, found: dict[str, torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+        """(d,): the named tensors, ``fill`` for a parameter that has none."""
+        shapes = self.path.param_shapes
+        parts = [
+            found[n].reshape(-1) if n in found else torch.full((shapes[n].numel(),), fill)
+            for n in self._names
+        ]
+        return torch.cat(parts).to(self.vec.device, self.vec.dtype)
+
+    def step_map(self, step, w, state, G, frozen=False):
+        """Adam's update: m, v (and v_max) from G_s, then w_s+1 = w_s − η λ w_s − η m̂/(√v̂ + ε).
+
+        Where the step skipped a parameter its β's read 1 and η 0: nothing moves. ``frozen``
+        holds the second moment at the value G_s gives it, without its dependence on G_s.
+        """
+        eta = self._eta(step)
+        beta1 = self._beta1(step, carried=True)
+        beta2 = self.vec.vec([float(h["betas"][1]) for h in step.hyper])
+        skip = self._mask(step.skipped)
+        carried2 = beta2 if skip is None else torch.where(skip, 1.0, beta2)
+        t = self._flat_state(
+            {n: c.reshape(1).expand(self.path.param_shapes[n].numel()) for n, c in
+             step.optimizer_state.get("step", {}).items()},
+            fill=1.0,
+        )  # fmt: skip
+        m, v, *rest = state
+        m = beta1 * m + (1.0 - beta1) * G
+        g2 = G.detach() if frozen else G
+        v = carried2 * v + (1.0 - carried2) * g2 * g2
+        after = (m, v)
+        second = v
+        if rest:
+            amsgrad = self.vec.vec([float(bool(h.get("amsgrad", False))) for h in step.hyper])
+            biggest = torch.maximum(rest[0], v)
+            after = (m, v, biggest)
+            second = torch.where(amsgrad.bool(), biggest, v)
+        scaled = second / (1.0 - beta2**t)
+        positive = scaled > 0  # (√ has no derivative at 0; m is 0 wherever v is)
+        root = torch.where(positive, torch.sqrt(torch.where(positive, scaled, 1.0)), 0.0)
+        step_size = eta / (1.0 - self._beta1(step) ** t)
+        update = step_size * m / (root + self.vec.hyper(step, "eps"))
+        decay = eta * self.vec.hyper(step, "weight_decay") * w if self.decoupled else 0.0
+        return w - decay - update, after
+
+    def state_point(self, step, previous, w, delta, G):
+        """The state (m, v[, v_max]) before the step.
+
+        v and v_max as recorded after the step before (or before the recording; zeros for a
+        fresh state); m from the recorded Δ_s, which shows m_s = β1 m + (1 − β1) G_s.
+        """
+        if step.fresh_state:
+            found = {}
+        elif previous is not None:
+            found = previous.optimizer_state
+        else:
+            found = step.initial_state
+        v = self._flat_state(found.get("exp_avg_sq", {}))
+        point = [None, v]
+        if self.counterfactual_state() == 3:
+            point.append(self._flat_state(found.get("max_exp_avg_sq", {})))
+        m_after = self.recover(step, delta, G, w).nan_to_num(nan=0.0)  # NaN: η_s D_s = 0
+        beta1 = self._beta1(step, carried=True)
+        moves = beta1 != 0
+        m = torch.where(moves, (m_after - (1.0 - beta1) * G) / torch.where(moves, beta1, 1.0), 0.0)
+        point[0] = m
+        return tuple(point)

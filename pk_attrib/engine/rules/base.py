@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.func import vjp, vmap
 
+from ...exceptions import UnsupportedError
 from ...record.path import Step, TrainingPath
 
 # Steps whose check may wait for the state before them (each holds four (d,) vectors).
@@ -365,3 +367,62 @@ class Rule:
         if prev is None:
             return None
         return -((self._carry * self._carry_factor) @ prev)
+
+    # -- counterfactual scores: the step as a differentiable function ----------------------
+
+    def counterfactual_state(self) -> int:
+        """How many (d,) tensors of optimizer state the step map carries (0: none)."""
+        raise UnsupportedError(
+            f"the {self.kind} rule has no step map for counterfactual scores: use "
+            "attribute() (exact contributions)"
+        )
+
+    def step_map(self, step: Step, w, state: tuple, G, frozen: bool = False):
+        """The optimizer's update as a function: (w_s, state before, G_s) -> (w_s+1, state).
+
+        Args:
+            step: The step (its learning rates and hyperparameters).
+            w: w_s, (d,).
+            state: The optimizer state before the step, a tuple of `counterfactual_state`
+                (d,) tensors.
+            G: The effective gradient G_s = σ Σ_j κ_j g_j + λ w_s, (d,).
+            frozen: Hold any preconditioner at its recorded value (no dependence on G;
+                the first-order test switch).
+
+        Returns:
+            ``(w_next, state_after)``.
+        """
+        raise NotImplementedError
+
+    def state_point(self, step: Step, previous: Step | None, w, delta, G) -> tuple:
+        """The optimizer state before the step, where `step_map` is linearized.
+
+        Args:
+            step: Step s.
+            previous: Step s − 1 (None for s = 0).
+            w: w_s, (d,).
+            delta: The recorded Δ_s, (d,).
+            G: The recomputed effective gradient G_s, (d,).
+
+        Returns:
+            A tuple of `counterfactual_state` (d,) tensors.
+        """
+        raise NotImplementedError
+
+    def step_vjp(self, step: Step, point: tuple, cot_w, cot_state: tuple, frozen: bool = False):
+        """Vector-Jacobian product of `step_map` at ``point`` for n adjoints at once.
+
+        Args:
+            step: The step.
+            point: ``(w_s, state before, G_s)`` from `state_point`.
+            cot_w: Adjoints of w_s+1, (n, d).
+            cot_state: Adjoints of the state after the step, a tuple of (n, d).
+            frozen: As in `step_map`.
+
+        Returns:
+            ``(adjoint of w_s, adjoints of the state before, adjoint of G_s)``, each (n, d)
+            (the state's a tuple).
+        """
+        w, state, G = point
+        _, pull = vjp(lambda w_, st, g: self.step_map(step, w_, st, g, frozen), w, state, G)
+        return vmap(pull)((cot_w, cot_state))

@@ -29,6 +29,7 @@ class SGDRule(Rule):
     }
 
     _terms_of: tuple | None = None  # (step index, its terms): the last step asked for
+    _has_buffer: bool | None = None  # whether any step uses momentum (counterfactual scores)
 
     def memoryless(self, step: Step) -> bool:
         """Plain SGD (no momentum in any group) keeps no state between steps."""
@@ -131,3 +132,25 @@ class SGDRule(Rule):
         buffer = self.advance(step, prev, G, w)
         update = torch.where(nesterov.bool(), G + mu * buffer, buffer)
         return torch.where(eta != 0, -eta * torch.where(moving, update, G), 0.0)
+
+    # -- counterfactual scores ---------------------------------------------------------------
+
+    def counterfactual_state(self) -> int:
+        """One momentum buffer when any step of the path uses momentum, else none."""
+        if self._has_buffer is None:
+            self._has_buffer = not all(self.memoryless(step) for step in self.path)
+        return int(self._has_buffer)
+
+    def step_map(self, step, w, state, G, frozen=False):
+        """w_s+1 = w_s − η_s P_s; b_s = c_s b_s−1 + d_s G_s; P_s = b_s, G_s + μ b_s or G_s."""
+        eta, mu, damp, nesterov, carry, moving = self._terms(step)
+        if not state:
+            return w - eta * G, ()
+        (before,) = state
+        buffer = carry * before + damp * G
+        update = torch.where(moving, torch.where(nesterov.bool(), G + mu * buffer, buffer), G)
+        return w - eta * update, (buffer,)
+
+    def state_point(self, step, previous, w, delta, G):
+        """SGD's step is linear in its state: any point will do (zeros)."""
+        return tuple(torch.zeros_like(w) for _ in range(self.counterfactual_state()))

@@ -1,0 +1,158 @@
+"""`influence` and `self_influence` for contribution and cosine scores (the Captum contract).
+
+Scores are computed a block of training examples at a time (memory O(n_test × block)): the
+exact sweep restricted to the block's columns, or checkpoint mode's dot products, with the
+queries in chunks when gradients are projected. Top-k and sums over the test examples are
+built block by block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from captum.influence._utils.common import KMostInfluentialResults
+from torch.utils.data import DataLoader
+
+from ..engine import scores, tracin
+from ..engine.batches import n_rows, take
+from ..engine.projection import ProjectorKind
+from . import data
+
+# A `PathKernelInfluence` (not imported: its module imports this one).
+PathKernelInfluence = Any
+
+
+def block_size(explainer: PathKernelInfluence, n: int) -> int:
+    """Training examples per block so that one (n, block) block fits the budget."""
+    return max(1, explainer.memory_budget // max(1, 4 * n * explainer.dtype.itemsize))
+
+
+def scores_block(
+    explainer: PathKernelInfluence, queries, labels, output_fn, cache, score: str = "contribution"
+):
+    """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
+    projected = explainer._projector.kind is not ProjectorKind.IDENTITY  # (exact mode only)
+    n = n_rows(queries)
+    size = explainer._query_chunk() if projected else max(1, n)
+    features = explainer._call_features()  # shared by blocks
+
+    def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
+        norms = {} if score == "cosine" else None
+        if explainer.mode == "exact":
+            values = explainer._engine.exact(
+                take(queries, rows),
+                take(labels, rows),
+                output_fn,
+                explainer.quadrature,
+                False,
+                columns=(a, b),
+                projector=explainer._projector if projected else None,
+                features=features,
+                norms=norms,
+            )
+        else:
+            values = tracin.decompose(
+                explainer._engine, queries, labels, output_fn, (a, b), cache, norms
+            )
+        if norms is None:
+            return values
+        return scores.cosine(values, norms["query"], norms["train"])
+
+    def block(a: int, b: int) -> torch.Tensor:
+        if n == 0:
+            return torch.zeros(0, b - a, dtype=explainer.dtype, device=explainer._fm.device)
+        return torch.cat([chunk(a, b, slice(r, r + size)) for r in range(0, n, size)])
+
+    return block
+
+
+def influence(
+    explainer: PathKernelInfluence,
+    inputs: Any,
+    k: int | None,
+    proponents: bool,
+    aggregate: bool,
+    score: str,
+    show_progress: bool,
+) -> torch.Tensor | KMostInfluentialResults:
+    """`PathKernelInfluence.influence` for ``score="contribution"`` or ``"cosine"``."""
+    batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
+    output_fn = scores.negative_loss(explainer.test_loss_fn)
+    n_train = len(explainer.train_dataset)
+    previous, explainer._problem.show_progress = explainer._problem.show_progress, show_progress
+    total = torch.zeros(n_train, dtype=explainer.dtype, device=explainer._fm.device)
+    try:
+        results = []
+        for batch in batches:
+            queries, labels = explainer._split_batch(batch, explainer.test_loss_fn)
+            block = scores_block(explainer, queries, labels, output_fn, {}, score)
+            if aggregate:  # summed over the queries, block by block
+                size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
+                for a in range(0, n_train, size):
+                    total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
+                continue
+            if k is None:
+                results.append(block(0, n_train))
+                continue
+            size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
+            results.append(
+                scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
+            )
+    finally:
+        explainer._problem.show_progress = previous
+        if explainer._features is not None:
+            explainer._features.flush()
+    if aggregate:
+        if k is None:
+            return total[None]
+        top = torch.topk(total, min(int(k), n_train), largest=proponents)
+        return KMostInfluentialResults(top.indices[None], top.values[None])
+    if k is None:
+        return torch.cat(results)
+    indices = torch.cat([r[0] for r in results])
+    values = torch.cat([r[1] for r in results])
+    return KMostInfluentialResults(indices, values)
+
+
+def self_influence(
+    explainer: PathKernelInfluence, inputs: Any, show_progress: bool
+) -> torch.Tensor:
+    """`PathKernelInfluence.self_influence` for ``score="contribution"``, (n_train,) or (m,)."""
+    engine = explainer._engine
+    # checkpoints weigh every example at every checkpoint, so any example has a score;
+    # a recorded path (every=k, another optimizer) weighs each example by its batches
+    by_batches = len(explainer.path) > 0 and bool(explainer.path.step(0).parts)
+    if inputs is not None and explainer.mode == "checkpoint" and not by_batches:
+        batches = list(inputs) if isinstance(inputs, DataLoader) else [inputs]
+        out = []
+        for batch in batches:
+            queries, labels = explainer._split_batch(batch, explainer.loss_fn)
+            out.append(tracin.self_influence(engine, None, (*queries, labels)))
+        return torch.cat(out)
+    indices = (
+        torch.arange(len(explainer.train_dataset))
+        if inputs is None
+        else data.locate(explainer._example_index(), inputs)
+    )
+    if explainer.mode == "checkpoint":
+        return tracin.self_influence(engine, indices)
+    output_fn = scores.negative_loss(explainer.loss_fn)
+    path = explainer.path
+    rule_free = (
+        explainer._fm.partial is False
+        and path.optimizer["kind"] == "sgd"
+        and all(float(h.get("momentum", 0.0)) == 0.0 for step in path for h in step.hyper)
+    )
+    if rule_free:
+        return scores.exact_self_influence_plain_sgd(
+            engine, indices, output_fn, explainer.quadrature
+        )
+    size = max(1, int((explainer.memory_budget / (8 * explainer.dtype.itemsize)) ** 0.5))
+    size = min(
+        size,
+        max(1, explainer.memory_budget // (4 * explainer._fm.d_active * explainer.dtype.itemsize)),
+    )
+    return scores.exact_self_influence_blocks(
+        engine, indices, output_fn, explainer.quadrature, size, show_progress
+    )
