@@ -129,7 +129,7 @@ def test_demo_runs_end_to_end_and_inspect_checks_the_store(tmp_path, capsys, mon
 
 
 def test_testing_and_viz_are_attributes_of_a_fresh_import():
-    """The README writes pk.testing.* and pk.viz.* after `import pk_attrib as pk` alone."""
+    """The docs write pk.testing.* and pk.viz.* after `import pk_attrib as pk` alone."""
     import subprocess
     import sys
 
