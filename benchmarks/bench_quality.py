@@ -41,7 +41,7 @@ Experiments:
    contribution over its Cauchy-Schwarz bound; for TracInCP, which has no such option, its
    score over sqrt(self-influence), the same ranking on checkpoints).
    Target: pk exact with ``score="cosine"`` finds the duplicate in >= 95% of cases (raw
-   contributions, of TracInCP too, favour examples with large gradients; see the README).
+   contributions, of TracInCP too, favour examples with large gradients; see docs/guide/captum.md).
 3. **Removal.** On a clean run (SGD, and again with Adam), for ``--n-removal`` (20) other
    test images, the model is retrained from the same initialisation with the same
    per-epoch permutations, the removed examples filtered out (so the remaining examples

@@ -101,6 +101,7 @@ def influential_images(
     train_labels: Sequence | None = None,
     title: str | None = None,
     fig=None,
+    query_label=None,
 ):
     """A query image beside its top-k proponents (blue) and opponents (orange).
 
@@ -113,6 +114,7 @@ def influential_images(
         train_labels: Optional labels of the training examples.
         title: Figure title.
         fig: A matplotlib Figure to draw into (default: a new one).
+        query_label: Optional true label of the query, shown above it with f(x).
 
     Returns:
         The list of Axes: the query, then k proponents, then k opponents.
@@ -125,7 +127,8 @@ def influential_images(
     grid = fig.subplots(2, k + 1, squeeze=False)
     axes = [grid[0, 0]]
     grid[0, 0].imshow(_np(query_image), cmap="gray_r")
-    grid[0, 0].set_title(f"query\nf(x)={float(dec.prediction[query]):.2f}", fontsize=9)
+    caption = "" if query_label is None else f": label {query_label}"
+    grid[0, 0].set_title(f"query{caption}\nf(x)={float(dec.prediction[query]):.2f}", fontsize=9)
     grid[1, 0].axis("off")
     for row, (ranked, colour, word) in enumerate(
         [(top.proponents, PROPONENT, "+"), (top.opponents, OPPONENT, "−")]

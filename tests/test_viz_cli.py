@@ -55,12 +55,15 @@ def test_influential_images_show_the_top_examples(decomposition):
     )
     top = dec.top_k(3)
     assert len(axes) == 7
+    assert axes[0].get_title() == f"query\nf(x)={float(dec.prediction[1]):.2f}"
     for j, ax in enumerate(axes[1:4]):
         i = int(top.proponents.indices[1, j])
         assert torch.equal(torch.as_tensor(ax.images[0].get_array()), images[i])
         assert ax.get_title().startswith(f"#{i} ")
     for j, ax in enumerate(axes[4:]):
         assert ax.get_title().startswith(f"#{int(top.opponents.indices[1, j])} ")
+    labelled = viz.influential_images(images[0], images, dec, query=1, k=3, query_label=7)
+    assert labelled[0].get_title() == f"query: label 7\nf(x)={float(dec.prediction[1]):.2f}"
     plt.close("all")
 
 
@@ -95,11 +98,28 @@ def test_self_influence_roc_matches_a_hand_count():
     plt.close("all")
 
 
-def test_demo_runs_end_to_end_and_inspect_checks_the_store(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_inspect_checks_the_store(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from pk_attrib.cli import _digits
+
+    titles = []
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
     assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--queries", "2"]) == 0
     out = capsys.readouterr().out
     assert "relative delta" in out and "top proponents" in out and "top opponents" in out
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    _, y = _digits(0)  # the demo's queries are the digits after the 1,500 training ones
+    query_titles = [t for t in titles if t.startswith("query")]
+    assert [t.split("\n")[0] for t in query_titles] == [
+        f"query: label {int(v)}" for v in y[1500:1502]
+    ]
     assert main(["inspect", str(tmp_path / "store")]) == 0
     assert "every tensor file matches" in capsys.readouterr().out
     shard = next((tmp_path / "store").glob("shard-*"))
@@ -109,7 +129,7 @@ def test_demo_runs_end_to_end_and_inspect_checks_the_store(tmp_path, capsys):
 
 
 def test_testing_and_viz_are_attributes_of_a_fresh_import():
-    """The README writes pk.testing.* and pk.viz.* after `import pk_attrib as pk` alone."""
+    """The docs write pk.testing.* and pk.viz.* after `import pk_attrib as pk` alone."""
     import subprocess
     import sys
 
@@ -120,3 +140,18 @@ def test_testing_and_viz_are_attributes_of_a_fresh_import():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["reference_decomposition", "waterfall"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["inspect", "--help"]])
+def test_command_line_help_is_plain_text(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: pk-attrib {' '.join(argv[:-1])}".rstrip() + " [-h]")
+    for markup in ("``", ":func:", ":class:", ".. "):
+        assert markup not in text, f"reST markup {markup!r} in the help:\n{text}"
+    if argv == ["--help"]:
+        assert "demo" in text and "inspect" in text and "pk-attrib COMMAND --help" in text
+    else:  # each command says what it does, not only its options
+        assert len(text.split("\n\n")[1]) > 200

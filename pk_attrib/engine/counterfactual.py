@@ -1,8 +1,8 @@
 """Counterfactual scores: d f(x; w_S) / d ε_i through the whole recorded training run.
 
 ε_i scales example i's loss term in every batch that drew it (ε_i = 1 is the run that
-happened), so removing example i changes f by about −score. DESIGN.md §1 ("Counterfactual
-(unrolled) scores") has the mathematics; in short, with the optimizer step written as a
+happened), so removing example i changes f by about −score. docs/mathematics.md
+("Counterfactual scores") has the mathematics; in short, with the optimizer step written as a
 function (w_s, state before, G_s) -> (w_s+1, state after) (`Rule.step_map`) and
 G_s = σ Σ_j κ_j g_j(w_s) + λ w_s, the sweep walks the steps backwards carrying
 

@@ -1,6 +1,6 @@
 """The decomposition engine: a training path and queries in, a `Decomposition` out.
 
-Exact mode (DESIGN.md §1) walks the steps backwards. At step s it
+Exact mode (see docs/mathematics.md) walks the steps backwards. At step s it
 
 1. integrates the query gradient along the step (φ_s, `quadrature`), checked against the
    exact output change f(x; w_{s+1}) − f(x; w_s);

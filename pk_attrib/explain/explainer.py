@@ -351,7 +351,7 @@ class PathKernelInfluence(DataInfluence):
 
         scores[q, i] = d f(x_q; w_S) / d ε_i, where ε_i scales example i's loss term in every
         batch that drew it: the reverse-mode derivative of the whole recorded run, in which
-        every later weight and gradient responds too (DESIGN.md §1). Removing example i
+        every later weight and gradient responds too (docs/mathematics.md). Removing example i
         changes f by about −scores[q, i]; positive means proponent, as for contributions.
         Exact mode only; queries are processed in blocks that fit ``memory_budget``, each
         holding a few (d,) adjoints per query.

@@ -19,7 +19,7 @@ from ..exceptions import StoreMismatchError
 class OptimizerKind(str, enum.Enum):
     """Optimizer families pk_attrib knows.
 
-    ``SGD``, ``ADAM`` and ``ADAMW`` have exact decomposition rules (DESIGN.md §1).
+    ``SGD``, ``ADAM`` and ``ADAMW`` have exact decomposition rules (see docs/mathematics.md).
     ``OTHER`` is any other optimizer: it is recorded all the same, but only the
     approximate (checkpoint) mode can explain it.
     """
