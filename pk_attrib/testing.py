@@ -79,6 +79,90 @@ def per_example_gradients(
     return torch.stack(rows)
 
 
+def replayed_term_gradients(
+    model: torch.nn.Module,
+    names: list[str],
+    path: TrainingPath,
+    s: int,
+    train_dataset: Dataset,
+    loss_fn: Callable,
+    loss_reduction: str = "mean",
+) -> torch.Tensor:
+    """Each example's term of step s's gradient, by rerunning its batches, float64 (B, d).
+
+    The brute-force route to what a replayed step credits each example with: for each
+    micro-batch, the random-number state it started from is restored, the model (the real
+    module, in the train modes the recording noted, with the buffers the step started from)
+    runs the batch, the batch loss L = loss_fn(outputs, labels) is formed as training formed
+    it, and example j's term is ∇_w (c_j · O_j) with c = ∂L/∂O: one backward pass through the
+    whole batch per example. Rows follow ``path.step(s).indices``.
+
+    Args:
+        model: The model (copied).
+        names: The path's parameter names.
+        path: A path recorded with random-number states (`Step.rng_states`).
+        s: The step.
+        train_dataset: Items ``(inputs..., label)``.
+        loss_fn: The training loss.
+        loss_reduction: How a loss returning one value per element reduces to the batch's.
+    """
+    step = path.step(s)
+    ref = _Reference(model, names)
+    ref.set(torch.cat([path.params(s)[n].reshape(-1).double() for n in names]))
+    buffers = dict(ref.model.named_buffers())
+    modes = step.train_modules
+    rows = []
+    sizes = step.batch_sizes.tolist()
+    for indices, state in zip(torch.split(step.indices, sizes), step.rng_states, strict=True):
+        for name, value in step.buffers.items():  # the buffers the step started from
+            if name in buffers:
+                buffers[name].copy_(value)
+        *inputs, labels = gather_examples(train_dataset, indices)
+        inputs = pytree.tree_map(
+            lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+            tuple(inputs),
+        )
+        for name, module in ref.model.named_modules():
+            module.train(False)
+            module.training = modes is True or name in modes
+        with torch.random.fork_rng():
+            torch.set_rng_state(state[0])
+            out = ref.model(*inputs)
+        ref.model.eval()
+        leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        loss = loss_fn(out, labels)
+        loss = (
+            loss.reshape(())
+            if loss.numel() == 1
+            else (loss.mean() if loss_reduction == "mean" else loss.sum())
+        )
+        cots = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        for j in range(n_rows(labels)):
+            picked = [
+                torch.zeros_like(t) if c is None else _row(c, j)
+                for t, c in zip(leaves, cots, strict=True)
+            ]
+            grads = torch.autograd.grad(
+                leaves, ref.params, picked, retain_graph=True, allow_unused=True
+            )
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(ref.params, grads, strict=True)
+                    ]
+                )
+            )
+    return torch.stack(rows)
+
+
+def _row(c: torch.Tensor, j: int) -> torch.Tensor:
+    """``c`` with every row but j zeroed."""
+    out = torch.zeros_like(c)
+    out[j] = c[j]
+    return out
+
+
 def _group_of(path: TrainingPath) -> dict[str, int]:
     """Parameter name -> index of its param group."""
     return {n: g for g, grp in enumerate(path.optimizer["groups"]) for n in grp["params"]}
@@ -110,6 +194,7 @@ def reference_decomposition(
     q: int = 4,
     loss_reduction: str = "mean",
     output_fn: Callable | None = None,
+    replay: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The exact decomposition, computed the slow, obvious way in float64.
 
@@ -130,6 +215,9 @@ def reference_decomposition(
         q: Gauss–Legendre nodes per step.
         loss_reduction: ``"mean"`` or ``"sum"``.
         output_fn: Explained quantity, as in `PathKernelInfluence.attribute`.
+        replay: Credit each example with its term of the step's own batch gradient, the
+            batches rerun as training ran them (`replayed_term_gradients`), instead of its
+            independent loss gradient (a path with dropout, BatchNorm or a batch loss).
 
     Returns:
         ``contributions`` (n, N), ``weight_decay`` (n,), ``optimizer_state`` (n,) (the
@@ -205,7 +293,14 @@ def reference_decomposition(
         kappa = torch.repeat_interleave(
             (1.0 / sizes.double()) if loss_reduction == "mean" else torch.ones(len(sizes)), sizes
         )
-        grads = per_example_gradients(model, names, w, gather_examples(train_dataset, idx), loss_fn)
+        if replay:  # the terms carry the batch loss's own reduction
+            kappa = torch.ones(len(idx), dtype=torch.float64)
+            grads = replayed_term_gradients(
+                model, names, path, s, train_dataset, loss_fn, loss_reduction
+            )
+        else:
+            batch = gather_examples(train_dataset, idx)
+            grads = per_example_gradients(model, names, w, batch, loss_fn)
         for row, i in enumerate(idx.tolist()):
             part[i] += sign * kappa[row] * grads[row]
         if kind == "sgd":

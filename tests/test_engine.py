@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pk_attrib as pk
-from pk_attrib.engine.exact import WARN_RECONSTRUCTION
+from pk_attrib.engine.steps import WARN_RECONSTRUCTION
 from pk_attrib.testing import per_example_gradients, reference_decomposition
 
 F64 = torch.float64
@@ -925,7 +925,9 @@ def test_buffers_embeddings_and_tied_weights():
     assert dec.diagnostics.max_reconstruction_error < 1e-10
 
 
-def test_reconstruction_warning_fires_for_dropout_and_a_wrong_reduction():
+def test_reconstruction_warning_fires_for_unreplayed_dropout_and_a_wrong_reduction():
+    """Dropout is replayed from the recorded random-number states (tests/test_replay.py); a
+    path recorded without them (an older store's) is not: the step check says so."""
     torch.manual_seed(8)
     data = train_set(n=40)
     x, y = digits()
@@ -935,9 +937,14 @@ def test_reconstruction_warning_fires_for_dropout_and_a_wrong_reduction():
     path = record(
         dropout, torch.optim.SGD(dropout.parameters(), lr=0.1), data, batch_size=10, train=True
     )
+    for step in path.manifest["steps"] if path.manifest.get("steps") else []:
+        step.pop("train", None)  # (as recorded before train modes were kept)
+    for record_ in path._backend.records:
+        record_["meta"].pop("train", None)
     explainer = pk.PathKernelInfluence(
         dropout, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
     )
+    assert explainer._engine.replay is None
     with pytest.warns(pk.ReconstructionWarning, match="dropout"):
         dec = explainer.attribute(x[1500:1502], target=y[1500:1502])
     assert dec.diagnostics.max_reconstruction_error > 1e-2

@@ -1013,8 +1013,8 @@ def test_indices_beyond_the_training_set_are_named_when_explaining(tmp_path):
             torch.nn.functional.cross_entropy(model(x[:3]), y[:3]).backward()
             optimizer.step()
     data = torch.utils.data.TensorDataset(x, y)  # 40 examples
-    explainer = pk.PathKernelInfluence(model, data, recorder.path, torch.nn.CrossEntropyLoss())
     with pytest.raises(pk.IndexOutOfRangeError, match="reach 45, but train_dataset has 40"):
+        explainer = pk.PathKernelInfluence(model, data, recorder.path, torch.nn.CrossEntropyLoss())
         explainer.attribute(x[:2], target=y[:2])
 
 

@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 from ..exceptions import UnsupportedError
 from .batches import n_rows
 from .curvature import Curvature, product
-from .exact import Engine, _check_finite, example_weights
+from .exact import Engine
 from .features import FeatureCache
 from .outputs import OutputFn
 from .rules import make_rule
+from .steps import _check_finite, example_weights
 
 
 def counterfactual(

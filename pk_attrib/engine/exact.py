@@ -17,45 +17,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..decomposition import Decomposition, Diagnostics
 from ..exceptions import (
-    IndexOutOfRangeError,
-    NonFiniteError,
     QuadratureWarning,
-    ReconstructionWarning,
+    UnsupportedError,
 )
-from ..record.path import TrainingPath
-from .batches import gather_examples, n_rows
+from .batches import n_rows
 from .features import FeatureCache
-from .functional import FunctionalModel
-from .outputs import NotBatchFirst, OutputFn, Reduction, read_outputs
+from .outputs import OutputFn, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
+from .replay import Replay
 from .rules import GroupVectors, make_rule
+from .steps import Problem, TrainingSteps, _check_finite
 
-WARN_RECONSTRUCTION = {torch.float64: 1e-4, torch.float32: 1e-3}
 # the gradients one batched call may hold (the query and training gradients of a block of
 # steps, a chunk of checkpoint-mode self-influence): a working set the allocator recycles
 BLOCK_BYTES = 32 << 20
-
-
-@dataclass
-class Problem:
-    """Everything a decomposition needs besides the queries."""
-
-    fm: FunctionalModel
-    path: TrainingPath
-    train_dataset: Dataset
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    reduction: Reduction
-    accumulation: str | int
-    show_progress: bool
 
 
 @dataclass
@@ -87,47 +69,7 @@ class _StepBatch:
     kappa: torch.Tensor  # (m,) their weights
 
 
-def _check_finite(tensor: torch.Tensor, what: str, step: int | None, path: TrainingPath) -> None:
-    """Raise `NonFiniteError` if ``tensor`` holds NaN or inf, naming where the run diverged.
-
-    The sweep walks backwards, so the first non-finite value it meets is near the end of a
-    diverged run: the path is then read forwards for the first step whose weights are not
-    finite (only in this case).
-    """
-    if bool(torch.isfinite(tensor.sum())):  # one pass; NaN and inf propagate
-        return
-    diverged = path.first_non_finite()
-    if diverged is None:
-        cause = (
-            "the path's weights are finite, so the inputs or labels hold NaN/inf, or a "
-            "computation overflowed (the model on these inputs, or a huge recorded learning "
-            "rate or optimizer setting): check the data and the recorded run"
-        )
-    else:
-        cause = (
-            f"the training run diverged: its weights are not finite from step {diverged} on "
-            f"(after optimizer step {diverged - 1}); explain a path that stays finite (record "
-            "a run that does not diverge, or explain up to the step before)"
-        )
-    where = "" if step is None else f" at step {step}"
-    raise NonFiniteError(f"non-finite {what}{where}: {cause}")
-
-
-def example_weights(batch_sizes: torch.Tensor, reduction: Reduction, accumulation: str | int):
-    """κ_j for each index of a step: the weight of ℓ_j in the gradient the optimizer used.
-
-    ``accumulation``: "sum", "mean" (over the step's micro-batches) or an int divisor.
-    """
-    sizes = batch_sizes.to(torch.float64)
-    per = 1.0 / sizes if reduction is Reduction.MEAN else torch.ones_like(sizes)
-    if accumulation == "mean":
-        per = per / len(sizes)
-    elif not isinstance(accumulation, str):
-        per = per / accumulation
-    return torch.repeat_interleave(per, batch_sizes)
-
-
-class Engine:
+class Engine(TrainingSteps):
     """Runs exact and checkpoint decompositions for a `Problem`."""
 
     def __init__(self, problem: Problem):
@@ -140,16 +82,9 @@ class Engine:
         # steps where the adaptive quadrature ran out of nodes in sweeps over blocks of
         # columns (influence, self-influence): their callers warn once for all blocks
         self.unconverged: set[int] = set()
-
-    def _batch(self, indices: torch.Tensor):
-        if indices.numel() and int(indices.max()) >= self.n_train:
-            raise IndexOutOfRangeError(
-                f"the path's batch indices reach {int(indices.max())}, but train_dataset has "
-                f"{self.n_train} examples: the recording noted indices into another dataset "
-                "(record_batch without dataset_size= checks no bound); pass the dataset the "
-                "recorder watched, in the same order"
-            )
-        return self.fm.cast(gather_examples(self.p.train_dataset, indices))
+        # the steps' forward passes rerun as training ran them (see `prepare_replay`)
+        self.replay: Replay | None = None
+        self.replay_why = ""
 
     def _forward(self, w, inputs, target, output_fn) -> torch.Tensor:
         return self._forward_and_scale(w, inputs, target, output_fn)[0]
@@ -205,6 +140,13 @@ class Engine:
         the projected vectors with a ``projector``), so that |c_j| ≤ sqrt(query · train).
         """
         fm, path, p = self.fm, self.p.path, self.p
+        if kernel and self.replay is not None:
+            raise UnsupportedError(
+                "the path kernel pairs the query with each training example's own gradient, "
+                f"but this path's steps are replayed ({self.replay_why}): an example's share "
+                "is its term of the batch's gradient, with no kernel of its own. Use the "
+                "contributions (kernel=False)"
+            )
         rule = make_rule(path, self.vectors, fm.active_names)
         n, S = n_rows(inputs), len(path)
         dtype, device = fm.dtype, fm.device
@@ -244,7 +186,8 @@ class Engine:
                 size = max(1, size // 2) if integrator.climbs > climbs else min(block, 2 * size)
                 climbs = integrator.climbs
                 steps = list(range(max(0, s - size + 1), s + 1))
-                if not kernel and projector is None:  # their training gradients, too
+                batched = not kernel and projector is None and self.replay is None
+                if batched:  # their training gradients, too
                     held = 0
                     for k in range(len(steps) - 1, -1, -1):
                         held += len(path.step(steps[k]).indices) * example_bytes
@@ -255,7 +198,7 @@ class Engine:
                 flat[s + 1] = w_next
                 segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]
                 integrator.prefetch(segments, steps)
-                if not kernel and projector is None:
+                if batched:
                     train_grads = self._block_train_grads(path, steps, flat)
             w_full = flat.pop(s) if s in flat else fm.flatten(step.params)
             delta_full = w_next - w_full
@@ -265,8 +208,7 @@ class Engine:
             change = f_next - f_s
             floor = rounding_floor(f_s, m_s, f_next, m_next)
             indices = step.indices
-            kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
-            kappa = kappa.to(dtype=dtype, device=device)
+            kappa = self.kappa(step)
             all_indices, all_kappa = indices, kappa
             keep = None
             if columns is not None:
@@ -299,14 +241,15 @@ class Engine:
                 )
                 w_next, f_next, m_next = w_full, f_s, m_s
                 continue
-            batch = self._batch(indices + first)
-            if kernel:
-                jac, dloss = fm.loss_jacobians(w_full, batch, p.loss_fn)
+            if self.replay is not None:  # the terms of the step's own batch gradient
+                grads = self.replayed_terms(step, w_full, keep)
+            elif kernel:
+                jac, dloss = fm.loss_jacobians(w_full, self._batch(indices + first), p.loss_fn)
                 grads = torch.einsum("bc,bcd->bd", dloss, jac)
             elif s in train_grads:
                 grads = train_grads.pop(s)
             else:
-                grads = fm.loss_grads(w_full, batch, p.loss_fn)
+                grads = fm.loss_grads(w_full, self._batch(indices + first), p.loss_fn)
             _check_finite(grads, "training gradient", s, self.p.path)
             train_evals += len(indices)
             signed = grads if _is_one(sign) else grads * sign
@@ -325,7 +268,11 @@ class Engine:
                 weights_num.index_add_(1, indices.to(device), -k_step * dloss[None])
             if columns is None and reconstruct:
                 effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
-                rule.finish_step(s, step, delta, effective + lam * w, w)
+                rounding = None
+                if self.replay is not None:  # checked with the batch's own gradient, as
+                    batch = sign * self.step_gradient(step, w_full)  # training had it
+                    rounding, effective = (effective - batch).abs(), batch
+                rule.finish_step(s, step, delta, effective + lam * w, w, rounding)
             w_next, f_next, m_next = w_full, f_s, m_s
         _check_finite(contributions, "contributions", None, self.p.path)
         if columns is not None:  # (the caller warns once for all its blocks)
@@ -367,52 +314,6 @@ class Engine:
             w_out,
         )
 
-    def check_steps(self) -> torch.Tensor:
-        """The step check alone: each recorded step against the one its batch rebuilds.
-
-        What `exact` computes along the way, for callers whose sweeps cover a block of
-        training examples at a time and so never hold a whole batch's gradient (the Captum
-        methods): one batched backward pass per step gives Σ_j κ_j g_j(w_s), from which the
-        optimizer's rule rebuilds Δ̂_s. It does not depend on any query.
-
-        Returns:
-            The step reconstruction error of each step, float64 (S,) (NaN where the check has
-            nothing to compare).
-        """
-        fm, path, p = self.fm, self.p.path, self.p
-        rule = make_rule(path, self.vectors, fm.active_names)
-        S = len(path)
-        w_next = fm.flatten(path.final) if S else None
-        for s in tqdm(range(S - 1, -1, -1), desc="step check", disable=not p.show_progress):
-            step = path.step(s)
-            w_full = fm.flatten(step.params)
-            kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)
-            kappa = kappa.to(dtype=fm.dtype, device=fm.device)
-            batch = self._batch(step.indices)
-            try:
-                grad = fm.batch_grad(w_full, batch, p.loss_fn, kappa)
-            except NotBatchFirst:  # outputs without a row per example: one at a time
-                grad = kappa @ fm.loss_grads(w_full, batch, p.loss_fn)
-            _check_finite(grad, "training gradient", s, self.p.path)
-            sign, lam = rule.coefficients(step)
-            w = fm.active(w_full)
-            rule.finish_step(s, step, fm.active(w_next - w_full), sign * grad + lam * w, w)
-            w_next = w_full
-        return torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
-
-    def _block_train_grads(self, path, steps, flat) -> dict[int, torch.Tensor]:
-        """Per-example gradients of the batches of several steps, in one vmap call."""
-        parts = [path.step(j).indices for j in steps]
-        indices = torch.cat(parts)
-        batch = self._batch(indices)
-        if len({len(idx) for idx in parts}) == 1:  # batches of one size: steps as a dimension
-            ws = torch.stack([flat[j] for j in steps])
-            grads = self.fm.loss_grads_by_step(ws, batch, self.p.loss_fn)
-        else:
-            ws = torch.cat([flat[j].expand(len(i), -1) for j, i in zip(steps, parts, strict=True)])
-            grads = self.fm.loss_grads_at(ws, batch, self.p.loss_fn)
-        return dict(zip(steps, torch.split(grads, [len(idx) for idx in parts]), strict=True))
-
     def _projected_step(
         self,
         at: _StepBatch,
@@ -433,14 +334,17 @@ class Engine:
         evals = 0
         if features is None:  # nothing to share: keep the step's tensors as they are
             features = FeatureCache(dtype=fm.dtype, device=fm.device)
-        batch = None
-        if f"f{s}" in features and features.unverified:
-            batch = self._batch(all_indices)  # a cache from an earlier session: check it once
-            features.verify(f"f{s}", projector.training_features(at.w_full, batch, p.loss_fn))
+
+        def fresh() -> torch.Tensor:  # the step's projected training gradients, (B, K)
+            if self.replay is not None:  # (its terms, replayed, then projected)
+                return projector.project(self.replayed_terms(at.step, at.w_full))
+            return projector.training_features(at.w_full, self._batch(all_indices), p.loss_fn)
+
+        if f"f{s}" in features and features.unverified:  # an earlier session's: check once
+            features.verify(f"f{s}", fresh())
             evals = len(all_indices)
         if f"f{s}" not in features:  # once per step, whatever the number of query chunks
-            batch = self._batch(all_indices) if batch is None else batch
-            feats = projector.training_features(at.w_full, batch, p.loss_fn)
+            feats = fresh()
             _check_finite(feats, "projected training gradient", s, self.p.path)
             evals = len(all_indices)
             feats = features.keep(f"f{s}", feats)
@@ -451,10 +355,7 @@ class Engine:
             if f"g{s}" in features:
                 grad = features[f"g{s}"]
             else:
-                batch = self._batch(all_indices) if batch is None else batch
-                grad = features.keep(
-                    f"g{s}", fm.batch_grad(at.w_full, batch, p.loss_fn, at.all_kappa)
-                )
+                grad = features.keep(f"g{s}", self.step_gradient(at.step, at.w_full))
         feats = feats.to(fm.device)  # as stored: every chunk sees the same numbers
         if at.keep is not None:
             feats = feats[at.keep.to(feats.device)]
@@ -472,30 +373,6 @@ class Engine:
             if reconstruct:  # the step check: the same for every query chunk
                 rule.finish_step(s, at.step, at.delta, effective + at.lam * at.w, at.w)
         return evals
-
-    def _warn_reconstruction(self, errors: torch.Tensor, stacklevel: int = 4) -> None:
-        """Raise a `ReconstructionWarning` when a step's error passes the dtype's threshold."""
-        limit = WARN_RECONSTRUCTION.get(self.fm.dtype, 1e-3)
-        finite = errors[~errors.isnan()]
-        if finite.numel() and float(finite.max()) > limit:
-            worst = int(torch.argmax(torch.nan_to_num(errors, nan=-1.0)))
-            warnings.warn(
-                f"the recorded steps are not rebuilt by the example gradients: step "
-                f"reconstruction error up to {float(finite.max()):.2e} (step {worst}; "
-                f"threshold {limit:g} for {self.fm.dtype}). Usual causes: dropout or data "
-                "augmentation in training, BatchNorm in train mode, gradient clipping, a loss "
-                "reduction or accumulation other than the one given, per-example loss weights "
-                "(class weights, ignore_index), parameters trained by another optimizer than "
-                "the recorded one, a parameter frozen (requires_grad=False) while its .grad "
-                "stayed a zero tensor (zero_grad(set_to_none=False)), a model that changes its "
-                "weights in forward (Embedding(max_norm=...)), a model whose output for an "
-                "example depends on the rest of its batch, or wrong indices. What the example "
-                "gradients do not rebuild is the "
-                "'unexplained' term of the bias (and `delta` holds what the output change "
-                "along the path does not match)",
-                ReconstructionWarning,
-                stacklevel=stacklevel,
-            )
 
 
 def rounding_floor(f_s, m_s, f_next, m_next) -> torch.Tensor:

@@ -14,10 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import n_rows, one_row
-from .exact import Engine, _check_finite, example_weights, rounding_floor, warn_unconverged
+from .exact import Engine, rounding_floor, warn_unconverged
 from .outputs import OutputFn, row_losses
 from .quadrature import QuadratureRule, StepIntegrator
 from .rules import make_rule
+from .steps import _check_finite
 
 
 def negative_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OutputFn:
@@ -181,7 +182,7 @@ def exact_self_influence_plain_sgd(
         if not bool(keep.any()):
             continue
         members = step.indices[keep]
-        kappa = example_weights(step.batch_sizes, p.reduction, p.accumulation)[keep]
+        kappa = engine.kappa(step)[keep.to(fm.device)]
         *inputs, labels = engine._batch(members)
         inputs = tuple(inputs)
         f_s, m_s = engine._forward_and_scale(w, inputs, labels, output_fn)
@@ -193,7 +194,10 @@ def exact_self_influence_plain_sgd(
         phi, _ = integrator.integrate(w, delta, f_next - f_s, tol, s)
         v, _ = rule.begin(s, step, phi, fm.active(w))
         sign, _ = rule.coefficients(step)
-        grads = fm.loss_grads(w, (*inputs, labels), p.loss_fn)
+        if engine.replay is not None:  # their terms of the step's own batch gradient
+            grads = engine.replayed_terms(step, w, keep)
+        else:
+            grads = fm.loss_grads(w, (*inputs, labels), p.loss_fn)
         _check_finite(grads, "training gradient", s, engine.p.path)
         values = -(v * grads * sign).sum(1) * kappa.to(fm.dtype)
         out.index_add_(0, rows[keep].to(fm.device), values)

@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from ..decomposition import Decomposition, Diagnostics
 from ..record.path import Step
 from .batches import n_rows, take
-from .exact import BLOCK_BYTES, Engine, _check_finite, add_norms, example_weights
+from .exact import BLOCK_BYTES, Engine, add_norms
 from .factors import capture, dot_products, example_losses, linear_layers, squared_norms
 from .outputs import NotBatchFirst, OutputFn
+from .steps import _check_finite, example_weights
 
 
 def decompose(

@@ -22,6 +22,7 @@ from ..engine.curvature import Curvature
 from ..engine.projection import ProjectorKind
 from ..engine.rules import make_rule
 from ..engine.scores import negative_loss
+from ..exceptions import UnsupportedError
 from . import arguments, data
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
@@ -65,6 +66,13 @@ def check(explainer: PathKernelInfluence) -> None:
     """
     if explainer.mode != "exact":
         refuse(explainer.mode, explainer.path.approximate_reasons)
+    if explainer._engine.replay is not None:
+        raise UnsupportedError(
+            "counterfactual scores differentiate each step's batch loss as the examples "
+            f"evaluate it on their own, but this path's steps are replayed "
+            f"({explainer._engine.replay_why}): not supported yet; use the contributions "
+            "(attribute, influence(score='contribution'))"
+        )
 
 
 def _block(explainer: PathKernelInfluence, n_train_columns: int) -> int:

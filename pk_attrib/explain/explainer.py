@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 from ..decomposition import Decomposition
 from ..engine import tracin
 from ..engine.batches import n_rows, take
-from ..engine.exact import Engine, Problem, warn_unconverged
+from ..engine.exact import Engine, warn_unconverged
 from ..engine.features import FeatureCache
 from ..engine.functional import FunctionalModel
 from ..engine.outputs import OutputFn
 from ..engine.projection import ProjectorKind, make_projector
 from ..engine.quadrature import Quadrature, QuadratureRule
+from ..engine.steps import Problem
 from ..exceptions import StoreMismatchError, UnsupportedError
 from ..record.path import TrainingPath
 from ..record.store import HASH
@@ -215,6 +216,8 @@ class PathKernelInfluence(DataInfluence):
             show_progress,
         )
         self._engine = Engine(self._problem)
+        if self.mode == "exact":  # dropout, BatchNorm, a batch loss: rerun each step's forward
+            self._engine.prepare_replay()
         self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)
         if self._projector.kind is not ProjectorKind.IDENTITY and self.mode != "exact":
             why = "; ".join(self.path.approximate_reasons) or "its optimizer has no exact rule"

@@ -22,8 +22,14 @@ class ForwardState:
     """
 
     def __init__(
-        self, buffers: dict[str, torch.Tensor], cuda: list[int], compared: frozenset = frozenset()
+        self,
+        buffers: dict[str, torch.Tensor],
+        cuda: list[int],
+        compared: frozenset = frozenset(),
+        model: torch.nn.Module | None = None,
     ):
+        self.model = model
+        self._mode: bool | list[str] | None = None  # the modules in train mode at the step
         self.buffers = buffers
         self.cuda = cuda
         self.compared = compared  # compared by value: updated where no version counter moves
@@ -39,7 +45,15 @@ class ForwardState:
         self.buffers = {n: b for n, b in self.buffers.items() if n in kept}
 
     def step_begins(self) -> None:
-        """A step's first micro-batch is handed over: note the buffers changed since."""
+        """A step's first micro-batch is handed over: note the buffers changed since.
+
+        Also which modules are in train mode (dropout draws, BatchNorm uses the batch's
+        statistics): True (all), False (none), or the names of those that are.
+        """
+        if self.model is not None:
+            training = [name for name, m in self.model.named_modules() if m.training]
+            count = sum(1 for _ in self.model.modules())
+            self._mode = bool(training) if len(training) in (0, count) else training
         for name, buffer in self.buffers.items():
             # changed: PyTorch's version counter of the tensor moved (an in-place update), or
             # the module holds another tensor under the name; normalization layers' running
@@ -76,6 +90,10 @@ class ForwardState:
                 self._last_rng = states
         out.update({f"{raw}/buf/{n}": b for n, b in self._step_buffers.items()})
         return out
+
+    def mode(self) -> bool | list[str] | None:
+        """The train mode of the step's modules, for its metadata (None: not known)."""
+        return self._mode
 
     def step_done(self) -> None:
         """The step was recorded: start collecting for the next one."""

@@ -146,7 +146,7 @@ class PathRecorder:
         # what each micro-batch's forward pass starts from (random-number state, buffers)
         cuda = sorted({p.device.index or 0 for p in self._param_list if p.is_cuda})
         self._forward = ForwardState(
-            dict(self.model.named_buffers()), cuda, running_statistics(self.model)
+            dict(self.model.named_buffers()), cuda, running_statistics(self.model), self.model
         )
         self._last_batches: list[torch.Tensor] = []  # what the last optimizer step used
         self._pool: BufferPool | None = None  # recycled snapshot buffers (disk mode)
@@ -330,6 +330,8 @@ class PathRecorder:
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
         tensors.update(self._forward.tensors(r))
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
+        if self._forward.mode() is not None:  # which modules trained in train mode
+            meta["train"] = self._forward.mode()
         if not all(math.isfinite(lr) and lr >= 0 for lr in meta["lr"]):
             raise RecordingError(
                 f"optimizer step {r} has learning rate(s) {meta['lr']}: a step with a NaN, "

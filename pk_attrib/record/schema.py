@@ -140,6 +140,9 @@ def _steps(manifest: dict, n_params: int, n_groups: int) -> int:
                     raise _Bad(f"{where}.{key} names parameter {i} of {n_params}")
         for key in _list(meta.get("initial_state", []), f"{where}.initial_state"):
             _str(key, f"{where}.initial_state[]")
+        if "train" in meta and not isinstance(meta["train"], bool):
+            for name in _list(meta["train"], f"{where}.train"):
+                _str(name, f"{where}.train[]")
     return len(steps)
 
 

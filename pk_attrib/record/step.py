@@ -154,6 +154,18 @@ class Step:
         return self._path.buffers(self.index)
 
     @functools.cached_property
+    def train_modules(self) -> bool | frozenset[str] | None:
+        """Which modules were in train mode when the step's batches ran.
+
+        True: all of them; a set: those named (``""`` is the model itself; empty: none, the
+        model ran in eval mode); None for a path recorded without it (or of checkpoints).
+        """
+        mode = self._path._backend.meta(self.raw_steps[0]).get("train")
+        if mode is None or mode is True:
+            return mode
+        return frozenset(mode or ())
+
+    @functools.cached_property
     def rng_states(self) -> list[tuple[torch.Tensor, ...]] | None:
         """Per micro-batch, the random-number state its forward pass started from.
 

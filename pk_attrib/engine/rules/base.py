@@ -250,15 +250,25 @@ class Rule:
         """Δ̂_s from the state after step s−1 and the recomputed G_s."""
         raise NotImplementedError
 
-    def finish_step(self, s: int, step: Step, delta: torch.Tensor, G: torch.Tensor, w):
+    def finish_step(
+        self, s: int, step: Step, delta: torch.Tensor, G: torch.Tensor, w, rounding=None
+    ):
         """Record the reconstruction error of steps whose check has become possible.
 
         Called for s = S−1, ..., 0. Step s+1's check needs the state after step s, which is
         recovered from Δ_s; where Δ_s does not show it (learning rate 0), step s waits too,
         and the state is carried forward from the first earlier step that shows it (at
         most ``_MAX_WAITING`` steps; beyond, the check covers the coordinates it knows).
+
+        ``rounding`` ((d,), optional): how far G_s is known, per coordinate (two routes to it
+        disagree by that much). What it moves Δ̂_s by, twice over, is not counted: a
+        coordinate whose gradient is rounding (a bias BatchNorm cancels) steps by ±η under
+        Adam, in the direction the rounding chose.
         """
         floor = self._floor(delta, w)
+        if rounding is not None:  # (the rules are affine in G: the effect needs no state)
+            moved = self.predict(step, None, G + 2.0 * rounding, w) - self.predict(step, None, G, w)
+            floor = floor + moved.abs()
         first = step.fresh_state or s == 0
         if not first and self.passes_through(step):  # checked now; the chain skips it
             self.errors[s] = _relative_error(delta, self.predict(step, None, G, w), floor)
