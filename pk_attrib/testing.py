@@ -156,6 +156,137 @@ def replayed_term_gradients(
     return torch.stack(rows)
 
 
+def _buffers_move(path: TrainingPath) -> bool:
+    first, last = path.buffers(0), path.buffers(len(path))
+    return any(
+        k in last and v.is_floating_point() and not torch.equal(v, last[k])
+        for k, v in first.items()
+    )
+
+
+def _set_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            if name in own:
+                own[name].copy_(value)
+
+
+def _initial(ref, path, flat, values, moving) -> torch.Tensor:
+    """f(x; w_0) with the buffers the run started from (when they move)."""
+    if moving:
+        _set_buffers(ref.model, path.buffers(0))
+    found = values(flat[0])
+    if moving:
+        _set_buffers(ref.model, path.buffers(len(path)))
+    return found
+
+
+def _buffer_shares(ref, model, names, path, s, train_dataset, f, n, q, w):
+    """The buffers' part of step s, by brute force: (shares (n, B), whole change (n,)).
+
+    The step's batches are rerun with the real module (train mode as recorded, from the
+    recorded random-number state) and each BatchNorm layer's input is caught; example j's
+    share of the running statistics' change follows their definitions (its part of the
+    batch mean; of the unbiased variance). Its share of the output change is the integral
+    of the directional derivative of f along the buffers' segment in the direction of that
+    share: Gauss–Legendre over the segment, Richardson-extrapolated central differences
+    for the derivative (no gradient with respect to a buffer is taken).
+    """
+    step = path.step(s)
+    start, end = path.buffers(s), path.buffers(s + 1)
+    norms = {
+        name: m
+        for name, m in ref.model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+    }
+    keys = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], end[k])]
+    ref.set(w)
+    # each example's share, by rerunning each micro-batch
+    rows = []
+    running = {k: start[k].double().clone() for k in keys}
+    modes = step.train_modules
+    sizes = step.batch_sizes.tolist()
+    for indices, state in zip(torch.split(step.indices, sizes), step.rng_states, strict=True):
+        caught = {}
+        hooks = [m.register_forward_pre_hook(_catch(caught, name)) for name, m in norms.items()]
+        *inputs, labels = gather_examples(train_dataset, indices)
+        inputs = [t.double() if t.is_floating_point() else t for t in inputs]
+        for name, module in ref.model.named_modules():
+            module.training = modes is True or name in modes
+        saved = {k: v.clone() for k, v in ref.model.named_buffers()}
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.set_rng_state(state[0])
+            ref.model(*inputs)
+        for h in hooks:
+            h.remove()
+        ref.model.eval()
+        _set_buffers(ref.model, saved)
+        b = len(indices)
+        share = torch.zeros(b, 0, dtype=torch.float64)
+        parts = []
+        for k in keys:
+            layer, kind = k.rsplit(".", 1)
+            a = caught[layer].double()  # (B, C, ...)
+            a = a.transpose(0, 1).reshape(a.shape[1], b, -1)
+            module = norms[layer]
+            m = float(module.momentum)
+            mean_b = a.mean((1, 2))
+            if kind == "running_mean":
+                part = torch.stack([(m / b) * (a[:, j].mean(1) - running[k]) for j in range(b)])
+                running[k] = running[k] + part.sum(0)
+            else:
+                count = a.shape[1] * a.shape[2]
+                part = torch.stack(
+                    [
+                        m * ((a[:, j] - mean_b[:, None]) ** 2).sum(1) / (count - 1)
+                        - (m / b) * running[k]
+                        for j in range(b)
+                    ]
+                )
+                running[k] = running[k] + part.sum(0)
+            parts.append(part.reshape(b, -1))
+        share = torch.cat(parts, 1) if parts else share
+        rows.append(share)
+    shares = torch.cat(rows)  # (B, d_b) over keys in order
+    delta = torch.cat([(end[k].double() - start[k].double()).reshape(-1) for k in keys])
+    nodes, weights = gauss_legendre(max(q, 8))
+
+    def at(point: torch.Tensor) -> torch.Tensor:  # f of every query with these buffers
+        offset, values = 0, {}
+        for k in keys:
+            size = start[k].numel()
+            values[k] = point[offset : offset + size].reshape(start[k].shape)
+            offset += size
+        _set_buffers(ref.model, values)
+        with torch.no_grad():
+            return torch.stack([f(j) for j in range(n)])
+
+    base = torch.cat([start[k].double().reshape(-1) for k in keys])
+
+    def derivative(point, direction):
+        def central(h):
+            return (at(point + h * direction) - at(point - h * direction)) / (2 * h)
+
+        h = 1e-4
+        return (4 * central(h / 2) - central(h)) / 3
+
+    out = torch.zeros(n, len(shares), dtype=torch.float64)
+    moved = torch.zeros(n, dtype=torch.float64)
+    for t, om in zip(nodes, weights, strict=True):
+        point = base + t * delta
+        for j in range(len(shares)):
+            out[:, j] += om * derivative(point, shares[j])
+    moved = at(base + delta) - at(base)
+    _set_buffers(ref.model, end)  # (the weights' part of the step reads them)
+    return out, moved
+
+
+def _catch(caught: dict, name: str) -> Callable:
+    """A forward pre-hook that keeps a module's first input under ``name``."""
+    return lambda module, args: caught.setdefault(name, args[0])
+
+
 def _row(c: torch.Tensor, j: int) -> torch.Tensor:
     """``c`` with every row but j zeroed."""
     out = torch.zeros_like(c)
@@ -272,15 +403,26 @@ def reference_decomposition(
     if any(now and not before for before, now in zip(fresh, fresh[1:], strict=False)):
         raise ValueError("the reference supports one optimizer-state start, at step 0")
     nodes, weights = gauss_legendre(q)
+    follow_buffers = replay and _buffers_move(path)
     for s in range(len(path)):
         step = path.step(s)
         w, delta = flat[s], flat[s + 1] - flat[s]
+        if follow_buffers:  # the weights' part of the step at the buffers after it
+            _set_buffers(ref.model, path.buffers(s + 1))
+            buffer_part = _buffer_shares(
+                ref, model, names, path, s, train_dataset, f, n, q, flat[s]
+            )  # (n, B) per example of the step, and the whole change (n,)
         phi = torch.zeros(n, d, dtype=torch.float64)
         for t, om in zip(nodes, weights, strict=True):
             ref.set(w + t * delta)
             for j in range(n):
                 phi[j] += om * ref.grad(lambda j=j: f(j))
         change += phi @ delta
+        if follow_buffers:
+            shares, moved = buffer_part
+            for row, i in enumerate(step.indices.tolist()):
+                contributions[:, i] += shares[:, row]
+            change += moved
         hyper = {k: [h.get(k, 0.0) for h in step.hyper] for k in step.hyper[0]}
         # the optimizer leaves a parameter without a gradient alone: η = 0, state carried
         active = ~_mask(path, step.skipped)
@@ -364,7 +506,7 @@ def reference_decomposition(
         "contributions": contributions,
         "weight_decay": decay_out,
         "optimizer_state": state_out,
-        "initial": values(flat[0]),
+        "initial": _initial(ref, path, flat, values, follow_buffers),
         "prediction": values(flat[len(path)]),
         "change": change,
     }

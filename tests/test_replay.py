@@ -197,8 +197,19 @@ def test_batchnorm_in_train_mode_is_replayed_through_the_batch():
         model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), data, F.cross_entropy
     )
     qx, qy = _digits(2, offset=1500)
-    explainer, _ = _check_exact(model, data, path, torch.nn.CrossEntropyLoss(), qx, qy)
+    explainer, dec = _check_exact(model, data, path, torch.nn.CrossEntropyLoss(), qx, qy)
     assert explainer._engine.replay.interacting
+    # the running statistics are part of the path: `initial` is the initial model, with the
+    # statistics it started from (it was off by 0.38 with the final ones), and their change
+    # is split among the examples (nothing is left to the non-example `buffers` term)
+    initial = BatchNormCNN().to(F64)
+    path.load_into(initial, 0)
+    initial.load_state_dict({**initial.state_dict(), **path.buffers(0)})
+    with torch.no_grad():
+        expected = initial.eval()(qx)[torch.arange(2), qy]
+    torch.testing.assert_close(dec.terms["initial"], expected, rtol=0, atol=1e-12)
+    change = (dec.prediction - dec.terms["initial"]).abs()
+    assert bool((dec.terms["buffers"].abs() <= 1e-8 * change).all())
 
 
 @pytest.mark.parametrize("make", [dropout_mlp, BatchNormCNN], ids=["dropout", "batchnorm"])
@@ -258,3 +269,28 @@ def test_a_replayed_path_refuses_the_kernel_and_counterfactual_scores_saying_why
         explainer.attribute(qx, target=qy, kernel=True)
     with pytest.raises(pk.UnsupportedError, match="replayed"):
         explainer.counterfactual(qx, target=qy)
+
+
+def test_the_captum_methods_agree_with_attribute_on_a_batchnorm_path():
+    """influence() sweeps blocks of training examples: each block replays its steps and
+    follows the running statistics as attribute() does."""
+    torch.manual_seed(9)
+    model = BatchNormCNN().to(F64)
+    x, y = _digits(24)
+    data = TensorDataset(x, y)
+    path = _record(model, torch.optim.SGD(model.parameters(), lr=0.1), data, F.cross_entropy)
+    qx, qy = _digits(2, offset=1500)
+    loss = torch.nn.CrossEntropyLoss()
+    whole = pk.PathKernelInfluence(model, data, path, loss, quadrature=4, show_progress=False)
+    tiny = pk.PathKernelInfluence(  # blocks of 5 training examples
+        model, data, path, loss, quadrature=4, show_progress=False, memory_budget=2 * 5 * 4 * 8
+    )
+
+    def negative_loss(out, target):
+        return -F.cross_entropy(out, target, reduction="none")
+
+    expected = whole.attribute(qx, target=qy, output_fn=negative_loss).contributions
+    scores = tiny.influence((qx, qy), score="contribution")
+    torch.testing.assert_close(
+        scores, expected, rtol=1e-7, atol=1e-10 * float(expected.abs().max())
+    )

@@ -28,6 +28,7 @@ from ..exceptions import (
     UnsupportedError,
 )
 from .batches import n_rows
+from .buffers import MovingBuffers
 from .features import FeatureCache
 from .outputs import OutputFn, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
@@ -85,6 +86,16 @@ class Engine(TrainingSteps):
         # the steps' forward passes rerun as training ran them (see `prepare_replay`)
         self.replay: Replay | None = None
         self.replay_why = ""
+
+    def _moving_buffers(self) -> MovingBuffers | None:
+        """The buffers' part of each step, when the path's buffers move (BatchNorm)."""
+        if not hasattr(self, "_moving"):
+            path = self.p.path
+            self._moving = None
+            if len(path) and MovingBuffers.moving(self.fm, path):
+                self._moving = MovingBuffers(self.fm, path, self.replay)
+                self._moving._batch = self._batch
+        return self._moving
 
     def _forward(self, w, inputs, target, output_fn) -> torch.Tensor:
         return self._forward_and_scale(w, inputs, target, output_fn)[0]
@@ -164,8 +175,26 @@ class Engine(TrainingSteps):
         f_next, m_next = self._forward_and_scale(w_next, inputs, target, output_fn)
         prediction = f_next
         _check_finite(prediction, "output of the final model", S, self.p.path)
+        moving = self._moving_buffers()
+        if moving is not None:  # the initial model with its own buffers
+            fm.use_buffers(moving.at(0))
         f_initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
         share = quad.rtol * (prediction - f_initial).abs() / max(S, 1)
+        buffers_term = zeros.clone()
+
+        def step_done(s, step, w_full, f_s, m_s, tol, keep, kept_columns):
+            """The buffers' part of step s (if they move), then the next step starts."""
+            nonlocal w_next, f_next, m_next, phi_delta, buffers_term
+            if moving is not None:
+                parts, rest, moved, f_s, _ = moving.step(
+                    s, step, w_full, inputs, target, output_fn, f_s, tol, keep
+                )
+                contributions.index_add_(1, kept_columns.to(device), parts)
+                sums.explained_exact += parts.sum(1)
+                phi_delta += moved
+                buffers_term += rest
+            w_next, f_next, m_next = w_full, f_s, m_s
+
         integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
         phi_delta = zeros.clone()
         nodes = torch.zeros(S, dtype=torch.int64)
@@ -178,9 +207,13 @@ class Engine(TrainingSteps):
         # ones fault in fresh pages
         per_step = n * fm.d * dtype.itemsize
         block = max(1, min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step)))
+        if moving is not None:  # each step's query gradients at its own buffers
+            block = 1
         example_bytes = fm.d_active * dtype.itemsize  # a training gradient
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
+            if moving is not None:  # the weights' part of the step, at the buffers after it
+                fm.use_buffers(moving.at(s + 1))
             if columns is None and s not in flat:  # integrate a block of steps in one call
                 # shrink the block while steps keep needing more nodes (their share is wasted)
                 size = max(1, size // 2) if integrator.climbs > climbs else min(block, 2 * size)
@@ -207,6 +240,7 @@ class Engine(TrainingSteps):
             _check_finite(f_s, "query output", s, self.p.path)
             change = f_next - f_s
             floor = rounding_floor(f_s, m_s, f_next, m_next)
+            tol = torch.maximum(share, floor)
             indices = step.indices
             kappa = self.kappa(step)
             all_indices, all_kappa = indices, kappa
@@ -217,9 +251,8 @@ class Engine(TrainingSteps):
                 if not len(indices) and rule.memoryless(step):
                     # nothing to attribute here and no state to carry: skip the query side
                     rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)
-                    w_next, f_next, m_next = w_full, f_s, m_s
+                    step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
                     continue
-            tol = torch.maximum(share, floor)
             phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
             _check_finite(phi, "query gradient", s, self.p.path)
             phi_delta += phi @ delta
@@ -228,7 +261,7 @@ class Engine(TrainingSteps):
                 sums.decay += extra
             sign, lam = rule.coefficients(step)
             if columns is not None and not len(indices):
-                w_next, f_next, m_next = w_full, f_s, m_s
+                step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
                 continue
             if projector is not None:
                 at = _StepBatch(
@@ -239,7 +272,7 @@ class Engine(TrainingSteps):
                 train_evals += self._projected_step(
                     at, sums, projector, features, rule, full, reconstruct
                 )
-                w_next, f_next, m_next = w_full, f_s, m_s
+                step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
                 continue
             if self.replay is not None:  # the terms of the step's own batch gradient
                 grads = self.replayed_terms(step, w_full, keep)
@@ -273,8 +306,10 @@ class Engine(TrainingSteps):
                     batch = sign * self.step_gradient(step, w_full)  # training had it
                     rounding, effective = (effective - batch).abs(), batch
                 rule.finish_step(s, step, delta, effective + lam * w, w, rounding)
-            w_next, f_next, m_next = w_full, f_s, m_s
+            step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
         _check_finite(contributions, "contributions", None, self.p.path)
+        if moving is not None and columns is not None:
+            fm.use_buffers(None)
         if columns is not None:  # (the caller warns once for all its blocks)
             self.unconverged.update(integrator.unconverged)
             return contributions
@@ -288,14 +323,17 @@ class Engine(TrainingSteps):
         # optimizer state from before the recording (a momentum buffer carried into step 0)
         carried = rule.initial_state_term(path.step(0)) if S else None
         state_term = torch.zeros_like(decay) if carried is None else carried
-        unexplained = phi_delta - exact_total - decay - state_term
+        unexplained = phi_delta - exact_total - decay - state_term - buffers_term
         terms = {
             "initial": f_next,
             "weight_decay": decay,
             "optimizer_state": state_term,
             "unexplained": unexplained,
         }
-        bias = f_next + decay + state_term + unexplained
+        if moving is not None:  # what moving buffers did that no example did
+            terms["buffers"] = buffers_term
+            fm.use_buffers(None)
+        bias = f_next + decay + state_term + buffers_term + unexplained
         _check_finite(bias, "non-example terms of the bias", None, self.p.path)
         diagnostics = Diagnostics(
             "exact", quad.name, dtype, nodes, errors, integrator.evaluations, train_evals
