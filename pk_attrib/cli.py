@@ -158,11 +158,18 @@ def _inspect(store: Path) -> int:
     except (pk.PkAttribError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    raw = path._backend.n_raw()
     lines = [
         f"store:       {store}",
-        f"steps:       {len(path)} ({'complete' if path.complete else 'interrupted'})",
+        f"steps:       {raw} ({'complete' if path.complete else 'interrupted'})",
         f"optimizer:   {optimizer.get('class', 'none (checkpoints)')}",
     ]
+    if path.every > 1:
+        held = "weights and optimizer state" if path.manifest.get("replayable") else "weights"
+        lines.append(
+            f"snapshots:   every {path.every} steps ({len(path)} snapshots: {held}; every step: "
+            "its batch, learning rates and random-number state)"
+        )
     if lrs is not None:
         lines.append(f"lr range:    {lrs.min().item():.3g} .. {lrs.max().item():.3g}")
     n = sum(s.numel() for s in path.param_shapes.values())

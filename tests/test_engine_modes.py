@@ -132,8 +132,8 @@ def test_recorded_path_with_every_k_runs_in_checkpoint_mode_with_batch_membershi
                 optimizer.step()
     path = recorder.path
     x, y = digits()
-    dec = pk.PathKernelInfluence(
-        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    dec = pk.PathKernelInfluence(  # (an exact optimizer's path replays in exact mode)
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False, mode="checkpoint"
     ).attribute(x[1500:1502], target=y[1500:1502])
     # TracIn over the snapshots, each example weighted by lr/|B| per step it was in
     expected = torch.zeros(2, 40, dtype=F64)

@@ -28,6 +28,7 @@ from ..engine.functional import FunctionalModel
 from ..engine.outputs import OutputFn
 from ..engine.projection import ProjectorKind, make_projector
 from ..engine.quadrature import Quadrature, QuadratureRule
+from ..engine.segments import replayed_path
 from ..engine.steps import Problem
 from ..exceptions import StoreMismatchError, UnsupportedError
 from ..record.path import TrainingPath
@@ -216,6 +217,8 @@ class PathKernelInfluence(DataInfluence):
             show_progress,
         )
         self._engine = Engine(self._problem)
+        if self.mode == "exact" and self.path.every > 1:  # steps between snapshots replayed
+            self._problem.path = replayed_path(self.path, self._engine)
         if self.mode == "exact":  # dropout, BatchNorm, a batch loss: rerun each step's forward
             self._engine.prepare_replay()
         self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)

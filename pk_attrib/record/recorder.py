@@ -18,7 +18,6 @@ custom samplers. Every batch since the previous optimizer step belongs to the ne
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import warnings
 import weakref
@@ -39,6 +38,7 @@ from ..exceptions import (
 from .backends import MemoryBackend, new_manifest
 from .buffers import BufferPool, SlabAllocator
 from .capture import ForwardState, running_statistics
+from .guards import check_learning_rates, check_parameters
 from .optimizers import (
     INITIAL_STATE,
     STATE_AFTER_STEP,
@@ -67,8 +67,11 @@ class PathRecorder:
         store: A folder to write the path to, or None to keep it in memory. An existing
             store is continued (resume) when the model's parameters equal its final or last
             recorded ones; otherwise it is refused (see ``truncate``).
-        every: Keep a snapshot every ``every`` optimizer steps (``> 1`` makes the path
-            approximate; batch indices and learning rates are still kept for every step).
+        every: Keep the weights (and the optimizer's state) every ``every`` optimizer steps
+            only; batch indices, learning rates and what replays need are kept for every
+            step. With an exact optimizer the steps between snapshots are replayed when the
+            path is explained (exact mode, at the cost of one more backward pass a step);
+            other optimizers' paths are approximate.
         dtype: Storage dtype of the snapshots. None (default) keeps each parameter's own
             dtype, which the exact engine needs; ``torch.float32`` halves a float64 run.
         dataset_size: Length of the training dataset, for custom loops that call
@@ -160,7 +163,7 @@ class PathRecorder:
         self._raw = 0
 
         reasons = []
-        if every > 1:
+        if every > 1 and not self._kind.exact:
             reasons.append(f"every={every}: a snapshot of one step in {every}")
         if not self._kind.exact:
             reasons.append(description["note"])
@@ -168,6 +171,8 @@ class PathRecorder:
         fresh = new_manifest(self._params, description, dataset_size, every, dtype)
         fresh.update(approximate=bool(reasons), approximate_reasons=reasons)
         fresh["buffers"] = list(self._forward.buffers)
+        if every > 1 and self._kind.exact:  # the steps between snapshots can be replayed
+            fresh["replayable"] = True
 
         if self.store is None:
             self._manifest = fresh
@@ -323,7 +328,7 @@ class PathRecorder:
                 "recorder.watch(loader), or call recorder.record_batch(indices) before "
                 f"optimizer.step(){again}"
             )
-        self._check_parameters(optimizer)
+        check_parameters(optimizer, self, self._raw)
         r = self._raw
         indices = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
@@ -332,11 +337,7 @@ class PathRecorder:
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
         if self._forward.mode() is not None:  # which modules trained in train mode
             meta["train"] = self._forward.mode()
-        if not all(math.isfinite(lr) and lr >= 0 for lr in meta["lr"]):
-            raise RecordingError(
-                f"optimizer step {r} has learning rate(s) {meta['lr']}: a step with a NaN, "
-                "infinite or negative learning rate cannot be explained (check the scheduler)"
-            )
+        check_learning_rates(meta["lr"], r)
         hyper = [group_hyper(g) for g in optimizer.param_groups]
         if hyper != self._base_hyper:
             meta["hyper"] = hyper
@@ -354,40 +355,12 @@ class PathRecorder:
         if r % self.every == 0:
             for name, p in self._params.items():
                 tensors[f"{r}/w/{name}"] = self._take(p, self.dtype)
+            if self.every > 1:  # the optimizer state a replay of the next steps starts from
+                for (key, name), value in state_tensors(
+                    optimizer, self._params, INITIAL_STATE
+                ).items():
+                    tensors[f"{r}/state/{key}/{name}"] = _copy(value, None)
         self._inflight = (r, tensors, meta)
-
-    def _check_parameters(self, optimizer) -> None:
-        """Refuse a step that would update a parameter the recording does not hold."""
-        sizes = [len(g["params"]) for g in optimizer.param_groups]
-        unfrozen = [p for p in self._left_out if p.requires_grad and p.grad is not None]
-        dtypes = [p.dtype for p in self._params.values()]
-        if dtypes != self._dtypes:
-            name, was, now = next(
-                (n, a, b)
-                for n, a, b in zip(self._params, self._dtypes, dtypes, strict=True)
-                if a != b
-            )
-            raise RecordingError(
-                f"parameter {name} changed its dtype from {was} to {now} during the recording "
-                "(model.double(), .half(), ...): one recording holds one dtype per parameter; "
-                "create a new PathRecorder, into a new store, after converting the model"
-            )
-        if sizes == self._group_sizes and not unfrozen:
-            return
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        recorded = {id(p) for p in self._params.values()}
-        new = [
-            names.get(id(p), "<not in the model>")
-            for g in optimizer.param_groups
-            for p in g["params"]
-            if id(p) not in recorded and p.requires_grad
-        ]
-        raise RecordingError(
-            f"optimizer step {self._raw} would update parameters this recording does not hold "
-            f"({', '.join(new[:5]) or 'added param groups'}): they were added to the optimizer "
-            "or unfrozen after the recorder was created. Create the PathRecorder after "
-            "setting which parameters train (a new recorder, into a new store for a new phase)"
-        )
 
     def discard_batches(self) -> None:
         """Forget the batches noted since the last optimizer step.
@@ -419,7 +392,7 @@ class PathRecorder:
         if fresh:
             meta["fresh"] = fresh
         kept_after = STATE_AFTER_STEP.get(self._kind, ())
-        if kept_after and r % self.every == 0:
+        if kept_after and self.every == 1:  # (with every=k a replay recomputes it)
             for (key, name), value in state_tensors(optimizer, self._params, kept_after).items():
                 # (in their own dtype: squared gradients underflow in float16)
                 tensors[f"{r}/{key}/{name}"] = (
