@@ -14,11 +14,20 @@ from __future__ import annotations
 from ...exceptions import CorruptStoreError, UnsupportedError
 from ...record.optimizers import SCHEDULER_KEYS
 from ...record.path import TrainingPath
+from .adagrad import AdagradRule
 from .adam import AdamRule
+from .adamax import AdamaxRule
 from .base import GroupVectors, Rule
+from .nadam import NAdamRule
+from .radam import RAdamRule
+from .rmsprop import RMSpropRule
 from .sgd import SGDRule
 
-RULES: dict[str, type[Rule]] = {kind: rule for rule in (SGDRule, AdamRule) for kind in rule.KINDS}
+RULES: dict[str, type[Rule]] = {
+    kind: rule
+    for rule in (SGDRule, AdamRule, RMSpropRule, AdagradRule, AdamaxRule, NAdamRule, RAdamRule)
+    for kind in rule.KINDS
+}
 
 
 def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Rule:
@@ -91,4 +100,17 @@ def _bad(what: str, path: TrainingPath) -> CorruptStoreError:
     )
 
 
-__all__ = ["RULES", "AdamRule", "GroupVectors", "Rule", "SGDRule", "make_rule", "rule_for"]
+__all__ = [
+    "RULES",
+    "AdagradRule",
+    "AdamRule",
+    "AdamaxRule",
+    "GroupVectors",
+    "NAdamRule",
+    "RAdamRule",
+    "RMSpropRule",
+    "Rule",
+    "SGDRule",
+    "make_rule",
+    "rule_for",
+]

@@ -177,6 +177,49 @@ class Rule:
         parts = [torch.full((shapes[n].numel(),), value_of(n)) for n in self._names]
         return torch.cat(parts).to(self.vec.device)
 
+    def _recorded(self, step: Step, key, fill: float = 1.0, dtype=None) -> torch.Tensor:
+        """(d,): the optimizer state ``key`` recorded after the step, per coordinate.
+
+        Args:
+            step: The step.
+            key: A state key (``"exp_avg_sq"``), or a function of a parameter's name to its
+                key (amsgrad per param group). A scalar state (a step count) is spread over
+                its parameter's coordinates.
+            fill: The value of a parameter the step skipped that has no state yet (it never
+                had a gradient; η_s is 0 there).
+            dtype: The dtype of the result (default: the computation's).
+
+        Raises:
+            UnsupportedError: A parameter the step moved has no recorded state.
+        """
+        key_of = key if callable(key) else (lambda _: key)
+        state, shapes = step.optimizer_state, self.path.param_shapes
+        parts = []
+        for n in self._names:
+            found = state.get(key_of(n), {}).get(n)
+            if found is None and n not in step.skipped:
+                cls = (self.path.optimizer or {}).get("class", self.kind).rpartition(".")[2]
+                raise UnsupportedError(
+                    f"step {step.index} has no recorded {cls} state ({key_of(n)} of {n}): the "
+                    f"exact {self.kind} rule needs a path recorded by PathRecorder at every "
+                    "step; use mode='checkpoint'"
+                )
+            size = shapes[n].numel()
+            parts.append(
+                torch.full((size,), fill) if found is None else found.reshape(-1).expand(size)
+            )
+        return torch.cat(parts).to(self.vec.device, dtype or self.vec.dtype)
+
+    def _per_group64(self, values) -> torch.Tensor:
+        """(d,) float64: one value per param group, on its coordinates.
+
+        For what PyTorch computes in Python floats from the step count (bias corrections,
+        RAdam's rectification, NAdam's momentum schedule): float64 whatever the computation
+        dtype.
+        """
+        table = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return table.to(self.vec.device)[self.vec.ids]
+
     def passes_through(self, step: Step) -> bool:
         """True when the step carries the whole state unchanged and Δ_s does not use it."""
         return False
@@ -408,6 +451,26 @@ class Rule:
             A tuple of `counterfactual_state` (d,) tensors.
         """
         raise NotImplementedError
+
+    def _flat_state(self, found: dict[str, torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+        """(d,): the named tensors, ``fill`` for a parameter that has none."""
+        shapes = self.path.param_shapes
+        parts = [
+            found[n].reshape(-1) if n in found else torch.full((shapes[n].numel(),), fill)
+            for n in self._names
+        ]
+        return torch.cat(parts).to(self.vec.device, self.vec.dtype)
+
+    @staticmethod
+    def _state_before(step: Step, previous: Step | None) -> dict[str, dict[str, torch.Tensor]]:
+        """The recorded optimizer state before the step, by key and parameter name.
+
+        What the recorder kept after the step before, or before the recording began (for
+        step 0); nothing for a fresh state.
+        """
+        if step.fresh_state:
+            return {}
+        return previous.optimizer_state if previous is not None else step.initial_state
 
     def step_vjp(self, step: Step, point: tuple, cot_w, cot_state: tuple, frozen: bool = False):
         """Vector-Jacobian product of `step_map` at ``point`` for n adjoints at once.
