@@ -54,7 +54,7 @@ class RAdamRule(FirstMomentRule):
         """D_s above, elementwise (d,) (v_s read only at rectified steps)."""
         inverse1, scale, rectified = self._rectification(step)
         if not bool(rectified.any()):
-            return inverse1.clone(), None
+            return inverse1, None
         root = torch.sqrt(self._recorded(step, "exp_avg_sq")) + self.vec.hyper(step, "eps")
         return torch.where(rectified, inverse1 * scale / root, inverse1), None
 
