@@ -193,6 +193,49 @@ def test_a_scheduler_changing_the_learning_rate(opt, scheduler):
     assert not dec.diagnostics.reconstruction_error.isnan().any()  # every step was checked
 
 
+def _two_groups(optimizer, first: dict, second: dict):
+    """The optimizer over the MLP's two layers, with ``first`` and ``second`` per layer."""
+
+    def make(params):
+        params = list(params)
+        return optimizer([{"params": params[:2], **first}, {"params": params[2:], **second}])
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _two_groups(
+            torch.optim.RMSprop, dict(lr=0.01, centered=True), dict(lr=0.005, momentum=0.9)
+        ),
+        _two_groups(
+            torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.1), dict(lr=0.05, weight_decay=0.1)
+        ),
+        _two_groups(torch.optim.Adamax, dict(lr=0.02, betas=(0.8, 0.99)), dict(lr=0.01)),
+        _two_groups(
+            torch.optim.NAdam,
+            dict(lr=0.02, weight_decay=0.1, decoupled_weight_decay=True),
+            dict(lr=0.01, weight_decay=0.05, momentum_decay=0.01),
+        ),
+        _two_groups(
+            torch.optim.RAdam,
+            dict(lr=0.02, betas=(0.9, 0.9), weight_decay=0.1, decoupled_weight_decay=True),
+            dict(lr=0.01, weight_decay=0.05),
+        ),
+    ],
+    ids=["rmsprop", "adagrad", "adamax", "nadam", "radam"],
+)
+def test_two_param_groups_with_different_settings(make):
+    """Every setting is read per param group: RMSprop centered in one group and with momentum
+    in the other, NAdam's and RAdam's decay decoupled in one group and coupled in the other,
+    RAdam's β2 = 0.9 in one group (rectified from t = 6 as well) and 0.999 in the other."""
+    model, data, path = run(make)
+    assert len(path.optimizer["groups"]) == 2
+    dec, _ = against_the_reference(model, data, path)
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+
+
 def _float32_allowance(model, path, queries, target, rtol) -> torch.Tensor:
     """What the adaptive quadrature lets |delta| reach, (n,): each step's φ_s · Δ_s within
     rtol · |f(w_S) − f(w_0)| / S of the exact output change, or of the rounding of the outputs

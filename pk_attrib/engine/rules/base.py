@@ -177,7 +177,7 @@ class Rule:
         parts = [torch.full((shapes[n].numel(),), value_of(n)) for n in self._names]
         return torch.cat(parts).to(self.vec.device)
 
-    def _recorded(self, step: Step, key, fill: float = 1.0, dtype=None) -> torch.Tensor:
+    def _recorded(self, step: Step, key, fill: float = 1.0) -> torch.Tensor:
         """(d,): the optimizer state ``key`` recorded after the step, per coordinate.
 
         Args:
@@ -187,7 +187,6 @@ class Rule:
                 its parameter's coordinates.
             fill: The value of a parameter the step skipped that has no state yet (it never
                 had a gradient; η_s is 0 there).
-            dtype: The dtype of the result (default: the computation's).
 
         Raises:
             UnsupportedError: A parameter the step moved has no recorded state.
@@ -196,29 +195,61 @@ class Rule:
         state, shapes = step.optimizer_state, self.path.param_shapes
         parts = []
         for n in self._names:
-            found = state.get(key_of(n), {}).get(n)
-            if found is None and n not in step.skipped:
-                cls = (self.path.optimizer or {}).get("class", self.kind).rpartition(".")[2]
-                raise UnsupportedError(
-                    f"step {step.index} has no recorded {cls} state ({key_of(n)} of {n}): the "
-                    f"exact {self.kind} rule needs a path recorded by PathRecorder at every "
-                    "step; use mode='checkpoint'"
-                )
+            found = self._found(step, state, key_of(n), n)
             size = shapes[n].numel()
             parts.append(
                 torch.full((size,), fill) if found is None else found.reshape(-1).expand(size)
             )
-        return torch.cat(parts).to(self.vec.device, dtype or self.vec.dtype)
+        return torch.cat(parts).to(self.vec.device, self.vec.dtype)
 
-    def _per_group64(self, values) -> torch.Tensor:
-        """(d,) float64: one value per param group, on its coordinates.
+    def _scalar_terms(self, step: Step, compute, keys: tuple[str, ...], fill: tuple):
+        """(d,) tensors of numbers computed per parameter from its scalar state, as PyTorch does.
 
-        For what PyTorch computes in Python floats from the step count (bias corrections,
-        RAdam's rectification, NAdam's momentum schedule): float64 whatever the computation
-        dtype.
+        PyTorch computes bias corrections, RAdam's rectification and NAdam's momentum schedule
+        in Python floats from each parameter's step count: so does this, once per parameter.
+
+        Args:
+            step: The step.
+            compute: ``compute(values, hyper) -> tuple of floats``, ``values`` the parameter's
+                recorded scalars under ``keys`` (floats), ``hyper`` its param group's settings.
+            keys: The scalar state keys ``compute`` reads (``("step",)``).
+            fill: Their values for a parameter the step skipped that has no state yet.
+
+        Returns:
+            A tuple of (d,) tensors in the computation dtype, one per number ``compute`` gives.
+
+        Raises:
+            UnsupportedError: A parameter the step moved has no recorded state.
         """
-        table = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        return table.to(self.vec.device)[self.vec.ids]
+        state, shapes = step.optimizer_state, self.path.param_shapes
+        columns = []
+        for n in self._names:
+            found = [self._found(step, state, key, n) for key in keys]
+            values = fill if any(v is None for v in found) else tuple(float(v) for v in found)
+            columns.append(compute(values, step.hyper[self.vec.group_of.get(n, 0)]))
+        sizes = torch.tensor([shapes[n].numel() for n in self._names])
+        return tuple(
+            torch.repeat_interleave(torch.tensor(column, dtype=torch.float64), sizes).to(
+                self.vec.device, self.vec.dtype
+            )
+            for column in zip(*columns, strict=True)
+        )
+
+    def _found(self, step: Step, state: dict, key: str, name: str) -> torch.Tensor | None:
+        """Parameter ``name``'s recorded state ``key`` (None for one the step skipped).
+
+        Raises:
+            UnsupportedError: The step moved the parameter and recorded no such state.
+        """
+        found = state.get(key, {}).get(name)
+        if found is None and name not in step.skipped:
+            cls = (self.path.optimizer or {}).get("class", self.kind).rpartition(".")[2]
+            raise UnsupportedError(
+                f"step {step.index} has no recorded {cls} state ({key} of {name}): the exact "
+                f"{self.kind} rule needs a path recorded by PathRecorder at every step; use "
+                "mode='checkpoint'"
+            )
+        return found
 
     def passes_through(self, step: Step) -> bool:
         """True when the step carries the whole state unchanged and Δ_s does not use it."""

@@ -98,10 +98,6 @@ class FirstMomentRule(Rule):
         """β1 per coordinate; ``carried``: 1 where the step skipped the parameter."""
         return self._beta(step, 0, carried)
 
-    def _betas64(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-        """(β1, β2) per coordinate in float64 (PyTorch computes with them in Python floats)."""
-        return tuple(self._per_group64([h["betas"][k] for h in step.hyper]) for k in (0, 1))
-
     # -- the adjoint ------------------------------------------------------------------------
 
     def begin(self, s, step, phi, w):

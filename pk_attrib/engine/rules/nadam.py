@@ -37,21 +37,21 @@ class NAdamRule(FirstMomentRule):
     }
 
     def _coefficients(self, step: Step):
-        """(a_t, b_t, 1 − β2^t) per coordinate, in the computation dtype.
+        """(a_t, b_t, 1 − β2^t) per coordinate, (d,) each.
 
-        Computed in float64 from the recorded t and Π_t, as PyTorch does in Python floats.
+        Per parameter in Python floats from its recorded t and Π_t, as PyTorch computes them.
         (A parameter without state yet, skipped: Π read as 0, so all stay finite; η_s is 0.)
         """
-        t = self._recorded(step, "step", fill=1.0, dtype=torch.float64)
-        product = self._recorded(step, "mu_product", fill=0.0, dtype=torch.float64)
-        beta1, beta2 = self._betas64(step)
-        psi = self._per_group64([h["momentum_decay"] for h in step.hyper])
-        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
-        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * psi))
-        a = (1.0 - mu) / (1.0 - product)
-        b = mu_next / (1.0 - product * mu_next)
-        dtype = self.vec.dtype
-        return a.to(dtype), b.to(dtype), (1.0 - beta2**t).to(dtype)
+
+        def terms(values, hyper):
+            t, product = values
+            beta1, beta2 = (float(b) for b in hyper["betas"])
+            psi = float(hyper["momentum_decay"])
+            mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * psi))
+            return (1.0 - mu) / (1.0 - product), mu_next / (1.0 - product * mu_next), 1.0 - beta2**t
+
+        return self._scalar_terms(step, terms, ("step", "mu_product"), (1.0, 0.0))
 
     def _build_denominator(self, step: Step):
         """(b_t, a_t) / (sqrt(v_s / (1 − β2^t)) + ε), elementwise (d,) each."""

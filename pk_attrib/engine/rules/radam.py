@@ -34,21 +34,25 @@ class RAdamRule(FirstMomentRule):
     }
 
     def _rectification(self, step: Step):
-        """(1 / (1 − β1^t), r_t sqrt(1 − β2^t), rectified) per coordinate.
+        """(1 / (1 − β1^t), r_t sqrt(1 − β2^t) or 0, 1 where rectified else 0), (d,) each.
 
-        In float64, as PyTorch computes them (from the step count, in Python floats): the
-        switch ρ_t > 5 is then PyTorch's own. The first two in the computation dtype.
+        Per parameter in Python floats from its step count t, as PyTorch computes them: the
+        switch ρ_t > 5 is then PyTorch's own.
         """
-        t = self._recorded(step, "step", fill=1.0, dtype=torch.float64)
-        beta1, beta2 = self._betas64(step)
-        bias2 = 1.0 - beta2**t
-        rho_inf = 2.0 / (1.0 - beta2) - 1.0
-        rho = rho_inf - 2.0 * t * beta2**t / bias2
-        rectified = rho > 5.0
-        ratio = (rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho)
-        r = torch.sqrt(torch.where(rectified, ratio, 1.0))
-        dtype = self.vec.dtype
-        return (1.0 / (1.0 - beta1**t)).to(dtype), (r * bias2.sqrt()).to(dtype), rectified
+
+        def terms(values, hyper):
+            (t,) = values
+            beta1, beta2 = (float(b) for b in hyper["betas"])
+            bias2 = 1.0 - beta2**t
+            rho_inf = 2.0 / (1.0 - beta2) - 1.0
+            rho = rho_inf - 2.0 * t * beta2**t / bias2
+            if rho <= 5.0:
+                return 1.0 / (1.0 - beta1**t), 0.0, 0.0
+            rect = ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+            return 1.0 / (1.0 - beta1**t), rect * bias2**0.5, 1.0
+
+        inverse1, scale, rectified = self._scalar_terms(step, terms, ("step",), (1.0,))
+        return inverse1, scale, rectified.bool()
 
     def _build_denominator(self, step: Step):
         """D_s above, elementwise (d,) (v_s read only at rectified steps)."""
