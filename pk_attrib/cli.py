@@ -210,7 +210,8 @@ def _contents(path) -> None:
 DESCRIPTION = """\
 Explain a trained PyTorch model's predictions in terms of its training examples:
 f(x) = b(x) + the sum of one contribution c_i(x) per training example, exact for
-SGD, Adam and AdamW, from a recording of the training run."""
+SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam and RAdam, from a recording of the
+training run."""
 
 EPILOG = """\
 examples:

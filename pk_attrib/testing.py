@@ -314,6 +314,67 @@ def _per_coordinate(path: TrainingPath, values: list[float]) -> torch.Tensor:
     return torch.cat(out).double()
 
 
+def _divisors(path: TrainingPath, step, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an adaptive optimizer's step multiplies its moment and gradient by, float64 (d,).
+
+    From PyTorch's update formulas and the state recorded after the step: Adam's bias
+    corrections and second moment, Adamax's infinity norm, NAdam's momentum schedule, RAdam's
+    rectification, RMSprop's (centered) average, Adagrad's sum and learning-rate decay.
+    """
+    names = path.param_names
+    state = step.optimizer_state
+
+    def recorded(key_of, fill: float = 1.0) -> torch.Tensor:
+        parts = []
+        for nm in names:
+            found = state.get(key_of(nm), {}).get(nm)
+            size = path.param_shapes[nm].numel()
+            parts.append(
+                torch.full((size,), fill, dtype=torch.float64)
+                if found is None
+                else found.double().reshape(-1).expand(size)
+            )
+        return torch.cat(parts)
+
+    def per(key: str, default: float = 0.0) -> torch.Tensor:
+        return _per_coordinate(path, [float(h.get(key, default)) for h in step.hyper])
+
+    zero = torch.zeros(sum(path.param_shapes[nm].numel() for nm in names), dtype=torch.float64)
+    eps = per("eps")
+    if kind == "adagrad":
+        t = recorded(lambda _: "step")
+        rate = 1.0 / (1.0 + (t - 1.0) * per("lr_decay"))
+        return rate / (recorded(lambda _: "sum").sqrt() + eps), zero
+    if kind == "rmsprop":
+        mean = recorded(lambda _: "grad_avg", fill=0.0) * per("centered")
+        return 1.0 / ((recorded(lambda _: "square_avg") - mean**2).sqrt() + eps), zero
+    t = recorded(lambda _: "step")
+    beta1 = _per_coordinate(path, [h["betas"][0] for h in step.hyper])
+    beta2 = _per_coordinate(path, [h["betas"][1] for h in step.hyper])
+    if kind == "adamax":
+        return 1.0 / ((1.0 - beta1**t) * recorded(lambda _: "exp_inf")), zero
+    v = recorded(lambda _: "exp_avg_sq")
+    if kind == "nadam":
+        psi = per("momentum_decay")
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * psi))
+        product = recorded(lambda _: "mu_product", fill=0.0)
+        denominator = (v / (1.0 - beta2**t)).sqrt() + eps
+        return (
+            mu_next / (1.0 - product * mu_next) / denominator,
+            (1.0 - mu) / (1.0 - product) / denominator,
+        )
+    if kind == "radam":
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rho = rho_inf - 2.0 * t * beta2**t / (1.0 - beta2**t)
+        rect = ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)).abs()
+        adaptive = (rect * (1.0 - beta2**t)).sqrt() / (v.sqrt() + eps)
+        return torch.where(rho > 5.0, adaptive, 1.0) / (1.0 - beta1**t), zero
+    amsgrad = {nm: bool(step.hyper[g].get("amsgrad", False)) for nm, g in _group_of(path).items()}
+    v = recorded(lambda nm: "max_exp_avg_sq" if amsgrad[nm] else "exp_avg_sq")
+    return 1.0 / ((1 - beta1**t) * (torch.sqrt(v / (1 - beta2**t)) + eps)), zero
+
+
 def reference_decomposition(
     model: torch.nn.Module,
     train_dataset: Dataset,
@@ -329,12 +390,13 @@ def reference_decomposition(
 ) -> dict[str, torch.Tensor]:
     """The exact decomposition, computed the slow, obvious way in float64.
 
-    Supports the exact optimizers (SGD with all options, Adam, AdamW; amsgrad per param
-    group), fixed q-node Gauss–Legendre quadrature, and one optimizer-state start at step 0,
-    fresh or from the optimizer state recorded before it (a momentum buffer, Adam's first
-    moment), whose output effect is returned on its own. A parameter a step skipped (no
-    gradient: ``Step.skipped``) is left alone there, as PyTorch's optimizers do, and an SGD
-    momentum buffer that starts late starts at the gradient, without dampening.
+    Supports the exact optimizers (SGD with all options; Adam, AdamW with amsgrad per param
+    group; RMSprop with momentum, centered; Adagrad; Adamax; NAdam; RAdam), fixed q-node
+    Gauss–Legendre quadrature, and one optimizer-state start at step 0, fresh or from the
+    optimizer state recorded before it (a momentum buffer, a first moment), whose output effect
+    is returned on its own. A parameter a step skipped (no gradient: ``Step.skipped``) is left
+    alone there, as PyTorch's optimizers do, and an SGD momentum buffer that starts late starts
+    at the gradient, without dampening.
 
     Args:
         model: The model (copied; its parameters are set from the path).
@@ -382,8 +444,8 @@ def reference_decomposition(
     state = torch.zeros(n_train, d, dtype=torch.float64)  # per-example optimizer buffer
     decay_state = torch.zeros(d, dtype=torch.float64)  # the buffer's weight-decay part
     first = path.step(0)
-    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
-    before = first.initial_state.get(key, {})  # state carried into step 0, if any
+    key = {"sgd": "momentum_buffer", "rmsprop": "momentum_buffer", "adagrad": None}
+    before = first.initial_state.get(key.get(kind, "exp_avg"), {})  # carried into step 0
     prior = (
         torch.cat(
             [
@@ -398,7 +460,6 @@ def reference_decomposition(
     )
     # coordinates whose momentum buffer exists (SGD starts a new one at the gradient)
     has_buffer = torch.zeros(d, dtype=torch.bool) if prior is None else _mask(path, set(before))
-    group_of = _group_of(path)
     fresh = [path.step(s).fresh_state for s in range(len(path))]
     if any(now and not before for before, now in zip(fresh, fresh[1:], strict=False)):
         raise ValueError("the reference supports one optimizer-state start, at step 0")
@@ -471,37 +532,40 @@ def reference_decomposition(
                 prior = torch.where(moving, mu * prior, prior)
                 use_prior = torch.where(nesterov, mu * prior, prior)
                 state_out -= (phi * eta) @ torch.where(mu != 0, use_prior, 0.0)
-        else:
-            opt_state = step.optimizer_state
-            keys = [
-                "max_exp_avg_sq" if hyper["amsgrad"][group_of[nm]] else "exp_avg_sq" for nm in names
-            ]
-            size = {nm: path.param_shapes[nm].numel() for nm in names}
-            one = torch.ones(1, dtype=torch.float64)  # (no state yet: never stepped, η = 0)
-            v = torch.cat(
-                [
-                    opt_state.get(k, {}).get(nm, one.expand(size[nm])).reshape(-1).double()
-                    for k, nm in zip(keys, names, strict=True)
-                ]
+        elif kind == "adagrad":  # Δ = −η' G / (sqrt(sum) + ε): no state carried
+            scale = eta * _divisors(path, step, kind)[0]
+            contributions -= (phi * scale) @ part.T
+            decay_out -= (phi * scale) @ (lam * w)
+        elif kind == "rmsprop":  # the buffer b = μ b + G / (sqrt(q) + ε), from zeros
+            D = _divisors(path, step, kind)[0]
+            mu = _per_coordinate(path, hyper.get("momentum", [0.0] * len(step.hyper)))
+            moving = active & (mu != 0)  # (momentum 0 at a step: the buffer is left alone)
+            coupled = lam * w
+            state = torch.where(moving, mu * state + D * part, state)
+            decay_state = torch.where(moving, mu * decay_state + D * coupled, decay_state)
+            use = torch.where(moving, state, D * part)
+            contributions -= (phi * eta) @ use.T
+            decay_out -= (phi * eta) @ torch.where(moving, decay_state, D * coupled)
+            if prior is not None:
+                prior = torch.where(moving, mu * prior, prior)
+                state_out -= (phi * eta) @ torch.where(moving, prior, 0.0)
+        else:  # a first moment m = β1 m + (1 − β1) G; Δ = −η (Dm m + Dg G) − η λ' w
+            Dm, Dg = _divisors(path, step, kind)
+            default = kind == "adamw"
+            decoupled = _per_coordinate(
+                path, [float(h.get("decoupled_weight_decay", default)) for h in step.hyper]
             )
-            steps = torch.cat(
-                [opt_state.get("step", {}).get(nm, one).double().expand(size[nm]) for nm in names]
-            )
+            coupled = (1.0 - decoupled) * lam * w
             beta1 = _per_coordinate(path, [b[0] for b in hyper["betas"]])
-            beta2 = _per_coordinate(path, [b[1] for b in hyper["betas"]])
-            eps = _per_coordinate(path, hyper["eps"])
-            D = 1.0 / ((1 - beta1**steps) * (torch.sqrt(v / (1 - beta2**steps)) + eps))
-            coupled = torch.zeros(d, dtype=torch.float64) if kind == "adamw" else lam * w
             carry = torch.where(active, beta1, 1.0)
             state = carry * state + (1 - carry) * part
             decay_state = carry * decay_state + (1 - carry) * coupled
-            contributions -= (phi * eta * D) @ state.T
-            decay_out -= (phi * eta * D) @ decay_state
+            contributions -= (phi * eta * Dm) @ state.T + (phi * eta * Dg) @ part.T
+            decay_out -= (phi * eta * Dm) @ decay_state + (phi * eta * Dg) @ coupled
+            decay_out -= phi @ (eta * decoupled * lam * w)
             if prior is not None:  # the carried first moment decays by β1 each step
                 prior = carry * prior
-                state_out -= (phi * eta * D) @ prior
-            if kind == "adamw":
-                decay_out -= phi @ (eta * lam * w)
+                state_out -= (phi * eta * Dm) @ prior
     return {
         "contributions": contributions,
         "weight_decay": decay_out,

@@ -312,14 +312,47 @@ def test_frozen_parameters_are_not_recorded():
 
 def test_other_optimizers_are_recorded_as_approximate(tmp_path):
     model = small_mlp()
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01)
+    optimizer = torch.optim.Rprop(model.parameters(), lr=0.01)
     loader = DataLoader(indexed_dataset(), batch_size=8)
     with pk.PathRecorder(model, optimizer, store=tmp_path / "s") as recorder:
         expected = train(model, optimizer, loader, recorder, epochs=1)
     path = pk.TrainingPath.load(tmp_path / "s")
     assert path.optimizer["kind"] == "other" and not path.optimizer["exact"]
-    assert path.approximate and "RMSprop" in path.approximate_reasons[0]
+    assert path.approximate and "Rprop" in path.approximate_reasons[0]
     assert torch.equal(path.params(3)["2.weight"], expected["params"][3]["2.weight"])
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "kept"),
+    [
+        (lambda p: torch.optim.RMSprop(p, centered=True), "rmsprop", {"square_avg", "grad_avg"}),
+        (lambda p: torch.optim.Adagrad(p), "adagrad", {"sum", "step"}),
+        (lambda p: torch.optim.Adamax(p), "adamax", {"exp_inf", "step"}),
+        (lambda p: torch.optim.NAdam(p), "nadam", {"exp_avg_sq", "mu_product", "step"}),
+        (lambda p: torch.optim.RAdam(p), "radam", {"exp_avg_sq", "step"}),
+    ],
+)
+def test_optimizers_with_an_exact_rule_keep_what_it_divides_by(tmp_path, make, kind, kept):
+    """What each step divides by (second moments, sums, infinity norms) and the step counts,
+    read back after every step as the optimizer held them after it."""
+    model = small_mlp()
+    optimizer = make(model.parameters())
+    loader = DataLoader(indexed_dataset(), batch_size=8)
+    after = []
+    with pk.PathRecorder(model, optimizer, store=tmp_path / "s") as recorder:
+        for x, y, _ in recorder.watch(loader):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            after.append({k: v.clone() for k, v in optimizer.state[model[2].weight].items()})
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert path.optimizer["kind"] == kind and path.optimizer["exact"] and not path.approximate
+    for s, held in enumerate(after):
+        state = path.step(s).optimizer_state
+        assert set(state) == kept
+        for key in kept:  # (scalars, step counts and NAdam's mu_product, in float64)
+            assert torch.equal(state[key]["2.weight"], held[key].to(state[key]["2.weight"].dtype))
+            assert state[key]["2.weight"].shape == held[key].shape
 
 
 def test_float64_model_is_recorded_in_float64_and_dtype_can_be_chosen():

@@ -38,7 +38,7 @@ from .curvature import Curvature, product
 from .exact import Engine
 from .features import FeatureCache
 from .outputs import OutputFn
-from .rules import make_rule
+from .rules import RULES, make_rule
 from .steps import _check_finite, example_weights
 
 
@@ -184,5 +184,5 @@ def refuse(mode: str, reasons: list[str]) -> None:
     raise UnsupportedError(
         "counterfactual scores differentiate every recorded optimizer step, but this "
         f"explainer runs in {mode} mode ({why}): record the run with PathRecorder(every=1) "
-        "and an SGD, Adam or AdamW optimizer"
+        f"and an optimizer that has an exact rule ({', '.join(RULES)})"
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..engine.rules import RULES, unsupported
 from ..exceptions import (
     CorruptStoreError,
     NotAStoreError,
@@ -83,18 +84,37 @@ def load_path(
 def resolve_mode(path: TrainingPath, mode: str) -> str:
     """The mode an explainer runs in: ``mode``, or for ``"auto"`` what the path allows.
 
+    A recorded path whose optimizer has no exact rule (an optimizer pk_attrib has no rule for,
+    or an option its rule does not model) runs in checkpoint mode under ``"auto"``, with a
+    `PkAttribWarning` that names the optimizer and says checkpoint mode is approximate.
+
     Raises:
         UnsupportedError: ``mode="exact"`` on a path exact mode cannot explain.
     """
-    exact_ok = not path.approximate and (path.optimizer or {}).get("exact", False)
+    no_rule = unsupported(path) if path.optimizer else None
+    exact_ok = not path.approximate and no_rule is None
     if mode == "auto":
+        if no_rule is not None:
+            warnings.warn(
+                f"{no_rule}, so this path is explained in checkpoint mode (TracIn at the "
+                "recorded snapshots), which is approximate: the contributions need not add up "
+                "to the output's change (`delta` says by how much). For an exact "
+                f"decomposition, train with an optimizer that has an exact rule "
+                f"({', '.join(RULES)}) and its modelled options; pass mode='checkpoint' to "
+                "choose checkpoint mode without this warning",
+                PkAttribWarning,
+                stacklevel=3,
+            )
         return "exact" if exact_ok else "checkpoint"
     if mode == "exact" and not exact_ok:
-        reasons = "; ".join(path.approximate_reasons) or "the optimizer has no exact rule"
+        reasons = list(path.approximate_reasons)
+        if no_rule is not None and (path.optimizer or {}).get("exact", False):
+            reasons.append(no_rule)  # (the recorder noted an optimizer without a rule)
         raise UnsupportedError(
-            f"exact mode needs a path recorded at every step with SGD, Adam or AdamW, but "
-            f"this one is approximate ({reasons}): use mode='checkpoint', or record with "
-            "every=1"
+            f"exact mode needs a path recorded at every step with an optimizer that has an "
+            f"exact rule ({', '.join(RULES)}), but this one is approximate "
+            f"({'; '.join(reasons) or 'the optimizer has no rule'}): use mode='checkpoint'"
+            + ("" if no_rule else ", or record with every=1")
         )
     return mode
 

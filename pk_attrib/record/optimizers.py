@@ -19,7 +19,7 @@ from ..exceptions import StoreMismatchError
 class OptimizerKind(str, enum.Enum):
     """Optimizer families pk_attrib knows.
 
-    ``SGD``, ``ADAM`` and ``ADAMW`` have exact decomposition rules (see docs/mathematics.md).
+    Every kind but ``OTHER`` has an exact decomposition rule (see docs/mathematics.md).
     ``OTHER`` is any other optimizer: it is recorded all the same, but only the
     approximate (checkpoint) mode can explain it.
     """
@@ -27,6 +27,11 @@ class OptimizerKind(str, enum.Enum):
     SGD = "sgd"
     ADAM = "adam"
     ADAMW = "adamw"
+    RMSPROP = "rmsprop"
+    ADAGRAD = "adagrad"
+    ADAMAX = "adamax"
+    NADAM = "nadam"
+    RADAM = "radam"
     OTHER = "other"
 
     @property
@@ -40,16 +45,54 @@ HYPER_KEYS = {
     OptimizerKind.SGD: ("momentum", "dampening", "nesterov", "weight_decay", "maximize"),
     OptimizerKind.ADAM: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
     OptimizerKind.ADAMW: ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    OptimizerKind.RMSPROP: (
+        "alpha",
+        "eps",
+        "momentum",
+        "centered",
+        "weight_decay",
+        "maximize",
+    ),  # fmt: skip
+    OptimizerKind.ADAGRAD: (
+        "lr_decay",
+        "eps",
+        "weight_decay",
+        "initial_accumulator_value",
+        "maximize",
+    ),  # fmt: skip
+    OptimizerKind.ADAMAX: ("betas", "eps", "weight_decay", "maximize"),
+    OptimizerKind.NADAM: (
+        "betas",
+        "eps",
+        "weight_decay",
+        "momentum_decay",
+        "decoupled_weight_decay",
+        "maximize",
+    ),  # fmt: skip
+    OptimizerKind.RADAM: ("betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"),
 }
-# Optimizer state an exact rule reads back at every recorded step, by family (Adam's second
-# moments and step counts: with them fixed, a step is linear in its gradients).
+# Optimizer state an exact rule reads back at every recorded step, by family: what the step
+# divides by (second moments, Adagrad's sum, Adamax's infinity norm) and the step counts (and
+# NAdam's product of momentum coefficients). With them fixed, a step is linear in its
+# gradients; the first moment or momentum buffer, linear in the gradients, is not recorded.
 STATE_AFTER_STEP = {
     OptimizerKind.ADAM: ("exp_avg_sq", "max_exp_avg_sq", "step"),
     OptimizerKind.ADAMW: ("exp_avg_sq", "max_exp_avg_sq", "step"),
+    OptimizerKind.RMSPROP: ("square_avg", "grad_avg"),
+    OptimizerKind.ADAGRAD: ("sum", "step"),
+    OptimizerKind.ADAMAX: ("exp_inf", "step"),
+    OptimizerKind.NADAM: ("exp_avg_sq", "mu_product", "step"),
+    OptimizerKind.RADAM: ("exp_avg_sq", "step"),
 }
+# State kept as one number per parameter (a 0-dim tensor), not one per coordinate.
+SCALAR_STATE = frozenset({"step", "mu_product"})
 # State an optimizer may already hold when the recording begins: kept once, since its effect
-# on the outputs is a term of its own (not an example's doing).
-INITIAL_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+# on the outputs is a term of its own (not an example's doing), and counterfactual scores
+# linearize the first recorded step at it.
+INITIAL_STATE = (
+    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg",
+    "sum", "exp_inf", "mu_product", "step",
+)  # fmt: skip
 # Keys torch's LR schedulers (and SWALR) add to param groups: bookkeeping, not step options
 # (the values they set, lr, momentum and betas, are recorded per step).
 SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
@@ -57,6 +100,15 @@ SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_moment
 SCHEDULED_KEYS = {"momentum", "betas"}
 # Keys that describe how a step is computed, not what it computes.
 _IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}
+
+# (exact classes only: a subclass may change the update)
+_KINDS = {
+    torch.optim.RMSprop: OptimizerKind.RMSPROP,
+    torch.optim.Adagrad: OptimizerKind.ADAGRAD,
+    torch.optim.Adamax: OptimizerKind.ADAMAX,
+    torch.optim.NAdam: OptimizerKind.NADAM,
+    torch.optim.RAdam: OptimizerKind.RADAM,
+}
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
@@ -68,7 +120,7 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
             g.get("decoupled_weight_decay", False) for g in optimizer.param_groups
         )
         return OptimizerKind.ADAMW if decoupled else OptimizerKind.ADAM
-    return OptimizerKind.OTHER
+    return _KINDS.get(type(optimizer), OptimizerKind.OTHER)
 
 
 def _jsonable(value: Any) -> Any:

@@ -62,8 +62,8 @@ class PathRecorder:
     Args:
         model: The model being trained. Its parameters that the optimizer updates are
             recorded by name; frozen parameters are not.
-        optimizer: The optimizer. SGD (all options), Adam and AdamW get exact
-            decompositions; any other optimizer is recorded for approximate modes only.
+        optimizer: The optimizer. Those with an exact rule (SGD, Adam, RMSprop, ...: see
+            `OptimizerKind`) get exact decompositions; any other is recorded all the same.
         store: A folder to write the path to, or None to keep it in memory. An existing
             store is continued (resume) when the model's parameters equal its final or last
             recorded ones; otherwise it is refused (see ``truncate``).

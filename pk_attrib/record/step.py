@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .optimizers import STATE_AFTER_STEP
+from .optimizers import SCALAR_STATE, STATE_AFTER_STEP
 
 if TYPE_CHECKING:  # (a step belongs to its path; the path builds its steps)
     from .path import TrainingPath
 
-# Optimizer terms recorded after a step (Adam/AdamW), by tensor-key prefix.
+# Optimizer terms recorded after a step (Adam, RMSprop, ...), by tensor-key prefix.
 STATE_KEYS = tuple(dict.fromkeys(k for keys in STATE_AFTER_STEP.values() for k in keys))
 
 
@@ -128,8 +128,11 @@ class Step:
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer terms recorded after the step: ``{"exp_avg_sq": {name: tensor}, ...}``.
 
-        Adam/AdamW record ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad) and ``step``;
-        SGD records nothing. Empty when nothing was recorded.
+        What the optimizer's rule divides by, and step counts (`STATE_AFTER_STEP`): Adam/AdamW
+        record ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad) and ``step``, RMSprop
+        ``square_avg`` (and ``grad_avg`` when centered), Adagrad ``sum`` and ``step``, Adamax
+        ``exp_inf`` and ``step``, NAdam ``exp_avg_sq``, ``mu_product`` and ``step``, RAdam
+        ``exp_avg_sq`` and ``step``; SGD records nothing. Empty when nothing was recorded.
         """
         raw, backend = self.raw_steps[0], self._path._backend
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -137,7 +140,7 @@ class Step:
             found = {n: backend.tensor(raw, f"{key}/{n}") for n in self._path.param_names}
             found = {n: t for n, t in found.items() if t is not None}
             for n, t in found.items():  # (a step count is a scalar)
-                shape = torch.Size([]) if key == "step" else self._path.param_shapes[n]
+                shape = torch.Size([]) if key in SCALAR_STATE else self._path.param_shapes[n]
                 self._path._checked(t, raw, f"{key}/{n}", shape)
             if found:
                 out[key] = found

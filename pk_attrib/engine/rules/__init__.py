@@ -14,11 +14,20 @@ from __future__ import annotations
 from ...exceptions import CorruptStoreError, UnsupportedError
 from ...record.optimizers import SCHEDULER_KEYS
 from ...record.path import TrainingPath
+from .adagrad import AdagradRule
 from .adam import AdamRule
+from .adamax import AdamaxRule
 from .base import GroupVectors, Rule
+from .nadam import NAdamRule
+from .radam import RAdamRule
+from .rmsprop import RMSpropRule
 from .sgd import SGDRule
 
-RULES: dict[str, type[Rule]] = {kind: rule for rule in (SGDRule, AdamRule) for kind in rule.KINDS}
+RULES: dict[str, type[Rule]] = {
+    kind: rule
+    for rule in (SGDRule, AdamRule, RMSpropRule, AdagradRule, AdamaxRule, NAdamRule, RAdamRule)
+    for kind in rule.KINDS
+}
 
 
 def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Rule:
@@ -36,22 +45,18 @@ def make_rule(path: TrainingPath, vectors: GroupVectors, names: list[str]) -> Ru
     return rule_for(path)(path, vectors, names, path.optimizer["kind"])
 
 
-def rule_for(path: TrainingPath) -> type[Rule]:
-    """The rule class that explains the path's optimizer, its settings checked.
+def unsupported(path: TrainingPath) -> str | None:
+    """Why the path's optimizer has no exact rule, naming it; None when it has one.
 
-    Raises:
-        UnsupportedError: The optimizer (or one of its options) has no exact rule.
-        CorruptStoreError: Its hyperparameters are not what the rule reads.
+    Either the optimizer has no rule (``RULES``), or a param group sets an option its rule
+    does not model to a value other than its default.
     """
     optimizer = path.optimizer or {}
     kind = optimizer.get("kind")
+    name = str(optimizer.get("class", kind)).rpartition(".")[2]
     rule = RULES.get(kind)
     if rule is None:
-        raise UnsupportedError(
-            f"optimizer {optimizer.get('class', kind)} has no exact decomposition rule "
-            f"(exact rules: {', '.join(RULES)}): use mode='checkpoint'"
-        )
-    _check_hyper(path, rule)
+        return f"the optimizer {name} has no exact decomposition rule"
     for g, group in enumerate(optimizer["groups"]):
         unknown = {
             k
@@ -59,10 +64,26 @@ def rule_for(path: TrainingPath) -> type[Rule]:
             if k not in rule.OPTIONS and k not in SCHEDULER_KEYS and v not in (None, False, 0, 0.0)
         }
         if unknown:
-            raise UnsupportedError(
-                f"param group {g} uses {sorted(unknown)}, which the exact {kind} rule does not "
-                "model: use mode='checkpoint'"
+            return (
+                f"param group {g} of the optimizer {name} uses {sorted(unknown)}, which the "
+                f"exact {kind} rule does not model"
             )
+    return None
+
+
+def rule_for(path: TrainingPath) -> type[Rule]:
+    """The rule class that explains the path's optimizer, its settings checked.
+
+    Raises:
+        UnsupportedError: The optimizer (or one of its options) has no exact rule.
+        CorruptStoreError: Its hyperparameters are not what the rule reads.
+    """
+    rule = RULES.get((path.optimizer or {}).get("kind"))
+    if rule is not None:  # (damaged settings first: they are no missing feature)
+        _check_hyper(path, rule)
+    why = unsupported(path)
+    if why is not None:
+        raise UnsupportedError(f"{why} (exact rules: {', '.join(RULES)}): use mode='checkpoint'")
     return rule
 
 
@@ -91,4 +112,18 @@ def _bad(what: str, path: TrainingPath) -> CorruptStoreError:
     )
 
 
-__all__ = ["RULES", "AdamRule", "GroupVectors", "Rule", "SGDRule", "make_rule", "rule_for"]
+__all__ = [
+    "RULES",
+    "AdagradRule",
+    "AdamRule",
+    "AdamaxRule",
+    "GroupVectors",
+    "NAdamRule",
+    "RAdamRule",
+    "RMSpropRule",
+    "Rule",
+    "SGDRule",
+    "make_rule",
+    "rule_for",
+    "unsupported",
+]

@@ -36,6 +36,7 @@ from torch.func import vjp, vmap
 
 from ...exceptions import UnsupportedError
 from ...record.path import Step, TrainingPath
+from .recorded import RecordedState
 
 # Steps whose check may wait for the state before them (each holds four (d,) vectors).
 _MAX_WAITING = 8
@@ -127,7 +128,7 @@ class Hyper:
         return number(value)
 
 
-class Rule:
+class Rule(RecordedState):
     """Base class: the backward adjoint sweep and the one-step reconstruction check.
 
     Call `begin(s, step, phi, w)` for s = S−1, ..., 0, then `finish_step` with the
@@ -418,6 +419,26 @@ class Rule:
             A tuple of `counterfactual_state` (d,) tensors.
         """
         raise NotImplementedError
+
+    def _flat_state(self, found: dict[str, torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+        """(d,): the named tensors, ``fill`` for a parameter that has none."""
+        shapes = self.path.param_shapes
+        parts = [
+            found[n].reshape(-1) if n in found else torch.full((shapes[n].numel(),), fill)
+            for n in self._names
+        ]
+        return torch.cat(parts).to(self.vec.device, self.vec.dtype)
+
+    @staticmethod
+    def _state_before(step: Step, previous: Step | None) -> dict[str, dict[str, torch.Tensor]]:
+        """The recorded optimizer state before the step, by key and parameter name.
+
+        What the recorder kept after the step before, or before the recording began (for
+        step 0); nothing for a fresh state.
+        """
+        if step.fresh_state:
+            return {}
+        return previous.optimizer_state if previous is not None else step.initial_state
 
     def step_vjp(self, step: Step, point: tuple, cot_w, cot_state: tuple, frozen: bool = False):
         """Vector-Jacobian product of `step_map` at ``point`` for n adjoints at once.
