@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import pk_attrib as pk
-from pk_attrib.engine.exact import WARN_RECONSTRUCTION
+from pk_attrib.engine.steps import WARN_RECONSTRUCTION
 from pk_attrib.testing import reference_decomposition
 
 F64 = torch.float64

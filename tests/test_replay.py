@@ -294,3 +294,23 @@ def test_the_captum_methods_agree_with_attribute_on_a_batchnorm_path():
     torch.testing.assert_close(
         scores, expected, rtol=1e-7, atol=1e-10 * float(expected.abs().max())
     )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.RMSprop(p, lr=0.002, momentum=0.5, centered=True),
+        lambda p: torch.optim.Adagrad(p, lr=0.02),
+        lambda p: torch.optim.NAdam(p, lr=0.005),
+        lambda p: torch.optim.RAdam(p, lr=0.005),
+    ],
+    ids=["rmsprop", "adagrad", "nadam", "radam"],
+)
+def test_dropout_under_the_other_exact_optimizers(make):
+    torch.manual_seed(10)
+    model = dropout_mlp()
+    x, y = _digits(32)
+    data = TensorDataset(x, y)
+    path = _record(model, make(model.parameters()), data, F.cross_entropy)
+    qx, qy = _digits(2, offset=1500)
+    _check_exact(model, data, path, torch.nn.CrossEntropyLoss(), qx, qy, q=8)

@@ -154,3 +154,15 @@ def test_a_store_recorded_every_k_steps_resumes(tmp_path):
     ).attribute(x[:2], target=y[:2])
     assert float(dec.relative_delta.max()) <= 1e-8
     assert float(dec.diagnostics.max_reconstruction_error) < 1e-10
+
+
+def test_an_optimizer_whose_steps_are_not_replayed_is_approximate_every_k_steps():
+    """RMSprop is exact every step, but sparse replay covers SGD, Adam and AdamW only: an
+    every=7 path of it says it is approximate and why, and is explained in checkpoint mode."""
+    model, data, path = _run(lambda p: torch.optim.RMSprop(p, lr=0.01), every=7, epochs=1)
+    assert path.approximate
+    assert any("RMSprop" in reason for reason in path.approximate_reasons)
+    explainer = pk.PathKernelInfluence(
+        model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    assert explainer.mode == "checkpoint"

@@ -111,6 +111,15 @@ _KINDS = {
 }
 
 
+# Optimizers whose steps between snapshots a path recorded with ``every > 1`` can replay
+REPLAYABLE = frozenset({OptimizerKind.SGD, OptimizerKind.ADAM, OptimizerKind.ADAMW})
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class name, for messages."""
+    return type(optimizer).__name__
+
+
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
     """Classify an optimizer into an `OptimizerKind`."""
     if type(optimizer) is torch.optim.SGD:

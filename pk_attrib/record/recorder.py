@@ -41,11 +41,13 @@ from .capture import ForwardState, running_statistics
 from .guards import check_learning_rates, check_parameters
 from .optimizers import (
     INITIAL_STATE,
+    REPLAYABLE,
     STATE_AFTER_STEP,
     describe_optimizer,
     group_hyper,
     group_lr,
     optimizer_kind,
+    optimizer_name,
     state_tensors,
 )
 from .path import TrainingPath
@@ -163,15 +165,19 @@ class PathRecorder:
         self._raw = 0
 
         reasons = []
-        if every > 1 and not self._kind.exact:
-            reasons.append(f"every={every}: a snapshot of one step in {every}")
+        replayable = every > 1 and self._kind in REPLAYABLE
+        if every > 1 and not replayable:
+            reasons.append(
+                f"every={every}: a snapshot of one step in {every} ({optimizer_name(optimizer)}'s "
+                "steps between snapshots are not replayed)"
+            )
         if not self._kind.exact:
             reasons.append(description["note"])
         # (the parameters give names, shapes and dtypes: no copy needed)
         fresh = new_manifest(self._params, description, dataset_size, every, dtype)
         fresh.update(approximate=bool(reasons), approximate_reasons=reasons)
         fresh["buffers"] = list(self._forward.buffers)
-        if every > 1 and self._kind.exact:  # the steps between snapshots can be replayed
+        if replayable:  # the steps between snapshots can be replayed
             fresh["replayable"] = True
 
         if self.store is None:
