@@ -6,6 +6,7 @@ the float64 reference. Tiny models built in code, data made in code, nothing dow
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -248,6 +249,88 @@ def test_a_trainer_run_recorded_by_the_callback_is_explained_exactly(tmp_path, o
         ).attribute(queries, target=target, output_fn=logit)  # fmt: skip
 
 
+class LossInside(torch.nn.Module):
+    """A model whose forward takes no **kwargs and computes its loss (mean over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).to(F64)
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return (
+            logits
+            if labels is None
+            else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        )
+
+
+def test_a_model_without_kwargs_has_its_micro_batch_losses_averaged(tmp_path, offline):
+    """The Trainer divides each micro-batch's loss by the number of micro-batches of the step
+    (2, 2, then 1 an epoch here): accumulation="mean", and neither "sum" nor a fixed 2."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N_HF, 5, generator=g, dtype=F64), torch.randint(0, 3, (N_HF,), generator=g)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return N_HF
+
+        def __getitem__(self, i):
+            return {"x": x[i], "labels": y[i], "id": i}
+
+    torch.manual_seed(0)
+    model = LossInside()
+    callback = pk.integrations.hf.PathRecorderCallback()
+    trainer = hf_trainer(
+        model, Items(), tmp_path, callback,
+        num_train_epochs=3, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
+    )  # fmt: skip
+    trainer.train()
+    path = callback.path
+    assert [len(s.batch_sizes) for s in path] == [2, 2, 1] * 3
+    model.eval()
+    data, loss_fn = TensorDataset(x, y), torch.nn.CrossEntropyLoss()
+    dec = pk.PathKernelInfluence(
+        model, data, path, loss_fn, accumulation="mean", show_progress=False
+    ).attribute(x[:2], target=y[:2])
+    assert float(dec.relative_delta.max()) <= 1e-6
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+    for wrong in ("sum", 2):
+        with pytest.warns(pk.ReconstructionWarning):
+            pk.PathKernelInfluence(
+                model, data, path, loss_fn, accumulation=wrong, show_progress=False
+            ).attribute(x[:2], target=y[:2])
+
+
+def test_the_trainer_announces_clipping_and_a_mid_epoch_resume_says_what_to_do(tmp_path, offline):
+    ids, labels = hf_data()
+    callback = pk.integrations.hf.PathRecorderCallback()
+    trainer = hf_trainer(
+        tiny_bert(), HFItems(ids, labels), tmp_path, callback,
+        max_grad_norm=1.0, max_steps=1, save_strategy="steps", save_steps=1,
+    )  # fmt: skip
+    with pytest.warns(pk.PkAttribWarning, match="max_grad_norm=1.0"):
+        trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert len(callback.path) == 1 and checkpoint.is_dir()
+    # resumed one step into an epoch of 3 steps, the Trainer skips that step's batches with
+    # a new DataLoader: the callback cannot know their indices and says what to do
+    callback = pk.integrations.hf.PathRecorderCallback()
+    trainer = hf_trainer(tiny_bert(), HFItems(ids, labels), tmp_path, callback, num_train_epochs=1)
+    with pytest.raises(pk.RecordingError, match="ignore_data_skip=True"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    callback = pk.integrations.hf.PathRecorderCallback()
+    trainer = hf_trainer(
+        tiny_bert(), HFItems(ids, labels), tmp_path, callback, num_train_epochs=1,
+        ignore_data_skip=True,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert len(callback.path) == 2  # steps 2 and 3 of the epoch, from its first batches on
+    assert [s.batch_sizes.tolist() for s in callback.path] == [[4, 4], [4, 4]]
+
+
 # -- Lightning ------------------------------------------------------------------------------------
 
 N_PL = 30
@@ -299,7 +382,6 @@ def pl_trainer(callback, **kwargs):
     )
 
 
-@pytest.mark.usefixtures("tmp_path")
 @LIGHTNING_NOISE[0]
 @LIGHTNING_NOISE[1]
 def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly():
@@ -333,3 +415,90 @@ def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly():
     ref = reference_decomposition(module, data, path, loss_fn, x[:3], y[:3], q=4)
     scale = ref["contributions"].abs().amax(1, keepdim=True)  # (κ = 1/|B| there: halve it)
     assert float(((dec.contributions - ref["contributions"] / 2).abs() / scale).max()) <= 1e-8
+
+
+@LIGHTNING_NOISE[0]
+@LIGHTNING_NOISE[1]
+def test_loaders_from_train_dataloader_reloaded_and_an_epoch_cut_short_are_exact():
+    """The module makes a new DataLoader each epoch (reload_dataloaders_every_n_epochs=1), and
+    in epoch 1 its on_train_batch_start returns -1 on the second batch of a group: the group's
+    first batch ran, then Lightning ended the epoch without a step (and zeroes the gradients
+    at the next epoch's first batch), so neither batch belongs to a step."""
+    data = pl_data()
+    x, y = data.tensors
+    fed = {}  # (epoch, batch_idx) -> the dataset indices training_step got
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(100 + self.current_epoch)
+        return DataLoader(data, batch_size=4, shuffle=True, generator=g)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if (self.current_epoch, batch_idx) == (1, 3) else None
+
+    def training_step(self, batch, batch_idx):
+        rows = (batch[0][:, None] == x[None]).all(-1).nonzero()[:, 1]
+        fed[self.current_epoch, batch_idx] = rows
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    module = lightning_module(
+        train_dataloader=train_dataloader,
+        on_train_batch_start=on_train_batch_start,
+        training_step=training_step,
+    )
+    callback = pk.integrations.lightning.PathRecorderCallback()
+    trainer = pl_trainer(
+        callback, max_epochs=3, accumulate_grad_batches=2, reload_dataloaders_every_n_epochs=1
+    )
+    trainer.fit(module)
+    assert "train_dataloader" not in module.__dict__  # the module's own hook again
+    path = callback.path
+    assert len(fed) == 8 + 3 + 8 and (1, 3) not in fed
+    assert len(path) == 4 + 1 + 4
+    stepped = [rows for key, rows in fed.items() if key != (1, 2)]
+    assert torch.equal(torch.cat([s.indices for s in path]), torch.cat(stepped))
+    module.eval()
+    dec = pk.PathKernelInfluence(
+        module, data, path, torch.nn.CrossEntropyLoss(), accumulation=2, show_progress=False
+    ).attribute(x[:2], target=y[:2])
+    assert float(dec.relative_delta.max()) <= 1e-6
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
+
+
+@LIGHTNING_NOISE[0]
+@LIGHTNING_NOISE[1]
+def test_lightning_clipping_is_announced_and_several_loaders_are_refused():
+    data = pl_data()
+    loader = DataLoader(data, batch_size=10)
+    callback = pk.integrations.lightning.PathRecorderCallback()
+    with pytest.warns(pk.PkAttribWarning, match="gradient clipping"):
+        pl_trainer(callback, max_epochs=1, gradient_clip_val=0.5).fit(lightning_module(), loader)
+    assert len(callback.path) == 3
+    callback = pk.integrations.lightning.PathRecorderCallback()
+    with pytest.raises(pk.RecordingError, match="not one torch DataLoader"):
+        pl_trainer(callback, max_epochs=1).fit(lightning_module(), [loader, loader])
+
+
+# -- the guide page's scripts ---------------------------------------------------------------------
+
+GUIDE = os.path.join(os.path.dirname(__file__), "..", "docs", "guide", "integrations.md")
+
+
+def guide_script(framework):
+    """The complete script of docs/guide/integrations.md that imports `framework`."""
+    with open(GUIDE, encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    (script,) = [b for b in blocks if b.startswith("import") and framework in b.split("\n\n")[0]]
+    return script
+
+
+@pytest.mark.parametrize("framework", ["transformers", "lightning"])
+@LIGHTNING_NOISE[0]
+@LIGHTNING_NOISE[1]
+def test_the_guide_scripts_run_and_are_exact(framework, tmp_path, monkeypatch, capsys, offline):
+    pytest.importorskip(framework)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(guide_script(framework), GUIDE, "exec"), {"__name__": "__main__"})
+    steps, delta = re.search(r"(\d+) steps; relative delta (\S+)", capsys.readouterr().out).groups()
+    assert int(steps) == {"transformers": 9, "lightning": 24}[framework]
+    assert float(delta) <= 1e-6
