@@ -24,12 +24,19 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from ..exceptions import PkAttribWarning, RecordingError
 from ..record.path import TrainingPath
 from ..record.recorder import PathRecorder
 from ..record.sampling import LoaderTap
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # the framework is an optional extra
+    raise ImportError(
+        "pk_attrib.integrations.hf needs transformers: pip install 'pk-attrib[integrations]' "
+        f"({exc})"
+    ) from exc
 
 _RESUME_HINT = (
     ". The Trainer does so when it resumes from a checkpoint in the middle of an epoch (it "

@@ -24,13 +24,20 @@ import os
 import warnings
 from typing import Any
 
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
 from ..exceptions import PkAttribWarning, RecordingError
 from ..record.path import TrainingPath
 from ..record.recorder import PathRecorder
 from ..record.sampling import LoaderTap
+
+try:
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule
+except ImportError as exc:  # the framework is an optional extra
+    raise ImportError(
+        "pk_attrib.integrations.lightning needs lightning: pip install 'pk-attrib[integrations]' "
+        f"({exc})"
+    ) from exc
 
 
 class PathRecorderCallback(Callback):
