@@ -175,7 +175,7 @@ def tiny_bert():
     return transformers.BertForSequenceClassification(config).to(F64)
 
 
-def hf_trainer(model, data, tmp_path, callback, **args):
+def hf_trainer(model, data, tmp_path, callback, eval_dataset=None, **args):
     transformers = pytest.importorskip("transformers")
     defaults = dict(
         per_device_train_batch_size=4,
@@ -195,7 +195,11 @@ def hf_trainer(model, data, tmp_path, callback, **args):
     )
     arguments = transformers.TrainingArguments(output_dir=str(tmp_path), **{**defaults, **args})
     return transformers.Trainer(
-        model=model, args=arguments, train_dataset=data, callbacks=[callback]
+        model=model,
+        args=arguments,
+        train_dataset=data,
+        eval_dataset=eval_dataset,
+        callbacks=[callback],
     )
 
 
@@ -306,6 +310,42 @@ def test_a_model_without_kwargs_has_its_micro_batch_losses_averaged(tmp_path, of
             pk.PathKernelInfluence(
                 model, data, path, loss_fn, accumulation=wrong, show_progress=False
             ).attribute(x[:2], target=y[:2])
+
+
+def test_the_path_ends_at_the_last_step_when_the_trainer_loads_its_best_checkpoint(
+    tmp_path, offline
+):
+    """load_best_model_at_end loads an earlier checkpoint after the last step, before
+    on_train_end: the path still ends at the weights the last step reached."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N_HF, 5, generator=g, dtype=F64), torch.randint(0, 3, (N_HF,), generator=g)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return N_HF
+
+        def __getitem__(self, i):
+            return {"x": x[i], "labels": y[i]}
+
+    torch.manual_seed(0)
+    model = LossInside()
+    callback = pk.integrations.hf.PathRecorderCallback()
+    trainer = hf_trainer(
+        model, Items(), tmp_path, callback, eval_dataset=Items(), num_train_epochs=3,
+        optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", eval_strategy="epoch",
+        save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,  # the worst epoch: the first, not the last
+    )  # fmt: skip
+    trainer.train()
+    path = callback.path
+    assert not torch.equal(path.final["net.0.weight"], model.net[0].weight)  # epoch 1's
+    path.load_into(model)
+    model.eval()
+    dec = pk.PathKernelInfluence(
+        model, TensorDataset(x, y), path, torch.nn.CrossEntropyLoss(), accumulation="mean",
+        show_progress=False,
+    ).attribute(x[:2], target=y[:2])  # fmt: skip
+    assert dec.diagnostics.max_reconstruction_error < 1e-10
 
 
 def test_the_trainer_announces_clipping_and_a_mid_epoch_resume_says_what_to_do(tmp_path, offline):

@@ -49,9 +49,12 @@ class PathRecorderCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` that records the run with a `PathRecorder`.
 
     The recorder is created when training begins (``on_train_begin``: the Trainer's model and
-    optimizer exist then) and closed when it ends; ``callback.recorder`` and ``callback.path``
-    give it and its path afterwards. Every optimizer step gets the dataset indices of its
-    micro-batches, gradient accumulation included.
+    optimizer exist then) and closed after the last step; ``callback.recorder`` and
+    ``callback.path`` give it and its path afterwards. Every optimizer step gets the dataset
+    indices of its micro-batches, gradient accumulation included. The path ends at the
+    weights the last step reached: with ``load_best_model_at_end`` the Trainer then loads an
+    earlier checkpoint, so load the path's final weights back (``callback.path.load_into(model)``)
+    before explaining.
 
     What stays exact: the Trainer computes the loss inside the model (its mean over the
     micro-batch, for the models' own losses), and with gradient accumulation it either
@@ -128,8 +131,22 @@ class PathRecorderCallback(TrainerCallback):
         if not (control.should_epoch_stop or control.should_training_stop):
             self._next_batch()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        """After the last step, close the recorder (see `on_epoch_end`)."""
+        if control.should_training_stop:
+            self._finish()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """After the last step, close the recorder: the path ends at the weights it reached.
+
+        Closing waits no longer: with ``load_best_model_at_end`` the Trainer then loads an
+        earlier checkpoint into the model, before ``on_train_end``.
+        """
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            self._finish()
+
     def on_train_end(self, args, state, control, **kwargs):
-        """Close the recorder (the path ends at the final weights) and untap the DataLoader."""
+        """Close the recorder if still open, and untap the DataLoader."""
         self._finish()
 
     # -----------------------------------------------------------------------------------------
