@@ -204,12 +204,15 @@ def hf_trainer(model, data, tmp_path, callback, eval_dataset=None, **args):
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def hf(monkeypatch):
+    """HF's Trainer (skipped without transformers and accelerate), kept offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    pytest.importorskip("accelerate")
+    return pytest.importorskip("transformers")
 
 
-def test_a_trainer_run_recorded_by_the_callback_is_explained_exactly(tmp_path, offline):
+def test_a_trainer_run_recorded_by_the_callback_is_explained_exactly(tmp_path, hf):
     """AdamW, linear warm-up from lr 0, gradient accumulation 2 (5 micro-batches an epoch:
     groups of 2, 2, 1), columns the model does not take: 18 steps, exact."""
     ids, labels = hf_data()
@@ -275,7 +278,7 @@ class LossInside(torch.nn.Module):
         )
 
 
-def test_a_model_without_kwargs_has_its_micro_batch_losses_averaged(tmp_path, offline):
+def test_a_model_without_kwargs_has_its_micro_batch_losses_averaged(tmp_path, hf):
     """The Trainer divides each micro-batch's loss by the number of micro-batches of the step
     (2, 2, then 1 an epoch here): accumulation="mean", and neither "sum" nor a fixed 2."""
     g = torch.Generator().manual_seed(0)
@@ -312,9 +315,7 @@ def test_a_model_without_kwargs_has_its_micro_batch_losses_averaged(tmp_path, of
             ).attribute(x[:2], target=y[:2])
 
 
-def test_the_path_ends_at_the_last_step_when_the_trainer_loads_its_best_checkpoint(
-    tmp_path, offline
-):
+def test_the_path_ends_at_the_last_step_when_the_trainer_loads_its_best_checkpoint(tmp_path, hf):
     """load_best_model_at_end loads an earlier checkpoint after the last step, before
     on_train_end: the path still ends at the weights the last step reached."""
     g = torch.Generator().manual_seed(1)
@@ -348,7 +349,7 @@ def test_the_path_ends_at_the_last_step_when_the_trainer_loads_its_best_checkpoi
     assert dec.diagnostics.max_reconstruction_error < 1e-10
 
 
-def test_the_trainer_announces_clipping_and_a_mid_epoch_resume_says_what_to_do(tmp_path, offline):
+def test_the_trainer_announces_clipping_and_a_mid_epoch_resume_says_what_to_do(tmp_path, hf):
     ids, labels = hf_data()
     callback = pk.integrations.hf.PathRecorderCallback()
     trainer = hf_trainer(
@@ -378,6 +379,12 @@ def test_the_trainer_announces_clipping_and_a_mid_epoch_resume_says_what_to_do(t
 # -- Lightning ------------------------------------------------------------------------------------
 
 N_PL = 30
+
+
+@pytest.fixture
+def pl():
+    """Lightning (skipped without it)."""
+    return pytest.importorskip("lightning.pytorch")
 
 
 def lightning_module(**hooks):
@@ -427,7 +434,7 @@ def pl_trainer(callback, **kwargs):
 
 
 @LIGHTNING_NOISE
-def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly():
+def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly(pl):
     """SGD with momentum, accumulate_grad_batches=2 over 8 batches an epoch (the last one of
     2 examples), 5 epochs: 20 steps, each with the indices the seeded sampler drew."""
     data = pl_data()
@@ -461,7 +468,7 @@ def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly():
 
 
 @LIGHTNING_NOISE
-def test_loaders_from_train_dataloader_reloaded_and_an_epoch_cut_short_are_exact():
+def test_loaders_from_train_dataloader_reloaded_and_an_epoch_cut_short_are_exact(pl):
     """The module makes a new DataLoader each epoch (reload_dataloaders_every_n_epochs=1), and
     in epoch 1 its on_train_batch_start returns -1 on the second batch of a group: the group's
     first batch ran, then Lightning ended the epoch without a step (and zeroes the gradients
@@ -507,7 +514,7 @@ def test_loaders_from_train_dataloader_reloaded_and_an_epoch_cut_short_are_exact
 
 
 @LIGHTNING_NOISE
-def test_lightning_clipping_is_announced_and_several_loaders_are_refused():
+def test_lightning_clipping_is_announced_and_several_loaders_are_refused(pl):
     data = pl_data()
     loader = DataLoader(data, batch_size=10)
     callback = pk.integrations.lightning.PathRecorderCallback()
@@ -535,7 +542,9 @@ def guide_script(framework):
 
 @pytest.mark.parametrize("framework", ["transformers", "lightning"])
 @LIGHTNING_NOISE
-def test_the_guide_scripts_run_and_are_exact(framework, tmp_path, monkeypatch, capsys, offline):
+def test_the_guide_scripts_run_and_are_exact(framework, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("accelerate" if framework == "transformers" else "lightning.pytorch")
     pytest.importorskip(framework)
     monkeypatch.chdir(tmp_path)
     exec(compile(guide_script(framework), GUIDE, "exec"), {"__name__": "__main__"})
