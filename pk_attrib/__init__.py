@@ -49,7 +49,7 @@ def __getattr__(name: str):
         from .explain.explainer import PathKernelInfluence
 
         return PathKernelInfluence
-    if name in ("testing", "viz"):  # pk.testing / pk.viz without importing them first
+    if name in ("integrations", "testing", "viz"):  # pk.viz etc. without importing them first
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

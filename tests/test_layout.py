@@ -51,6 +51,8 @@ ALLOWED = {
     "record": {"record", "exceptions"},
     "engine": {"engine", "record", "exceptions", "decomposition"},
     "explain": {"explain", "engine", "record", "exceptions", "decomposition"},
+    # framework callbacks drive a PathRecorder (docs/architecture.md)
+    "integrations": {"integrations", "record", "exceptions"},
 }
 
 
