@@ -157,7 +157,7 @@ def logit(outputs, target):
     return outputs.logits.gather(1, target.reshape(-1, 1))[:, 0]
 
 
-def tiny_bert():
+def tiny_bert(dropout=0.0):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=V,
@@ -167,8 +167,8 @@ def tiny_bert():
         intermediate_size=32,
         max_position_embeddings=L,
         num_labels=3,
-        hidden_dropout_prob=0.0,  # dropout is not replayed yet
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         attn_implementation="eager",  # (torch.func.vmap has no batching rule for CPU SDPA)
     )
     torch.manual_seed(0)
@@ -214,9 +214,10 @@ def hf(monkeypatch):
 
 def test_a_trainer_run_recorded_by_the_callback_is_explained_exactly(tmp_path, hf):
     """AdamW, linear warm-up from lr 0, gradient accumulation 2 (5 micro-batches an epoch:
-    groups of 2, 2, 1), columns the model does not take: 18 steps, exact."""
+    groups of 2, 2, 1), columns the model does not take, dropout 0.1 (hidden and attention
+    probabilities, replayed): 18 steps, exact."""
     ids, labels = hf_data()
-    model = tiny_bert()
+    model = tiny_bert(dropout=0.1)
     seen = []  # the input_ids of each training forward, in order
 
     def note(module, args, kwargs):
@@ -250,7 +251,7 @@ def test_a_trainer_run_recorded_by_the_callback_is_explained_exactly(tmp_path, h
     assert float(dec.relative_delta.max()) <= 1e-6
     assert dec.diagnostics.max_reconstruction_error < 1e-10
     ref = reference_decomposition(
-        model, train, path, logits_loss, queries, target, q=4, output_fn=logit
+        model, train, path, logits_loss, queries, target, q=4, output_fn=logit, replay=True
     )
     scale = ref["contributions"].abs().amax(1, keepdim=True)
     assert float(((dec.contributions - ref["contributions"]).abs() / scale).max()) <= 1e-8
@@ -388,15 +389,16 @@ def pl():
     return pytest.importorskip("lightning.pytorch")
 
 
-def lightning_module(**hooks):
+def lightning_module(dropout=0.0, **hooks):
     pl = pytest.importorskip("lightning.pytorch")
 
     class Classifier(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Sequential(
-                torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
-            ).to(F64)
+                torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                torch.nn.Linear(8, 3),
+            ).to(F64)  # fmt: skip
 
         def forward(self, x):
             return self.net(x)
@@ -437,9 +439,10 @@ def pl_trainer(callback, **kwargs):
 @LIGHTNING_NOISE
 def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly(pl):
     """SGD with momentum, accumulate_grad_batches=2 over 8 batches an epoch (the last one of
-    2 examples), 5 epochs: 20 steps, each with the indices the seeded sampler drew."""
+    2 examples), 5 epochs, dropout 0.2 (replayed): 20 steps, each with the indices the seeded
+    sampler drew."""
     data = pl_data()
-    module = lightning_module()
+    module = lightning_module(dropout=0.2)
     loader = DataLoader(
         data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)
     )
@@ -463,7 +466,7 @@ def test_a_lightning_run_recorded_by_the_callback_is_explained_exactly(pl):
     dec = explainer.attribute(x[:3], target=y[:3])
     assert float(dec.relative_delta.max()) <= 1e-6
     assert dec.diagnostics.max_reconstruction_error < 1e-10
-    ref = reference_decomposition(module, data, path, loss_fn, x[:3], y[:3], q=4)
+    ref = reference_decomposition(module, data, path, loss_fn, x[:3], y[:3], q=4, replay=True)
     scale = ref["contributions"].abs().amax(1, keepdim=True)  # (κ = 1/|B| there: halve it)
     assert float(((dec.contributions - ref["contributions"] / 2).abs() / scale).max()) <= 1e-8
 
