@@ -85,6 +85,8 @@ class Engine(TrainingSteps):
         # the steps' forward passes rerun as training ran them (see `prepare_replay`)
         self.replay: Replay | None = None
         self.replay_why = ""
+        # a sweep whose work is split over ranks (pk_attrib.explain.distributed), while it runs
+        self.shard = None
 
     def _forward(self, w, inputs, target, output_fn) -> torch.Tensor:
         return self._forward_and_scale(w, inputs, target, output_fn)[0]
@@ -166,7 +168,7 @@ class Engine(TrainingSteps):
         _check_finite(prediction, "output of the final model", S, self.p.path)
         f_initial = self._forward(fm.flatten(path.initial), inputs, target, output_fn)
         share = quad.rtol * (prediction - f_initial).abs() / max(S, 1)
-        integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
+        integrator = StepIntegrator(fm, quad, inputs, target, output_fn, self.shard)
         phi_delta = zeros.clone()
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
@@ -176,7 +178,7 @@ class Engine(TrainingSteps):
         # steps integrated per batched call: their query gradients (2 nodes a step at first)
         # and training gradients stay within a working set the allocator recycles; larger
         # ones fault in fresh pages
-        per_step = n * fm.d * dtype.itemsize
+        per_step = (n if self.shard is None else self.shard.rows) * fm.d * dtype.itemsize
         block = max(1, min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step)))
         example_bytes = fm.d_active * dtype.itemsize  # a training gradient
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
@@ -214,7 +216,9 @@ class Engine(TrainingSteps):
             if columns is not None:
                 keep = (indices >= first) & (indices < last)
                 indices, kappa = indices[keep] - first, kappa[keep.to(device)]
-                if not len(indices) and rule.memoryless(step):
+                # (sharded over columns: whether the step credits any rank's)
+                credits = len(indices) > 0 if self.shard is None else self.shard.credits(step)
+                if not credits and rule.memoryless(step):
                     # nothing to attribute here and no state to carry: skip the query side
                     rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)
                     w_next, f_next, m_next = w_full, f_s, m_s

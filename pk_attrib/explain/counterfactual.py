@@ -24,6 +24,7 @@ from ..engine.rules import make_rule
 from ..engine.scores import negative_loss
 from ..exceptions import UnsupportedError
 from . import arguments, data
+from .distributed import split
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
 PathKernelInfluence = Any
@@ -111,16 +112,23 @@ def rows(
     try:
         for a in range(0, n, size):
             part = slice(a, a + size)
-            yield counterfactual(
-                explainer._engine,
-                take(queries, part),
-                None if target is None else take(target, part),
-                output_fn,
-                hessian,
-                projector=explainer._projector if projected else None,
-                features=features,
-                own=None if own is None else own[part],
-            )
+            block = take(queries, part), None if target is None else take(target, part)
+            mine = None if own is None else own[part]
+
+            def work(rows: slice, block=block, mine=mine) -> torch.Tensor:  # (ranks: a share)
+                return counterfactual(
+                    explainer._engine,
+                    take(block[0], rows),
+                    None if block[1] is None else take(block[1], rows),
+                    output_fn,
+                    hessian,
+                    projector=explainer._projector if projected else None,
+                    features=features,
+                    own=None if mine is None else mine[rows],
+                )
+
+            what = "computing counterfactual scores"
+            yield split(explainer._engine, n_rows(block[0]), work, what, *block, mine)
     finally:
         if explainer._features is not None:
             explainer._features.flush()

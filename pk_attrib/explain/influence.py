@@ -18,6 +18,7 @@ from ..engine import scores, tracin
 from ..engine.batches import n_rows, take
 from ..engine.projection import ProjectorKind
 from . import data
+from .distributed import split
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
 PathKernelInfluence = Any
@@ -144,9 +145,15 @@ def self_influence(
         and path.optimizer["kind"] == "sgd"
         and all(float(h.get("momentum", 0.0)) == 0.0 for step in path for h in step.hyper)
     )
-    if rule_free:
-        return scores.exact_self_influence_plain_sgd(
-            engine, indices, output_fn, explainer.quadrature
+    if rule_free:  # (ranks: a share of the examples each)
+        return split(
+            engine,
+            len(indices),
+            lambda rows: scores.exact_self_influence_plain_sgd(
+                engine, indices[rows], output_fn, explainer.quadrature
+            ),
+            "computing self-influence",
+            indices,
         )
     size = max(1, int((explainer.memory_budget / (8 * explainer.dtype.itemsize)) ** 0.5))
     size = min(
