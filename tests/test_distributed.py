@@ -193,3 +193,28 @@ def test_without_a_process_group_nothing_changes(tmp_path):
     recorder.close()
     with pytest.raises(ValueError, match="use None, True or False"):
         pk.PathRecorder(model, opt, distributed="yes")
+
+
+def test_the_world_size_divides_each_ranks_accumulation(tmp_path):
+    from pk_attrib.explain.distributed import world_accumulation
+
+    model = runs.mlp()
+    opt = runs.optimizer(model)
+    x, y = runs.train_set().tensors
+    with pk.PathRecorder(model, opt, store=tmp_path / "s", dataset_size=runs.N_TRAIN) as rec:
+        rec.record_batch([0, 1])
+        torch.nn.functional.cross_entropy(model(x[:2]), y[:2]).backward()
+        opt.step()
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert [world_accumulation(path, a) for a in ("sum", "mean", 3)] == ["sum", "mean", 3]
+    path.manifest["world_size"] = 4
+    assert [world_accumulation(path, a) for a in ("sum", "mean", 3)] == [4, "mean", 12]
+    # a store recorded on 4 ranks resumes on 4 only; a world size below 1 is damage
+    manifest = tmp_path / "s" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"every": 1', '"every": 1, "world_size": 4'))
+    with pytest.raises(pk.StoreMismatchError, match="recorded on 4 rank"):
+        pk.PathRecorder(model, opt, store=tmp_path / "s")
+    manifest.write_text(text.replace('"every": 1', '"every": 1, "world_size": 0'))
+    with pytest.raises(pk.CorruptStoreError, match="world_size"):
+        pk.TrainingPath.load(tmp_path / "s")
