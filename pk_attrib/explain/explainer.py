@@ -71,7 +71,8 @@ class PathKernelInfluence(DataInfluence):
         accumulation: With gradient accumulation, ``"sum"`` (each micro-batch's loss was
             back-propagated as is), ``"mean"`` (divided by the number of micro-batches of
             its step), or an int n (divided by n, as ``loss / n_accum`` does, also in a
-            shorter last group).
+            shorter last group). Under DDP, what each rank's loop did: the path's
+            ``world_size`` adds DDP's average over the ranks.
         mode: ``"exact"``, ``"checkpoint"``, or ``"auto"`` (exact when the path allows it).
         quadrature: ``"adaptive"`` (default), ``"left"``, ``"midpoint"``, or an int number
             of Gauss–Legendre nodes; see `pk_attrib.Quadrature`.
