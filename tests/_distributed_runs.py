@@ -149,6 +149,8 @@ def explain_all(explainer):
     out["self"] = explainer.self_influence()
     out["self_contribution"] = explainer.self_influence(score="contribution")
     out["counterfactual"] = explainer.counterfactual(q4, target=y4)
+    top = explainer.influence((q20, y20), k=10, score="counterfactual")
+    out["top_counterfactual"] = (top.indices, top.influence_scores)
     return out
 
 

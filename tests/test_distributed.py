@@ -153,7 +153,7 @@ def test_sharded_scores_equal_one_process(ranks, one_process, rank):
         close(got, want, 1e-12)
     assert torch.equal(found["attribute_nodes"], expected["attribute_nodes"])
     assert found["attribute_evals"] == expected["attribute_evals"]
-    for key in ("top40", "top4"):  # by queries, and by training examples
+    for key in ("top40", "top4", "top_counterfactual"):  # by queries; by training examples
         assert torch.equal(found[key][0], expected[key][0])
         close(found[key][1], expected[key][1], 1e-12)
     for key in ("cosine4", "self", "self_contribution", "counterfactual"):

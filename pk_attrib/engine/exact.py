@@ -217,7 +217,8 @@ class Engine(TrainingSteps):
                 keep = (indices >= first) & (indices < last)
                 indices, kappa = indices[keep] - first, kappa[keep.to(device)]
                 # (sharded over columns: whether the step credits any rank's)
-                credits = len(indices) > 0 if self.shard is None else self.shard.credits(step)
+                credits = len(indices) > 0
+                credits = credits if self.shard is None else self.shard.credits(step, credits)
                 if not credits and rule.memoryless(step):
                     # nothing to attribute here and no state to carry: skip the query side
                     rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)

@@ -107,10 +107,16 @@ class Shard:
         """Whether every rank's queries' flags hold (one status round)."""
         return self.ranks.status(self.what, bool(flags.all()))
 
-    def credits(self, step) -> bool:
-        """Whether the step's batch holds an example of the caller's whole block."""
+    def credits(self, step, here: bool) -> bool:
+        """Whether the step's batch holds an example of the caller's whole block.
+
+        Args:
+            step: The step.
+            here: Whether it holds one of this rank's columns (the answer when the sweep's
+                columns are the caller's, the same on every rank).
+        """
         if self.columns is None:
-            return True
+            return here
         a, b = self.columns
         return bool(((step.indices >= a) & (step.indices < b)).any())
 
@@ -167,6 +173,24 @@ class ShardedEngine(Engine):
         sizes = [_share(n, self.ranks.size, r) for r in range(self.ranks.size)]
         return self._gather(part, [b - a for a, b in sizes], 0, what)
 
+    def plan(self, n: int, columns: tuple[int, int] | None, projected: bool) -> str | None:
+        """How a sweep of n queries over ``columns`` is split: "queries", "columns" or None.
+
+        By queries when every rank gets one and the query side is the larger (2 n >= B, the
+        first step's batch), or when only queries can be split (no columns: the bias needs
+        the whole training side; a projection keeps each step's features whole); by columns
+        when a block of at least R columns is asked for; else not at all.
+        """
+        if self.shard is not None:  # (inside a split sweep: its share is this rank's)
+            return None
+        size = self.ranks.size
+        batch = len(self.p.path.step(0).indices) if len(self.p.path) else 0
+        if n >= size and (2 * n >= batch or columns is None or projected):
+            return "queries"
+        if columns is not None and columns[1] - columns[0] >= size and not projected:
+            return "columns"
+        return None
+
     def exact(
         self,
         inputs,
@@ -183,11 +207,8 @@ class ShardedEngine(Engine):
         """`Engine.exact`, its work split by queries or by columns (the module docstring)."""
         sweep = super().exact
         n, size, rank = n_rows(inputs), self.ranks.size, self.ranks.rank
-        batch = len(self.p.path.step(0).indices) if len(self.p.path) else 0
-        width = None if columns is None else columns[1] - columns[0]
-        by_queries = n >= size and (2 * n >= batch or columns is None or projector is not None)
-        by_columns = not by_queries and width is not None and width >= size and projector is None
-        if self.shard is not None or not (by_queries or by_columns):
+        how = self.plan(n, columns, projector is not None)
+        if how is None:
             return sweep(
                 inputs, target, output_fn, quad, kernel, columns, projector, features,
                 reconstruct, norms,
@@ -196,7 +217,7 @@ class ShardedEngine(Engine):
         shard = Shard(self.ranks, n, columns, what)
         check = fingerprint(inputs, target, torch.tensor(columns or (0, 0)))
         mine = {} if norms is not None else None
-        if by_queries:
+        if how == "queries":
             lo, hi = _share(n, size, rank)
             rows = slice(lo, hi)
 
@@ -213,7 +234,8 @@ class ShardedEngine(Engine):
                 norms["query"] = self._gather(mine["query"], counts, 0, what)
                 norms["train"] = mine["train"]  # (the same on every rank)
             return self._gather(out, counts, 0, what)
-        a, _ = columns
+        a, b = columns
+        width = b - a
         lo, hi = _share(width, size, rank)
 
         def work():
@@ -249,6 +271,8 @@ class ShardedEngine(Engine):
         """Every rank's ``part`` concatenated along ``dim`` (their sizes there: ``counts``)."""
         if part is None:
             return None
+        if isinstance(part, (tuple, list)):  # (top-k indices and values)
+            return type(part)(self._gather(p, counts, dim, what) for p in part)
         if isinstance(part, Decomposition):
             return self._gather_decomposition(part, counts, what)
         moved = part.movedim(dim, 0)
@@ -293,3 +317,17 @@ def split(engine: Engine, n: int, work: Callable[[slice], T], what: str, *args: 
     if not isinstance(engine, ShardedEngine):
         return work(slice(0, n))
     return engine.split(n, work, what, fingerprint(*args))
+
+
+def split_stream(
+    engine: Engine, n: int, n_train: int, work: Callable[[slice], T], what: str, *args: Any
+) -> T:
+    """`split` for work streamed over blocks of columns (a top-k), when its plan is by queries.
+
+    Each rank then streams its own rows through every block, and only the (m, k) results
+    cross ranks; otherwise ``work`` runs on all rows, its sweeps split as they plan (by
+    columns). Not for projected scores, whose query chunks would differ between ranks.
+    """
+    if isinstance(engine, ShardedEngine) and engine.plan(n, (0, n_train), False) == "queries":
+        return split(engine, n, work, what, *args)
+    return work(slice(0, n))

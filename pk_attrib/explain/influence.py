@@ -18,7 +18,7 @@ from ..engine import scores, tracin
 from ..engine.batches import n_rows, take
 from ..engine.projection import ProjectorKind
 from . import data
-from .distributed import split
+from .distributed import split, split_stream
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
 PathKernelInfluence = Any
@@ -97,9 +97,18 @@ def influence(
                 results.append(block(0, n_train))
                 continue
             size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
-            results.append(
-                scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
-            )
+            if explainer._projector.kind is not ProjectorKind.IDENTITY:
+                results.append(
+                    scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
+                )
+                continue
+
+            def top(rows: slice, q=queries, y=labels, size=size):  # (ranks: their rows)
+                mine = scores_block(explainer, take(q, rows), take(y, rows), output_fn, {}, score)
+                return scores.stream_top_k(mine, n_train, int(k), proponents, size, show_progress)
+
+            n, what = n_rows(queries), "computing the top-k"
+            results.append(split_stream(explainer._engine, n, n_train, top, what, queries, labels))
     finally:
         explainer._problem.show_progress = previous
         if explainer._features is not None:
