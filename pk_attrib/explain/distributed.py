@@ -14,9 +14,10 @@ split by training examples, n q + B / R. So:
   check) is computed on every rank. The adaptive quadrature decides a step's node count from
   every query at once, so the ranks take each such decision together (`Shard.all`, one small
   collective per decision): each rank gets the nodes one process holding all the queries
-  would use, and so its numbers. This serves `attribute`, `influence` (with and without
-  ``k``: each rank's rows hold their whole top-k, nothing to merge), and the contribution
-  ``self_influence`` (whose queries are the training examples: by queries is by examples).
+  would use, and so its numbers. This serves `attribute`, `influence` (with ``k``, each rank
+  streams its rows through every block of columns, so only the (n, k) results cross ranks
+  and there is nothing to merge: `split_stream`; without, each block is split by rows), and
+  the contribution ``self_influence`` (its queries are the training examples).
 - **By training examples** when a sweep covers a block of columns (``influence``, cosine
   scores, the contribution self-influence blocks) for fewer queries than that: each rank runs
   the whole query side and the gradients and contributions of its share of the block's
@@ -152,6 +153,10 @@ class ShardedEngine(Engine):
     def __init__(self, problem: Problem, ranks: Ranks):
         super().__init__(problem)
         self.ranks = ranks
+        # what sizes the sweeps' blocks and chunks must be the same on every rank
+        fm = problem.fm
+        settings = [fm.memory_budget, fm.d, fm.d_active, fm.dtype.itemsize, self.n_train]
+        ranks.same([*settings, len(problem.path)], "the explainer's settings (memory_budget, ...)")
 
     def split(self, n: int, work: Callable[[slice], T], what: str, check: list[float]) -> T:
         """``work(rows)`` on this rank's share of n queries; the whole result on every rank.
