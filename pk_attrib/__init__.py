@@ -16,6 +16,7 @@ from .engine.projection import ProjectorKind
 from .engine.quadrature import Quadrature
 from .exceptions import (
     CorruptStoreError,
+    DistributedError,
     FormatVersionError,
     IndexOutOfRangeError,
     LossReductionError,
@@ -60,6 +61,7 @@ __all__ = [
     "CorruptStoreError",
     "Decomposition",
     "Diagnostics",
+    "DistributedError",
     "FormatVersionError",
     "IndexOutOfRangeError",
     "LossReductionError",

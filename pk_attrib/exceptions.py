@@ -49,6 +49,14 @@ class UnsupportedError(PkAttribError, NotImplementedError):
     """The requested computation has no exact rule for this path or optimizer."""
 
 
+class DistributedError(PkAttribError, RuntimeError):
+    """The ranks of a distributed recording or attribution lost each other or disagree.
+
+    A rank died or stopped calling in (the others fail instead of waiting, bounded by the
+    process group's timeout), another rank raised an error, or the ranks made different calls.
+    """
+
+
 class PkAttribWarning(UserWarning):
     """Base class of pk_attrib warnings."""
 

@@ -19,6 +19,7 @@ PUBLIC = [
     "CorruptStoreError",
     "Decomposition",
     "Diagnostics",
+    "DistributedError",
     "FormatVersionError",
     "IndexOutOfRangeError",
     "LossReductionError",

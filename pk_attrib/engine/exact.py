@@ -86,6 +86,8 @@ class Engine(TrainingSteps):
         # the steps' forward passes rerun as training ran them (see `prepare_replay`)
         self.replay: Replay | None = None
         self.replay_why = ""
+        # a sweep whose work is split over ranks (pk_attrib.explain.distributed), while it runs
+        self.shard = None
 
     def _moving_buffers(self) -> MovingBuffers | None:
         """The buffers' part of each step, when the path's buffers move (BatchNorm)."""
@@ -195,7 +197,7 @@ class Engine(TrainingSteps):
                 buffers_term += rest
             w_next, f_next, m_next = w_full, f_s, m_s
 
-        integrator = StepIntegrator(fm, quad, inputs, target, output_fn)
+        integrator = StepIntegrator(fm, quad, inputs, target, output_fn, self.shard)
         phi_delta = zeros.clone()
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
@@ -205,7 +207,7 @@ class Engine(TrainingSteps):
         # steps integrated per batched call: their query gradients (2 nodes a step at first)
         # and training gradients stay within a working set the allocator recycles; larger
         # ones fault in fresh pages
-        per_step = n * fm.d * dtype.itemsize
+        per_step = (n if self.shard is None else self.shard.rows) * fm.d * dtype.itemsize
         block = max(1, min(16, BLOCK_BYTES // (2 * per_step), fm.memory_budget // (12 * per_step)))
         if moving is not None:  # each step's query gradients at its own buffers
             block = 1
@@ -248,7 +250,10 @@ class Engine(TrainingSteps):
             if columns is not None:
                 keep = (indices >= first) & (indices < last)
                 indices, kappa = indices[keep] - first, kappa[keep.to(device)]
-                if not len(indices) and rule.memoryless(step):
+                # (sharded over columns: whether the step credits any rank's)
+                credits = len(indices) > 0
+                credits = credits if self.shard is None else self.shard.credits(step, credits)
+                if not credits and rule.memoryless(step):
                     # nothing to attribute here and no state to carry: skip the query side
                     rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)
                     step_done(s, step, w_full, f_s, m_s, tol, keep, indices)

@@ -102,7 +102,9 @@ class QuadratureRule:
 class StepIntegrator:
     """Computes φ_s for all queries, checking it against the exact output change."""
 
-    def __init__(self, fm: FunctionalModel, rule: QuadratureRule, inputs, target, output_fn):
+    def __init__(
+        self, fm: FunctionalModel, rule: QuadratureRule, inputs, target, output_fn, shard=None
+    ):
         self.fm = fm
         self.rule = rule
         self.inputs = inputs
@@ -115,6 +117,13 @@ class StepIntegrator:
         self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefetched: dict[int, tuple[torch.Tensor, int]] = {}
         self.climbs = 0  # steps whose first rule failed (their prefetched rule was wasted)
+        # a sweep whose queries are split over ranks (pk_attrib.explain.distributed): they
+        # take each decision together (shard.all), as one process holding every query would
+        self.shard = shard
+
+    def _all(self, flags: torch.Tensor) -> bool:
+        """Whether every query's flag holds (on every rank, in a sharded sweep)."""
+        return bool(flags.all()) if self.shard is None else self.shard.all(flags)
 
     def retarget(self, inputs, target) -> None:
         """Integrate for other queries from now on, starting from the rung reached so far.
@@ -158,6 +167,8 @@ class StepIntegrator:
 
     def _phi(self, w: torch.Tensor, delta: torch.Tensor, nodes, weights) -> torch.Tensor:
         n = n_rows(self.inputs)
+        if n == 0:  # (a rank of a sharded sweep with none of the step's queries)
+            return torch.zeros(0, self.fm.d_active, dtype=self.fm.dtype, device=self.fm.device)
         per_node = max(
             1, self.fm.memory_budget // max(1, 3 * n * self.fm.d_active * self.fm.dtype.itemsize)
         )
@@ -222,12 +233,12 @@ class StepIntegrator:
                 phi = self._phi(w, delta, *gauss_legendre(q))
             err = (phi @ d_delta - exact_change).abs()
             tol = torch.maximum(rule.rtol * exact_change.abs(), scale)
-            if bool((err <= tol).all()):
+            if self._all(err <= tol):
                 return phi, q
             # rounding of φ·Δ itself (a dot product of d terms) bounds what nodes can achieve
             noise = eps * (self.fm.d_active**0.5) * (phi.abs() @ d_delta.abs())
-            stalled = previous is not None and bool((err > 0.5 * previous).any())
-            if stalled and bool((err <= torch.maximum(tol, 4 * noise)).all()):
+            stalled = previous is not None and not self._all(~(err > 0.5 * previous))
+            if stalled and self._all(err <= torch.maximum(tol, 4 * noise)):
                 self._rung = start  # limited by rounding, not by the rule: do not stay up
                 return phi, q
             if self._rung == len(LADDER) - 1:

@@ -171,7 +171,8 @@ def exact_self_influence_plain_sgd(
         total = output_fn(fm.outputs(w_next, inputs), labels)
         total = total - output_fn(fm.outputs(w_first, inputs), labels)
         share[part.to(fm.device)] = quad.rtol * total.abs() / max(len(path), 1)
-    integrator = StepIntegrator(fm, quad, (), None, output_fn)  # one rung, carried over steps
+    # one rung, carried over steps (sharded: on every rank's share of the examples together)
+    integrator = StepIntegrator(fm, quad, (), None, output_fn, engine.shard)
     for s in tqdm(range(len(path) - 1, -1, -1), desc="steps", disable=not p.show_progress):
         step = path.step(s)
         w = fm.flatten(step.params)
@@ -179,7 +180,8 @@ def exact_self_influence_plain_sgd(
         w_next = w
         rows = position[step.indices]
         keep = rows >= 0
-        if not bool(keep.any()):
+        none = ~keep.any()  # (sharded: skipped when no rank has one of its examples here)
+        if bool(none) if engine.shard is None else engine.shard.all(none):
             continue
         members = step.indices[keep]
         kappa = engine.kappa(step)[keep.to(fm.device)]

@@ -9,6 +9,7 @@ through every recorded step; here the explainer's queries are cut into blocks th
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..engine.rules import make_rule
 from ..engine.scores import negative_loss
 from ..exceptions import UnsupportedError
 from . import arguments, data
+from .distributed import split
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
 PathKernelInfluence = Any
@@ -91,6 +93,7 @@ def rows(
     hessian: Curvature,
     own: torch.Tensor | None = None,
     project: bool = True,
+    reduce=None,
 ) -> Iterator[torch.Tensor]:
     """The scores of the queries, block by block: (block, n_train) each, or (block,) with own.
 
@@ -102,6 +105,8 @@ def rows(
         hessian: The curvature.
         own: Each query's own training index (n,), for self-influence.
         project: Use the explainer's projection, if it has one.
+        reduce: Applied to each block's scores where they are computed (a top-k: ranks
+            then exchange its result, not the scores).
     """
     check(explainer)
     projected = project and explainer._projector.kind is not ProjectorKind.IDENTITY
@@ -111,16 +116,24 @@ def rows(
     try:
         for a in range(0, n, size):
             part = slice(a, a + size)
-            yield counterfactual(
-                explainer._engine,
-                take(queries, part),
-                None if target is None else take(target, part),
-                output_fn,
-                hessian,
-                projector=explainer._projector if projected else None,
-                features=features,
-                own=None if own is None else own[part],
-            )
+            block = take(queries, part), None if target is None else take(target, part)
+            mine = None if own is None else own[part]
+
+            def work(rows: slice, block=block, mine=mine) -> torch.Tensor:  # (ranks: a share)
+                found = counterfactual(
+                    explainer._engine,
+                    take(block[0], rows),
+                    None if block[1] is None else take(block[1], rows),
+                    output_fn,
+                    hessian,
+                    projector=explainer._projector if projected else None,
+                    features=features,
+                    own=None if mine is None else mine[rows],
+                )
+                return found if reduce is None else reduce(found)
+
+            what = "computing counterfactual scores"
+            yield split(explainer._engine, n_rows(block[0]), work, what, *block, mine)
     finally:
         if explainer._features is not None:
             explainer._features.flush()
@@ -163,14 +176,14 @@ def _influence(explainer, inputs, k, proponents, aggregate):
     for batch in batches:
         queries, labels = explainer._split_batch(batch, explainer.test_loss_fn)
         curvature = explainer.hessian or DEFAULT_HESSIAN
-        for block in rows(explainer, queries, labels, output_fn, curvature):
+        reduce = None if aggregate or k is None else functools.partial(_top, k, proponents)
+        for block in rows(explainer, queries, labels, output_fn, curvature, reduce=reduce):
             if aggregate:
                 total += block.sum(0)
             elif k is None:
                 full.append(block)
             else:
-                found = torch.topk(block, min(int(k), n_train), dim=1, largest=proponents)
-                top.append((found.indices, found.values))
+                top.append(block)
     if aggregate:
         if k is None:
             return total[None]
@@ -179,6 +192,12 @@ def _influence(explainer, inputs, k, proponents, aggregate):
     if k is None:
         return torch.cat(full)
     return KMostInfluentialResults(torch.cat([t[0] for t in top]), torch.cat([t[1] for t in top]))
+
+
+def _top(k: int, largest: bool, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, values)`` of each row's k highest (lowest) scores, each (m, k)."""
+    found = torch.topk(block, min(k, block.shape[1]), dim=1, largest=largest)
+    return found.indices, found.values
 
 
 def scores(explainer: PathKernelInfluence, inputs, target, output_fn, hessian) -> torch.Tensor:

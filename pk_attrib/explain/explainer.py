@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..decomposition import Decomposition
 from ..engine import tracin
 from ..engine.batches import n_rows, take
-from ..engine.exact import Engine, warn_unconverged
+from ..engine.exact import warn_unconverged
 from ..engine.features import FeatureCache
 from ..engine.functional import FunctionalModel
 from ..engine.outputs import OutputFn
@@ -35,6 +35,7 @@ from ..record.path import TrainingPath
 from ..record.store import HASH
 from ..record.wrappers import module_for
 from . import arguments, counterfactual, data, influence, sources
+from .distributed import make_engine, world_accumulation, writes_cache
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -71,7 +72,8 @@ class PathKernelInfluence(DataInfluence):
         accumulation: With gradient accumulation, ``"sum"`` (each micro-batch's loss was
             back-propagated as is), ``"mean"`` (divided by the number of micro-batches of
             its step), or an int n (divided by n, as ``loss / n_accum`` does, also in a
-            shorter last group).
+            shorter last group). Under DDP, what each rank's loop did: the path's
+            ``world_size`` adds DDP's average over the ranks.
         mode: ``"exact"``, ``"checkpoint"``, or ``"auto"`` (exact when the path allows it).
         quadrature: ``"adaptive"`` (default), ``"left"``, ``"midpoint"``, or an int number
             of Gauss–Legendre nodes; see `pk_attrib.Quadrature`.
@@ -105,6 +107,10 @@ class PathKernelInfluence(DataInfluence):
             ``"exact"`` for `counterfactual` and `influence` (it predicted retraining best on
             benchmarks/bench_lds.py), ``"fisher"`` for `self_influence` (it found mislabeled
             examples best there, and costs least with every training example as a query).
+        distributed: When a process group of several ranks is initialised (torchrun), None
+            (default) splits the work of every call over the ranks, each returning the whole
+            result; every rank must then make the same calls. False: this process works
+            alone (one explainer per rank on purpose). See docs/guide/distributed.md.
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class PathKernelInfluence(DataInfluence):
         feature_dtype: torch.dtype = torch.float32,
         cache_features: bool = True,
         hessian: str | None = None,
+        distributed: bool | None = None,
     ):
         if loss_fn is None:
             raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
@@ -167,6 +174,7 @@ class PathKernelInfluence(DataInfluence):
                 "divided each micro-batch's loss by"
             )
         accumulation = int(accumulation) if fixed else accumulation
+        accumulation = world_accumulation(self.path, accumulation)  # (DDP: mean over ranks)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
         self.mode = sources.resolve_mode(self.path, mode)
@@ -216,7 +224,7 @@ class PathKernelInfluence(DataInfluence):
             accumulation,
             show_progress,
         )
-        self._engine = Engine(self._problem)
+        self._engine = make_engine(self._problem, distributed)
         if self.mode == "exact" and self.path.every > 1:  # steps between snapshots replayed
             self._problem.path = replayed_path(self.path, self._engine)
         if self.mode == "exact":  # dropout, BatchNorm, a batch loss: rerun each step's forward
@@ -233,7 +241,7 @@ class PathKernelInfluence(DataInfluence):
         self._examples: data.ExampleIndex | None = None  # built by self_influence(inputs)
         self._step_errors: torch.Tensor | None = None  # the step check, run once (exact mode)
         if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
-            folder = self._feature_folder()
+            folder = self._feature_folder() if writes_cache(self._engine) else None
             self._features = FeatureCache(folder, feature_dtype, memory_bytes=memory_budget)
 
     def _feature_folder(self):

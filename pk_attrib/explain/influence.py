@@ -18,6 +18,7 @@ from ..engine import scores, tracin
 from ..engine.batches import n_rows, take
 from ..engine.projection import ProjectorKind
 from . import data
+from .distributed import split, split_stream
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
 PathKernelInfluence = Any
@@ -96,9 +97,18 @@ def influence(
                 results.append(block(0, n_train))
                 continue
             size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
-            results.append(
-                scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
-            )
+            if explainer._projector.kind is not ProjectorKind.IDENTITY:
+                results.append(
+                    scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
+                )
+                continue
+
+            def top(rows: slice, q=queries, y=labels, size=size):  # (ranks: their rows)
+                mine = scores_block(explainer, take(q, rows), take(y, rows), output_fn, {}, score)
+                return scores.stream_top_k(mine, n_train, int(k), proponents, size, show_progress)
+
+            n, what = n_rows(queries), "computing the top-k"
+            results.append(split_stream(explainer._engine, n, n_train, top, what, queries, labels))
     finally:
         explainer._problem.show_progress = previous
         if explainer._features is not None:
@@ -144,9 +154,15 @@ def self_influence(
         and path.optimizer["kind"] == "sgd"
         and all(float(h.get("momentum", 0.0)) == 0.0 for step in path for h in step.hyper)
     )
-    if rule_free:
-        return scores.exact_self_influence_plain_sgd(
-            engine, indices, output_fn, explainer.quadrature
+    if rule_free:  # (ranks: a share of the examples each)
+        return split(
+            engine,
+            len(indices),
+            lambda rows: scores.exact_self_influence_plain_sgd(
+                engine, indices[rows], output_fn, explainer.quadrature
+            ),
+            "computing self-influence",
+            indices,
         )
     size = max(1, int((explainer.memory_budget / (8 * explainer.dtype.itemsize)) ** 0.5))
     size = min(

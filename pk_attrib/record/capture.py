@@ -75,6 +75,14 @@ class ForwardState:
         cpu = torch.get_rng_state()
         self._rng.append((cpu, *(torch.cuda.get_rng_state(d) for d in self.cuda)))
 
+    def batch_states(self) -> list[tuple[torch.Tensor, ...]]:
+        """The random-number states of the micro-batches noted for the step being taken."""
+        return self._rng
+
+    def use_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
+        """Keep these states for the step's micro-batches instead (every rank's, under DDP)."""
+        self._rng = list(states)
+
     def tensors(self, raw: int) -> dict[str, torch.Tensor]:
         """What raw step ``raw`` keeps, each only where it changed since last kept.
 

@@ -38,6 +38,7 @@ from ..exceptions import (
 from .backends import MemoryBackend, new_manifest
 from .buffers import BufferPool, SlabAllocator
 from .capture import ForwardState, running_statistics
+from .distributed import gather_step, rank_path, recording_group
 from .guards import check_learning_rates, check_parameters
 from .optimizers import (
     INITIAL_STATE,
@@ -55,7 +56,7 @@ from .resume import final_name, open_store
 from .sampling import indexed_batches
 from .store import write_final
 from .wrappers import unwrap
-from .writer import AsyncShardWriter, unlock_store
+from .writer import AsyncShardWriter, close_at_exit, stop_writer, unlock_store
 
 
 class PathRecorder:
@@ -88,6 +89,9 @@ class PathRecorder:
             from there (without it, such a resume is refused, naming the step). Restore the
             optimizer's state saved with those weights too: the store does not keep momentum
             buffers or Adam's first moments.
+        distributed: Under DDP, None (default) records every rank's batches when a process
+            group of several ranks is initialised, rank 0 alone writing the store; False:
+            this process's batches only (docs/guide/distributed.md).
 
     Example:
         >>> import torch, pk_attrib as pk
@@ -117,12 +121,15 @@ class PathRecorder:
         flush_interval: float = 1.0,
         max_queue_bytes: int = 1 << 30,
         truncate: bool = False,
+        distributed: bool | None = None,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.model = unwrap(model)  # torch.compile / DDP: the wrapped module's names
+        self._ranks = recording_group(model, distributed)  # None: this process alone
+        self._keeps = self._ranks is None or self._ranks.rank == 0  # (DDP: rank 0 writes)
         self.optimizer = optimizer
         self.every = every
         self.dtype = dtype
@@ -179,8 +186,10 @@ class PathRecorder:
         fresh["buffers"] = list(self._forward.buffers)
         if replayable:  # the steps between snapshots can be replayed
             fresh["replayable"] = True
+        if self._ranks is not None:
+            fresh["world_size"] = self._ranks.size
 
-        if self.store is None:
+        if self.store is None or not self._keeps:
             self._manifest = fresh
             self._backend = MemoryBackend()
             self._writer = None
@@ -207,8 +216,8 @@ class PathRecorder:
             # the lock lasts as long as the writer: an abandoned recorder collected by gc
             # still has queued steps to write, and stops its writer before letting go
             self._writer.lock, self._lock = self._lock, None
-            self._abandoned = weakref.finalize(self, _stop_writer, self._writer)
-            atexit.register(_flush_at_exit, weakref.ref(self))
+            self._abandoned = weakref.finalize(self, stop_writer, self._writer)
+            atexit.register(close_at_exit, weakref.ref(self))
         self._dataset_size = self._manifest.get("dataset_size")
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -322,7 +331,11 @@ class PathRecorder:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self._closed:
             return
-        if not self._pending:
+        pending = self._pending
+        if self._ranks is not None:  # DDP: every rank's micro-batches, in rank order
+            first = self._param_list if self._session_first else None
+            pending = gather_step(self._ranks, self._raw, pending, self._forward, first)
+        if not pending:
             again = (
                 "; a loop that takes another step on the same batch (several updates per "
                 "batch, SAM) calls recorder.repeat_batch() before it"
@@ -336,8 +349,8 @@ class PathRecorder:
             )
         check_parameters(optimizer, self, self._raw)
         r = self._raw
-        indices = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
-        sizes = torch.tensor([len(p) for p in self._pending], dtype=torch.int64)
+        indices = pending[0] if len(pending) == 1 else torch.cat(pending)
+        sizes = torch.tensor([len(p) for p in pending], dtype=torch.int64)
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
         tensors.update(self._forward.tensors(r))
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
@@ -358,7 +371,7 @@ class PathRecorder:
                 tensors[f"{r}/init/{key}/{name}"] = _copy(value, None)
             meta["initial_state"] = sorted({key for key, _ in found})
         self._pooled = []
-        if r % self.every == 0:
+        if r % self.every == 0 and self._keeps:
             for name, p in self._params.items():
                 tensors[f"{r}/w/{name}"] = self._take(p, self.dtype)
             if self.every > 1:  # the optimizer state a replay of the next steps starts from
@@ -398,7 +411,7 @@ class PathRecorder:
         if fresh:
             meta["fresh"] = fresh
         kept_after = STATE_AFTER_STEP.get(self._kind, ())
-        if kept_after and self.every == 1:  # (with every=k a replay recomputes it)
+        if kept_after and self.every == 1 and self._keeps:  # (every=k: a replay recomputes it)
             for (key, name), value in state_tensors(optimizer, self._params, kept_after).items():
                 # (in their own dtype: squared gradients underflow in float16)
                 tensors[f"{r}/{key}/{name}"] = (
@@ -415,10 +428,10 @@ class PathRecorder:
             "pooled": self._pooled,
         }
         self._pooled = []
-        if self._writer is None:
-            self._backend.records.append(record)
-        else:
+        if self._writer is not None:
             self._writer.put(record)
+        elif self._keeps:  # (under DDP the other ranks keep nothing)
+            self._backend.records.append(record)
         self._raw += 1
         self._inflight = None
 
@@ -448,6 +461,8 @@ class PathRecorder:
     @property
     def path(self) -> TrainingPath:
         """The path recorded so far (a closed recorder's path ends at the final parameters)."""
+        if not self._keeps:  # under DDP: rank 0's store, once close() waited for rank 0
+            return rank_path(self._ranks, self.store, self._closed)
         if self._writer is None:
             return TrainingPath(self._manifest, self._backend)
         if not self._closed:
@@ -484,7 +499,7 @@ class PathRecorder:
                 PkAttribWarning,
                 stacklevel=2,
             )
-        finalize = self._inflight is None and self._final_is_known()
+        finalize = self._keeps and self._inflight is None and self._final_is_known()
         final = self._snapshot() if finalize else None
         buffers = self._forward.current_buffers()
         if self._writer is None:
@@ -507,6 +522,8 @@ class PathRecorder:
                         (self.store / listed["file"]).unlink(missing_ok=True)
             finally:
                 self._release()
+        if self._ranks is not None:  # the others may read rank 0's store from now on
+            self._ranks.barrier("closing the recording")
         if final is not None and not all(bool(torch.isfinite(t).all()) for t in final.values()):
             diverged = self.path.first_non_finite()  # (reads the path: only when it diverged)
             where = (
@@ -557,23 +574,5 @@ class PathRecorder:
             self._writer.release_lock()
 
 
-def _stop_writer(writer: AsyncShardWriter) -> None:
-    """For a recorder collected without close(): write its queued steps, then unlock."""
-    try:
-        writer.close()
-    except Exception:  # noqa: BLE001 - reported to nobody: the recorder is gone
-        pass
-    writer.release_lock()
-
-
 def _copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True)
-
-
-def _flush_at_exit(ref: weakref.ref) -> None:
-    recorder = ref()
-    if recorder is not None and not recorder._closed and recorder._writer is not None:
-        try:
-            recorder._writer.close()
-        except Exception:  # noqa: BLE001 - nothing can be reported at interpreter exit
-            pass

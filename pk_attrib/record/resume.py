@@ -199,6 +199,12 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> Non
             f"groups than this {new_opt['class']}: resume with the same optimizer, or record "
             "into a new folder"
         )
+    if old.get("world_size", 1) != new.get("world_size", 1):  # (DDP: how losses are averaged)
+        raise StoreMismatchError(
+            f"{root} was recorded on {old.get('world_size', 1)} rank(s), this run has "
+            f"{new.get('world_size', 1)}: a path's steps average over one number of ranks, so "
+            "resume on as many, or record into a new folder"
+        )
     # schedulers' bookkeeping and the values they move (recorded per step) may differ
     ignored = SCHEDULER_KEYS | SCHEDULED_KEYS
     for g, (was, now) in enumerate(zip(old_groups, new_groups, strict=True)):

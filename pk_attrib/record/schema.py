@@ -175,6 +175,7 @@ def validate(manifest: dict[str, Any], where: str) -> None:
         if manifest.get("dataset_size") is not None:
             _int(manifest["dataset_size"], "dataset_size")
         _int(manifest.get("every", 1), "every", low=1)
+        _int(manifest.get("world_size", 1), "world_size", low=1)
         for key in ("approximate", "complete", "replayable"):
             if key in manifest:
                 _bool(manifest[key], key)

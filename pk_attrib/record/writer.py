@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 
 try:
     import fcntl
@@ -213,6 +214,25 @@ def unlock_store(handle) -> None:
     """Release a lock `lock_store` took (close its file)."""
     _HELD.discard(handle)
     handle.close()
+
+
+def stop_writer(writer: AsyncShardWriter) -> None:
+    """For a recorder collected without close(): write its queued steps, then unlock."""
+    try:
+        writer.close()
+    except Exception:  # noqa: BLE001 - reported to nobody: the recorder is gone
+        pass
+    writer.release_lock()
+
+
+def close_at_exit(ref: weakref.ref) -> None:
+    """At interpreter exit: write the queued steps of a recorder that was not closed."""
+    recorder = ref()
+    if recorder is not None and not recorder._closed and recorder._writer is not None:
+        try:
+            recorder._writer.close()
+        except Exception:  # noqa: BLE001 - nothing can be reported at interpreter exit
+            pass
 
 
 # lock files this process holds; a forked child (a DataLoader worker) closes its copies, or
