@@ -606,6 +606,38 @@ def test_a_reader_whose_store_a_recorder_resumes_is_told_so_not_that_it_is_corru
     assert_is_the_run(again)
 
 
+@pytest.mark.parametrize("window", ["file_hash", "check_header"])
+def test_a_file_a_writer_replaces_during_its_check_is_a_changed_store(
+    tmp_path, monkeypatch, window
+):
+    """The race the inspect test hit once in a full run: the listed final weights pass
+    is_file(), then a resuming recorder removes them before they are hashed (file_hash) or
+    opened (after check_header). It raised a bare FileNotFoundError: 'integrity: FAILED'."""
+    import json
+
+    import pk_attrib.record.store as store_module
+
+    store = tmp_path / "s"
+    _recorded_store(store)
+    path = pk.TrainingPath.load(store)
+    original = getattr(store_module, window)
+
+    def vanish(file, *args):
+        if file.name == "final.safetensors" and file.exists():
+            if window == "check_header":
+                original(file, *args)
+            file.unlink()  # the writer's replacement: a newer manifest
+            manifest = json.loads((store / "manifest.json").read_text())
+            manifest["updated"] = manifest["updated"] + 1
+            (store / "manifest.json").write_text(json.dumps(manifest))
+            return None if window == "check_header" else original(file, *args)
+        return original(file, *args)
+
+    monkeypatch.setattr(store_module, window, vanish)
+    with pytest.raises(pk.StoreChangedError, match="changed while it was being read"):
+        _ = path.final
+
+
 def test_a_store_damaged_with_nobody_writing_it_is_still_corrupt(tmp_path):
     store = tmp_path / "s"
     _recorded_store(store)

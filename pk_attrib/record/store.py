@@ -392,6 +392,14 @@ class ShardReader:
             return self._check(entry)
         except CorruptStoreError as err:
             raise self._changed(err) from err
+        except FileNotFoundError as err:  # (removed between the listing and the read)
+            raise self._changed(self._missing(entry["file"])) from err
+
+    def _missing(self, name: str) -> CorruptStoreError:
+        return CorruptStoreError(
+            f"tensor file {name} listed in {self.root / MANIFEST} is missing; restore it from "
+            "a backup, or re-record the run"
+        )
 
     def _changed(self, err: CorruptStoreError) -> StoreError:
         """``err``, or a `StoreChangedError` when a writer changed the store while read."""
@@ -410,12 +418,13 @@ class ShardReader:
 
     def _check(self, entry: dict[str, Any]) -> Path:
         path = self.root / entry["file"]
-        if not path.is_file() or path.is_symlink():
-            what = "a symbolic link" if path.is_symlink() else "missing"
+        if path.is_symlink():
             raise CorruptStoreError(
-                f"tensor file {entry['file']} listed in {self.root / MANIFEST} is {what}; "
-                "restore it from a backup, or re-record the run"
+                f"tensor file {entry['file']} listed in {self.root / MANIFEST} is a symbolic "
+                "link; restore it from a backup, or re-record the run"
             )
+        if not path.is_file():
+            raise self._missing(entry["file"])
         size = path.stat().st_size
         if "bytes" in entry and size != entry["bytes"]:
             raise CorruptStoreError(
@@ -449,7 +458,10 @@ class ShardReader:
             if self.verify or not path.is_file():
                 self.check(entry)
             self._checked.add(name)
-        file = TensorFile(path)
+        try:
+            file = TensorFile(path)
+        except FileNotFoundError as err:  # (a writer replaced it after the check)
+            raise self._changed(self._missing(name)) from err
         self._open[name] = file
         self._keys.setdefault(name, file.keys())
         while len(self._open) > self.max_open:
