@@ -155,7 +155,7 @@ def capture(
             torch.cat(acts, 1) if acts else torch.zeros(batch, 0, module.in_features, **like),
             torch.cat(deltas, 1) if deltas else torch.zeros(batch, 0, module.out_features, **like),
         )
-    if check and not (
+    if check and owned and not (  # (no layer: nothing to check)
         _rebuilds(fm, layers, factors, dict(zip(owned, grads[k:], strict=True)))
         and _rebuilds(fm, layers, _first(factors), dict(zip(owned, first, strict=True)))
     ):
