@@ -112,8 +112,8 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pk_attrib as pk
 
+from pk_attrib.engine.factorized import make_projector
 from pk_attrib.engine.functional import FunctionalModel
-from pk_attrib.engine.projection import make_projector
 
 SEED = 0
 MIB = 1 << 20

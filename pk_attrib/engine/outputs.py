@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ..exceptions import ArgumentError
 from .batches import n_rows, take
 
 OutputFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -202,7 +203,7 @@ def check_batch_dimension(outputs: Any, what: str) -> None:
         what: Which example, for the message ("training example 0", "the first query").
     """
     if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-        raise ValueError(
+        raise ArgumentError(
             f"on {what}, given as a batch of one (x.unsqueeze(0)), the model returns a 0-dim "
             "output: pk_attrib evaluates examples one at a time, so the model must keep the "
             "batch dimension (e.g. .squeeze(-1) rather than .squeeze())"
@@ -217,23 +218,23 @@ def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor |
     """
     if target is None:
         if n_outputs not in (None, 1):
-            raise ValueError(
+            raise ArgumentError(
                 f"the model has {n_outputs} outputs, so target= must say which one to explain "
                 "(an int, or one index per query), or pass output_fn="
             )
         return None
     t = torch.as_tensor(target)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"target must hold integer output indices, got dtype {t.dtype}")
+        raise ArgumentError(f"target must hold integer output indices, got dtype {t.dtype}")
     t = t.to(torch.int64).reshape(-1)
     if t.numel() == 1:
         t = t.expand(n).clone()
     if t.numel() != n:
-        raise ValueError(
+        raise ArgumentError(
             f"target has {t.numel()} entries for {n} queries: give one int, or one per query"
         )
     if n_outputs is not None and n and (int(t.min()) < 0 or int(t.max()) >= n_outputs):
-        raise ValueError(
+        raise ArgumentError(
             f"target {int(t.max()) if int(t.max()) >= n_outputs else int(t.min())} is out of "
             f"range for a model with {n_outputs} outputs (valid: 0..{n_outputs - 1})"
         )

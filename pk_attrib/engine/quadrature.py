@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..exceptions import ArgumentError
 from .batches import n_rows
 from .functional import FunctionalModel
 
@@ -68,27 +69,29 @@ class QuadratureRule:
         if rtol is not None and (
             isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < float(rtol) < 1
         ):
-            raise ValueError(
+            raise ArgumentError(
                 f"rtol={rtol!r}: the adaptive quadrature's per-step tolerance is a number "
                 "between 0 and 1 (default 1e-9 in float64, 1e-5 in float32)"
             )
         rtol = default_rtol if rtol is None else float(rtol)
         if isinstance(quadrature, bool):
-            raise ValueError("quadrature must be a strategy name or a number of nodes")
+            raise ArgumentError("quadrature must be a strategy name or a number of nodes")
         if isinstance(quadrature, int):
             if quadrature < 1:
-                raise ValueError(f"quadrature={quadrature}: the number of nodes must be >= 1")
+                raise ArgumentError(f"quadrature={quadrature}: the number of nodes must be >= 1")
             return cls(Quadrature.GAUSS, quadrature, rtol)
         try:
             kind = Quadrature(quadrature)
         except ValueError:
             valid = ", ".join(repr(k.value) for k in Quadrature if k is not Quadrature.GAUSS)
-            raise ValueError(
+            raise ArgumentError(
                 f"unknown quadrature {quadrature!r}: use one of {valid}, or an int number of "
                 "Gauss-Legendre nodes"
             ) from None
         if kind is Quadrature.GAUSS:
-            raise ValueError("for Gauss-Legendre quadrature pass the number of nodes: quadrature=3")
+            raise ArgumentError(
+                "for Gauss-Legendre quadrature pass the number of nodes: quadrature=3"
+            )
         return cls(kind, 2, rtol)
 
     @property

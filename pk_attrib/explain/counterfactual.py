@@ -22,6 +22,7 @@ from ..engine.curvature import Curvature
 from ..engine.projection import ProjectorKind
 from ..engine.rules import make_rule
 from ..engine.scores import negative_loss
+from ..exceptions import ArgumentError
 from . import arguments, data
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
@@ -53,7 +54,7 @@ def self_score(explainer: PathKernelInfluence, score: str | None) -> str:
             return SELF_DEFAULT
         return "contribution"
     if score not in ("contribution", "counterfactual"):
-        raise ValueError(f"score={score!r}: use 'contribution' or 'counterfactual'")
+        raise ArgumentError(f"score={score!r}: use 'contribution' or 'counterfactual'")
     return score
 
 

@@ -14,7 +14,7 @@ import torch
 from captum.influence._utils.common import KMostInfluentialResults
 from torch.utils.data import DataLoader
 
-from ..engine import scores, tracin
+from ..engine import scores, tracin, tracin_projected
 from ..engine.batches import n_rows, take
 from ..engine.projection import ProjectorKind
 from . import data
@@ -32,14 +32,31 @@ def scores_block(
     explainer: PathKernelInfluence, queries, labels, output_fn, cache, score: str = "contribution"
 ):
     """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
-    projected = explainer._projector.kind is not ProjectorKind.IDENTITY  # (exact mode only)
+    projected = explainer._projector.kind is not ProjectorKind.IDENTITY
     n = n_rows(queries)
     size = explainer._query_chunk() if projected else max(1, n)
     features = explainer._call_features()  # shared by blocks
+    train = None
+    if projected and explainer.mode == "checkpoint":
+        train = tracin_projected.CheckpointFeatures(
+            explainer._engine, explainer._projector, features
+        )
 
     def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
         norms = {} if score == "cosine" else None
-        if explainer.mode == "exact":
+        if train is not None:  # each query chunk keeps its projected gradients across blocks
+            kept = cache.setdefault(("queries", rows.start), {})
+            values = tracin_projected.decompose(
+                explainer._engine,
+                train,
+                take(queries, rows),
+                take(labels, rows),
+                output_fn,
+                (a, b),
+                kept,
+                norms,
+            )
+        elif explainer.mode == "exact":
             values = explainer._engine.exact(
                 take(queries, rows),
                 take(labels, rows),
@@ -67,6 +84,19 @@ def scores_block(
     return block
 
 
+def train_block(explainer: PathKernelInfluence, n: int, cosine: bool) -> int:
+    """Training examples per block of scores for n queries.
+
+    One (n, block) block fits the budget; with projected checkpoints a block is a multiple
+    of the cached blocks of training features, so none is computed twice.
+    """
+    size = block_size(explainer, n * (2 if cosine else 1))
+    if explainer._projector.kind is not ProjectorKind.IDENTITY and explainer.mode == "checkpoint":
+        rows = tracin_projected.block_rows(explainer._projector)
+        size = max(rows, size // rows * rows)
+    return size
+
+
 def influence(
     explainer: PathKernelInfluence,
     inputs: Any,
@@ -88,14 +118,14 @@ def influence(
             queries, labels = explainer._split_batch(batch, explainer.test_loss_fn)
             block = scores_block(explainer, queries, labels, output_fn, {}, score)
             if aggregate:  # summed over the queries, block by block
-                size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
+                size = train_block(explainer, n_rows(queries), score == "cosine")
                 for a in range(0, n_train, size):
                     total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
                 continue
             if k is None:
                 results.append(block(0, n_train))
                 continue
-            size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
+            size = train_block(explainer, n_rows(queries), score == "cosine")
             results.append(
                 scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
             )
