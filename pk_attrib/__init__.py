@@ -15,11 +15,14 @@ from .decomposition import Decomposition, Diagnostics, Ranked, TopK
 from .engine.projection import ProjectorKind
 from .engine.quadrature import Quadrature
 from .exceptions import (
+    ArgumentError,
+    ArgumentTypeError,
     CorruptStoreError,
     FormatVersionError,
     IndexOutOfRangeError,
     LossReductionError,
     MissingBatchIndicesError,
+    NoCheckpointsError,
     NonFiniteError,
     NotAStoreError,
     PkAttribError,
@@ -49,6 +52,10 @@ def __getattr__(name: str):
         from .explain.explainer import PathKernelInfluence
 
         return PathKernelInfluence
+    if name == "TracInCP":
+        from .explain.tracincp import TracInCP
+
+        return TracInCP
     if name in ("testing", "viz"):  # pk.testing / pk.viz without importing them first
         import importlib
 
@@ -57,6 +64,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "CorruptStoreError",
     "Decomposition",
     "Diagnostics",
@@ -64,6 +73,7 @@ __all__ = [
     "IndexOutOfRangeError",
     "LossReductionError",
     "MissingBatchIndicesError",
+    "NoCheckpointsError",
     "NonFiniteError",
     "NotAStoreError",
     "PathKernelInfluence",
@@ -81,6 +91,7 @@ __all__ = [
     "StoreError",
     "StoreMismatchError",
     "TopK",
+    "TracInCP",
     "TrainingPath",
     "UnsupportedError",
     "VectorizationWarning",

@@ -458,19 +458,22 @@ class Engine:
         feats = feats.to(fm.device)  # as stored: every chunk sees the same numbers
         if at.keep is not None:
             feats = feats[at.keep.to(feats.device)]
-        projected = projector.project(at.v * at.sign)
+        projected = projector.project(at.v if _is_one(at.sign) else at.v * at.sign)
         feats = feats.to(projected.dtype)
         scores = projected @ feats.T
         columns = at.indices.to(fm.device)
         sums.contributions.index_add_(1, columns, -scores * kappa)
         if sums.norms is not None:  # the bound of the projected inner product
             add_norms(sums.norms, columns, kappa, (projected**2).sum(1), (feats**2).sum(1))
-        if full:
-            effective = grad.to(fm.device, fm.dtype) * at.sign
+        if full:  # (no (d,) temporaries for a sign of one and no weight decay)
+            effective = grad.to(fm.device, fm.dtype)
+            effective = effective if _is_one(at.sign) else effective * at.sign
             sums.explained_exact -= at.v @ effective
-            sums.decay -= at.v @ (at.lam * at.w)
+            if not _is_zero(at.lam):
+                sums.decay -= at.v @ (at.lam * at.w)
+                effective = effective + at.lam * at.w
             if reconstruct:  # the step check: the same for every query chunk
-                rule.finish_step(s, at.step, at.delta, effective + at.lam * at.w, at.w)
+                rule.finish_step(s, at.step, at.delta, effective, at.w)
         return evals
 
     def _warn_reconstruction(self, errors: torch.Tensor, stacklevel: int = 4) -> None:

@@ -105,34 +105,47 @@ class FactorizedProjector(Projector):
             p_v /= math.sqrt(k_v)
         return p_u, p_v
 
-    def _matrix(self, layer: Layer, x: torch.Tensor, scale) -> torch.Tensor:
-        """[W | b] of each row of flat x as (m, *layer.shape), each part scaled."""
+    def _project_layer(self, layer: Layer, x: torch.Tensor, scale) -> torch.Tensor:
+        """P_u [s_w W | s_b b] P_vᵀ for each row of flat x, (m, k_u·k_v).
+
+        The weight and the bias are projected apart (each with its columns or rows of P),
+        so the layer's gradient is never copied into one matrix.
+        """
+        s_w = 1.0 if scale is None else float(scale[layer.weight])
+        p_u, p_v = self.factors(layer.key, *layer.shape)
+        p_u = None if p_u is None else p_u.to(x.dtype)
+        p_v = None if p_v is None else p_v.to(x.dtype)
         a, n = self.offsets[layer.weight]
-        block = x[:, a : a + n].reshape(-1, layer.rows, layer.cols)
-        if scale is not None:
-            block = block * float(scale[layer.weight])
-        if layer.bias is not None:
-            b, nb = self.offsets[layer.bias]
-            bias = x[:, b : b + nb]
-            if scale is not None:
-                bias = bias * float(scale[layer.bias])
-            if layer.bias_side == "v":
-                block = torch.cat([block, bias.reshape(-1, layer.rows, 1)], 2)
+        weight = x[:, a : a + n].reshape(-1, layer.rows, layer.cols)
+        if layer.bias is None:
+            out = weight if p_u is None else p_u @ weight
+            out = out if p_v is None else out @ p_v.T
+            return (out if s_w == 1.0 else out * s_w).reshape(x.shape[0], -1)
+        s_b = 1.0 if scale is None else float(scale[layer.bias])
+        b, nb = self.offsets[layer.bias]
+        if layer.bias_side == "v":  # [W | b]: the bias is the last column
+            bias = x[:, b : b + nb].reshape(-1, layer.rows, 1)
+            if p_u is not None:
+                weight, bias = p_u @ weight, p_u @ bias
+            weight, bias = weight * s_w, bias * s_b
+            if p_v is None:
+                out = torch.cat([weight, bias], 2)
             else:
-                block = torch.cat([block, bias.reshape(-1, 1, layer.cols)], 1)
-        return block
+                out = weight @ p_v[:, : layer.cols].T + bias @ p_v[:, layer.cols :].T
+        else:  # [W; b]: the bias is the last row
+            bias = x[:, b : b + nb].reshape(-1, 1, layer.cols)
+            if p_v is not None:
+                weight, bias = weight @ p_v.T, bias @ p_v.T
+            weight, bias = weight * s_w, bias * s_b
+            if p_u is None:
+                out = torch.cat([weight, bias], 1)
+            else:
+                out = p_u[:, : layer.rows] @ weight + p_u[:, layer.rows :] @ bias
+        return out.reshape(x.shape[0], -1)
 
     def project(self, x, scale=None):
         """Projects each layer as P_u [W | b] P_vᵀ and the rest densely."""
-        parts = []
-        for layer in self.layers:
-            block = self._matrix(layer, x, scale)
-            p_u, p_v = self.factors(layer.key, block.shape[1], block.shape[2])
-            if p_u is not None:
-                block = p_u.to(x.dtype) @ block
-            if p_v is not None:
-                block = block @ p_v.to(x.dtype).T
-            parts.append(block.reshape(x.shape[0], -1))
+        parts = [self._project_layer(layer, x, scale) for layer in self.layers]
         if self.rest:
             rest = torch.cat(
                 [x[:, a : a + n] for a, n in (self.offsets[name] for name in self.rest)], 1

@@ -141,8 +141,14 @@ class StepIntegrator:
     def prefetch(self, segments: list[tuple[torch.Tensor, torch.Tensor]], steps: list[int]):
         """Integrate several steps at once with the first rule (one batched gradient call).
 
-        ``integrate`` then starts from these and only redoes steps whose check fails.
+        ``integrate`` then starts from these and only redoes steps whose check fails. When
+        the block's node gradients would not fit a quarter of ``memory_budget`` nothing is
+        prefetched: ``integrate`` then takes the nodes in chunks that fit.
         """
+        n, q = n_rows(self.inputs), len(self.first_rule()[0])
+        fm = self.fm
+        if 4 * len(segments) * q * n * fm.d_active * fm.dtype.itemsize > fm.memory_budget:
+            return
         if self.rule.kind is Quadrature.ADAPTIVE:  # the occasional try one rung lower
             self._since_lowered += len(steps)
             if self._since_lowered >= 64 and self._rung > 0:
@@ -167,9 +173,11 @@ class StepIntegrator:
         phi = None
         for a in range(0, len(nodes), per_node):
             t, om = self._rule_tensors(nodes[a : a + per_node], weights[a : a + per_node])
+            points = torch.addcmul(w[None], t[:, None], delta[None])  # (one allocation)
             part, _ = self.fm.output_grads(
-                w + t[:, None] * delta, self.inputs, self.target, self.output_fn, weights=om
+                points, self.inputs, self.target, self.output_fn, weights=om
             )
+            del points
             phi = part if phi is None else phi + part
         self.evaluations += len(nodes) * n
         return phi

@@ -279,24 +279,27 @@ def _parts(engine: Engine, step: Step, first: int = 0, last: int | None = None):
     return out
 
 
-def self_influence(engine: Engine, indices: torch.Tensor | None, batch=None) -> torch.Tensor:
+def self_influence(
+    engine: Engine, indices: torch.Tensor | None, batch=None, desc: str = "checkpoints"
+) -> torch.Tensor:
     """Checkpoint-mode self-influence Σ_k η_k κ ‖∇ℓ_i(w_k)‖² (η per coordinate).
 
     Args:
         engine: The explainer's engine.
         indices: Training indices (m,), or None when ``batch`` gives the examples.
         batch: ``(inputs..., labels)`` of m examples (weighted as in a checkpoint).
+        desc: The name of the progress bar over checkpoints.
 
     Returns:
         (m,) self-influence scores.
     """
     try:
-        return _self_influence(engine, indices, batch)
+        return _self_influence(engine, indices, batch, desc)
     finally:
         engine.fm.use_buffers(None)
 
 
-def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torch.Tensor:
+def _self_influence(engine: Engine, indices: torch.Tensor | None, batch, desc) -> torch.Tensor:
     fm, path, p = engine.fm, engine.p.path, engine.p
     m = len(indices) if indices is not None else n_rows(batch[-1])
     out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
@@ -321,7 +324,7 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
     # rows per call: their gradients (or a layer's factors) within a recycled working set
     width = fm.d_active if not layers else max(fm.d_active // 8, 1)
     chunk = max(1, min(fm.chunk_size(), BLOCK_BYTES // (3 * width * fm.dtype.itemsize)))
-    for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
+    for s in tqdm(range(len(path)), desc=desc, disable=not p.show_progress):
         step = path.step(s)
         fm.use_buffers(step.buffers)
         w = fm.flatten(step.params)

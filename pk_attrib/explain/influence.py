@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from captum.influence._utils.common import KMostInfluentialResults
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..engine import scores, tracin, tracin_projected
 from ..engine.batches import n_rows, take
@@ -112,23 +113,30 @@ def influence(
     n_train = len(explainer.train_dataset)
     previous, explainer._problem.show_progress = explainer._problem.show_progress, show_progress
     total = torch.zeros(n_train, dtype=explainer.dtype, device=explainer._fm.device)
+    # the bar over training examples is named as Captum's TracInCP names it
+    desc = f"Using {type(explainer).get_name()} to compute influence for training batches"
     try:
         results = []
         for batch in batches:
             queries, labels = explainer._split_batch(batch, explainer.test_loss_fn)
             block = scores_block(explainer, queries, labels, output_fn, {}, score)
-            if aggregate:  # summed over the queries, block by block
-                size = train_block(explainer, n_rows(queries), score == "cosine")
-                for a in range(0, n_train, size):
-                    total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
-                continue
-            if k is None:
-                results.append(block(0, n_train))
-                continue
             size = train_block(explainer, n_rows(queries), score == "cosine")
-            results.append(
-                scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
-            )
+            if k is not None and not aggregate:
+                results.append(
+                    scores.stream_top_k(
+                        block, n_train, int(k), proponents, size, show_progress, desc
+                    )
+                )
+                continue
+            if k is None and not aggregate and explainer.mode == "exact":
+                size = max(1, n_train)  # (a block of columns costs a whole sweep there)
+            starts = tqdm(range(0, n_train, size), desc=desc, disable=not show_progress)
+            found = [(a, block(a, min(n_train, a + size))) for a in starts]
+            if aggregate:  # summed over the queries, block by block
+                for a, values in found:
+                    total[a : a + values.shape[1]] += values.sum(0)
+            else:
+                results.append(torch.cat([values for _, values in found], 1))
     finally:
         explainer._problem.show_progress = previous
         if explainer._features is not None:
@@ -150,6 +158,7 @@ def self_influence(
 ) -> torch.Tensor:
     """`PathKernelInfluence.self_influence` for ``score="contribution"``, (n_train,) or (m,)."""
     engine = explainer._engine
+    desc = f"Using {type(explainer).get_name()} to compute self influence. Processing checkpoint"
     # checkpoints weigh every example at every checkpoint, so any example has a score;
     # a recorded path (every=k, another optimizer) weighs each example by its batches
     by_batches = len(explainer.path) > 0 and bool(explainer.path.step(0).parts)
@@ -158,7 +167,7 @@ def self_influence(
         out = []
         for batch in batches:
             queries, labels = explainer._split_batch(batch, explainer.loss_fn)
-            out.append(tracin.self_influence(engine, None, (*queries, labels)))
+            out.append(tracin.self_influence(engine, None, (*queries, labels), desc))
         return torch.cat(out)
     indices = (
         torch.arange(len(explainer.train_dataset))
@@ -166,7 +175,7 @@ def self_influence(
         else data.locate(explainer._example_index(), inputs)
     )
     if explainer.mode == "checkpoint":
-        return tracin.self_influence(engine, indices)
+        return tracin.self_influence(engine, indices, desc=desc)
     output_fn = scores.negative_loss(explainer.loss_fn)
     path = explainer.path
     rule_free = (

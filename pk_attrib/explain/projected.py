@@ -159,6 +159,10 @@ def attribute(explainer: PathKernelInfluence, queries, target, output_fn) -> Dec
         train = tracin_projected.CheckpointFeatures(
             explainer._engine, explainer._projector, features
         )
+    else:  # the step check on its own first, so that its vectors and the sweep's never meet
+        if explainer._step_errors is None:
+            explainer._step_errors = explainer._engine.check_steps()
+        explainer._engine._warn_reconstruction(explainer._step_errors, stacklevel=5)
     try:
         for a in range(0, n, size):
             chunk = take(queries, slice(a, a + size))
@@ -176,13 +180,11 @@ def attribute(explainer: PathKernelInfluence, queries, target, output_fn) -> Dec
                 False,
                 projector=explainer._projector,
                 features=features,
-                reconstruct=not parts,  # the step check does not depend on the queries
+                reconstruct=False,  # (checked above: it does not depend on the queries)
             )
-            if parts:  # report the first chunk's check with every chunk
-                errors = parts[0].diagnostics.reconstruction_error
-                diagnostics = dataclasses.replace(part.diagnostics, reconstruction_error=errors)
-                part = dataclasses.replace(part, diagnostics=diagnostics)
-            parts.append(part)
+            errors = explainer._step_errors  # reported with every chunk
+            diagnostics = dataclasses.replace(part.diagnostics, reconstruction_error=errors)
+            parts.append(dataclasses.replace(part, diagnostics=diagnostics))
     finally:
         if explainer._features is not None:
             explainer._features.flush()
