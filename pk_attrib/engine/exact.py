@@ -253,8 +253,7 @@ class Engine:
                             break
                 flat = {j: fm.flatten(path.step(j).params) for j in steps}
                 flat[s + 1] = w_next
-                segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]
-                integrator.prefetch(segments, steps)
+                integrator.prefetch([(flat[j], flat[j + 1] - flat[j]) for j in steps], steps)
                 if not kernel and projector is None:
                     train_grads = self._block_train_grads(path, steps, flat)
             w_full = flat.pop(s) if s in flat else fm.flatten(step.params)
@@ -278,6 +277,7 @@ class Engine:
                     w_next, f_next, m_next = w_full, f_s, m_s
                     continue
             tol = torch.maximum(share, floor)
+            phi = v = at = None  # (the last step's (n, d) go before this step's are made)
             phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
             _check_finite(phi, "query gradient", s, self.p.path)
             phi_delta += phi @ delta
@@ -396,7 +396,10 @@ class Engine:
             _check_finite(grad, "training gradient", s, self.p.path)
             sign, lam = rule.coefficients(step)
             w = fm.active(w_full)
-            rule.finish_step(s, step, fm.active(w_next - w_full), sign * grad + lam * w, w)
+            G = grad if _is_one(sign) else sign * grad  # (no (d,) temporaries when trivial)
+            G = G if _is_zero(lam) else G + lam * w
+            del grad
+            rule.finish_step(s, step, fm.active(w_next - w_full), G, w)
             w_next = w_full
         return torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
 

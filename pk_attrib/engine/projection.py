@@ -77,6 +77,9 @@ class ProjectorKind(str, enum.Enum):
             raise ArgumentError(f"unknown projector {value!r}: use one of {valid}") from None
 
 
+P_BLOCK_BYTES = 16 << 20  # the dense projectors generate P in blocks of at most this
+
+
 def _seed(*parts) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -243,8 +246,13 @@ class DenseProjector(Projector):
         super().__init__(fm, dim, seed)
         self.rademacher = rademacher
         self.kind = ProjectorKind.RADEMACHER if rademacher else ProjectorKind.GAUSSIAN
-        self.chunk = max(1, min(1 << 16, (64 << 20) // max(1, 4 * self.dim)))
+        # a block of P takes at most 16 MiB (a fixed layout: the same seed, the same P)
+        self.chunk = max(1, min(1 << 16, P_BLOCK_BYTES // max(1, 4 * self.dim)))
         self.plan = plan
+
+    def config(self):
+        """Adds the block layout (2: blocks of 16 MiB; 1 had 64 MiB)."""
+        return {**super().config(), "blocks": 2}
 
     def block(self, name: str, start: int, width: int) -> torch.Tensor:
         """The (dim, width) block of P for columns start.. of parameter ``name``."""
