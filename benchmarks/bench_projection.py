@@ -67,8 +67,8 @@ the three promises of that design.
    (every layer, not projected), which ``pk.TracInCP`` without projection equals (printed:
    the largest difference). Each of pk's projectors at every k and Captum's
    ``TracInCPFastRandProj`` (last layer only, ``projection_dim=k``) is ranked against it:
-   mean Spearman, relative error, seconds. Target: at k = 1024, gaussian and sparse reach a
-   mean Spearman >= 0.9 with the reference and beat TracInCPFastRandProj at every k.
+   mean Spearman, relative error, seconds. Target: at k = 4096, gaussian and sparse reach a
+   mean Spearman >= 0.95 with the reference, and they beat TracInCPFastRandProj at every k.
 
 3. Throughput: projected per-example gradients per second of
    ``make_projector(fm, kind, k).training_features(w, batch, loss_fn)`` for each kind on the
@@ -1096,15 +1096,15 @@ def checkpoint_accuracy(cfg: Config, run: DigitsRun) -> list[bool]:
                 f"   {'pk.TracInCP ' + kind:>44} {k:>6} {spearman[kind, k]:>9.4f} "
                 f"{relative_error(scores, reference):>11.4f} {seconds:>7.1f}"
             )
-    k = 1024 if 1024 in cfg.ks else cfg.ks[-1]
+    k = cfg.ks[-1]
     results = []
     for kind in ("gaussian", "sparse"):
-        ok = spearman[kind, k] >= 0.9 and all(
+        ok = spearman[kind, k] >= 0.95 and all(
             spearman[kind, j] > spearman["captum", j] for j in cfg.ks
         )
         print(
             f"   {verdict(ok)} 2c/{kind}: mean Spearman with TracInCP {spearman[kind, k]:.4f} "
-            f">= 0.9 at k = {k}, above TracInCPFastRandProj's at every k"
+            f">= 0.95 at k = {k}, above TracInCPFastRandProj's at every k"
         )
         results.append(ok)
     results.append(gap <= 1e-4)
