@@ -61,11 +61,13 @@ class CheckpointFeatures:
         self.evaluations = 0  # training examples whose features were computed
 
     def _get(self, key: str, make) -> torch.Tensor:
+        fresh = None
         if key in self.cache and self.cache.unverified:  # an earlier session's: check once
-            self.cache.verify(key, make())
+            fresh = make()
+            self.cache.verify(key, fresh)  # (dropped, with a warning, if it differs)
         if key in self.cache:
             return self.cache[key].to(self.engine.fm.device)
-        fresh = make()
+        fresh = make() if fresh is None else fresh
         return self.cache.keep(key, fresh).to(self.engine.fm.device)
 
     def _compute(self, s: int, w: torch.Tensor, indices: torch.Tensor, lr) -> torch.Tensor:

@@ -75,22 +75,25 @@ class PathKernelInfluence(DataInfluence):
         memory_budget: Bytes that one chunk of per-example gradients, or one block of scores,
             may take.
         show_progress: Show tqdm progress bars in `attribute`.
-        projection_dim: Project gradients to this many dimensions (per Linear layer with
+        projection_dim: Project gradients to this many dimensions (per layer with
             ``projector="factorized"``) so memory stays bounded: contributions become
             unbiased estimates with variance ~ 1/projection_dim (~ 1/√projection_dim with
             ``"factorized"``, see `ProjectorKind`), while prediction, bias and Σ φ·Δ stay
             exact (``delta`` then measures the projection noise). Queries are processed in
-            chunks whose gradients fit ``memory_budget``. Applies to `attribute` and
-            `influence` in exact mode; `self_influence` stays exact.
+            chunks whose gradients fit ``memory_budget`` (in checkpoint mode they are kept
+            projected). Applies to `attribute`, `influence` and (checkpoint mode)
+            `compute_intermediate_quantities`; `self_influence` stays exact.
         projector: A `ProjectorKind`: ``"gaussian"``, ``"rademacher"``, ``"sparse"``,
             ``"factorized"``.
         projection_seed: Seed of the projection (same seed, same numbers).
         feature_dtype: Storage dtype of cached training features (float32, float16, bfloat16).
-        cache_features: Keep training-side features for reuse by later query batches, inside
-            the store when the path is stored on disk, else in memory up to
-            ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
+        cache_features: Keep training-side features for reuse by later query batches:
+            ``True`` inside the store when the path is stored on disk, else in memory up
+            to ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
             of the working memory: a path held in memory can then take about twice
-            ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid it).
+            ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid
+            it). A folder (str or path) keeps them there for any path, e.g. TracInCP
+            checkpoints (a subfolder per projection, loss and path); ``False``: none.
         hessian: How counterfactual scores let a later step's gradient respond to earlier
             changes of the weights: ``"exact"`` (the batch loss's Hessian: the true
             derivative of the run), ``"fisher"`` (the batch's empirical Fisher, as dattri's

@@ -105,8 +105,16 @@ def _digest(explainer: PathKernelInfluence, own_store: bool) -> str:
 
 
 def _fingerprint(path) -> str:
-    """A hash of every recorded parameter at every step and of the learning rates."""
+    """What tells paths apart, hashed.
+
+    A store's manifest (its files' hashes), else every recorded parameter at every step and
+    the learning rates.
+    """
     h = xxhash.xxh3_128()
+    manifest = getattr(path._backend, "manifest", None)
+    if manifest is not None:
+        h.update(json.dumps(manifest, sort_keys=True, default=str).encode())
+        return h.hexdigest()
     for s in range(len(path)):
         step = path.step(s)
         h.update(repr(step.lr).encode())
