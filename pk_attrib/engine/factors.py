@@ -30,6 +30,7 @@ from .outputs import NotBatchFirst
 
 # a pair (u, v): u (B, T, rows) floating, or (B, T) int64 token ids; v (B, T, cols)
 Pair = tuple[torch.Tensor, torch.Tensor]
+GRAM_ELEMENTS = 1 << 22  # positions' products formed at once by `dot_products` (32 MiB)
 
 
 def example_losses(fm: FunctionalModel, labels, loss_fn) -> Callable:
@@ -334,8 +335,20 @@ def _layer_dot(left: list[Pair], right: list[Pair], dtype) -> torch.Tensor:
                 g_l = torch.einsum("qtr,qtc->qrc", ul, vl).reshape(q, -1)
                 g_r = torch.einsum("btr,btc->brc", ur, vr).reshape(b, -1)
                 term = g_l @ g_r.T
-            else:
-                term = (_gram(ul, ur, dtype) * torch.einsum("qtc,bsc->qbts", vl, vr)).sum((2, 3))
+            elif b == 0:
+                term = vl.new_zeros(q, 0)
+            else:  # (Q, B, T, S) products, B in slices of at most GRAM_ELEMENTS
+                size = max(1, GRAM_ELEMENTS // max(1, q * t * s))
+                term = torch.cat(
+                    [
+                        (
+                            _gram(ul, ur[a : a + size], dtype)
+                            * torch.einsum("qtc,bsc->qbts", vl, vr[a : a + size])
+                        ).sum((2, 3))
+                        for a in range(0, b, size)
+                    ],
+                    1,
+                )
             out = term if out is None else out + term
     return out
 
