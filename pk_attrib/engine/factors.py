@@ -416,15 +416,33 @@ def _diagonal(left: list[Pair], right: list[Pair]) -> torch.Tensor:
     out = None
     for ul, vl in left:
         for ur, vr in right:
-            vv = torch.einsum("btc,bsc->bts", vl, vr)
-            if ul.dtype == torch.int64 and ur.dtype == torch.int64:
-                uu = (ul[:, :, None] == ur[:, None, :]).to(vv.dtype)
-            elif ur.dtype == torch.int64:
-                uu = torch.gather(ul, 2, ur[:, None, :].expand(-1, ul.shape[1], -1))
-            elif ul.dtype == torch.int64:
-                uu = torch.gather(ur, 2, ul[:, None, :].expand(-1, ur.shape[1], -1)).transpose(1, 2)
-            else:
-                uu = torch.einsum("btr,bsr->bts", ul, ur)
-            term = (uu * vv).sum((1, 2))
+            b, t, s = vl.shape[0], vl.shape[1], vr.shape[1]
+            size = max(1, GRAM_ELEMENTS // max(1, t * s))  # (B, T, S) in slices
+            term = (
+                torch.cat(
+                    [
+                        _self_products(
+                            ul[a : a + size], vl[a : a + size], ur[a : a + size], vr[a : a + size]
+                        )
+                        for a in range(0, b, size)
+                    ]
+                )
+                if b
+                else vl.new_zeros(0)
+            )
             out = term if out is None else out + term
     return out
+
+
+def _self_products(ul, vl, ur, vr) -> torch.Tensor:
+    """Each example's Σ_{t,s} (u_t·u'_s)(v_t·v'_s), (B,)."""
+    vv = torch.einsum("btc,bsc->bts", vl, vr)
+    if ul.dtype == torch.int64 and ur.dtype == torch.int64:
+        uu = (ul[:, :, None] == ur[:, None, :]).to(vv.dtype)
+    elif ur.dtype == torch.int64:
+        uu = torch.gather(ul, 2, ur[:, None, :].expand(-1, ul.shape[1], -1))
+    elif ul.dtype == torch.int64:
+        uu = torch.gather(ur, 2, ul[:, None, :].expand(-1, ur.shape[1], -1)).transpose(1, 2)
+    else:
+        uu = torch.einsum("btr,bsr->bts", ul, ur)
+    return (uu * vv).sum((1, 2))
