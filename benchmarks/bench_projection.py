@@ -11,32 +11,39 @@ the three promises of that design.
    Gaussian inputs, labels from a random linear teacher) is trained for one epoch of plain
    SGD (batch 500, lr 0.05: 20 steps), recorded by `pk.PathRecorder` to a store under /tmp.
    Then, in a fresh subprocess per configuration, 100 queries are attributed with
-   ``projection_dim=4096``, ``projector="factorized"`` (4096 features per Linear layer,
-   12,288 in all; a dense k x d projection of a 25M model would cost 1e11 flops per
-   example), ``quadrature=2`` and ``memory_budget=1 GiB``; ``"sparse"`` (4096 features) for
-   the 1M model too (and the 5M one with ``--full``: its training side, per-example gradients
-   of all 10,000 examples, runs at ~20 examples/s on 2 cores, ~8 min before the first query
-   chunk can finish). Memory is read from /proc/self/status: VmRSS just before
-   ``attribute()`` is the baseline; writing "5" to /proc/self/clear_refs resets VmHWM, which
-   is read after ``attribute()``; a thread also samples RssAnon every 20 ms, because VmHWM
-   counts the store's memory-mapped (file-backed, reclaimable) pages too. Target: the peak
-   grows like the model, not like d x k (25M x 4096 floats would be 410 GB):
+   ``projection_dim=4096``, ``quadrature=2`` and ``memory_budget=B`` (B = 256 MiB), with every
+   projector ("gaussian", "rademacher", "sparse", "factorized": 4096 features per layer,
+   12,282 in all), in exact mode (the store) and in checkpoint mode (two checkpoints of the
+   run, steps 10 and 20, TracInCP's setting). Memory is read from /proc/self/status: VmRSS
+   just before ``attribute()`` is the baseline; writing "5" to /proc/self/clear_refs resets
+   VmHWM, which is read after ``attribute()``; a thread also samples RssAnon every 20 ms,
+   because VmHWM counts the store's memory-mapped (file-backed, reclaimable) pages too.
+   Target: the peak stays below twice the budget plus a few copies of the model, not like
+   d x k (25M x 4096 floats would be 410 GB):
 
-       peak - baseline <= memory_budget + 10 x 4d + 4 x (4 B k_total) bytes
+       peak - baseline <= 2 B + 6 x 4d + 4 x (4 x 500 x k_total) bytes
 
-   (query chunks are sized by memory_budget; B = 500 is the step's batch, k_total the
-   number of features), for VmHWM and for sampled RssAnon alike.
+   (2 B: the working memory queries and training features are sized by, and the feature
+   cache in memory; 6 copies of the model: the sweep's w_s, w_s+1, Δ_s, φ_s, the adjoint
+   and a gradient's temporaries; 500 the step's batch, k_total the features per example),
+   for VmHWM and for sampled RssAnon alike.
 
-   Scaled down: on 2 shared CPU cores the query side costs 0.3-1.3 s per query for the 1M
-   model and 20-70 s for the 25M one (one query per chunk at 1 GiB), so the default run
-   attributes all 100 queries for 1M/factorized only;
-   the other configurations stop after 2 query chunks or 180 s, whichever comes first.
-   The first chunk computes and caches the training features of all 20 steps, the second
-   reads them back like every later one (chunks do not accumulate memory), so 2 chunks
-   show the steady state. The time for all queries is then estimated as features +
-   n_chunks x (query side of chunk 2), from the per-step and per-chunk times the child
-   reports as it goes (a lower bound when it timed out before a chunk finished).
-   ``--full`` runs every configuration to the end (hours).
+   Scaled down: on 2 shared CPU cores the dense projectors cost O(d k) per example (1e11
+   flops for the 25M model), and the query side of exact mode 20-70 s per query for the
+   25M model (one query per chunk), so the default run attributes all 100 queries for the
+   1M model with "factorized" in both modes only; the other configurations stop after 2
+   query chunks or 120 s, whichever comes first, and report the peak reached by then (a
+   thread prints it every 5 s). In exact mode the first chunk computes and caches the
+   training features of all 20 steps, the second reads them back like every later one, so
+   2 chunks show the steady state; a run stopped earlier shows the training side's peak
+   (marked "timeout"). ``--full`` runs every configuration to the end (days).
+
+1b. From two checkpoints, to the end: the 25M model's checkpoints (steps 10 and 20), 100
+   queries against all 10,000 training examples, ``projection_dim=4096``,
+   ``projector="factorized"``, B = 256 MiB, in checkpoint mode (``pk.TracInCP``): the whole
+   ``attribute()`` and then ``influence(k=10)``. Target: peak - baseline <= B + 6 x 4d +
+   4 x (4 x 500 x k_total) (the model's copies, the in-memory feature cache up to B, and
+   O(batch x k) for a block of training features and the queries' features).
 
 2. Accuracy vs k in {64, 256, 1024, 4096} on scikit-learn's digits (pixels / 16, 1,000 training
    images, MLP 64 -> 32 -> 10 Tanh, SGD lr 0.1, batch 32, 3 epochs recorded in memory; 100
@@ -54,6 +61,14 @@ the three promises of that design.
    largest k that still projects (1024); and the error shrinks at least half as fast as theory
    says: err(64) / err(4096) >= 0.5 x 64^(1/2) = 4 (gaussian, sparse), err(64) / err(1024) >=
    0.5 x 16^(1/4) = 1 (factorized).
+
+   Then (c) checkpoint mode against Captum on the same run, with TracInCP's inputs: the 3
+   end-of-epoch checkpoints, the test loss's influence. Reference: Captum ``TracInCP``
+   (every layer, not projected), which ``pk.TracInCP`` without projection equals (printed:
+   the largest difference). Each of pk's projectors at every k and Captum's
+   ``TracInCPFastRandProj`` (last layer only, ``projection_dim=k``) is ranked against it:
+   mean Spearman, relative error, seconds. Target: at k = 4096, gaussian and sparse reach a
+   mean Spearman >= 0.95 with the reference, and they beat TracInCPFastRandProj at every k.
 
 3. Throughput: projected per-example gradients per second of
    ``make_projector(fm, kind, k).training_features(w, batch, loss_fn)`` for each kind on the
@@ -112,8 +127,8 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pk_attrib as pk
 
+from pk_attrib.engine.factorized import make_projector
 from pk_attrib.engine.functional import FunctionalModel
-from pk_attrib.engine.projection import make_projector
 
 SEED = 0
 MIB = 1 << 20
@@ -121,7 +136,17 @@ GIB = 1 << 30
 IN_FEATURES = 128
 N_CLASSES = 10
 FEATURE_COPIES = 4  # allowance: this many copies of a batch's (B, k_total) features
-MODEL_COPIES = 10  # allowance: this many copies of the model (4d bytes each)
+MODEL_COPIES = 6  # allowance: this many copies of the model (4d bytes each)
+# glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, and keeps
+# what is freed below it in its heap: the resident memory then counts freed blocks of the
+# dense projectors' and the sweep's mid-size temporaries too (a 100K model with B = 64 MiB:
+# 152 MiB above the baseline instead of 55). Children run with the threshold fixed at 1 MiB
+# (MALLOC_MMAP_THRESHOLD_) so that the peak measures the memory pk_attrib holds;
+# --malloc-default runs them with glibc's default.
+CHILD_MALLOC_THRESHOLD = 1 << 20
+BUDGET_COPIES = 2  # allowance: this many memory_budgets (working memory, in-memory cache)
+KINDS = ("gaussian", "rademacher", "sparse", "factorized")
+MODES = ("exact", "checkpoint")
 DIGITS_LR = 0.1
 DIGITS_BATCH = 32
 DIGITS_HIDDEN = 32
@@ -150,10 +175,10 @@ class Config:
     n_queries: int
     k_memory: int
     memory_budget: int
-    sparse_models: tuple[str, ...]
-    full_runs: tuple[tuple[str, str], ...]  # (model, projector) attributed to the end
+    full_runs: tuple[tuple[str, str, str], ...]  # (model, mode, projector) run to the end
     max_chunks: int
     child_timeout: float  # seconds per capped configuration
+    checkpoints_model: str  # part 1b
     # part 2
     digits_train: int
     digits_epochs: int
@@ -175,11 +200,11 @@ DEFAULT = Config(
     batch=500,
     n_queries=100,
     k_memory=4096,
-    memory_budget=GIB,
-    sparse_models=("1M",),  # "5M" too with --full (see the module docstring)
-    full_runs=(("1M", "factorized"),),
+    memory_budget=256 * MIB,
+    full_runs=(("1M", "exact", "factorized"), ("1M", "checkpoint", "factorized")),
     max_chunks=2,
-    child_timeout=180,
+    child_timeout=120,
+    checkpoints_model="25M",
     digits_train=1000,
     digits_epochs=3,
     digits_queries=100,
@@ -194,11 +219,11 @@ QUICK = Config(
     batch=500,
     n_queries=20,
     k_memory=1024,
-    memory_budget=256 * MIB,
-    sparse_models=("100K",),
-    full_runs=(("100K", "factorized"), ("100K", "sparse")),
+    memory_budget=64 * MIB,
+    full_runs=(("100K", "exact", "factorized"), ("100K", "checkpoint", "sparse")),
     max_chunks=2,
-    child_timeout=60,
+    child_timeout=30,
+    checkpoints_model="100K",
     digits_train=300,
     digits_epochs=1,
     digits_queries=20,
@@ -263,17 +288,26 @@ def reset_peak() -> None:
 
 
 class AnonSampler(threading.Thread):
-    """Samples RssAnon every ``interval`` seconds and keeps the maximum."""
+    """Samples RssAnon every ``interval`` seconds and keeps the maximum.
 
-    def __init__(self, interval: float = 0.02):
+    Every ``every`` seconds it also calls ``tick`` (the probe prints its progress, so that a
+    parent that times the child out still learns the peak so far).
+    """
+
+    def __init__(self, interval: float = 0.02, tick=None, every: float = 5.0):
         super().__init__(daemon=True)
         self.interval = interval
         self.peak = proc_status()["RssAnon"]
         self._done = threading.Event()
+        self.tick, self.every = tick, every
 
     def run(self) -> None:
+        last = time.perf_counter()
         while not self._done.wait(self.interval):
             self.peak = max(self.peak, proc_status()["RssAnon"])
+            if self.tick is not None and time.perf_counter() - last >= self.every:
+                last = time.perf_counter()
+                self.tick()
 
     def stop(self) -> int:
         self._done.set()
@@ -287,30 +321,36 @@ class StopAfterChunks(Exception):
 
 
 class Probe:
-    """Observes one ``attribute()`` call: step and chunk times, memory, progress lines.
+    """Observes one ``attribute()`` call: chunk times, memory, progress lines.
 
-    `PathKernelInfluence._projected` calls ``_engine.exact`` once per query chunk, and that
-    calls ``_projector.training_features`` once per step while the features are not
-    cached (first chunk). The probe wraps these two private calls to time them, to stop
-    after ``max_chunks`` chunks, and to print a ``PROGRESS`` line after each, so that a
-    parent that times the child out still learns the peak so far.
+    `projected.attribute` runs the queries in chunks, each through ``Engine.exact`` (exact
+    mode) or ``tracin_projected.decompose`` (checkpoint mode). The probe wraps that private
+    call to time the chunks, to stop after ``max_chunks`` chunks, and to print a
+    ``PROGRESS`` line after each and every 5 s, so that a parent that times the child out
+    still learns the peak so far. ``features`` times the projector's calls (the training
+    side, and in checkpoint mode the queries' features too).
     """
 
     def __init__(self, ex, n_queries: int, max_chunks: int | None):
+        from pk_attrib.explain import projected
+
         self.n_queries = n_queries
         self.max_chunks = max_chunks
-        self.features: list[float] = []  # seconds per step
+        self.features: list[float] = []  # seconds per call of the projector's features
         self.chunks: list[tuple[int, float]] = []  # (queries, seconds)
         self.chunk_size: int | None = None
-        self.sampler = AnonSampler()
+        self.sampler = AnonSampler(tick=self.report)
         self.start = time.perf_counter()
-        exact, features = ex._engine.exact, ex._projector.training_features
+        checkpoint = ex.mode == "checkpoint"
+        run_chunk = projected.tracin_projected.decompose if checkpoint else ex._engine.exact
+        features = ex._projector.features
 
-        def timed_exact(inputs, *args, **kwargs):
+        def timed_chunk(*args, **kwargs):
+            inputs = args[2] if checkpoint else args[0]
             n = inputs[0].shape[0]
             self.chunk_size = self.chunk_size or n
             start = time.perf_counter()
-            out = exact(inputs, *args, **kwargs)
+            out = run_chunk(*args, **kwargs)
             self.chunks.append((n, time.perf_counter() - start))
             self.report()
             done = sum(q for q, _ in self.chunks)
@@ -322,11 +362,15 @@ class Probe:
             start = time.perf_counter()
             out = features(*args, **kwargs)
             self.features.append(time.perf_counter() - start)
-            self.report()
             return out
 
-        ex._engine.exact = timed_exact
-        ex._projector.training_features = timed_features
+        if checkpoint:
+            self._restore = (projected.tracin_projected, "decompose", run_chunk)
+            projected.tracin_projected.decompose = timed_chunk
+        else:
+            ex._engine.exact = timed_chunk
+            self._restore = None
+        ex._projector.features = timed_features
 
     def begin(self) -> None:
         reset_peak()
@@ -350,7 +394,16 @@ class Probe:
 
     def end(self) -> dict:
         self.sampler.stop()
+        if self._restore is not None:
+            setattr(*self._restore)
         return self.snapshot()
+
+
+def checkpoint_path(store: str) -> pk.TrainingPath:
+    """The run's checkpoints half-way and at the end (TracInCP's input), in memory."""
+    path = pk.TrainingPath.load(store)
+    states = [path.params(len(path) // 2), path.params(len(path))]
+    return pk.TrainingPath.from_checkpoints(states, [0.05] * len(states))
 
 
 def child_record(spec: dict) -> dict:
@@ -388,9 +441,10 @@ def child_measure(spec: dict) -> dict:
     """Attribute the queries with one projector; peak memory and time of ``attribute()``."""
     train_set, queries, targets = synthetic(spec["n_train"], spec["n_queries"])
     model = mlp(spec["width"])
-    path = pk.TrainingPath.load(spec["store"])
-    path.load_into(model)
+    stored = pk.TrainingPath.load(spec["store"])
+    stored.load_into(model)
     model.eval()
+    path = stored if spec["mode"] == "exact" else checkpoint_path(spec["store"])
     ex = pk.PathKernelInfluence(
         model,
         train_set,
@@ -402,12 +456,13 @@ def child_measure(spec: dict) -> dict:
         projection_seed=SEED,
         memory_budget=spec["memory_budget"],
         quadrature=2,
+        mode=spec["mode"],
     )
     probe = Probe(ex, spec["n_queries"], spec["max_chunks"])
     gc.collect()
     start = {
         "d": sum(p.numel() for p in model.parameters()),
-        "k_total": ex._projector.dim,  # features per example (all Linear layers: factorized)
+        "k_total": ex._projector.dim,  # features per example
         "steps": len(path),
         "base": proc_status(),
     }
@@ -424,11 +479,60 @@ def child_measure(spec: dict) -> dict:
     return result
 
 
+def child_checkpoints(spec: dict) -> dict:
+    """Part 1b: 100 queries from two checkpoints to the end, then influence(k=10)."""
+    train_set, queries, targets = synthetic(spec["n_train"], spec["n_queries"])
+    model = mlp(spec["width"])
+    pk.TrainingPath.load(spec["store"]).load_into(model)
+    model.eval()
+    ex = pk.TracInCP(
+        model,
+        train_set,
+        checkpoint_path(spec["store"]),
+        None,
+        None,
+        torch.nn.CrossEntropyLoss(reduction="none"),
+        show_progress=False,
+        projection_dim=spec["k"],
+        projector="factorized",
+        projection_seed=SEED,
+        memory_budget=spec["memory_budget"],
+    )
+    gc.collect()
+    base = proc_status()
+    sampler = AnonSampler()
+    reset_peak()
+    sampler.start()
+    start = time.perf_counter()
+    dec = ex.attribute(queries, target=targets)
+    attribute_s = time.perf_counter() - start
+    top = ex.influence((queries, targets), k=10)
+    total_s = time.perf_counter() - start
+    peak_anon = sampler.stop()
+    after = proc_status()
+    return {
+        "d": sum(p.numel() for p in model.parameters()),
+        "k_total": ex._projector.dim,
+        "base": base,
+        "peak": after["VmHWM"],
+        "peak_anon": peak_anon,
+        "attribute_s": attribute_s,
+        "influence_s": total_s - attribute_s,
+        "train_gradients": dec.diagnostics.train_gradients,
+        "finite": bool(torch.isfinite(dec.contributions).all())
+        and bool(torch.isfinite(top.influence_scores).all()),
+        "shape": list(dec.contributions.shape),
+    }
+
+
 def run_child(spec: dict, timeout: float | None = None) -> dict:
     """Run ``--child spec`` in a fresh interpreter; its RESULT, or on timeout its progress."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    env = dict(os.environ)
+    if CHILD_MALLOC_THRESHOLD:  # a fixed threshold: freed blocks go back to the system
+        env["MALLOC_MMAP_THRESHOLD_"] = str(CHILD_MALLOC_THRESHOLD)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         out, err, code = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
         out, err, code = exc.stdout or "", exc.stderr or "", "timeout"
@@ -455,6 +559,7 @@ class MemoryRow:
     """One measured configuration of part 1."""
 
     model: str
+    mode: str
     projector: str
     result: dict
     limit: int
@@ -497,6 +602,8 @@ class MemoryRow:
         """(seconds for all queries, mark): '' measured, '*' estimated, '>' lower bound."""
         if self.result["status"] == "complete":
             return self.result["seconds"], ""
+        if self.mode == "checkpoint":  # one chunk: the time so far
+            return self.result["seconds"], ">"
         features, query = self.features_seconds(), self.chunk_query_seconds()
         chunks = self.n_chunks(n_queries)
         if features is not None and query is not None and chunks is not None:
@@ -511,10 +618,10 @@ def describe(row: MemoryRow, steps: int) -> str:
     parts = [f"chunks [{chunks}]"]
     if r["features"]:
         parts.append(
-            f"training features {len(r['features'])}/{steps} steps, "
-            f"{statistics.mean(r['features']):.2f}s per step"
+            f"projector.features {len(r['features'])} calls, "
+            f"{statistics.mean(r['features']):.2f}s each"
         )
-    query = row.chunk_query_seconds()
+    query = row.chunk_query_seconds() if row.mode == "exact" else None
     if query is not None:
         parts.append(f"query side {query / steps:.2f}s per step and chunk")
     if r["after"] is not None:
@@ -528,25 +635,41 @@ def describe(row: MemoryRow, steps: int) -> str:
     return "; ".join(parts)
 
 
+def limit_of(cfg: Config, d: int, k_total: int, budgets: int = BUDGET_COPIES) -> int:
+    """budgets x memory_budget + MODEL_COPIES x 4d + FEATURE_COPIES x (4 x batch x k_total)."""
+    return (
+        budgets * cfg.memory_budget
+        + MODEL_COPIES * 4 * d
+        + FEATURE_COPIES * 4 * cfg.batch * k_total
+    )
+
+
 def memory_part(cfg: Config, root: Path) -> list[bool]:
     print(f"\n1. peak memory of attribute(): fresh subprocess per configuration ({load()})")
     print(
         f"   {cfg.n_train} synthetic training examples, one epoch of SGD (batch {cfg.batch}, "
-        f"{cfg.n_train // cfg.batch} steps) recorded to a store under {root}; "
+        f"{cfg.n_train // cfg.batch} steps) recorded to a store under {root}; exact mode "
+        f"explains the store, checkpoint mode its checkpoints half-way and at the end; "
         f"{cfg.n_queries} queries, k = {cfg.k_memory}, quadrature=2, "
-        f"memory_budget={cfg.memory_budget / GIB:g} GiB; each run stops after "
-        f"{cfg.max_chunks} query chunks or {cfg.child_timeout:.0f}s unless marked full"
+        f"memory_budget B = {cfg.memory_budget / MIB:g} MiB; each run stops after "
+        f"{cfg.max_chunks} query chunks or {cfg.child_timeout:.0f}s unless marked full; "
+        + (
+            f"children run with MALLOC_MMAP_THRESHOLD_={CHILD_MALLOC_THRESHOLD} (freed "
+            "memory returned to the system: the peak is what pk_attrib holds)"
+            if CHILD_MALLOC_THRESHOLD
+            else "children run with glibc's default malloc settings"
+        )
     )
     print(
-        f"   limit = memory_budget + {MODEL_COPIES} x 4d + {FEATURE_COPIES} x 4 B k_total "
-        f"(B = {cfg.batch}); peak = VmHWM (all resident pages, store mmaps included), "
-        "anon = sampled RssAnon"
+        f"   limit = {BUDGET_COPIES} B + {MODEL_COPIES} x 4d + {FEATURE_COPIES} x 4 x "
+        f"{cfg.batch} x k_total; peak = VmHWM (all resident pages, store mmaps included), "
+        "anon = sampled RssAnon; /4d: the rise in copies of the model"
     )
     rows: list[MemoryRow] = []
     header = (
-        f"   {'model':>5} {'d':>11} {'projector':>10} {'k_tot':>6} {'q/chunk':>7} "
-        f"{'chunks':>7} {'base MiB':>9} {'peak-base':>10} {'/4d':>6} {'anon-base':>10} "
-        f"{'/4d':>6} {'limit MiB':>10} {'time s':>8} {'all q s':>9}"
+        f"   {'model':>5} {'d':>11} {'mode':>10} {'projector':>10} {'k_tot':>6} "
+        f"{'q/chunk':>7} {'chunks':>7} {'base MiB':>9} {'peak-base':>10} {'/4d':>6} "
+        f"{'anon-base':>10} {'/4d':>6} {'limit MiB':>10} {'time s':>8} {'all q s':>9}"
     )
     for model, width in cfg.widths.items():
         store = root / f"store-{model}"
@@ -565,49 +688,46 @@ def memory_part(cfg: Config, root: Path) -> list[bool]:
             f"store {rec['store_bytes'] / MIB:.0f} MiB"
         )
         print(header)
-        kinds = ["factorized"] + (["sparse"] if model in cfg.sparse_models else [])
-        for kind in kinds:
-            full = cfg.full or (model, kind) in cfg.full_runs
-            spec = {
-                "task": "measure",
-                "width": width,
-                "n_train": cfg.n_train,
-                "n_queries": cfg.n_queries,
-                "store": str(store),
-                "k": cfg.k_memory,
-                "projector": kind,
-                "memory_budget": cfg.memory_budget,
-                "max_chunks": None if full else cfg.max_chunks,
-            }
-            result = run_child(spec, timeout=None if full else cfg.child_timeout)
-            d = result["d"]
-            limit = (
-                cfg.memory_budget
-                + MODEL_COPIES * 4 * d
-                + FEATURE_COPIES * 4 * cfg.batch * result["k_total"]
-            )
-            row = MemoryRow(model, kind, result, limit)
-            rows.append(row)
-            n_chunks = row.n_chunks(cfg.n_queries)
-            done = f"{len(result['chunks'])}/{n_chunks or '?'}"
-            est, mark = row.estimate(cfg.n_queries)
-            if row.measured:
-                memory = (
-                    f"{row.grow / MIB:>10.0f} {row.grow / (4 * d):>6.1f} "
-                    f"{row.grow_anon / MIB:>10.0f} {row.grow_anon / (4 * d):>6.1f}"
+        for mode in MODES:
+            for kind in KINDS:
+                full = cfg.full or (model, mode, kind) in cfg.full_runs
+                spec = {
+                    "task": "measure",
+                    "width": width,
+                    "n_train": cfg.n_train,
+                    "n_queries": cfg.n_queries,
+                    "store": str(store),
+                    "k": cfg.k_memory,
+                    "projector": kind,
+                    "mode": mode,
+                    "memory_budget": cfg.memory_budget,
+                    "max_chunks": None if full else cfg.max_chunks,
+                }
+                result = run_child(spec, timeout=None if full else cfg.child_timeout)
+                d = result["d"]
+                row = MemoryRow(model, mode, kind, result, limit_of(cfg, d, result["k_total"]))
+                rows.append(row)
+                n_chunks = row.n_chunks(cfg.n_queries)
+                done = f"{len(result['chunks'])}/{n_chunks or '?'}"
+                est, mark = row.estimate(cfg.n_queries)
+                if row.measured:
+                    memory = (
+                        f"{row.grow / MIB:>10.0f} {row.grow / (4 * d):>6.1f} "
+                        f"{row.grow_anon / MIB:>10.0f} {row.grow_anon / (4 * d):>6.1f}"
+                    )
+                else:
+                    memory = f"{'?':>10} {'?':>6} {'?':>10} {'?':>6}"
+                print(
+                    f"   {model:>5} {d:>11,} {mode:>10} {kind:>10} {result['k_total']:>6} "
+                    f"{result['chunk_size'] or '?':>7} {done:>7} "
+                    f"{result['base']['VmRSS'] / MIB:>9.0f} {memory} "
+                    f"{row.limit / MIB:>10.0f} {result['seconds']:>8.1f} {mark:>1}{est:>7.0f}"
                 )
-            else:
-                memory = f"{'?':>10} {'?':>6} {'?':>10} {'?':>6}"
-            print(
-                f"   {model:>5} {d:>11,} {kind:>10} {result['k_total']:>6} "
-                f"{result['chunk_size'] or '?':>7} {done:>7} "
-                f"{result['base']['VmRSS'] / MIB:>9.0f} {memory} {limit / MIB:>10.0f} "
-                f"{result['seconds']:>8.1f} {mark:>1}{est:>7.0f}"
-            )
-            print(f"   {'':>5} {describe(row, result['steps'])}")
-            if result["status"] == "complete" and not result["finite"]:
-                print("          contributions are not finite!")
-        shutil.rmtree(store, ignore_errors=True)
+                print(f"   {'':>5} {describe(row, result['steps'])}")
+                if result["status"] == "complete" and not result["finite"]:
+                    print("          contributions are not finite!")
+        if model != cfg.checkpoints_model:
+            shutil.rmtree(store, ignore_errors=True)
     print(
         f"   'all q s': time for all {cfg.n_queries} queries: measured, '*' estimated as "
         "features + n_chunks x query side of a chunk, '>' a lower bound"
@@ -617,24 +737,66 @@ def memory_part(cfg: Config, root: Path) -> list[bool]:
     anon_ok = all(r.grow_anon <= r.limit for r in measured)
     finite_ok = all(r.result.get("finite", True) for r in rows)
     if not measured:
-        print("   FAIL 1a, 1b: no configuration finished a step before its timeout")
+        print("   FAIL 1a, 1b: no configuration reported a peak before its timeout")
         return [False, False, finite_ok]
     unmeasured = f" ({len(rows) - len(measured)} run(s) without a measurement)"
     suffix = unmeasured if len(measured) < len(rows) else ""
     worst = max(measured, key=lambda r: r.grow / r.limit)
     print(
         f"   {verdict(total_ok)} 1a: VmHWM - baseline <= limit for every configuration "
-        f"(worst: {worst.model}/{worst.projector} {worst.grow / MIB:.0f} of "
+        f"(worst: {worst.model}/{worst.mode}/{worst.projector} {worst.grow / MIB:.0f} of "
         f"{worst.limit / MIB:.0f} MiB){suffix}"
     )
     worst = max(measured, key=lambda r: r.grow_anon / r.limit)
     print(
         f"   {verdict(anon_ok)} 1b: sampled RssAnon - baseline <= limit for every "
-        f"configuration (worst: {worst.model}/{worst.projector} "
+        f"configuration (worst: {worst.model}/{worst.mode}/{worst.projector} "
         f"{worst.grow_anon / MIB:.0f} of {worst.limit / MIB:.0f} MiB){suffix}"
     )
     print(f"   {verdict(finite_ok)} 1c: completed runs give finite (n_test, n_train) contributions")
-    return [total_ok, anon_ok, finite_ok]
+    return [total_ok, anon_ok, finite_ok, *checkpoints_part(cfg, root)]
+
+
+def checkpoints_part(cfg: Config, root: Path) -> list[bool]:
+    """Part 1b: the largest model from two checkpoints, every query, to the end."""
+    model = cfg.checkpoints_model
+    store = root / f"store-{model}"
+    print(
+        f"\n1b. {model} from two checkpoints (half-way and at the end), {cfg.n_queries} "
+        f"queries against {cfg.n_train} training examples, pk.TracInCP, factorized, "
+        f"k = {cfg.k_memory}, B = {cfg.memory_budget / MIB:g} MiB, to the end ({load()})"
+    )
+    spec = {
+        "task": "checkpoints",
+        "width": cfg.widths[model],
+        "n_train": cfg.n_train,
+        "n_queries": cfg.n_queries,
+        "store": str(store),
+        "k": cfg.k_memory,
+        "memory_budget": cfg.memory_budget,
+    }
+    try:
+        r = run_child(spec)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    d = r["d"]
+    limit = limit_of(cfg, d, r["k_total"], budgets=1)
+    grow = r["peak"] - r["base"]["VmRSS"]
+    grow_anon = r["peak_anon"] - r["base"]["RssAnon"]
+    print(
+        f"   d = {d:,}, k_total = {r['k_total']}: attribute {r['attribute_s']:.1f}s "
+        f"(contributions {tuple(r['shape'])}, {r['train_gradients']} training examples' "
+        f"features), then influence(k=10) {r['influence_s']:.1f}s; peak - baseline "
+        f"{grow / MIB:.0f} MiB ({grow / (4 * d):.1f} x 4d), RssAnon {grow_anon / MIB:.0f} "
+        f"MiB ({grow_anon / (4 * d):.1f} x 4d); limit B + {MODEL_COPIES} x 4d + "
+        f"{FEATURE_COPIES} x 4 x {cfg.batch} x k_total = {limit / MIB:.0f} MiB"
+    )
+    ok = max(grow, grow_anon) <= limit and r["finite"]
+    print(
+        f"   {verdict(ok)} 1d: from two checkpoints the peak stays below {limit / MIB:.0f} MiB "
+        "and the scores are finite"
+    )
+    return [ok]
 
 
 # -- part 2: accuracy vs k on digits -------------------------------------------------------------
@@ -830,8 +992,8 @@ def accuracy_part(cfg: Config, root: Path) -> list[bool]:
             f"{seconds:>7.1f}"
         )
 
+    results = checkpoint_accuracy(cfg, run)
     small = cfg.ks[0]
-    results = []
     for kind, (max_error, min_spearman, rate) in ACCURACY_TARGETS.items():
         # judged at the largest k that still projects: factorized leaves a layer with at
         # most k weights unprojected, so on this small MLP its largest k is exact
@@ -855,6 +1017,98 @@ def accuracy_part(cfg: Config, root: Path) -> list[bool]:
             f"err({big}) = {drop:.2f} >= {min_drop:.2f} (half of ({big}/{small})^{rate})"
         )
         results += [ok, shrinks]
+    return results
+
+
+def load_digits_checkpoint(net: torch.nn.Module, file: str) -> float:
+    state = torch.load(file, weights_only=True)
+    net.load_state_dict(state["model"])
+    return state["lr"]
+
+
+def captum_tracincp(run: DigitsRun) -> torch.Tensor:
+    """Captum's TracInCP (every layer, not projected): the reference of part 2 (c)."""
+    from captum.influence import TracInCP
+
+    net = copy.deepcopy(run.model)
+    tracin = TracInCP(
+        net,
+        run.train_set,
+        run.checkpoints,
+        load_digits_checkpoint,
+        loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+        batch_size=256,
+    )
+    return tracin.influence((run.queries, run.targets))
+
+
+def checkpoint_accuracy(cfg: Config, run: DigitsRun) -> list[bool]:
+    """Part 2 (c): checkpoint mode with projection against Captum, on TracInCP's inputs."""
+    print(
+        f"\n   (c) checkpoint mode on the {len(run.checkpoints)} end-of-epoch checkpoints, "
+        "test-loss influence ranked against Captum TracInCP (every layer, not projected)"
+    )
+    start = time.perf_counter()
+    reference = captum_tracincp(run)
+    reference_s = time.perf_counter() - start
+
+    def ours(k: int | None, kind: str = "gaussian") -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        with warnings.catch_warnings():  # (k >= d warns: it only adds noise)
+            warnings.simplefilter("ignore", pk.PkAttribWarning)
+            ex = pk.TracInCP(
+                run.model,
+                run.train_set,
+                run.checkpoints,
+                load_digits_checkpoint,
+                None,
+                torch.nn.CrossEntropyLoss(reduction="none"),
+                show_progress=False,
+                projection_dim=k,
+                projector=kind,
+                projection_seed=SEED,
+            )
+            scores = ex.influence((run.queries, run.targets))
+        return scores, time.perf_counter() - start
+
+    plain, plain_s = ours(None)
+    gap = float((plain - reference).abs().max() / reference.abs().max())
+    print(
+        f"   Captum TracInCP {reference_s:.1f}s; pk.TracInCP without projection {plain_s:.1f}s, "
+        f"largest difference {gap:.1e} of the largest score"
+    )
+    print(f"   {'method':>44} {'k':>6} {'Spearman':>9} {'rel. error':>11} {'time s':>7}")
+    spearman: dict[tuple[str, int], float] = {}
+    for k in cfg.ks:
+        start = time.perf_counter()
+        captum = captum_fast_rand_proj(run, k)
+        seconds = time.perf_counter() - start
+        spearman["captum", k] = mean_spearman(captum, reference)
+        print(
+            f"   {'Captum TracInCPFastRandProj (last layer)':>44} {k:>6} "
+            f"{spearman['captum', k]:>9.4f} {relative_error(captum, reference):>11.4f} "
+            f"{seconds:>7.1f}"
+        )
+        for kind in ("gaussian", "sparse", "factorized"):
+            scores, seconds = ours(k, kind)
+            spearman[kind, k] = mean_spearman(scores, reference)
+            print(
+                f"   {'pk.TracInCP ' + kind:>44} {k:>6} {spearman[kind, k]:>9.4f} "
+                f"{relative_error(scores, reference):>11.4f} {seconds:>7.1f}"
+            )
+    k = cfg.ks[-1]
+    results = []
+    for kind in ("gaussian", "sparse"):
+        ok = spearman[kind, k] >= 0.95 and all(
+            spearman[kind, j] > spearman["captum", j] for j in cfg.ks
+        )
+        print(
+            f"   {verdict(ok)} 2c/{kind}: mean Spearman with TracInCP {spearman[kind, k]:.4f} "
+            f">= 0.95 at k = {k}, above TracInCPFastRandProj's at every k"
+        )
+        results.append(ok)
+    results.append(gap <= 1e-4)
+    print(f"   {verdict(gap <= 1e-4)} 2c: without projection pk.TracInCP equals Captum's (float32)")
     return results
 
 
@@ -1020,20 +1274,23 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--tmp", default=None, help="folder for stores (default: /tmp)")
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="children keep glibc's dynamic mmap threshold (see CHILD_MALLOC_THRESHOLD)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else DEFAULT
-    if args.full:  # sparse for every model but the largest, every run to the end
-        cfg = dataclasses.replace(
-            cfg, full=True, sparse_models=tuple(cfg.widths)[:-1] or tuple(cfg.widths)
-        )
+    if args.full:  # every run to the end
+        cfg = dataclasses.replace(cfg, full=True)
     return args, cfg
 
 
 def child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     warnings.simplefilter("ignore")
-    tasks = {"record": child_record, "measure": child_measure}
+    tasks = {"record": child_record, "measure": child_measure, "checkpoints": child_checkpoints}
     print("RESULT " + json.dumps(tasks[spec["task"]](spec)), flush=True)
     return 0
 
@@ -1045,6 +1302,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # children too
     if args.child is not None:
         return child_main(args.child)
+    global CHILD_MALLOC_THRESHOLD
+    if args.malloc_default:
+        CHILD_MALLOC_THRESHOLD = 0
     import captum
     import scipy
 

@@ -15,12 +15,15 @@ from .decomposition import Decomposition, Diagnostics, Ranked, TopK
 from .engine.projection import ProjectorKind
 from .engine.quadrature import Quadrature
 from .exceptions import (
+    ArgumentError,
+    ArgumentTypeError,
     CorruptStoreError,
     DistributedError,
     FormatVersionError,
     IndexOutOfRangeError,
     LossReductionError,
     MissingBatchIndicesError,
+    NoCheckpointsError,
     NonFiniteError,
     NotAStoreError,
     PkAttribError,
@@ -50,6 +53,10 @@ def __getattr__(name: str):
         from .explain.explainer import PathKernelInfluence
 
         return PathKernelInfluence
+    if name == "TracInCP":
+        from .explain.tracincp import TracInCP
+
+        return TracInCP
     if name in ("integrations", "testing", "viz"):  # pk.viz etc. without importing them first
         import importlib
 
@@ -58,6 +65,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "CorruptStoreError",
     "Decomposition",
     "Diagnostics",
@@ -66,6 +75,7 @@ __all__ = [
     "IndexOutOfRangeError",
     "LossReductionError",
     "MissingBatchIndicesError",
+    "NoCheckpointsError",
     "NonFiniteError",
     "NotAStoreError",
     "PathKernelInfluence",
@@ -83,6 +93,7 @@ __all__ = [
     "StoreError",
     "StoreMismatchError",
     "TopK",
+    "TracInCP",
     "TrainingPath",
     "UnsupportedError",
     "VectorizationWarning",

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from .exceptions import ArgumentError
+
 
 def first_terms(parts) -> list[str]:
     """The term names of the first decomposition."""
@@ -107,7 +109,7 @@ class Decomposition:
             ValueError: The decomposition was computed without ``kernel=True``.
         """
         if self._kernel is None:
-            raise ValueError(
+            raise ArgumentError(
                 "the path kernel costs C extra gradients per training example and step, so it "
                 "is computed only when asked for: call attribute(..., kernel=True)"
             )
@@ -167,7 +169,7 @@ class Decomposition:
             by decreasing contribution, opponents by increasing (most negative first).
         """
         if k < 1:
-            raise ValueError(f"k must be a positive int, got {k}")
+            raise ArgumentError(f"k must be a positive int, got {k}")
         k = min(k, self.contributions.shape[1])
         up = torch.topk(self.contributions, k, dim=1)
         down = torch.topk(self.contributions, k, dim=1, largest=False)

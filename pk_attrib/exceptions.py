@@ -21,12 +21,32 @@ class IndexOutOfRangeError(RecordingError, IndexError):
     """A recorded dataset index lies outside the training dataset."""
 
 
+class ArgumentError(PkAttribError, ValueError):
+    """An argument has a value the call cannot take (also a ValueError, as Captum's)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError, AssertionError):
+    """An argument is missing or of the wrong type.
+
+    Also a TypeError, and an AssertionError because Captum's TracInCP asserts these (its
+    ``influence(None)``, ``layers`` that are not a list of names, a non-int ``batch_size``).
+    """
+
+
 class StoreError(PkAttribError, OSError):
     """A store folder cannot be read or written."""
 
 
 class NotAStoreError(StoreError):
     """The folder exists but holds something other than a pk_attrib store."""
+
+
+class NoCheckpointsError(NotAStoreError, ArgumentError):
+    """No checkpoints where the path or ``checkpoints=`` points (a missing or empty folder).
+
+    A NotAStoreError (an OSError) and an ArgumentError (a ValueError, what TracInCP raises
+    for it) alike, whichever argument named them; an empty list of checkpoints too.
+    """
 
 
 class FormatVersionError(StoreError):

@@ -16,6 +16,8 @@ DATA = Path(__file__).parent / "data"
 
 # what the documentation and users import; changing it is a change of the public API
 PUBLIC = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "CorruptStoreError",
     "Decomposition",
     "Diagnostics",
@@ -24,6 +26,7 @@ PUBLIC = [
     "IndexOutOfRangeError",
     "LossReductionError",
     "MissingBatchIndicesError",
+    "NoCheckpointsError",
     "NonFiniteError",
     "NotAStoreError",
     "PathKernelInfluence",
@@ -41,6 +44,7 @@ PUBLIC = [
     "StoreError",
     "StoreMismatchError",
     "TopK",
+    "TracInCP",
     "TrainingPath",
     "UnsupportedError",
     "VectorizationWarning",

@@ -7,12 +7,10 @@ import torch
 from test_engine import OPTIMIZERS, digits, digits_mlp, record, train_set
 
 import pk_attrib as pk
-from pk_attrib.engine.factors import capture, linear_layers
+from pk_attrib.engine.factorized import FactorizedProjector, make_projector
+from pk_attrib.engine.factors import capture
 from pk_attrib.engine.functional import FunctionalModel
-from pk_attrib.engine.projection import (
-    FactorizedProjector,
-    make_projector,
-)
+from pk_attrib.engine.layers import find_layers
 from pk_attrib.explain.influence import block_size
 
 F64 = torch.float64
@@ -89,7 +87,7 @@ def test_factorized_linear_projection_equals_the_kronecker_projection_of_the_gra
     fm, w = functional(model)
     proj = make_projector(fm, "factorized", 16, seed=3)
     assert isinstance(proj, FactorizedProjector)
-    assert [m for m, _, _ in proj.layers] == ["inner", "head"] and proj.rest == [
+    assert [x.key for x in proj.layers] == ["inner", "head"] and proj.rest == [
         "norm.weight",
         "norm.bias",
     ]
@@ -204,11 +202,11 @@ def test_dense_training_features_equal_the_projected_per_example_gradients(kind,
     proj = make_projector(fm, kind, 16, seed=5)
     proj.chunk = 3  # blocks of P that start and end inside rows of a weight
     loss_fn = torch.nn.CrossEntropyLoss()
-    layers, _ = linear_layers(fm)
+    layers, _ = find_layers(fm)
     y = torch.randint(0, 3, (7,))
     for x in (torch.randn(7, t, 5, dtype=F64) for t in (4, 1, 7)):  # T = B: time major fails
         losses = lambda out: fm.per_example_losses(out, y, loss_fn)  # noqa: E731
-        rebuilt = capture(fm, w, (x,), losses, layers, check=True) is not None
+        rebuilt = not capture(fm, w, (x,), losses, layers, check=True).failed
         # otherwise torch.func per-example gradients (a time-major layer runs on batch-first
         # looking inputs when T = B, and only the first example's own gradient tells)
         assert rebuilt == (model in REBUILT)
@@ -352,8 +350,6 @@ def test_bad_projection_options_are_refused(run):
     x, y = digits()
     with pytest.raises(pk.UnsupportedError, match="kernel"):
         make(run, projection_dim=8).attribute(x[:1], target=y[:1], kernel=True)
-    with pytest.raises(pk.UnsupportedError, match="checkpoint mode"):  # when constructed
-        make(run, projection_dim=8, mode="checkpoint")
 
 
 def test_a_projection_to_at_least_d_dimensions_warns_that_it_only_adds_noise(run):
@@ -475,7 +471,7 @@ def test_linear_layers_used_in_unusual_ways_give_exact_numbers_or_an_error(model
 
 def test_feature_caches_of_another_hash_algorithm_are_kept_apart(run, tmp_path, monkeypatch):
     """A cache an earlier version wrote (sha256 entries) is neither read nor overwritten."""
-    import pk_attrib.explain.explainer as explainer
+    import pk_attrib.explain.projected as explainer
 
     model, data, path = run
     stored = path.save(tmp_path / "store")

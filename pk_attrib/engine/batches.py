@@ -14,6 +14,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from ..exceptions import ArgumentError, ArgumentTypeError
+
 # Inputs, labels and model outputs may be tensors or (nested) tuples, lists and dicts of
 # them (a model taking a dict, one returning (logits, aux)): the first dimension of every
 # tensor indexes the examples.
@@ -38,7 +40,7 @@ def n_rows(tree: Any) -> int:
     """The number of examples of a batch: its first tensor's first dimension."""
     found = leaves(tree)
     if not found or found[0].dim() == 0:
-        raise ValueError("a batch needs a tensor whose first dimension indexes the examples")
+        raise ArgumentError("a batch needs a tensor whose first dimension indexes the examples")
     return found[0].shape[0]
 
 
@@ -84,7 +86,7 @@ def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tens
         else:
             batch = dataset.collate_fn(items)
         if not isinstance(batch, (tuple, list)):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"train_dataset's collate_fn returns a {type(batch).__name__}, but batches must "
                 "be (inputs..., label), as in Captum's TracInCP: model(*batch[:-1]) gives the "
                 "outputs; wrap the collate_fn so that it returns a tuple"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from ..exceptions import ArgumentError
 from .functional import FunctionalModel
 
 
@@ -58,7 +59,7 @@ class Curvature(str, enum.Enum):
             return cls(value)
         except ValueError:
             valid = ", ".join(repr(c.value) for c in cls)
-            raise ValueError(f"hessian={value!r}: use one of {valid}") from None
+            raise ArgumentError(f"hessian={value!r}: use one of {valid}") from None
 
 
 @functools.cache

@@ -34,7 +34,7 @@ from .outputs import OutputFn, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
 from .replay import Replay
 from .rules import GroupVectors, make_rule
-from .steps import Problem, TrainingSteps, _check_finite
+from .steps import Problem, TrainingSteps, _check_finite, _is_one, _is_zero
 
 # the gradients one batched call may hold (the query and training gradients of a block of
 # steps, a chunk of checkpoint-mode self-influence): a working set the allocator recycles
@@ -231,8 +231,7 @@ class Engine(TrainingSteps):
                             break
                 flat = {j: fm.flatten(path.step(j).params) for j in steps}
                 flat[s + 1] = w_next
-                segments = [(flat[j], flat[j + 1] - flat[j]) for j in steps]
-                integrator.prefetch(segments, steps)
+                integrator.prefetch([(flat[j], flat[j + 1] - flat[j]) for j in steps], steps)
                 if batched:
                     train_grads = self._block_train_grads(path, steps, flat)
             w_full = flat.pop(s) if s in flat else fm.flatten(step.params)
@@ -258,6 +257,7 @@ class Engine(TrainingSteps):
                     rule.begin(s, step, torch.zeros(n, fm.d_active, dtype=dtype, device=device), w)
                     step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
                     continue
+            phi = v = at = None  # (the last step's (n, d) go before this step's are made)
             phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
             _check_finite(phi, "query gradient", s, self.p.path)
             phi_delta += phi @ delta
@@ -402,19 +402,22 @@ class Engine(TrainingSteps):
         feats = feats.to(fm.device)  # as stored: every chunk sees the same numbers
         if at.keep is not None:
             feats = feats[at.keep.to(feats.device)]
-        projected = projector.project(at.v * at.sign)
+        projected = projector.project(at.v if _is_one(at.sign) else at.v * at.sign)
         feats = feats.to(projected.dtype)
         scores = projected @ feats.T
         columns = at.indices.to(fm.device)
         sums.contributions.index_add_(1, columns, -scores * kappa)
         if sums.norms is not None:  # the bound of the projected inner product
             add_norms(sums.norms, columns, kappa, (projected**2).sum(1), (feats**2).sum(1))
-        if full:
-            effective = grad.to(fm.device, fm.dtype) * at.sign
+        if full:  # (no (d,) temporaries for a sign of one and no weight decay)
+            effective = grad.to(fm.device, fm.dtype)
+            effective = effective if _is_one(at.sign) else effective * at.sign
             sums.explained_exact -= at.v @ effective
-            sums.decay -= at.v @ (at.lam * at.w)
+            if not _is_zero(at.lam):
+                sums.decay -= at.v @ (at.lam * at.w)
+                effective = effective + at.lam * at.w
             if reconstruct:  # the step check: the same for every query chunk
-                rule.finish_step(s, at.step, at.delta, effective + at.lam * at.w, at.w)
+                rule.finish_step(s, at.step, at.delta, effective, at.w)
         return evals
 
 
@@ -469,14 +472,6 @@ def add_norms(
     """
     norms["query"].index_add_(1, indices, query[:, None] * kappa)
     norms["train"].index_add_(0, indices, train * kappa)
-
-
-def _is_one(x: torch.Tensor) -> bool:
-    return x.dim() == 0 and float(x) == 1.0
-
-
-def _is_zero(x: torch.Tensor) -> bool:
-    return x.dim() == 0 and float(x) == 0.0
 
 
 def _kernel_weights(kern: torch.Tensor, num: torch.Tensor):

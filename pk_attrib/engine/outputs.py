@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ..exceptions import ArgumentError
 from .batches import n_rows, take
 
 OutputFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -53,23 +54,53 @@ def read_outputs(outputs, target, output_fn: OutputFn) -> list[torch.Tensor]:
 
     A plain tensor output is read; of a tuple or dict output, the tensors ``output_fn``
     depends on (an auxiliary output it ignores, however large or non-finite, is not).
+    Works inside torch.func transforms too (a batch gradient's per-example losses).
     """
     if isinstance(outputs, torch.Tensor):
         return [outputs] if outputs.is_floating_point() else []
+    flat = pytree.tree_leaves(outputs)
+    return [flat[j] for j in _read_positions(outputs, target, output_fn)]
+
+
+def _read_positions(outputs, target, output_fn: OutputFn) -> list[int]:
+    """Positions among ``tree_leaves(outputs)`` of the floating tensors ``output_fn`` reads."""
     flat, spec = pytree.tree_flatten(outputs)
     where = [j for j, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not where:
         return []
-    with torch.enable_grad():
-        probes = [flat[j].detach().requires_grad_() for j in where]
+
+    def value_of(*probes):
         tree = list(flat)
         for j, probe in zip(where, probes, strict=True):
             tree[j] = probe
-        value = output_fn(pytree.tree_unflatten(tree, spec), target)
-        if not value.requires_grad:
-            return []
-        grads = torch.autograd.grad(value.sum(), probes, allow_unused=True)
-    return [flat[j] for j, g in zip(where, grads, strict=True) if g is not None and bool(g.any())]
+        return output_fn(pytree.tree_unflatten(tree, spec), target)
+
+    detached = [flat[j].detach() for j in where]
+    try:
+        with torch.enable_grad():
+            probes = [t.requires_grad_() for t in detached]
+    except RuntimeError:  # inside a torch.func transform (a batch gradient): probe with vjp
+        grads = _probe_with_vjp(value_of, detached)
+    else:
+        with torch.enable_grad():
+            value = value_of(*probes)
+            if not value.requires_grad:
+                return []
+            grads = torch.autograd.grad(value.sum(), probes, allow_unused=True)
+    try:
+        return [j for j, g in zip(where, grads, strict=True) if g is not None and bool(g.any())]
+    except RuntimeError:  # under torch.func.vmap values cannot be read: count them all
+        return where
+
+
+def _probe_with_vjp(value_of, detached: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The gradient of Σ value_of(*detached) for each probe, by ``torch.func.vjp``.
+
+    Works inside torch.func transforms, where ``requires_grad_`` is refused; a probe the
+    value does not read gets zeros.
+    """
+    value, pull = torch.func.vjp(lambda *probes: value_of(*probes).sum(), *detached)
+    return pull(torch.ones_like(value))
 
 
 class NotBatchFirst(ValueError):
@@ -94,17 +125,69 @@ def check_rows(outputs: Any, labels: Any, loss_fn: Callable) -> None:
 
 
 def row_losses(outputs: Any, labels: Any, loss_fn: Callable) -> torch.Tensor:
-    """ℓ_i of each row, one loss call per row (rows counted by the labels), (B,).
+    """ℓ_i of each row (rows counted by the labels), (B,).
+
+    Only the outputs the loss reads are split into rows: a tuple or dict output may hold
+    members that are not batch-first (a GRU's h_n (layers, B, H), a transformer's cache)
+    as long as the loss ignores them. The rows are evaluated in one ``torch.func.vmap``
+    call where the loss allows it, else one loss call per row.
 
     Raises:
         NotBatchFirst: The outputs the loss reads have no row per example.
     """
     check_rows(outputs, labels, loss_fn)
+    n = n_rows(labels)
+    flat, spec = pytree.tree_flatten(outputs)
+    whole = []  # members the loss does not read and that have no row per example
+    if not isinstance(outputs, torch.Tensor):
+        read = set(_read_positions(outputs, labels, loss_fn))
+        whole = [
+            j
+            for j, t in enumerate(flat)
+            if isinstance(t, torch.Tensor) and j not in read and (t.dim() == 0 or t.shape[0] != n)
+        ]
+    if whole and n:
+        dims = pytree.tree_unflatten(
+            [
+                None if j in whole or not isinstance(t, torch.Tensor) else 0
+                for j, t in enumerate(flat)
+            ],
+            spec,
+        )
+        one = torch.func.vmap(
+            lambda out, label: loss_fn(_one_row_of(out, dims), label[None]).sum(),
+            in_dims=(dims, 0),
+        )
+        try:
+            return one(outputs, labels)
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass  # a loss vmap cannot trace: row by row
     each = [
-        loss_fn(take(outputs, slice(i, i + 1)), take(labels, slice(i, i + 1))).sum()
-        for i in range(n_rows(labels))
+        loss_fn(_rows(outputs, slice(i, i + 1), whole), take(labels, slice(i, i + 1))).sum()
+        for i in range(n)
     ]
     return torch.stack(each) if each else torch.zeros(0)
+
+
+def _one_row_of(tree: Any, dims: Any) -> Any:
+    """Inside vmap: a batch of one of the mapped members; the others as they are."""
+    flat, spec = pytree.tree_flatten(tree)
+    mapped = pytree.tree_leaves(dims, is_leaf=lambda x: x is None)
+    return pytree.tree_unflatten(
+        [t.unsqueeze(0) if d == 0 else t for t, d in zip(flat, mapped, strict=True)], spec
+    )
+
+
+def _rows(tree: Any, rows: slice, whole: list[int]) -> Any:
+    """Rows of every tensor of the tree but those at positions ``whole`` (kept as they are)."""
+    flat, spec = pytree.tree_flatten(tree)
+    return pytree.tree_unflatten(
+        [
+            t[rows] if isinstance(t, torch.Tensor) and j not in whole else t
+            for j, t in enumerate(flat)
+        ],
+        spec,
+    )
 
 
 def check_batch_dimension(outputs: Any, what: str) -> None:
@@ -120,7 +203,7 @@ def check_batch_dimension(outputs: Any, what: str) -> None:
         what: Which example, for the message ("training example 0", "the first query").
     """
     if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-        raise ValueError(
+        raise ArgumentError(
             f"on {what}, given as a batch of one (x.unsqueeze(0)), the model returns a 0-dim "
             "output: pk_attrib evaluates examples one at a time, so the model must keep the "
             "batch dimension (e.g. .squeeze(-1) rather than .squeeze())"
@@ -135,23 +218,23 @@ def prepare_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor |
     """
     if target is None:
         if n_outputs not in (None, 1):
-            raise ValueError(
+            raise ArgumentError(
                 f"the model has {n_outputs} outputs, so target= must say which one to explain "
                 "(an int, or one index per query), or pass output_fn="
             )
         return None
     t = torch.as_tensor(target)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"target must hold integer output indices, got dtype {t.dtype}")
+        raise ArgumentError(f"target must hold integer output indices, got dtype {t.dtype}")
     t = t.to(torch.int64).reshape(-1)
     if t.numel() == 1:
         t = t.expand(n).clone()
     if t.numel() != n:
-        raise ValueError(
+        raise ArgumentError(
             f"target has {t.numel()} entries for {n} queries: give one int, or one per query"
         )
     if n_outputs is not None and n and (int(t.min()) < 0 or int(t.max()) >= n_outputs):
-        raise ValueError(
+        raise ArgumentError(
             f"target {int(t.max()) if int(t.max()) >= n_outputs else int(t.min())} is out of "
             f"range for a model with {n_outputs} outputs (valid: 0..{n_outputs - 1})"
         )

@@ -6,6 +6,10 @@ never stored: it is generated block by block — one block per recorded paramete
 (split further into column chunks), each from a `torch.Generator` on the computation device
 seeded by (seed, parameter name, chunk) — so the projector's memory is O(K × chunk) and
 the same P is rebuilt identically for the training and the query side.
+
+`Projector.features` projects per-example gradients of any per-example scalar (`Rows`:
+training losses or explained outputs) in chunks that fit ``memory_budget``, optionally
+scaled per parameter first (P(s ⊙ g): checkpoint mode's √η).
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..exceptions import PkAttribWarning, UnsupportedError
+from ..exceptions import ArgumentError
 from .batches import n_rows, take
-from .factors import capture, example_losses, linear_layers
+from .factors import bias_grad, capture, example_losses, weight_grad
 from .functional import FunctionalModel
+from .layers import Layer, find_layers
 
 
 class ProjectorKind(str, enum.Enum):
@@ -35,9 +41,11 @@ class ProjectorKind(str, enum.Enum):
     - ``SPARSE``: sparse JL — each coordinate is hashed to s rows with a random sign; costs
       O(d·s) instead of O(d·K). Same accuracy as Gaussian at the same K. Use for large models
       on the CPU.
-    - ``FACTORIZED``: per-layer projection of ``nn.Linear`` gradients as (P_out δ)(P_in a)ᵀ
-      from activations and output gradients, so per-example gradients of those layers are
-      never formed (memory O(batch × K)); other parameters fall back to ``GAUSSIAN``. It
+    - ``FACTORIZED``: per-layer projection of the gradients of ``nn.Linear``, HF-style
+      ``Conv1D``, ``nn.Embedding`` and ``nn.Conv2d`` layers as Σ_t (P_u u_t)(P_v v_t)ᵀ from
+      their inputs and output gradients (`layers`), so per-example gradients of those
+      layers are never formed (memory O(batch × K)); other parameters fall back to
+      ``GAUSSIAN``. It
       trades accuracy for speed and memory: the estimate is a product of two independent
       projections of dimension √K each, so its variance is larger than dense or sparse JL's
       at the same K and falls like 1/√K, not 1/K (error ~ K^(-1/4), not K^(-1/2)). A side
@@ -66,7 +74,10 @@ class ProjectorKind(str, enum.Enum):
             return cls(value)
         except ValueError:
             valid = ", ".join(repr(k.value) for k in cls)
-            raise ValueError(f"unknown projector {value!r}: use one of {valid}") from None
+            raise ArgumentError(f"unknown projector {value!r}: use one of {valid}") from None
+
+
+P_BLOCK_BYTES = 16 << 20  # the dense projectors generate P in blocks of at most this
 
 
 def _seed(*parts) -> int:
@@ -78,6 +89,51 @@ def _generator(device: torch.device, *parts) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(_seed(*parts))
     return gen
+
+
+@dataclass
+class Rows:
+    """Examples whose per-example gradients are projected: inputs and their scalar.
+
+    Attributes:
+        inputs: The model's inputs, each (n, ...).
+        scalars: ``rows -> (outputs -> (b,))``: the differentiated quantity of those rows.
+        grads: ``(rows, names or None) -> (b, d_names)``: its per-example gradients.
+    """
+
+    inputs: tuple
+    scalars: Callable[[slice], Callable[[Any], torch.Tensor]]
+    grads: Callable[[slice, Sequence[str] | None], torch.Tensor]
+
+    def __len__(self) -> int:
+        return n_rows(self.inputs)
+
+
+def loss_rows(fm: FunctionalModel, w: torch.Tensor, batch: Sequence, loss_fn) -> Rows:
+    """The training losses of a batch ``(inputs..., labels)`` at w."""
+    *inputs, labels = batch
+    inputs = tuple(inputs)
+    return Rows(
+        inputs,
+        lambda r: example_losses(fm, take(labels, r), loss_fn),
+        lambda r, names: fm.loss_grads(w, (*take(inputs, r), take(labels, r)), loss_fn, names),
+    )
+
+
+def output_rows(fm: FunctionalModel, w: torch.Tensor, inputs, target, output_fn) -> Rows:
+    """The explained outputs ``output_fn(outputs, target)`` of queries at w."""
+    inputs = tuple(inputs)
+
+    def tgt(r):
+        return None if target is None else take(target, r)
+
+    return Rows(
+        inputs,
+        lambda r: lambda out: output_fn(out, tgt(r)),
+        lambda r, names: fm.output_grads(w[None], take(inputs, r), tgt(r), output_fn, names=names)[
+            0
+        ][0],
+    )
 
 
 class Projector:
@@ -97,9 +153,25 @@ class Projector:
         """What identifies this projection (for caches)."""
         return {"kind": self.kind.value, "dim": self.dim, "seed": self.seed, "names": self.names}
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """P x for each row: (m, d_active) -> (m, dim)."""
-        return x
+    def project(self, x: torch.Tensor, scale: dict[str, float] | None = None) -> torch.Tensor:
+        """P (s ⊙ x) for each row: (m, d_active) -> (m, dim).
+
+        Args:
+            x: Gradients, (m, d_active).
+            scale: A factor per parameter name applied first (default: none).
+        """
+        return self._scaled(x, scale)
+
+    def _scaled(self, x: torch.Tensor, scale: dict[str, float] | None) -> torch.Tensor:
+        if scale is None:
+            return x
+        factors = torch.cat(
+            [
+                torch.full((size,), float(scale[name]), dtype=x.dtype, device=x.device)
+                for name, size in zip(self.names, self.sizes, strict=True)
+            ]
+        )
+        return x * factors
 
     def _blocks(self):
         """(name, column offset in x, column range within the parameter) chunks."""
@@ -109,46 +181,78 @@ class Projector:
                 yield name, offset + a, a, min(size, a + self.chunk) - a
             offset += size
 
+    def rows_per_chunk(self) -> int:
+        """Examples whose per-example gradients are formed and projected at once."""
+        # the unprojected gradients of a chunk stay a small multiple of 4·d bytes; half a
+        # plain gradient chunk: the projection's temporaries come on top (measured: a full
+        # chunk overshoots memory_budget by ~10% on the 1M MLP with "sparse")
+        fm = self.fm
+        return max(1, min(fm.chunk_size(2), fm.memory_budget // max(1, 16 * self.dim)))
+
+    def features(
+        self, w: torch.Tensor, rows: Rows, scale: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """P (s ⊙ ∇_w scalar_i(w)) for each row, (n, dim), in memory-bounded chunks.
+
+        Args:
+            w: Flat parameters, (d,).
+            rows: The examples and their scalar (`loss_rows`, `output_rows`).
+            scale: A factor per parameter name, applied before projecting.
+        """
+        size = self.rows_per_chunk()
+        out = [
+            self.project(rows.grads(slice(a, a + size), None), scale)
+            for a in range(0, len(rows), size)
+        ]
+        return self._joined(out)
+
+    def _joined(self, out: list[torch.Tensor]) -> torch.Tensor:
+        if not out:
+            return torch.zeros(0, self.dim, dtype=self.fm.dtype, device=self.fm.device)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
     def training_features(
         self,
         w: torch.Tensor,
         batch: Sequence[torch.Tensor],
         loss_fn: Callable,
+        scale: dict[str, float] | None = None,
     ) -> torch.Tensor:
         """Projected per-example loss gradients P g_i(w), (B, dim), in memory-bounded chunks."""
-        fm = self.fm
-        *inputs, labels = batch
-        # chunk so that the unprojected gradients of a chunk stay a small multiple of 4·d bytes;
-        # half a plain gradient chunk: the projection's temporaries come on top (measured:
-        # a full chunk overshoots memory_budget by ~10% on the 1M MLP with "sparse")
-        size = max(1, min(fm.chunk_size(2), fm.memory_budget // max(1, 16 * self.dim)))
-        out = []
-        for a in range(0, n_rows(labels), size):
-            part = (*take(tuple(inputs), slice(a, a + size)), take(labels, slice(a, a + size)))
-            out.append(self.project(fm.loss_grads(w, part, loss_fn)))
-        if not out:
-            return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
-        return torch.cat(out)
+        return self.features(w, loss_rows(self.fm, w, batch, loss_fn), scale)
 
 
 class DenseProjector(Projector):
     """Dense Gaussian or Rademacher P, generated in (dim × chunk) blocks.
 
     A block is a function of (seed, kind, parameter, column offset) alone. `project` generates
-    each block once per call. `training_features` generates each block once per batch, not
-    once per chunk of per-example gradients: loop over blocks outside, rows inside. For that,
-    the gradients of ``nn.Linear`` layers are rebuilt block by block from the layer's inputs
-    a_t and output gradients δ_t (g = Σ_t δ_t a_tᵀ, captured in one batched backward pass);
+    each block once per call. `features` generates each block once per batch, not once per
+    chunk of per-example gradients: loop over blocks outside, rows inside. For that, the
+    gradients of layers (`layers`) are rebuilt block by block from their captured terms;
     other parameters take torch.func per-example gradients. When a layer's captured terms do
-    not add up to its batch gradient (a layer called twice, a weight also used elsewhere) the
-    batch takes torch.func per-example gradients for every parameter.
+    not add up to its gradient (a weight also used elsewhere) the batch takes torch.func
+    per-example gradients for every parameter.
+
+    Args:
+        fm: The functional model.
+        dim: K.
+        seed: The projection's seed.
+        rademacher: ±1/√K entries instead of Gaussian ones.
+        plan: ``(layers, rest)`` from `factors.verify_layers` (default: `layers.find_layers`,
+            checked on each batch).
     """
 
-    def __init__(self, fm, dim, seed=0, rademacher: bool = False):
+    def __init__(self, fm, dim, seed=0, rademacher: bool = False, plan=None):
         super().__init__(fm, dim, seed)
         self.rademacher = rademacher
         self.kind = ProjectorKind.RADEMACHER if rademacher else ProjectorKind.GAUSSIAN
-        self.chunk = max(1, min(1 << 16, (64 << 20) // max(1, 4 * self.dim)))
+        # a block of P takes at most 16 MiB (a fixed layout: the same seed, the same P)
+        self.chunk = max(1, min(1 << 16, P_BLOCK_BYTES // max(1, 4 * self.dim)))
+        self.plan = plan
+
+    def config(self):
+        """Adds the block layout (2: blocks of 16 MiB; 1 had 64 MiB)."""
+        return {**super().config(), "blocks": 2}
 
     def block(self, name: str, start: int, width: int) -> torch.Tensor:
         """The (dim, width) block of P for columns start.. of parameter ``name``."""
@@ -164,60 +268,62 @@ class DenseProjector(Projector):
         gauss = torch.randn(self.dim, width, generator=gen, device=fm.device, dtype=fm.dtype)
         return gauss.div_(math.sqrt(self.dim))
 
-    def project(self, x):
-        """P x, accumulated block by block: (m, d_active) -> (m, dim)."""
+    def project(self, x, scale=None):
+        """P (s ⊙ x), accumulated block by block: (m, d_active) -> (m, dim)."""
         out = torch.zeros(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
+        factor = {} if scale is None else scale
         for name, col, start, width in self._blocks():
-            out.addmm_(x[:, col : col + width], self.block(name, start, width).to(x.dtype).T)
+            block = self.block(name, start, width).to(x.dtype).T
+            out.addmm_(x[:, col : col + width], block, alpha=float(factor.get(name, 1.0)))
         return out
 
-    def training_features(self, w, batch, loss_fn):
-        """Projected per-example loss gradients P g_i(w), (B, dim), each block of P made once.
+    def features(self, w, rows, scale=None):
+        """P (s ⊙ g_i) for each row, (n, dim), each block of P made once per group of rows.
 
         Rows are taken in groups whose captured terms (and the other parameters' gradients)
         fit half of ``memory_budget``: a single group, so P made once, unless the batch is huge.
         """
         fm = self.fm
-        layers, rest = linear_layers(fm, self.names)
+        layers, rest = self.plan or find_layers(fm, self.names)
         if not layers:
-            return super().training_features(w, batch, loss_fn)
-        *inputs, labels = batch
+            return super().features(w, rows, scale)
         chunk = fm.chunk_size()  # a forward/backward pass at most as large as a gradient chunk
         out, group, held = [], [], 0
-        for a in range(0, n_rows(labels), chunk):
-            part = (*take(tuple(inputs), slice(a, a + chunk)), take(labels, slice(a, a + chunk)))
-            captured = capture(
-                fm, w, part[:-1], example_losses(fm, part[-1], loss_fn), layers, check=True
+        for a in range(0, len(rows), chunk):
+            r = slice(a, a + chunk)
+            found = capture(
+                fm, w, take(rows.inputs, r), rows.scalars(r), layers, check=self.plan is None
             )
-            if captured is None:  # the captured terms do not rebuild a layer's gradient
-                return super().training_features(w, batch, loss_fn)
-            terms = captured.factors
-            grads = fm.loss_grads(w, part, loss_fn, names=rest) if rest else None
-            group.append((terms, grads))
-            held += sum(_nbytes(t) for pair in terms.values() for t in pair)
+            if found.failed:  # the captured terms do not rebuild a layer's gradient
+                return super().features(w, rows, scale)
+            grads = rows.grads(r, rest) if rest else None
+            group.append((found.factors, grads))
+            held += sum(_nbytes(t) for pairs in found.factors.values() for p in pairs for t in p)
             held += 0 if grads is None else _nbytes(grads)
             if held >= fm.memory_budget // 2:
-                out.append(self._project_group(group, rest))
+                out.append(self._project_group(group, layers, rest, scale))
                 group, held = [], 0
         if group:
-            out.append(self._project_group(group, rest))
-        if not out:
-            return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
-        return torch.cat(out)
+            out.append(self._project_group(group, layers, rest, scale))
+        return self._joined(out)
 
-    def _project_group(self, group, rest) -> torch.Tensor:
+    def _project_group(self, group, layers: list[Layer], rest, scale) -> torch.Tensor:
         """P g for the rows of a group: each block of P generated once, rows inside."""
         fm = self.fm
         terms = {
-            m: tuple(torch.cat([t[m][i] for t, _ in group]) for i in range(2)) for m in group[0][0]
+            layer.key: [
+                tuple(torch.cat([t[layer.key][j][i] for t, _ in group]) for i in range(2))
+                for j in range(len(group[0][0][layer.key]))
+            ]
+            for layer in layers
         }
         grads = torch.cat([g for _, g in group]) if rest else None
-        n = sum(next(iter(t.values()))[0].shape[0] for t, _ in group)
-        source = {}  # parameter -> ("weight" | "bias", module) or ("rest", column in grads)
-        for mod_name in terms:
-            prefix = f"{mod_name}." if mod_name else ""
-            source[prefix + "weight"] = ("weight", mod_name)
-            source[prefix + "bias"] = ("bias", mod_name)
+        n = sum(g[1].shape[0] if g[1] is not None else _rows_of(g[0]) for g in group)
+        source = {}  # parameter -> ("weight" | "bias", layer) or ("rest", column in grads)
+        for layer in layers:
+            source[layer.weight] = ("weight", layer)
+            if layer.bias is not None:
+                source[layer.bias] = ("bias", layer)
         column = 0
         for name, size in zip(self.names, self.sizes, strict=True):
             if name in rest:
@@ -225,27 +331,36 @@ class DenseProjector(Projector):
                 column += size
         out = torch.zeros(n, self.dim, dtype=fm.dtype, device=fm.device)
         slice_bytes = max(1, fm.memory_budget // 8)
+        factor = {} if scale is None else scale
         for name, _, start, width in self._blocks():
             p = self.block(name, start, width).T
+            alpha = float(factor.get(name, 1.0))
             kind, where = source[name]
             if kind == "rest":
-                out.addmm_(grads[:, where + start : where + start + width], p)
+                out.addmm_(grads[:, where + start : where + start + width], p, alpha=alpha)
                 continue
-            act, delta = terms[where]
+            pairs = terms[where.key]
             if kind == "bias":
-                out.addmm_(delta.sum(1)[:, start : start + width], p)
+                out.addmm_(bias_grad(where, pairs)[:, start : start + width], p, alpha=alpha)
                 continue
-            # columns start.. of the flattened (out, in) weight: rows first..last of it
-            in_f = act.shape[-1]
-            first, last = start // in_f, (start + width - 1) // in_f + 1
-            skip = start - first * in_f
-            size = max(1, slice_bytes // max(1, (last - first) * in_f * fm.dtype.itemsize))
+            # columns start.. of the flattened weight matrix: its rows first..last
+            cols = where.cols
+            first, last = start // cols, (start + width - 1) // cols + 1
+            skip = start - first * cols
+            size = max(1, slice_bytes // max(1, (last - first) * cols * fm.dtype.itemsize))
             for a in range(0, n, size):  # the per-example gradients' columns, size rows at once
-                g = torch.einsum(
-                    "bto,bti->boi", delta[a : a + size, :, first:last], act[a : a + size]
+                part = [(u[a : a + size], v[a : a + size]) for u, v in pairs]
+                g = weight_grad(where, part, first, last)
+                out[a : a + size].addmm_(
+                    g.reshape(g.shape[0], -1)[:, skip : skip + width], p, alpha=alpha
                 )
-                out[a : a + size].addmm_(g.reshape(g.shape[0], -1)[:, skip : skip + width], p)
         return out
+
+
+def _rows_of(factors: dict) -> int:
+    for pairs in factors.values():
+        return pairs[0][1].shape[0]
+    return 0
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -265,213 +380,17 @@ class SparseProjector(Projector):
         """Adds the number of nonzeros per column."""
         return {**super().config(), "nonzeros": self.s}
 
-    def project(self, x):
-        """P x by scatter-adds: O(m × d × s) work."""
+    def project(self, x, scale=None):
+        """P (s ⊙ x) by scatter-adds: O(m × d × s) work."""
         out = torch.zeros(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
-        scale = 1.0 / math.sqrt(self.s)
+        factor = {} if scale is None else scale
         for name, col, start, width in self._blocks():
             gen = _generator(x.device, self.seed, "sparse", name, start)
             rows = torch.randint(0, self.dim, (self.s, width), generator=gen, device=x.device)
             signs = torch.randint(0, 2, (self.s, width), generator=gen, device=x.device)
-            signs = (signs.to(x.dtype) * 2 - 1) * scale
+            alpha = float(factor.get(name, 1.0)) / math.sqrt(self.s)
+            signs = (signs.to(x.dtype) * 2 - 1) * alpha
             block = x[:, col : col + width]
             for r in range(self.s):
                 out.index_add_(1, rows[r], block * signs[r])
         return out
-
-
-class FactorizedProjector(Projector):
-    """Kronecker-factored projection of ``nn.Linear`` gradients; dense for other parameters.
-
-    A Linear layer's per-example gradient [∂W | ∂b] = Σ_t δ_t [a_t; 1]ᵀ (t: positions of a
-    sequence) is projected as Σ_t (P_out δ_t)(P_in [a_t; 1])ᵀ, which equals (P_out ⊗ P_in)
-    applied to the flattened gradient, with E[(P_out ⊗ P_in)ᵀ(P_out ⊗ P_in)] = I. Each Linear
-    layer gets k_out × k_in ≤ dim features (√dim each side, except that a side no wider
-    than its share stays unprojected and the other side gets dim / its width); the
-    remaining parameters share one dense block of dim features, or stay unprojected when
-    they have at most dim coordinates. Features are concatenated (dot products add up, so
-    they stay unbiased).
-
-    Unbiased, but noisier than a dense or sparse projection with as many features: a
-    Kronecker product of two √dim-dimensional projections is not a JL projection of
-    dimension dim, and the variance of a dot product falls like 1/√dim rather than 1/dim
-    (see `ProjectorKind`). It buys speed and memory, not accuracy.
-    """
-
-    kind = ProjectorKind.FACTORIZED
-
-    def __init__(self, fm, dim, seed=0):
-        super().__init__(fm, dim, seed)
-        self.k_in = max(1, math.isqrt(int(dim)))
-        self.k_out = max(1, int(dim) // self.k_in)
-        # (module, weight name, bias name) of the Linear layers, and the other parameters
-        self.layers, self.rest = linear_layers(fm, self.names)
-        self._checked = False  # whether capture() was seen to rebuild the layers' gradients
-        self.offsets = {}
-        offset = 0
-        for name, size in zip(self.names, self.sizes, strict=True):
-            self.offsets[name] = (offset, size)
-            offset += size
-        # the other parameters: projected densely, unless they fit in dim features
-        self.dense = None
-        rest_size = sum(self.offsets[n][1] for n in self.rest)
-        if rest_size > int(dim):
-            self.dense = DenseProjector(fm, dim, seed)
-            self.dense.names = self.rest
-            self.dense.sizes = [self.offsets[n][1] for n in self.rest]
-        # each layer's (k_out, k_in): a side no wider than its share stays unprojected
-        self.sides = {}
-        for mod_name, weight, bias in self.layers:
-            out_f, in_f = self._shape(weight)
-            width_in = in_f + (bias is not None)
-            self.sides[mod_name] = _sides(out_f, width_in, int(dim), self.k_out, self.k_in)
-        features = sum(k_o * k_i for k_o, k_i in self.sides.values())
-        self.dim = features + (int(dim) if self.dense is not None else rest_size)
-
-    def config(self):
-        """Adds the layout version (3: narrow sides and small other parameters unprojected)."""
-        return {**super().config(), "layout": 3}
-
-    def factors(self, mod_name: str, out_features: int, in_features: int):
-        """(P_out (k_out, out), P_in (k_in, in [+1 for the bias])) of a layer.
-
-        A side that is not projected (its width fits its share of the features) is None:
-        that factor of the estimate is exact.
-        """
-        fm = self.fm
-        k_out, k_in = self.sides[mod_name]
-        gen = _generator(fm.device, self.seed, "factorized", mod_name)
-        p_out = p_in = None
-        if k_out < out_features:
-            p_out = torch.randn(
-                k_out, out_features, generator=gen, device=fm.device, dtype=fm.dtype
-            )
-            p_out /= math.sqrt(k_out)
-        if k_in < in_features:
-            p_in = torch.randn(k_in, in_features, generator=gen, device=fm.device, dtype=fm.dtype)
-            p_in /= math.sqrt(k_in)
-        return p_out, p_in
-
-    def _shape(self, weight: str):
-        out_f, in_f = self.fm.shapes[self.fm.names.index(weight)]
-        return out_f, in_f
-
-    def project(self, x):
-        """Projects each Linear block as P_out [W | b] P_inᵀ and the rest densely."""
-        parts = []
-        for mod_name, weight, bias in self.layers:
-            out_f, in_f = self._shape(weight)
-            a, n = self.offsets[weight]
-            block = x[:, a : a + n].reshape(-1, out_f, in_f)
-            if bias is not None:
-                b, nb = self.offsets[bias]
-                block = torch.cat([block, x[:, b : b + nb].reshape(-1, out_f, 1)], 2)
-            p_out, p_in = self.factors(mod_name, out_f, block.shape[2])
-            if p_out is not None:
-                block = p_out.to(x.dtype) @ block
-            if p_in is not None:
-                block = block @ p_in.to(x.dtype).T
-            parts.append(block.reshape(x.shape[0], -1))
-        if self.rest:
-            rest = torch.cat(
-                [x[:, a : a + n] for a, n in (self.offsets[name] for name in self.rest)], 1
-            )
-            parts.append(rest if self.dense is None else self.dense.project(rest))
-        return torch.cat(parts, 1)
-
-    def training_features(self, w, batch, loss_fn):
-        """Linear layers from forward/backward captures (no per-example gradients formed)."""
-        fm = self.fm
-        *inputs, labels = batch
-        size = max(1, fm.memory_budget // max(1, 64 * self.dim))
-        out = []
-        for a in range(0, n_rows(labels), size):
-            part = take(tuple(inputs), slice(a, a + size))
-            out.append(self._features(w, part, take(labels, slice(a, a + size)), loss_fn))
-        if not out:
-            return torch.zeros(0, self.dim, dtype=fm.dtype, device=fm.device)
-        return torch.cat(out)
-
-    def _features(self, w, inputs, labels, loss_fn):
-        fm = self.fm
-        check = not self._checked  # once: the model's structure does not change
-        captured = capture(
-            fm, w, inputs, example_losses(fm, labels, loss_fn), self.layers, check=check
-        )
-        if captured is None:
-            raise UnsupportedError(
-                "projector='factorized' builds each Linear layer's per-example gradient from "
-                "the layer's own inputs and output gradients, but here they do not add up to "
-                "it: a Linear weight is also used outside its module (tied weights), or a "
-                "layer runs on inputs whose first dimension is not the batch (e.g. time-major "
-                "(T, B, ...)): use projector='gaussian', 'rademacher' or 'sparse'"
-            )
-        # checked once the model is seen to rebuild a batch of several examples (one alone
-        # cannot show how a layer's rows group into examples)
-        self._checked = self._checked or n_rows(labels) >= 2
-        captured = captured.factors
-        parts = []
-        batch = n_rows(labels)
-        for mod_name, _, bias in self.layers:
-            act, delta = captured[mod_name]
-            if bias is not None:
-                act = torch.cat([act, torch.ones_like(act[..., :1])], -1)
-            p_out, p_in = self.factors(mod_name, delta.shape[-1], act.shape[-1])
-            delta = delta if p_out is None else delta @ p_out.T
-            act = act if p_in is None else act @ p_in.T
-            feat = torch.einsum("bto,bti->boi", delta, act)
-            parts.append(feat.reshape(batch, -1))
-        if self.rest:
-            grads = fm.loss_grads(w, (*inputs, labels), loss_fn, names=self.rest)
-            parts.append(grads if self.dense is None else self.dense.project(grads))
-        return torch.cat(parts, 1)
-
-
-def _sides(width_out: int, width_in: int, dim: int, k_out: int, k_in: int) -> tuple[int, int]:
-    """(k_out, k_in) of a Linear layer's factorized features, k_out × k_in ≤ dim.
-
-    ``k_out`` × ``k_in`` (≈ √dim each) is the default share of the two sides.
-
-    A side no wider than its share stays unprojected (exact), and the other side gets the
-    rest of the dim features: the last layer of a classifier (10 outputs) keeps its output
-    gradients exact and projects its inputs to dim / 10 features, rather than spreading 10
-    numbers over √dim random ones. A layer with at most dim weights is not projected.
-    """
-    if width_out * width_in <= dim:
-        return width_out, width_in
-    if width_out <= k_out:
-        return width_out, dim // width_out
-    if width_in <= k_in:
-        return dim // width_in, width_in
-    return k_out, k_in
-
-
-def make_projector(
-    fm: FunctionalModel, kind: str | ProjectorKind, dim: int | None, seed: int = 0
-) -> Projector:
-    """Build a projector of the given kind (``dim=None``: identity).
-
-    A dense or sparse projection to at least as many dimensions as it projects
-    (``dim`` >= the active gradient coordinates) saves no memory and only adds noise: it is
-    built as asked, with a `PkAttribWarning` saying so. (``"factorized"`` leaves such
-    layers unprojected by itself.)
-    """
-    kind = ProjectorKind.parse(kind)
-    if dim is None or kind is ProjectorKind.IDENTITY:
-        return Projector(fm, None, seed)
-    if int(dim) < 1:
-        raise ValueError(f"projection_dim must be a positive int, got {dim}")
-    if kind is not ProjectorKind.FACTORIZED and int(dim) >= fm.d_active:
-        warnings.warn(
-            f"projection_dim={dim} is at least the {fm.d_active:,} gradient coordinates it "
-            f"projects: the {kind.value} projection keeps more numbers than the gradients "
-            "and only adds noise; drop projection_dim= for exact contributions (or use "
-            'projector="factorized", which leaves layers that fit unprojected)',
-            PkAttribWarning,
-            stacklevel=3,
-        )
-    if kind is ProjectorKind.SPARSE:
-        return SparseProjector(fm, dim, seed)
-    if kind is ProjectorKind.FACTORIZED:
-        return FactorizedProjector(fm, dim, seed)
-    return DenseProjector(fm, dim, seed, rademacher=kind is ProjectorKind.RADEMACHER)

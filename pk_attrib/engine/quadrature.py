@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..exceptions import ArgumentError
 from .batches import n_rows
 from .functional import FunctionalModel
 
@@ -68,27 +69,29 @@ class QuadratureRule:
         if rtol is not None and (
             isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < float(rtol) < 1
         ):
-            raise ValueError(
+            raise ArgumentError(
                 f"rtol={rtol!r}: the adaptive quadrature's per-step tolerance is a number "
                 "between 0 and 1 (default 1e-9 in float64, 1e-5 in float32)"
             )
         rtol = default_rtol if rtol is None else float(rtol)
         if isinstance(quadrature, bool):
-            raise ValueError("quadrature must be a strategy name or a number of nodes")
+            raise ArgumentError("quadrature must be a strategy name or a number of nodes")
         if isinstance(quadrature, int):
             if quadrature < 1:
-                raise ValueError(f"quadrature={quadrature}: the number of nodes must be >= 1")
+                raise ArgumentError(f"quadrature={quadrature}: the number of nodes must be >= 1")
             return cls(Quadrature.GAUSS, quadrature, rtol)
         try:
             kind = Quadrature(quadrature)
         except ValueError:
             valid = ", ".join(repr(k.value) for k in Quadrature if k is not Quadrature.GAUSS)
-            raise ValueError(
+            raise ArgumentError(
                 f"unknown quadrature {quadrature!r}: use one of {valid}, or an int number of "
                 "Gauss-Legendre nodes"
             ) from None
         if kind is Quadrature.GAUSS:
-            raise ValueError("for Gauss-Legendre quadrature pass the number of nodes: quadrature=3")
+            raise ArgumentError(
+                "for Gauss-Legendre quadrature pass the number of nodes: quadrature=3"
+            )
         return cls(kind, 2, rtol)
 
     @property
@@ -147,8 +150,14 @@ class StepIntegrator:
     def prefetch(self, segments: list[tuple[torch.Tensor, torch.Tensor]], steps: list[int]):
         """Integrate several steps at once with the first rule (one batched gradient call).
 
-        ``integrate`` then starts from these and only redoes steps whose check fails.
+        ``integrate`` then starts from these and only redoes steps whose check fails. When
+        the block's node gradients would not fit a quarter of ``memory_budget`` nothing is
+        prefetched: ``integrate`` then takes the nodes in chunks that fit.
         """
+        n, q = n_rows(self.inputs), len(self.first_rule()[0])
+        fm = self.fm
+        if 4 * len(segments) * q * n * fm.d_active * fm.dtype.itemsize > fm.memory_budget:
+            return
         if self.rule.kind is Quadrature.ADAPTIVE:  # the occasional try one rung lower
             self._since_lowered += len(steps)
             if self._since_lowered >= 64 and self._rung > 0:
@@ -175,9 +184,11 @@ class StepIntegrator:
         phi = None
         for a in range(0, len(nodes), per_node):
             t, om = self._rule_tensors(nodes[a : a + per_node], weights[a : a + per_node])
+            points = torch.addcmul(w[None], t[:, None], delta[None])  # (one allocation)
             part, _ = self.fm.output_grads(
-                w + t[:, None] * delta, self.inputs, self.target, self.output_fn, weights=om
+                points, self.inputs, self.target, self.output_fn, weights=om
             )
+            del points
             phi = part if phi is None else phi + part
         self.evaluations += len(nodes) * n
         return phi

@@ -118,6 +118,7 @@ def stream_top_k(
     largest: bool,
     block: int,
     show_progress: bool = False,
+    desc: str = "training blocks",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of an (n, n_train) score matrix computed block by block.
 
@@ -128,13 +129,14 @@ def stream_top_k(
         largest: Keep the largest (proponents) or the smallest (opponents).
         block: Columns per block.
         show_progress: Show a progress bar over blocks.
+        desc: The progress bar's name.
 
     Returns:
         ``(indices, values)``, each (n, k), sorted.
     """
     acc = TopKAccumulator(k, largest)
     starts = range(0, n_train, block)
-    for a in tqdm(starts, desc="training blocks", disable=not show_progress):
+    for a in tqdm(starts, desc=desc, disable=not show_progress):
         acc.add(block_scores(a, min(a + block, n_train)), a)
     return acc.indices, acc.values
 

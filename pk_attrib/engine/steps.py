@@ -195,7 +195,11 @@ class TrainingSteps:
             _check_finite(grad, "training gradient", s, self.p.path)
             sign, lam = rule.coefficients(step)
             w = fm.active(w_full)
-            rule.finish_step(s, step, fm.active(w_next - w_full), sign * grad + lam * w, w)
+            # (no (d,) temporaries for a sign of one and no weight decay)
+            G = grad if _is_one(sign) else sign * grad
+            G = G if _is_zero(lam) else G + lam * w
+            del grad
+            rule.finish_step(s, step, fm.active(w_next - w_full), G, w)
             w_next = w_full
         return torch.tensor([rule.errors.get(s, math.nan) for s in range(S)], dtype=torch.float64)
 
@@ -235,3 +239,13 @@ class TrainingSteps:
                 ReconstructionWarning,
                 stacklevel=stacklevel,
             )
+
+
+def _is_one(x: torch.Tensor | float) -> bool:
+    """Whether ``x`` is the scalar 1 (a step's sign without ``maximize``)."""
+    return (not isinstance(x, torch.Tensor) or x.dim() == 0) and float(x) == 1.0
+
+
+def _is_zero(x: torch.Tensor | float) -> bool:
+    """Whether ``x`` is the scalar 0 (no coupled weight decay)."""
+    return (not isinstance(x, torch.Tensor) or x.dim() == 0) and float(x) == 0.0

@@ -17,7 +17,8 @@ from ..decomposition import Decomposition, Diagnostics
 from ..record.path import Step
 from .batches import n_rows, take
 from .exact import BLOCK_BYTES, Engine, add_norms
-from .factors import capture, dot_products, example_losses, linear_layers, squared_norms
+from .factors import capture, dot_products, example_losses, squared_norms, verify_layers
+from .layers import find_layers
 from .outputs import NotBatchFirst, OutputFn
 from .steps import _check_finite, example_weights
 
@@ -59,10 +60,10 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     cache = {} if cache is None else cache
     chunk = max(1, fm.chunk_size())
     query_evals = train_evals = 0
-    layers, rest = linear_layers(fm)
+    layers, rest = cache.get("plan") or find_layers(fm)
 
     def query_terms(w: torch.Tensor, check: bool = False):
-        """The queries' Linear-layer factors (and rest gradients) at w (None: check failed)."""
+        """The queries' layer terms (and the other parameters' gradients) at w."""
         return capture(
             fm,
             w,
@@ -74,25 +75,25 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
             check=check,
         )
 
-    if layers and S and "layers" not in cache:  # once: do the layers' terms rebuild gradients?
+    if layers and S and "plan" not in cache:  # once: which layers' terms rebuild gradients
         fm.use_buffers(path.step(0).buffers)
         w0 = fm.flatten(path.step(0).params)
-        try:  # (outputs without a row per example cannot be read per layer)
-            probe = query_terms(w0, check=True)
+        if engine.n_train >= 2:  # (one example cannot show how rows group into examples)
+            layers, rest = verify_layers(
+                fm, w0, engine._batch(torch.arange(2)), p.loss_fn, layers, rest
+            )
+        try:  # and the queries' (outputs without a row per example cannot be read per layer)
+            probe = query_terms(w0, check=True) if layers else None
         except NotBatchFirst:
+            layers, rest, probe = [], list(fm.active_names), None
+        if probe is not None and probe.failed:
+            keep = [x for x in layers if x.key not in probe.failed]
+            layers, rest = keep, [n for n in fm.active_names if n not in _covered(keep)]
             probe = None
-        ok = probe is not None  # (a weight also used outside its module: no)
-        if ok and n < 2 <= engine.n_train:
-            # one query cannot show how a layer's rows group into examples (time-major
-            # (T, B, ...) inputs pass with B = 1); two training examples can
-            *x, labels = engine._batch(torch.arange(2))
-            ok = _layers_rebuild(fm, w0, x, labels, p.loss_fn, layers)
-        cache["layers"] = ok
-        if ok:  # the first checkpoint's query terms, as the loop takes them
+        cache["plan"] = (layers, rest)
+        if probe is not None:  # the first checkpoint's query terms, as the loop takes them
             cache[0] = probe
             query_evals += n
-    if not cache.get("layers", True):
-        layers = []  # the general path: per-example gradients of every parameter
     for s in tqdm(range(S), desc="checkpoints", disable=not p.show_progress):
         step = path.step(s)
         fm.use_buffers(step.buffers)  # checkpoint k's BatchNorm statistics, as TracInCP
@@ -197,17 +198,9 @@ class _Rates(tuple):
     skipped: frozenset = frozenset()
 
 
-def _layers_rebuild(fm, w, x, labels, loss_fn, layers) -> bool:
-    """Whether the Linear layers' factors rebuild these training examples' loss gradients.
-
-    No where a weight is also used outside its module, a layer's rows do not group into
-    examples, or the outputs the loss reads have no row per example.
-    """
-    try:
-        losses = example_losses(fm, labels, loss_fn)
-        return capture(fm, w, x, losses, layers, check=True) is not None
-    except NotBatchFirst:
-        return False
+def _covered(layers) -> set[str]:
+    """The parameters the layers cover."""
+    return {n for layer in layers for n in layer.names}
 
 
 def _training_factors(fm, w, x, labels, loss_fn, layers, rest):
@@ -287,24 +280,27 @@ def _parts(engine: Engine, step: Step, first: int = 0, last: int | None = None):
     return out
 
 
-def self_influence(engine: Engine, indices: torch.Tensor | None, batch=None) -> torch.Tensor:
+def self_influence(
+    engine: Engine, indices: torch.Tensor | None, batch=None, desc: str = "checkpoints"
+) -> torch.Tensor:
     """Checkpoint-mode self-influence Σ_k η_k κ ‖∇ℓ_i(w_k)‖² (η per coordinate).
 
     Args:
         engine: The explainer's engine.
         indices: Training indices (m,), or None when ``batch`` gives the examples.
         batch: ``(inputs..., labels)`` of m examples (weighted as in a checkpoint).
+        desc: The name of the progress bar over checkpoints.
 
     Returns:
         (m,) self-influence scores.
     """
     try:
-        return _self_influence(engine, indices, batch)
+        return _self_influence(engine, indices, batch, desc)
     finally:
         engine.fm.use_buffers(None)
 
 
-def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torch.Tensor:
+def _self_influence(engine: Engine, indices: torch.Tensor | None, batch, desc) -> torch.Tensor:
     fm, path, p = engine.fm, engine.p.path, engine.p
     m = len(indices) if indices is not None else n_rows(batch[-1])
     out = torch.zeros(m, dtype=fm.dtype, device=fm.device)
@@ -318,17 +314,18 @@ def _self_influence(engine: Engine, indices: torch.Tensor | None, batch) -> torc
 
     # Linear layers: ‖g‖² from each layer's activations and output gradients, no
     # per-example gradients formed (where those rebuild the gradients: checked once)
-    layers, rest = linear_layers(fm)
+    layers, rest = find_layers(fm)
     if layers and len(path):
         fm.use_buffers(path.step(0).buffers)
-        *x, labels = examples(torch.arange(min(m, 2)))
         w0 = fm.flatten(path.step(0).params)
-        if not _layers_rebuild(fm, w0, x, labels, p.loss_fn, layers):
-            layers = []
+        if m >= 2:
+            layers, rest = verify_layers(fm, w0, examples(torch.arange(2)), p.loss_fn, layers, rest)
+        else:
+            layers, rest = [], list(fm.active_names)
     # rows per call: their gradients (or a layer's factors) within a recycled working set
     width = fm.d_active if not layers else max(fm.d_active // 8, 1)
     chunk = max(1, min(fm.chunk_size(), BLOCK_BYTES // (3 * width * fm.dtype.itemsize)))
-    for s in tqdm(range(len(path)), desc="checkpoints", disable=not p.show_progress):
+    for s in tqdm(range(len(path)), desc=desc, disable=not p.show_progress):
         step = path.step(s)
         fm.use_buffers(step.buffers)
         w = fm.flatten(step.params)

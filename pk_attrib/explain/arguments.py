@@ -20,7 +20,7 @@ from ..engine.outputs import (
     prepare_target,
     select_output,
 )
-from ..exceptions import LossReductionError
+from ..exceptions import ArgumentError, ArgumentTypeError, LossReductionError
 from ..record.wrappers import plain_name
 
 
@@ -49,7 +49,7 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     if layers is None:
         return None
     if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"layers must be a list of module names, like TracInCP's (e.g. ['fc2']), got {layers!r}"
         )
     if "" in layers:  # the model itself: every parameter, so the kernel stays exact
@@ -58,7 +58,7 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
     layers = [plain_name(name, modules) for name in layers]
     unknown = [name for name in layers if name not in modules]
     if unknown:
-        raise ValueError(
+        raise ArgumentError(
             f"layers {unknown} are not modules of the model (valid: "
             f"{[n for n in modules if n][:8]}...)"
         )
@@ -68,7 +68,7 @@ def layer_params(model: torch.nn.Module, layers: list[str] | None, names: list[s
         if any(n == f"{m}.{n.split('.')[-1]}" or n.startswith(m + ".") for m in layers)
     ]
     if not chosen:
-        raise ValueError(f"layers {layers} hold no recorded (trainable) parameters")
+        raise ArgumentError(f"layers {layers} hold no recorded (trainable) parameters")
     return chosen
 
 
@@ -89,16 +89,16 @@ def queries(fm: FunctionalModel, inputs: Any) -> tuple[Any, ...]:
     if not batch or not all(
         part and all(isinstance(t, torch.Tensor) for t in part) for part in tensors
     ):
-        raise TypeError(
+        raise ArgumentTypeError(
             "inputs must be a tensor or a tuple of the model's inputs, each a tensor or a "
             "tuple / list / dict of tensors (first dimension: queries)"
         )
     found = [t for part in tensors for t in part]
     if any(t.dim() == 0 for t in found):
-        raise ValueError("inputs must have a first dimension indexing the queries")
+        raise ArgumentError("inputs must have a first dimension indexing the queries")
     if len({t.shape[0] for t in found}) > 1:
         shapes = ", ".join(str(tuple(t.shape)) for t in found)
-        raise ValueError(f"the inputs' first dimensions (queries) differ: {shapes}")
+        raise ArgumentError(f"the inputs' first dimensions (queries) differ: {shapes}")
     return fm.cast(batch)
 
 
@@ -138,14 +138,14 @@ def target_and_output(
             outputs = first_outputs(fm, final, queries)
         except RuntimeError as err:
             shapes = ", ".join(str(tuple(q.shape)) for q in leaves(queries))
-            raise ValueError(
+            raise ArgumentError(
                 f"the model fails on the first query (inputs of shape {shapes}; the first "
                 "dimension indexes the queries: one example x is x.unsqueeze(0)): "
                 f"{str(err).splitlines()[0]}"
             ) from err
         check_batch_dimension(outputs, "the first query")
         if not isinstance(outputs, torch.Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"the model returns a {type(outputs).__name__}, not a tensor: pass "
                 "output_fn(outputs, target) -> (n,) to say which output to explain"
             )
@@ -154,19 +154,19 @@ def target_and_output(
     if tgt is not None and tgt.dim() == 0:
         tgt = tgt.expand(n).clone()
     if tgt is not None and tgt.shape[0] != n:
-        raise ValueError(f"target has {tgt.shape[0]} rows for {n} queries")
+        raise ArgumentError(f"target has {tgt.shape[0]} rows for {n} queries")
     outputs = first_outputs(fm, final, queries)
     try:  # a first call, to name a wrong signature or shape here
         with torch.no_grad():
             value = output_fn(outputs, None if tgt is None else tgt[:1])
     except TypeError as err:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"output_fn is called as output_fn(outputs, target) and returns one value "
             f"per query (n,); calling it failed: {err}"
         ) from err
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(
+        raise ArgumentError(
             f"output_fn must return one value per query, a (n,) tensor; for one query it "
             f"returned {got}"
         )
@@ -182,7 +182,7 @@ def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ArgumentError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
@@ -202,13 +202,13 @@ def check_labels(fm: FunctionalModel, final, queries, labels, loss_fn) -> None:
         except (IndexError, RuntimeError, ValueError, TypeError) as err:
             found = leaves(labels)
             shown = f"labels {found[0].tolist()[:8]}" if found else "the labels"
-            raise ValueError(
+            raise ArgumentError(
                 f"the test loss fails on the given {shown} ({type(err).__name__}: "
                 f"{str(err).splitlines()[0][:200]}): labels must fit the model's outputs "
                 "(class indices in range, as the loss expects)"
             ) from err
     if isinstance(losses, torch.Tensor) and not bool(torch.isfinite(losses).all()):
-        raise ValueError(
+        raise ArgumentError(
             "the test loss of some given examples is not finite at the final weights: check "
             "their inputs and labels"
         )

@@ -23,7 +23,7 @@ from ..engine.curvature import Curvature
 from ..engine.projection import ProjectorKind
 from ..engine.rules import make_rule
 from ..engine.scores import negative_loss
-from ..exceptions import UnsupportedError
+from ..exceptions import ArgumentError, UnsupportedError
 from . import arguments, data
 from .distributed import split
 
@@ -56,7 +56,7 @@ def self_score(explainer: PathKernelInfluence, score: str | None) -> str:
             return SELF_DEFAULT
         return "contribution"
     if score not in ("contribution", "counterfactual"):
-        raise ValueError(f"score={score!r}: use 'contribution' or 'counterfactual'")
+        raise ArgumentError(f"score={score!r}: use 'contribution' or 'counterfactual'")
     return score
 
 

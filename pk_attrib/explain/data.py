@@ -27,6 +27,7 @@ from torch.utils.data import (
 
 from ..engine.batches import CollatedDataset, gather_examples, leaves
 from ..engine.outputs import check_batch_dimension
+from ..exceptions import ArgumentError, ArgumentTypeError
 
 _SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 _DEFAULT_COLLATE = (default_collate, default_convert)
@@ -48,7 +49,7 @@ def dataset_of(train: Dataset | DataLoader) -> Dataset:
         where = (
             "a DataLoader over an IterableDataset" if dataset is not train else "an IterableDataset"
         )
-        raise ValueError(
+        raise ArgumentError(
             f"train_dataset is {where}, which has no indices: "
             "influence scores are indexed by training example, so pass a map-style Dataset "
             "(with __getitem__ and __len__), in the order the training examples are numbered"
@@ -57,7 +58,7 @@ def dataset_of(train: Dataset | DataLoader) -> Dataset:
         return train
     sampler = getattr(train.batch_sampler, "sampler", train.sampler)
     if isinstance(sampler, _SHUFFLING) or isinstance(train.sampler, _SHUFFLING):
-        raise ValueError(
+        raise ArgumentError(
             f"train_dataset is a DataLoader with a shuffling sampler ({type(sampler).__name__}), "
             "so its order would not match the recorded dataset indices: pass the Dataset, or "
             "a DataLoader with shuffle=False"
@@ -100,7 +101,7 @@ def _check_in_order(train: DataLoader, n: int) -> None:
             f"sampler yields {len(order)} examples of {n}, not 0..{n - 1} in order "
             f"(position {at} holds {got})"
         )
-    raise ValueError(
+    raise ArgumentError(
         f"train_dataset is a DataLoader whose {why}: scores are indexed by the dataset's "
         "indices (those a recorder stores), one per example. Pass the Dataset, or a "
         "DataLoader over it with the default sampler and drop_last=False; for a subset, "
@@ -125,7 +126,7 @@ def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn
         "model(*item[:-1]) gives the outputs and loss_fn(outputs, item[-1]) the loss"
     )
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{convention}; item 0 is a {type(item).__name__}: wrap the dataset so that "
             "__getitem__ returns (x, y)"
         )
@@ -143,7 +144,7 @@ def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn
             else "If the model needs the rest of the batch to compute an example's output "
             "(BatchNorm without running statistics), it cannot be explained example by example"
         )
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{convention}; pk_attrib evaluates one example at a time (a batch of one), and "
             f"on item 0 the model failed with {type(exc).__name__}: {exc}. {hint}"
         ) from exc
@@ -152,9 +153,12 @@ def check_examples(dataset: Dataset, fm, final: dict[str, torch.Tensor], loss_fn
         with torch.no_grad():
             loss_fn(outputs, labels)
     except Exception as exc:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{convention}, but on item 0 loss_fn(outputs, label) failed with "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}. (If loss_fn is a checkpoints_load_func: TracInCP "
+            "takes it as its fourth positional argument, PathKernelInfluence takes loss_fn; "
+            "pass the arguments after train_dataset by keyword, or construct "
+            "pk_attrib.TracInCP, which takes TracInCP's positional order)"
         ) from exc
 
 
@@ -185,7 +189,7 @@ class ExampleIndex:
 
     def __init__(self, dataset: Dataset):
         if len(dataset) == 0:
-            raise ValueError("train_dataset is empty: no example can be located in it")
+            raise ArgumentError("train_dataset is empty: no example can be located in it")
         # dtypes as training saw them: collated (Python floats become float64)
         self.reference = tensors_of(gather_examples(dataset, torch.tensor([0])))
         self.dtypes = dtypes = [t.dtype for t in self.reference]
@@ -193,7 +197,7 @@ class ExampleIndex:
         for i in range(len(dataset)):
             item = tensors_of(dataset[i])
             if len(item) != len(dtypes):
-                raise ValueError(
+                raise ArgumentError(
                     f"train_dataset's item {i} holds {len(item)} tensors, item 0 {len(dtypes)}"
                 )
             item = [t.to(dt) for t, dt in zip(item, dtypes, strict=True)]
@@ -246,12 +250,12 @@ def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
     for batch in batches:
         items = [t.detach().cpu() for t in tensors_of(batch)]
         if len(items) != len(dtypes):
-            raise ValueError(
+            raise ArgumentError(
                 f"the inputs have {len(items)} tensors per example (inputs..., labels), "
                 f"train_dataset's items {len(dtypes)}"
             )
         if any(t.dim() == 0 for t in items):
-            raise ValueError("inputs must be a batch: every tensor's first dimension indexes")
+            raise ArgumentError("inputs must be a batch: every tensor's first dimension indexes")
         n = items[-1].shape[0]
         if n == 0:
             continue
@@ -268,7 +272,7 @@ def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
             rows = lookup.get(example_key([c[r] for c in cast])) if lossless[r] else None
             if rows is None:
                 hint = _difference(items, reference)
-                raise ValueError(
+                raise ArgumentError(
                     f"example {r} of the inputs is not in train_dataset{hint}: on a recorded "
                     "path self-influence is defined for training examples (each counts in "
                     "its own batches); TracIn's self-influence of any example needs a path "
@@ -276,7 +280,7 @@ def locate(dataset: Dataset | ExampleIndex, inputs: Any) -> torch.Tensor:
                 )
             if len(rows) > 1:
                 shown = rows[:5] + (["..."] if len(rows) > 5 else [])
-                raise ValueError(
+                raise ArgumentError(
                     f"example {r} of the inputs occurs {len(rows)} times in train_dataset "
                     f"(indices {', '.join(map(str, shown))}), and the copies' exact "
                     "self-influences differ (they sit in different batches): call "

@@ -5,13 +5,9 @@ This module imports captum (and through it matplotlib), so `pk_attrib` loads it 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import numbers
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,21 +17,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..decomposition import Decomposition
 from ..engine import tracin
-from ..engine.batches import n_rows, take
+from ..engine.batches import n_rows
 from ..engine.exact import warn_unconverged
 from ..engine.features import FeatureCache
 from ..engine.functional import FunctionalModel
 from ..engine.outputs import OutputFn
-from ..engine.projection import ProjectorKind, make_projector
+from ..engine.projection import ProjectorKind
 from ..engine.quadrature import Quadrature, QuadratureRule
 from ..engine.segments import replayed_path
 from ..engine.steps import Problem
-from ..exceptions import StoreMismatchError, UnsupportedError
+from ..exceptions import ArgumentError, ArgumentTypeError, StoreMismatchError, UnsupportedError
 from ..record.path import TrainingPath
-from ..record.store import HASH
 from ..record.wrappers import module_for
-from . import arguments, counterfactual, data, influence, sources
-from .distributed import make_engine, world_accumulation, writes_cache
+from . import arguments, counterfactual, data, influence, projected, sources
+from .distributed import make_engine, world_accumulation
 
 MODES = ("auto", "exact", "checkpoint")
 
@@ -84,22 +79,25 @@ class PathKernelInfluence(DataInfluence):
         memory_budget: Bytes that one chunk of per-example gradients, or one block of scores,
             may take.
         show_progress: Show tqdm progress bars in `attribute`.
-        projection_dim: Project gradients to this many dimensions (per Linear layer with
+        projection_dim: Project gradients to this many dimensions (per layer with
             ``projector="factorized"``) so memory stays bounded: contributions become
             unbiased estimates with variance ~ 1/projection_dim (~ 1/√projection_dim with
             ``"factorized"``, see `ProjectorKind`), while prediction, bias and Σ φ·Δ stay
             exact (``delta`` then measures the projection noise). Queries are processed in
-            chunks whose gradients fit ``memory_budget``. Applies to `attribute` and
-            `influence` in exact mode; `self_influence` stays exact.
+            chunks whose gradients fit ``memory_budget`` (in checkpoint mode they are kept
+            projected). Applies to `attribute`, `influence` and (checkpoint mode)
+            `compute_intermediate_quantities`; `self_influence` stays exact.
         projector: A `ProjectorKind`: ``"gaussian"``, ``"rademacher"``, ``"sparse"``,
             ``"factorized"``.
         projection_seed: Seed of the projection (same seed, same numbers).
         feature_dtype: Storage dtype of cached training features (float32, float16, bfloat16).
-        cache_features: Keep training-side features for reuse by later query batches, inside
-            the store when the path is stored on disk, else in memory up to
-            ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
+        cache_features: Keep training-side features for reuse by later query batches:
+            ``True`` inside the store when the path is stored on disk, else in memory up
+            to ``memory_budget`` bytes (what does not fit is recomputed when needed), on top
             of the working memory: a path held in memory can then take about twice
-            ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid it).
+            ``memory_budget`` (pass ``cache_features=False`` or half the budget to avoid
+            it). A folder (str or path) keeps them there for any path, e.g. TracInCP
+            checkpoints (a subfolder per projection, loss and path); ``False``: none.
         hessian: How counterfactual scores let a later step's gradient respond to earlier
             changes of the weights: ``"exact"`` (the batch loss's Hessian: the true
             derivative of the run), ``"fisher"`` (the batch's empirical Fisher, as dattri's
@@ -139,12 +137,14 @@ class PathKernelInfluence(DataInfluence):
         projector: str | ProjectorKind = "gaussian",
         projection_seed: int = 0,
         feature_dtype: torch.dtype = torch.float32,
-        cache_features: bool = True,
+        cache_features: bool | str | os.PathLike = True,
         hessian: str | None = None,
         distributed: bool | None = None,
     ):
         if loss_fn is None:
-            raise TypeError("loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()")
+            raise ArgumentTypeError(
+                "loss_fn is required: the training loss, e.g. nn.CrossEntropyLoss()"
+            )
         memory_budget = arguments.positive_int(memory_budget, "memory_budget (bytes)")
         batch_size = arguments.positive_int(batch_size, "batch_size", allow_none=True)
         self.model = model
@@ -169,14 +169,14 @@ class PathKernelInfluence(DataInfluence):
         self.reduction = arguments.loss_reduction(loss_fn, loss_reduction, needs_reduction)
         fixed = isinstance(accumulation, numbers.Integral) and not isinstance(accumulation, bool)
         if not (accumulation in ("sum", "mean") or (fixed and accumulation >= 1)):
-            raise ValueError(
+            raise ArgumentError(
                 f"accumulation={accumulation!r}: use 'sum', 'mean', or the int n the loop "
                 "divided each micro-batch's loss by"
             )
         accumulation = int(accumulation) if fixed else accumulation
         accumulation = world_accumulation(self.path, accumulation)  # (DDP: mean over ranks)
         if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
+            raise ArgumentError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
         self.mode = sources.resolve_mode(self.path, mode)
         first = next(model.parameters())
         self.dtype = dtype or first.dtype
@@ -229,34 +229,12 @@ class PathKernelInfluence(DataInfluence):
             self._problem.path = replayed_path(self.path, self._engine)
         if self.mode == "exact":  # dropout, BatchNorm, a batch loss: rerun each step's forward
             self._engine.prepare_replay()
-        self._projector = make_projector(self._fm, projector, projection_dim, projection_seed)
-        if self._projector.kind is not ProjectorKind.IDENTITY and self.mode != "exact":
-            why = "; ".join(self.path.approximate_reasons) or "its optimizer has no exact rule"
-            raise UnsupportedError(
-                "random projection applies to exact mode, but this explainer runs in "
-                f"checkpoint mode ({'as asked' if mode == 'checkpoint' else why}): drop "
-                "projection_dim="
-            )
-        self._features = None
+        self._projector = projected.projector(self, projector, projection_dim, projection_seed)
         self._examples: data.ExampleIndex | None = None  # built by self_influence(inputs)
         self._step_errors: torch.Tensor | None = None  # the step check, run once (exact mode)
-        if self._projector.kind is not ProjectorKind.IDENTITY and cache_features:
-            folder = self._feature_folder() if writes_cache(self._engine) else None
-            self._features = FeatureCache(folder, feature_dtype, memory_bytes=memory_budget)
-
-    def _feature_folder(self):
-        root = getattr(self.path._backend, "root", None)
-        if root is None:
-            return None
-        key = {
-            "projector": self._projector.config(),
-            "loss": [type(self.loss_fn).__qualname__, str(self.reduction.value)],
-            "dtype": str(self.dtype),
-            "steps": len(self.path),
-            "file_hash": HASH,  # (caches of earlier versions, hashed with sha256, stay apart)
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return Path(root) / "features" / digest
+        self._features = None
+        if self._projector.kind is not ProjectorKind.IDENTITY:
+            self._features = projected.feature_cache(self, cache_features, feature_dtype)
 
     # -- decomposition ------------------------------------------------------------------------
 
@@ -285,74 +263,30 @@ class PathKernelInfluence(DataInfluence):
         """
         queries = arguments.queries(self._fm, inputs)
         if n_rows(queries) == 0:
-            raise ValueError("inputs hold no queries (their first dimension is 0)")
+            raise ArgumentError("inputs hold no queries (their first dimension is 0)")
         tgt, output_fn = arguments.target_and_output(
             self._fm, self.path.final, queries, target, output_fn
         )
         if self._projector.kind is not ProjectorKind.IDENTITY:
-            if kernel:  # (checkpoint mode refused projection when constructed)
+            if kernel:
                 raise UnsupportedError(
                     "random projection applies to the contributions, not to the kernel view: "
                     "drop projection_dim= or kernel=True"
                 )
-            return self._projected(queries, tgt, output_fn)
+            return projected.attribute(self, queries, tgt, output_fn)
         if self.mode == "exact":
             return self._engine.exact(queries, tgt, output_fn, self.quadrature, kernel)
         if kernel:
             raise UnsupportedError("the path kernel is defined in exact mode only")
         return tracin.decompose(self._engine, queries, tgt, output_fn)
 
-    def _projected(self, queries, target, output_fn) -> Decomposition:
-        """Exact sweep with projected contributions, queries in memory-bounded chunks."""
-        n = n_rows(queries)
-        size = self._query_chunk()
-        features = self._call_features()
-        parts = []
-        for a in range(0, n, size):
-            chunk = take(queries, slice(a, a + size))
-            tgt = None if target is None else target[a : a + size]
-            part = self._engine.exact(
-                chunk,
-                tgt,
-                output_fn,
-                self.quadrature,
-                False,
-                projector=self._projector,
-                features=features,
-                reconstruct=not parts,  # the step check does not depend on the queries
-            )
-            if parts:  # report the first chunk's check with every chunk
-                errors = parts[0].diagnostics.reconstruction_error
-                diagnostics = dataclasses.replace(part.diagnostics, reconstruction_error=errors)
-                part = dataclasses.replace(part, diagnostics=diagnostics)
-            parts.append(part)
-        if self._features is not None:
-            self._features.flush()
-        return Decomposition.concat(parts)
-
     def _call_features(self) -> FeatureCache:
-        """The feature cache a call uses (in memory: at most ``memory_budget`` bytes).
-
-        The explainer's, or with ``cache_features=False`` one for this call only, in the
-        computation dtype and on the computation device.
-        """
-        if self._features is not None:
-            return self._features
-        return FeatureCache(
-            None, self.dtype, memory_bytes=self.memory_budget, device=self._fm.device
-        )
+        """The feature cache a call uses (see `projected.call_features`)."""
+        return projected.call_features(self)
 
     def _query_chunk(self) -> int:
-        """Queries per chunk of a projected sweep, from ``memory_budget`` (at least 1)."""
-        d, k = self._fm.d_active, self._projector.dim
-        steps = [self.path.step(s) for s in {0, len(self.path) - 1}] if len(self.path) else []
-        batch = max((len(st.indices) for st in steps if st.indices is not None), default=0)
-        # fixed: ~8 d for the model's vectors (w_s, w_s+1, Δ_s, the batch gradient, ...) and
-        # a step's training features with their cast (2 B k); per query: φ, the adjoint, the
-        # quadrature nodes' gradients and their temporaries (~8 d, as measured)
-        reserve = (8 * d + 2 * batch * k) * self.dtype.itemsize
-        per_query = 8 * d * self.dtype.itemsize
-        return max(1, (self.memory_budget - reserve) // per_query)
+        """Queries per chunk of a projected sweep (see `projected.query_chunk`)."""
+        return projected.query_chunk(self)
 
     def counterfactual(
         self,
@@ -391,7 +325,7 @@ class PathKernelInfluence(DataInfluence):
     def _split_batch(self, batch, loss_fn) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """A Captum batch as (queries, labels), checked on ``loss_fn`` once."""
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "inputs must be a batch (inputs..., labels), as in Captum's TracInCP: "
                 "model(*batch[:-1]) gives the outputs, labels come last"
             )
@@ -445,8 +379,15 @@ class PathKernelInfluence(DataInfluence):
             (n_test, n_train) scores, or ``KMostInfluentialResults(indices, influence_scores)``,
             each (n_test, k), sorted (n_test reads 1 with ``aggregate``).
         """
+        if inputs is None:  # (an AssertionError too, as TracInCP's)
+            raise ArgumentTypeError(
+                "inputs is required: a batch (inputs..., labels) or a DataLoader of them; "
+                "for each training example's influence on itself, use self_influence()"
+            )
         if score not in ("contribution", "cosine", "counterfactual"):
-            raise ValueError(f"score={score!r}: use 'contribution', 'cosine' or 'counterfactual'")
+            raise ArgumentError(
+                f"score={score!r}: use 'contribution', 'cosine' or 'counterfactual'"
+            )
         k = arguments.positive_int(k, "k", allow_none=True)
         self._check_steps()
         if score == "counterfactual":
@@ -454,6 +395,37 @@ class PathKernelInfluence(DataInfluence):
         found = influence.influence(self, inputs, k, proponents, aggregate, score, show_progress)
         self._warn_quadrature()
         return found
+
+    def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> torch.Tensor:
+        """Each example's vector whose dot products are the influence scores (Captum's).
+
+        Row i is the concatenation over the checkpoints k of √η_k ∇ℓ(x_i; w_k) (η_k per
+        parameter: its group's learning rate), projected to P(√η_k ∇ℓ(x_i; w_k)) with
+        ``projection_dim``: (m, S·d), or (m, S·projection_dim) (S·features with
+        ``"factorized"``). So ``influence((x, y))`` equals ``compute_intermediate_quantities
+        ((x, y)) @ compute_intermediate_quantities(train_batch).T`` (with ``test_loss_fn``
+        left as ``loss_fn``; with projection, the same P on both sides): cache the training
+        set's rows and search them with a nearest-neighbour index. ℓ is ``loss_fn`` per
+        example, as in Captum. Captum's ``TracInCP`` scales by η rather than √η (its dot
+        products are the scores only for η = 1); ``TracInCPFastRandProj`` by √η, as here.
+
+        Checkpoint mode on a path of checkpoints only: in exact mode (and on a recorded path
+        explained in checkpoint mode) a contribution pairs the training example's gradients
+        at the steps whose batches drew it, each weighted by the batch, with the query's
+        adjoint integrated along each step, so the two sides are different functions of
+        their examples and there is no one embedding to return.
+
+        Args:
+            inputs: A batch ``(inputs..., labels)`` or a DataLoader of such batches.
+            aggregate: Return the sum of the rows, (1, S·D), as TracInCP.
+
+        Returns:
+            (m, S·D) or (1, S·D).
+
+        Raises:
+            UnsupportedError: The explainer runs in exact mode, or on a recorded path.
+        """
+        return projected.intermediate_quantities(self, inputs, aggregate)
 
     def self_influence(
         self,

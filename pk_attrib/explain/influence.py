@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from captum.influence._utils.common import KMostInfluentialResults
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from ..engine import scores, tracin
+from ..engine import scores, tracin, tracin_projected
 from ..engine.batches import n_rows, take
 from ..engine.projection import ProjectorKind
 from . import data
@@ -33,14 +34,31 @@ def scores_block(
     explainer: PathKernelInfluence, queries, labels, output_fn, cache, score: str = "contribution"
 ):
     """``(a, b) -> (n, b − a)`` scores of training examples a..b−1 for these queries."""
-    projected = explainer._projector.kind is not ProjectorKind.IDENTITY  # (exact mode only)
+    projected = explainer._projector.kind is not ProjectorKind.IDENTITY
     n = n_rows(queries)
     size = explainer._query_chunk() if projected else max(1, n)
     features = explainer._call_features()  # shared by blocks
+    train = None
+    if projected and explainer.mode == "checkpoint":
+        train = tracin_projected.CheckpointFeatures(
+            explainer._engine, explainer._projector, features
+        )
 
     def chunk(a: int, b: int, rows: slice) -> torch.Tensor:
         norms = {} if score == "cosine" else None
-        if explainer.mode == "exact":
+        if train is not None:  # each query chunk keeps its projected gradients across blocks
+            kept = cache.setdefault(("queries", rows.start), {})
+            values = tracin_projected.decompose(
+                explainer._engine,
+                train,
+                take(queries, rows),
+                take(labels, rows),
+                output_fn,
+                (a, b),
+                kept,
+                norms,
+            )
+        elif explainer.mode == "exact":
             values = explainer._engine.exact(
                 take(queries, rows),
                 take(labels, rows),
@@ -68,6 +86,19 @@ def scores_block(
     return block
 
 
+def train_block(explainer: PathKernelInfluence, n: int, cosine: bool) -> int:
+    """Training examples per block of scores for n queries.
+
+    One (n, block) block fits the budget; with projected checkpoints a block is a multiple
+    of the cached blocks of training features, so none is computed twice.
+    """
+    size = block_size(explainer, n * (2 if cosine else 1))
+    if explainer._projector.kind is not ProjectorKind.IDENTITY and explainer.mode == "checkpoint":
+        rows = tracin_projected.block_rows(explainer._projector)
+        size = max(rows, size // rows * rows)
+    return size
+
+
 def influence(
     explainer: PathKernelInfluence,
     inputs: Any,
@@ -83,32 +114,45 @@ def influence(
     n_train = len(explainer.train_dataset)
     previous, explainer._problem.show_progress = explainer._problem.show_progress, show_progress
     total = torch.zeros(n_train, dtype=explainer.dtype, device=explainer._fm.device)
+    # the bar over training examples is named as Captum's TracInCP names it
+    desc = f"Using {type(explainer).get_name()} to compute influence for training batches"
     try:
         results = []
         for batch in batches:
             queries, labels = explainer._split_batch(batch, explainer.test_loss_fn)
             block = scores_block(explainer, queries, labels, output_fn, {}, score)
-            if aggregate:  # summed over the queries, block by block
-                size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
-                for a in range(0, n_train, size):
-                    total[a : a + size] += block(a, min(n_train, a + size)).sum(0)
-                continue
-            if k is None:
-                results.append(block(0, n_train))
-                continue
-            size = block_size(explainer, n_rows(queries) * (2 if score == "cosine" else 1))
-            if explainer._projector.kind is not ProjectorKind.IDENTITY:
+            size = train_block(explainer, n_rows(queries), score == "cosine")
+            if k is not None and not aggregate:
+                if explainer._projector.kind is not ProjectorKind.IDENTITY:
+                    results.append(
+                        scores.stream_top_k(
+                            block, n_train, int(k), proponents, size, show_progress, desc
+                        )
+                    )
+                    continue
+
+                def top(rows: slice, q=queries, y=labels, size=size):  # (ranks: their rows)
+                    mine = scores_block(
+                        explainer, take(q, rows), take(y, rows), output_fn, {}, score
+                    )
+                    return scores.stream_top_k(
+                        mine, n_train, int(k), proponents, size, show_progress, desc
+                    )
+
+                n, what = n_rows(queries), "computing the top-k"
                 results.append(
-                    scores.stream_top_k(block, n_train, int(k), proponents, size, show_progress)
+                    split_stream(explainer._engine, n, n_train, top, what, queries, labels)
                 )
                 continue
-
-            def top(rows: slice, q=queries, y=labels, size=size):  # (ranks: their rows)
-                mine = scores_block(explainer, take(q, rows), take(y, rows), output_fn, {}, score)
-                return scores.stream_top_k(mine, n_train, int(k), proponents, size, show_progress)
-
-            n, what = n_rows(queries), "computing the top-k"
-            results.append(split_stream(explainer._engine, n, n_train, top, what, queries, labels))
+            if k is None and not aggregate and explainer.mode == "exact":
+                size = max(1, n_train)  # (a block of columns costs a whole sweep there)
+            starts = tqdm(range(0, n_train, size), desc=desc, disable=not show_progress)
+            found = [(a, block(a, min(n_train, a + size))) for a in starts]
+            if aggregate:  # summed over the queries, block by block
+                for a, values in found:
+                    total[a : a + values.shape[1]] += values.sum(0)
+            else:
+                results.append(torch.cat([values for _, values in found], 1))
     finally:
         explainer._problem.show_progress = previous
         if explainer._features is not None:
@@ -130,6 +174,7 @@ def self_influence(
 ) -> torch.Tensor:
     """`PathKernelInfluence.self_influence` for ``score="contribution"``, (n_train,) or (m,)."""
     engine = explainer._engine
+    desc = f"Using {type(explainer).get_name()} to compute self influence. Processing checkpoint"
     # checkpoints weigh every example at every checkpoint, so any example has a score;
     # a recorded path (every=k, another optimizer) weighs each example by its batches
     by_batches = len(explainer.path) > 0 and bool(explainer.path.step(0).parts)
@@ -138,7 +183,7 @@ def self_influence(
         out = []
         for batch in batches:
             queries, labels = explainer._split_batch(batch, explainer.loss_fn)
-            out.append(tracin.self_influence(engine, None, (*queries, labels)))
+            out.append(tracin.self_influence(engine, None, (*queries, labels), desc))
         return torch.cat(out)
     indices = (
         torch.arange(len(explainer.train_dataset))
@@ -146,7 +191,7 @@ def self_influence(
         else data.locate(explainer._example_index(), inputs)
     )
     if explainer.mode == "checkpoint":
-        return tracin.self_influence(engine, indices)
+        return tracin.self_influence(engine, indices, desc=desc)
     output_fn = scores.negative_loss(explainer.loss_fn)
     path = explainer.path
     rule_free = (

@@ -22,7 +22,9 @@ import torch
 
 from ..engine.rules import RULES, unsupported
 from ..exceptions import (
+    ArgumentTypeError,
     CorruptStoreError,
+    NoCheckpointsError,
     NotAStoreError,
     PkAttribWarning,
     StoreMismatchError,
@@ -54,7 +56,9 @@ def load_path(
 
     Raises:
         NotAStoreError: ``path`` is a folder that is neither a store nor checkpoints.
-        TypeError: Neither a path nor checkpoints were given.
+        NoCheckpointsError: The path or checkpoints name none (a missing or empty folder,
+            an empty list), whichever argument named them.
+        ArgumentTypeError: Neither a path nor checkpoints were given.
     """
     if isinstance(path, TrainingPath):
         return path, False
@@ -74,7 +78,7 @@ def load_path(
             ) from err
     source = checkpoints if checkpoints is not None else path
     if source is None:
-        raise TypeError(
+        raise ArgumentTypeError(
             "give the training path (a TrainingPath or a store folder), or TracInCP-style "
             "checkpoints="
         )
@@ -172,7 +176,9 @@ def checkpoint_files(checkpoints: Any) -> list[Any]:
         if items and all(isinstance(c, (str, os.PathLike)) for c in items):
             return sorted((str(c) for c in items), key=_natural)
         return items
-    raise TypeError(f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}")
+    raise ArgumentTypeError(
+        f"checkpoints must be a folder, a file or a list of files, got {checkpoints!r}"
+    )
 
 
 def _natural(name: str) -> list:
@@ -183,6 +189,10 @@ def _natural(name: str) -> list:
 def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
     """Build a checkpoint path the way TracInCP reads checkpoints (load_func returns the lr)."""
     load_func = load_func or load_checkpoint
+    if isinstance(checkpoints, (str, os.PathLike)) and not Path(checkpoints).exists():
+        raise NoCheckpointsError(
+            f"{checkpoints} does not exist: give a folder of checkpoint files, a file, or a list"
+        )
     scratch = copy.deepcopy(model)
     states, lrs = [], []
     for file in checkpoint_files(checkpoints):
@@ -191,7 +201,10 @@ def path_from_tracincp(model, checkpoints, load_func) -> TrainingPath:
         tensors = [*inner.named_parameters(), *inner.named_buffers()]
         states.append({n: t.detach().clone() for n, t in tensors})
     if not states:
-        raise ValueError(f"no checkpoint files found in {checkpoints!r}")
+        raise NoCheckpointsError(
+            f"no checkpoints found in {checkpoints!r}: give a folder of checkpoint files, a "
+            "file, or a non-empty list"
+        )
     return TrainingPath.from_checkpoints(states, lrs, model=unwrap(model))
 
 
@@ -252,7 +265,7 @@ def _refuse_unreadable_path(folder: Path) -> None:
         "checkpoints (a file, a folder of files, or checkpoints=[...])"
     )
     if not folder.exists():
-        raise NotAStoreError(f"{folder} does not exist: {hint}")
+        raise NoCheckpointsError(f"{folder} does not exist: {hint}")
     if folder.name == MANIFEST:
         raise NotAStoreError(f"{folder} is a store's manifest: give its folder, {folder.parent}")
     if folder.is_dir():
@@ -263,7 +276,7 @@ def _refuse_unreadable_path(folder: Path) -> None:
                 f"{folder} is not a store but holds stores ({', '.join(stores[:5])}): give one"
             )
         if not any(f.is_file() for f in folder.iterdir()):
-            raise NotAStoreError(
+            raise NoCheckpointsError(
                 f"{folder} holds neither a pk_attrib store (no {MANIFEST}) nor checkpoint "
                 f"files: {hint}"
             )

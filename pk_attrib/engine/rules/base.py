@@ -89,7 +89,7 @@ def _relative_error(delta: torch.Tensor, predicted: torch.Tensor, floor: torch.T
         if not bool((delta != 0).any()):  # nothing left that moved: no check at all
             return math.nan
     norm = float(delta.norm())
-    diff = float(((delta - predicted).abs() - floor).clamp_min(0.0).norm())
+    diff = float((delta - predicted).abs_().sub_(floor).clamp_min_(0.0).norm())  # (one (d,))
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
@@ -168,9 +168,12 @@ class Rule(RecordedState):
         """
         if self._rounding is None:
             dtypes = self.path.param_dtypes
-            eps = self._per_param(lambda n: 2.0 * torch.finfo(dtypes[n]).eps)
+            if len({dtypes[n] for n in self._names}) == 1:  # one dtype: a 0-dim factor
+                eps = torch.tensor(2.0 * torch.finfo(dtypes[self._names[0]]).eps)
+            else:
+                eps = self._per_param(lambda n: 2.0 * torch.finfo(dtypes[n]).eps)
             self._rounding = eps.to(delta.device, delta.dtype)
-        return self._rounding * (w.abs() + delta.abs())
+        return w.abs().add_(delta.abs()).mul_(self._rounding)  # (in place: one more (d,))
 
     def _per_param(self, value_of) -> torch.Tensor:
         """(d,): ``value_of(name)`` on the coordinates of each parameter, on the device."""
@@ -270,6 +273,9 @@ class Rule(RecordedState):
         if rounding is not None:  # (the rules are affine in G: the effect needs no state)
             moved = self.predict(step, None, G + 2.0 * rounding, w) - self.predict(step, None, G, w)
             floor = floor + moved.abs()
+        if self._stateless():  # nothing to recover or carry: each step is checked alone
+            self.errors[s] = _relative_error(delta, self.predict(step, None, G, w), floor)
+            return
         first = step.fresh_state or s == 0
         if not first and self.passes_through(step):  # checked now; the chain skips it
             self.errors[s] = _relative_error(delta, self.predict(step, None, G, w), floor)
@@ -298,6 +304,12 @@ class Rule(RecordedState):
             state, unc = self._merge(recovered, unc1, advanced, carried)
         if not first:
             self._waiting.append((s, step, delta, G, w, state, unc, floor))
+
+    def _stateless(self) -> bool:
+        """Whether no step of the path carries optimizer state (plain SGD)."""
+        if getattr(self, "_no_state", None) is None:
+            self._no_state = all(self.memoryless(step) for step in self.path)
+        return self._no_state
 
     def _computed(self, advanced: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """What computing a state by `advance` adds to its uncertainty.

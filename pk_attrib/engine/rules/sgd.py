@@ -129,6 +129,8 @@ class SGDRule(Rule):
     def predict(self, step, prev, G, w):
         """Δ̂_s = −η_s P̂_s with b̂_s = μ_s b_{s−1} + d_s G_s."""
         eta, mu, _, nesterov, _, moving = self._terms(step)
+        if prev is None and eta.dim() == 0 and not bool(moving.any()):  # no buffer: −η G
+            return G * -eta  # (one (d,) vector)
         buffer = self.advance(step, prev, G, w)
         update = torch.where(nesterov.bool(), G + mu * buffer, buffer)
         return torch.where(eta != 0, -eta * torch.where(moving, update, G), 0.0)
