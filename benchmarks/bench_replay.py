@@ -6,12 +6,14 @@ Part 1, explanation: `attribute` of 10 queries on digits for
   within 2x of the independent-example path: rows that do not interact);
 - a CNN with BatchNorm2d, against the same CNN without it (rows that interact: each term's
   gradient goes through the batch; reported, no target).
-Each configuration is timed best-of-3 in this process, alternating.
+Each configuration is timed best-of-3 in this process, wall time and the CPU time of this
+process (one torch thread by default, ``--threads``); the target is judged on CPU time, which a
+machine busier than its cores does not inflate.
 
 Part 2, recording: the 1M-parameter MLP (128-960-960-10) trained 200 steps (batch 64) in
 memory mode with PathRecorder as it is, against the same recorder with the per-step forward
-state (random-number states, buffers, train modes) switched off; median per-step time over
-alternating repeats (target: within 2 %).
+state (random-number states, buffers, train modes) switched off; median per-step CPU time of
+the process over alternating repeats (target: within 2 %).
 
     python benchmarks/bench_replay.py            (about 3 minutes on 2 cores)
     python benchmarks/bench_replay.py --quick    (a smoke run)
@@ -75,14 +77,15 @@ def explain_time(model, data, path, queries, repeats=3):
     explainer = pk.PathKernelInfluence(
         model, data, path, torch.nn.CrossEntropyLoss(), quadrature=2, show_progress=False
     )
-    best = float("inf")
+    best, cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dec = explainer.attribute(queries[0], target=queries[1])
         best = min(best, time.perf_counter() - start)
-    return best, explainer._engine.replay, dec
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return best, cpu, explainer._engine.replay, dec
 
 
 def part1(quick: bool):
@@ -91,8 +94,11 @@ def part1(quick: bool):
     data = TensorDataset(x, y)
     queries = digits(10, offset=1500)
     print(f"== explanation: {n} digits, batch 32, {epochs} epoch(s), SGD momentum, 10 queries ==")
-    print(f"{'model':<28}{'steps':>6}{'attribute s':>13}{'replayed':>10}{'max error':>12}")
-    results = {}
+    print(
+        f"{'model':<28}{'steps':>6}{'attribute s':>13}{'CPU s':>9}{'replayed':>10}"
+        f"{'max error':>12}"
+    )
+    results, cpus = {}, {}
     for name, make in [
         ("MLP + Dropout(0.2)", lambda: mlp(True)),
         ("MLP", lambda: mlp(False)),
@@ -102,15 +108,21 @@ def part1(quick: bool):
         torch.manual_seed(0)
         model = make()
         path = record(model, data, epochs, 32)
-        seconds, replay, dec = explain_time(model, data, path, queries, 1 if quick else 3)
-        results[name] = seconds
+        seconds, cpu, replay, dec = explain_time(model, data, path, queries, 1 if quick else 3)
+        results[name], cpus[name] = seconds, cpu
         kind = "no" if replay is None else ("batch" if replay.interacting else "rows")
         error = float(dec.diagnostics.max_reconstruction_error)
-        print(f"{name:<28}{len(path):>6}{seconds:>13.3f}{kind:>10}{error:>12.2e}")
+        print(f"{name:<28}{len(path):>6}{seconds:>13.3f}{cpu:>9.3f}{kind:>10}{error:>12.2e}")
     ratio = results["MLP + Dropout(0.2)"] / results["MLP"]
     bn = results["CNN + BatchNorm2d"] / results["CNN"]
-    print(f"dropout / plain MLP: {ratio:.2f}x   BatchNorm / plain CNN: {bn:.2f}x (no target)")
-    print(f"  {'PASS' if ratio <= 2 else 'FAIL'}  the replayed (non-interacting) path <= 2x")
+    ratio_cpu = cpus["MLP + Dropout(0.2)"] / cpus["MLP"]
+    bn_cpu = cpus["CNN + BatchNorm2d"] / cpus["CNN"]
+    print(f"dropout / plain MLP: {ratio:.2f}x wall, {ratio_cpu:.2f}x CPU")
+    print(f"BatchNorm / plain CNN: {bn:.2f}x wall, {bn_cpu:.2f}x CPU (no target)")
+    # on a machine busier than its cores, wall time is mostly waiting for a core: judge by
+    # the CPU time this process spent (one torch thread, so no thread spins against another)
+    verdict = "PASS" if ratio_cpu <= 2 else "FAIL"
+    print(f"  {verdict}  the replayed (non-interacting) path <= 2x (CPU time)")
 
 
 def part2(quick: bool):
@@ -137,12 +149,12 @@ def part2(quick: bool):
                 times = []
                 for s in range(steps):
                     idx = torch.arange((s % 16) * 64, (s % 16) * 64 + 64)
-                    start = time.perf_counter()
+                    start = time.process_time()
                     recorder.record_batch(idx)
                     optimizer.zero_grad()
                     F.cross_entropy(net(x[idx]), y[idx]).backward()
                     optimizer.step()
-                    times.append(time.perf_counter() - start)
+                    times.append(time.process_time() - start)
         finally:
             for k, v in off.items():
                 setattr(ForwardState, k, v)
@@ -156,15 +168,16 @@ def part2(quick: bool):
     a, b = statistics.median(with_state), statistics.median(without)
     for name, value, runs in [("with replay state", a, with_state), ("without", b, without)]:
         shown = ", ".join(f"{t * 1e3:.2f}" for t in runs)
-        print(f"{name:<20}{value * 1e3:8.3f} ms/step   (runs: {shown})")
+        print(f"{name:<20}{value * 1e3:8.3f} CPU ms/step   (runs: {shown})")
     print(f"ratio {a / b:.3f}   {'PASS' if a / b <= 1.02 else 'FAIL'}  within 2 %")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     part1(args.quick)
     part2(args.quick)

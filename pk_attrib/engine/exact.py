@@ -307,8 +307,13 @@ class Engine(TrainingSteps):
             if columns is None and reconstruct:
                 effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
                 rounding = None
-                if self.replay is not None:  # checked with the batch's own gradient, as
-                    batch = sign * self.step_gradient(step, w_full)  # training had it
+                if self.replay is not None and self.replay.interacting:
+                    # rows that interact (BatchNorm): checked with the batch's own gradient,
+                    # as training had it, allowing what the two routes differ by (a bias the
+                    # batch statistics cancel has a gradient of pure rounding, which Adam
+                    # turns into a step of ±lr); rows that do not are checked like
+                    # independent examples, with the sum of their terms
+                    batch = sign * self.step_gradient(step, w_full)
                     rounding, effective = (effective - batch).abs(), batch
                 rule.finish_step(s, step, delta, effective + lam * w, w, rounding)
             step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
