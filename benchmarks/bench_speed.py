@@ -41,14 +41,15 @@ query's label.
     (``transformers.BertForSequenceClassification``, 2 layers, hidden 32, 2 heads, default
     SDPA attention) given token ids *and an attention mask* (sequences of 8..16 tokens, padded
     to 16), both float32, trained with plain SGD (lr 0.1, batch 32, shuffled, 2 epochs on 256
-    made-up sequences = 16 steps) while `pk.PathRecorder` records in memory. Timed: the
-    training loop (with the recorder), and ``PathKernelInfluence(...).attribute`` of 10
-    queries in exact mode, the explainer built inside the timed call (its per-example-gradient
-    route is chosen and checked on the first call), by the route pk_attrib takes
-    (``diagnostics.gradient_route``: vmap over a GRU stand-in / over eager attention with the
-    mask always built) and, before, by the per-example loop (forced through the private
-    ``_fm.route``; one timed call). Agreement of the two: max |difference| / max |loop|.
-    Target: attribute time / training time <= 10 for both models (the loop takes 30-70x).
+    made-up sequences = 16 steps; ``--quick``: 1 epoch) while `pk.PathRecorder` records in
+    memory. Timed (median of ``--repeats`` after a warm-up): the training loop (with the
+    recorder), and ``PathKernelInfluence(...).attribute`` of 10 queries in exact mode, the
+    explainer built inside the timed call (its per-example-gradient route is chosen and
+    checked on the first call), by the route pk_attrib takes (``diagnostics.gradient_route``:
+    vmap over a GRU stand-in / over eager attention with the mask always built) and, before,
+    by the per-example loop (forced through the private ``_fm.route``; one timed call, it is
+    slow). Agreement of the two: max |difference| / max |loop|. Target: attribute time /
+    training time <= 10 for both models (the loop takes 30-70x).
 
 (c) For information, ``self_influence()`` of every training example: exact mode on the
     recorded path, checkpoint mode on the 10 files, and Captum's
@@ -459,7 +460,7 @@ def bench_exact_mode(run: Trained, cfg: Config, profile: bool, part: str = "b") 
 # -- (e) models vmap cannot batch as they are: GRU, BERT with an attention mask ------------------
 
 
-ROUTE_VOCAB, ROUTE_LEN, ROUTE_WIDTH = 64, 16, 32
+ROUTE_VOCAB, ROUTE_LEN, ROUTE_WIDTH, ROUTE_TRAIN = 64, 16, 32, 256
 
 
 class GRUClassifier(torch.nn.Module):
@@ -510,32 +511,34 @@ def route_data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, labels
 
 
-def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg: Config, n: int):
+def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """One model of part (e): training time, attribute time by its route and by the loop."""
+    n = ROUTE_TRAIN
     train_set = TensorDataset(x[:n], y[:n])
     queries, targets = x[n:], y[n:]
-    torch.manual_seed(SEED)
-    model = make()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()
-    loader = DataLoader(
-        train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
-    )
-    recorder = pk.PathRecorder(model, optimizer, store=None)
-    start = time.perf_counter()
-    for _ in range(2 if n > 100 else 1):
-        for xb, yb in recorder.watch(loader):
-            optimizer.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            optimizer.step()
-    training = time.perf_counter() - start
-    recorder.close()
-    model.eval()
+
+    def fit() -> tuple[torch.nn.Module, pk.TrainingPath]:
+        """The same training run each time (fixed seeds), recorded in memory."""
+        torch.manual_seed(SEED)
+        model = make()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        loader = DataLoader(
+            train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
+        )
+        recorder = pk.PathRecorder(model, optimizer, store=None)
+        for _ in range(1 if cfg is QUICK else 2):
+            for xb, yb in recorder.watch(loader):
+                optimizer.zero_grad()
+                loss_fn(model(xb), yb).backward()
+                optimizer.step()
+        recorder.close()
+        return model.eval(), recorder.path
+
+    training, (model, path) = interleaved_medians({"training": wall(fit)}, cfg.repeats)["training"]
 
     def attribute(loop: bool = False):
-        explainer = pk.PathKernelInfluence(
-            model, train_set, recorder.path, loss_fn, show_progress=False
-        )
+        explainer = pk.PathKernelInfluence(model, train_set, path, loss_fn, show_progress=False)
         if loop:  # before: the per-example loop, forced
             explainer._fm.route = "per-example loop"
         return explainer.attribute(queries, target=targets)
@@ -548,7 +551,7 @@ def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg
     agreement = float((dec.contributions - before.contributions).abs().max()) / scale
     ratio, ratio_before = seconds / training, looped / training
     d = sum(p.numel() for p in model.parameters())
-    print(f"    {name}: {d} parameters, {len(recorder.path)} steps, {len(queries)} queries")
+    print(f"    {name}: {d} parameters, {len(path)} steps, {len(queries)} queries")
     print(f"      training (recorded)                      {training * 1e3:9.1f} ms")
     print(f"      attribute, route {dec.diagnostics.gradient_route!r:<24s}{seconds * 1e3:9.1f} ms")
     print(f"      attribute, route 'per-example loop'      {looped * 1e3:9.1f} ms")
@@ -561,17 +564,16 @@ def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg
 
 def bench_routes(cfg: Config) -> bool:
     """Part (e): models vmap cannot batch, attribute time over training time."""
-    n = 256 if cfg is not QUICK else 64
     print(f"\n(e) models vmap cannot batch as they are: attribute / training <= {MAX_ROUTE_RATIO}")
-    ids, mask, labels = route_data(n)
-    passed = bench_route("GRU classifier", GRUClassifier, ids, labels, cfg, n)
+    ids, mask, labels = route_data(ROUTE_TRAIN)
+    passed = bench_route("GRU classifier", GRUClassifier, ids, labels, cfg)
     try:
         import transformers  # noqa: F401
     except ImportError:
         print("    BERT: skipped (transformers is not installed)")
     else:
         stacked = torch.stack([ids, mask], 1)
-        passed = bench_route("BERT, attention mask", MaskedBert, stacked, labels, cfg, n) and passed
+        passed = bench_route("BERT, attention mask", MaskedBert, stacked, labels, cfg) and passed
     print(f"    (e) {'PASS' if passed else 'FAIL'}")
     return passed
 
