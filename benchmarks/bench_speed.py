@@ -40,8 +40,8 @@ query's label.
     (Embedding 64x32 -> ``nn.GRU`` 32 -> Linear 4 on the last step) and a BERT-style encoder
     (``transformers.BertForSequenceClassification``, 2 layers, hidden 32, 2 heads, default
     SDPA attention) given token ids *and an attention mask* (sequences of 8..16 tokens, padded
-    to 16), both float32, trained with plain SGD (lr 0.1, batch 32, shuffled, 2 epochs on 256
-    made-up sequences = 16 steps; ``--quick``: 1 epoch) while `pk.PathRecorder` records in
+    to 16), both float32, trained with plain SGD (lr 0.1, batch 32, shuffled, 2 epochs on 512
+    made-up sequences = 32 steps; ``--quick``: 1 epoch) while `pk.PathRecorder` records in
     memory. Timed (median of ``--repeats`` after a warm-up): the training loop (with the
     recorder), and ``PathKernelInfluence(...).attribute`` of 10 queries in exact mode, the
     explainer built inside the timed call (its per-example-gradient route is chosen and
@@ -67,7 +67,7 @@ Run from the repository root::
     python benchmarks/bench_speed.py --quick    # smoke run (300 train, 2 epochs, 20 queries)
     python benchmarks/bench_speed.py --profile  # also cProfile one exact-mode attribute()
     python benchmarks/bench_speed.py --threads 1 --repeats 5
-    python benchmarks/bench_speed.py --routes   # part (e) alone, about two minutes
+    python benchmarks/bench_speed.py --routes   # part (e) alone, a few minutes
 
 The exit status is 0 when the targets of the parts run pass and 1 otherwise.
 """
@@ -460,7 +460,7 @@ def bench_exact_mode(run: Trained, cfg: Config, profile: bool, part: str = "b") 
 # -- (e) models vmap cannot batch as they are: GRU, BERT with an attention mask ------------------
 
 
-ROUTE_VOCAB, ROUTE_LEN, ROUTE_WIDTH, ROUTE_TRAIN = 64, 16, 32, 256
+ROUTE_VOCAB, ROUTE_LEN, ROUTE_WIDTH, ROUTE_TRAIN = 64, 16, 32, 512
 
 
 class GRUClassifier(torch.nn.Module):

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils import _pytree as pytree
 
 from ..exceptions import StoreMismatchError, VectorizationWarning
-from .batches import leaves, n_rows, one_row, take
+from .batches import leaves, map_by_loop, n_rows, one_row, take
 from .outputs import OutputFn, row_losses
 from .standins import vmappable_copy
 
@@ -215,39 +215,27 @@ class FunctionalModel:
 
         def call(*args):
             if self.route == LOOP:
-                return _loop(fn, in_dims, args)
+                return map_by_loop(fn, in_dims, args)
             if self._depth:  # inside an outer mapped call, which handles failures
                 return mapped(*args)
-            failure = self._attempt(mapped, args)
-            if not isinstance(failure, str):
+            done = self._attempt(mapped, args)
+            if not isinstance(done, str):
                 self.route = self.route or "vmap"
-                return failure[0]
-            if self._standin is None:
-                made = vmappable_copy(self.model)
-                self._standin = made[0] if made else False
-                if made:
-                    kept = False
-                    try:
-                        self._use_standin = True
-                        result = self._attempt(mapped, args)
-                        if isinstance(result, str):
-                            failure = f"{failure}; with stand-ins ({', '.join(made[1])}): {result}"
-                        else:
-                            mismatch = self._standin_mismatch(fn, in_dims, args, result[0])
-                            if mismatch is None:
-                                self.route, kept = f"vmap ({', '.join(made[1])})", True
-                                return result[0]
-                            failure = f"{failure}; stand-ins ({', '.join(made[1])}) {mismatch}"
-                    finally:
-                        self._use_standin = kept
+                return done[0]
+            why = done
+            if self._standin is None:  # not tried yet on this model
+                done = self._through_standins(fn, in_dims, mapped, args)
+                if not isinstance(done, str):
+                    return done[0]
+                why = f"{why}; {done}" if done else why
             self._use_standin, before, self.route = False, self.route, LOOP
             try:
-                out = _loop(fn, in_dims, args)
+                out = map_by_loop(fn, in_dims, args)
             except BaseException:
                 self.route = before
                 raise
             warnings.warn(
-                f"torch.func.vmap cannot batch this model ({failure}); pk_attrib evaluates it "
+                f"torch.func.vmap cannot batch this model ({why}); pk_attrib evaluates it "
                 "one example at a time instead: the same numbers, more slowly",
                 VectorizationWarning,
                 stacklevel=2,
@@ -255,6 +243,30 @@ class FunctionalModel:
             return out
 
         return call
+
+    def _through_standins(self, fn, in_dims, mapped, args) -> tuple[Any] | str:
+        """``(mapped(*args),)`` on a copy with stand-ins (kept as the route if it matches).
+
+        Returns why not where it does not ("" where no stand-in fits the model).
+        """
+        made = vmappable_copy(self.model)
+        self._standin = made[0] if made else False
+        if not made:
+            return ""
+        names = ", ".join(made[1])
+        kept = False
+        try:
+            self._use_standin = True
+            done = self._attempt(mapped, args)
+            if isinstance(done, str):
+                return f"with stand-ins ({names}): {done}"
+            mismatch = self._standin_mismatch(fn, in_dims, args, done[0])
+            if mismatch is not None:
+                return f"stand-ins ({names}) {mismatch}"
+            self.route, kept = f"vmap ({names})", True
+            return done
+        finally:
+            self._use_standin = kept
 
     def _attempt(self, mapped: Callable, args: tuple) -> tuple[Any] | str:
         """``(mapped(*args),)``, or why vmap failed (errors a loop would not cure propagate)."""
@@ -268,21 +280,23 @@ class FunctionalModel:
         finally:
             self._depth -= 1
 
-    def _standin_mismatch(self, fn, in_dims, args, out, rows: int = 2) -> str | None:
+    def _standin_mismatch(self, fn, in_dims, args, out, rows: int = 1) -> str | None:
         """Whether the stand-ins' results differ from the model's own, one row at a time.
 
-        The first ``rows`` rows are recomputed by the per-example loop on the model itself.
+        The first ``rows`` rows (a point, or an example) are recomputed by the per-example
+        loop on the model itself.
         The allowed difference, √eps of the largest value, lies far above the rounding of
         either computation and far below what computing another function gives.
         """
         part = tuple(
             a if d is None else take(a, slice(0, rows)) for a, d in zip(args, in_dims, strict=True)
         )
-        self._use_standin, self.route = False, LOOP
+        route, self._use_standin, self.route = self.route, False, LOOP
         try:
-            ref = torch.cat([t.detach().reshape(-1) for t in leaves(_loop(fn, in_dims, part))])
+            ref = leaves(map_by_loop(fn, in_dims, part))
+            ref = torch.cat([t.detach().reshape(-1) for t in ref])
         finally:
-            self._use_standin, self.route = True, None
+            self._use_standin, self.route = True, route
         got = torch.cat([t.detach()[:rows].reshape(-1) for t in leaves(out)])
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         diff = float((got - ref).abs().max()) if ref.numel() else 0.0
@@ -550,26 +564,3 @@ def _not_vmaps_doing(err: BaseException) -> bool:
         or "out of memory" in text
         or "can't allocate memory" in text
     )
-
-
-def _loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:
-    """What ``vmap(fn, in_dims)(*args)`` returns, by calling fn on each slice (dims 0/None).
-
-    Arguments and results may be tensors, or tuples, lists and dicts of them.
-    """
-    mapped = [a for a, dim in zip(args, in_dims, strict=True) if dim is not None]
-    n = n_rows(mapped[0])
-    results = [
-        fn(*(a if dim is None else take(a, i) for a, dim in zip(args, in_dims, strict=True)))
-        for i in range(n)
-    ]
-    return _stack(results)
-
-
-def _stack(results: list) -> Any:
-    first = results[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(results)
-    if isinstance(first, dict):
-        return {k: _stack([r[k] for r in results]) for k in first}
-    return type(first)(_stack([r[j] for r in results]) for j in range(len(first)))
