@@ -42,8 +42,8 @@ query's label.
     SDPA attention) given token ids *and an attention mask* (sequences of 8..16 tokens, padded
     to 16), both float32, trained with plain SGD (lr 0.1, batch 32, shuffled, 2 epochs on 512
     made-up sequences = 32 steps; ``--quick``: 1 epoch) while `pk.PathRecorder` records in
-    memory. Timed (median of ``--repeats`` after a warm-up): the training loop (with the
-    recorder), and ``PathKernelInfluence(...).attribute`` of 10 queries in exact mode, the
+    memory. Timed (median of ``--repeats`` rounds after a warm-up, both in each round): the
+    training loop (with the recorder), and ``PathKernelInfluence(...).attribute`` of 10 queries in exact mode, the
     explainer built inside the timed call (its per-example-gradient route is chosen and
     checked on the first call), by the route pk_attrib takes (``diagnostics.gradient_route``:
     vmap over a GRU stand-in / over eager attention with the mask always built) and, before,
@@ -535,7 +535,7 @@ def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg
         recorder.close()
         return model.eval(), recorder.path
 
-    training, (model, path) = interleaved_medians({"training": wall(fit)}, cfg.repeats)["training"]
+    model, path = fit()
 
     def attribute(loop: bool = False):
         explainer = pk.PathKernelInfluence(model, train_set, path, loss_fn, show_progress=False)
@@ -545,7 +545,9 @@ def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", pk.VectorizationWarning)
-        seconds, dec = interleaved_medians({"route": wall(attribute)}, cfg.repeats)["route"]
+        # in the same rounds, so that changing background load hits both alike
+        timed = interleaved_medians({"training": wall(fit), "route": wall(attribute)}, cfg.repeats)
+    training, seconds, dec = timed["training"][0], *timed["route"]
     looped, before = wall(lambda: attribute(loop=True))()
     scale = float(before.contributions.abs().max())
     agreement = float((dec.contributions - before.contributions).abs().max()) / scale
