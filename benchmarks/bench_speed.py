@@ -43,13 +43,13 @@ query's label.
     to 16), both float32, trained with plain SGD (lr 0.1, batch 32, shuffled, 2 epochs on 512
     made-up sequences = 32 steps; ``--quick``: 1 epoch) while `pk.PathRecorder` records in
     memory. Timed (median of ``--repeats`` rounds after a warm-up, both in each round): the
-    training loop (with the recorder), and ``PathKernelInfluence(...).attribute`` of 10 queries in exact mode, the
-    explainer built inside the timed call (its per-example-gradient route is chosen and
-    checked on the first call), by the route pk_attrib takes (``diagnostics.gradient_route``:
-    vmap over a GRU stand-in / over eager attention with the mask always built) and, before,
-    by the per-example loop (forced through the private ``_fm.route``; one timed call, it is
-    slow). Agreement of the two: max |difference| / max |loop|. Target: attribute time /
-    training time <= 10 for both models (the loop takes 30-70x).
+    training loop (with the recorder), and ``PathKernelInfluence(...).attribute`` of 10
+    queries in exact mode, the explainer built inside the timed call (its per-example-gradient
+    route is chosen and checked on the first call), by the route pk_attrib takes
+    (``diagnostics.gradient_route``: vmap over a GRU stand-in / over eager attention with the
+    mask always built); and, before, by the per-example loop (forced through the private
+    ``_fm.route``; one timed call, it is slow). Agreement of the two: max |difference| / max
+    |loop|. Target: attribute time / training time <= 10 for both models (the loop: 30-70x).
 
 (c) For information, ``self_influence()`` of every training example: exact mode on the
     recorded path, checkpoint mode on the 10 files, and Captum's
