@@ -83,6 +83,13 @@ def test_recurrent_models_are_batched_by_a_stand_in_and_explained_exactly(cell, 
     dec = _explain(model, data, path, torch.nn.CrossEntropyLoss(), queries, target)
     assert dec.diagnostics.gradient_route == route
     assert dec.diagnostics.max_reconstruction_error < 1e-10
+    assert pk.Decomposition.concat([dec, dec]).diagnostics.gradient_route == route
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.VectorizationWarning)
+        checkpoint = pk.PathKernelInfluence(
+            model, data, path, torch.nn.CrossEntropyLoss(), mode="checkpoint", show_progress=False
+        ).attribute(queries, target=target)
+    assert checkpoint.diagnostics.gradient_route == route
 
 
 def test_a_model_no_stand_in_fits_is_looped_and_the_route_says_so():
