@@ -36,6 +36,21 @@ query's label.
     167k-parameter MLP 64 -> 512 -> 256 -> 10 (Tanh), trained the same way, 10 queries
     (a few minutes).
 
+(e) Models vmap cannot batch as they are (``--routes`` runs this part alone): a GRU classifier
+    (Embedding 64x32 -> ``nn.GRU`` 32 -> Linear 4 on the last step) and a BERT-style encoder
+    (``transformers.BertForSequenceClassification``, 2 layers, hidden 32, 2 heads, default
+    SDPA attention) given token ids *and an attention mask* (sequences of 8..16 tokens, padded
+    to 16), both float32, trained with plain SGD (lr 0.1, batch 32, shuffled, 2 epochs on 512
+    made-up sequences = 32 steps; ``--quick``: 1 epoch) while `pk.PathRecorder` records in
+    memory. Timed (median of ``--repeats`` rounds after a warm-up, both in each round): the
+    training loop (with the recorder), and ``PathKernelInfluence(...).attribute`` of 10
+    queries in exact mode, the explainer built inside the timed call (its per-example-gradient
+    route is chosen and checked on the first call), by the route pk_attrib takes
+    (``diagnostics.gradient_route``: vmap over a GRU stand-in / over eager attention with the
+    mask always built); and, before, by the per-example loop (forced through the private
+    ``_fm.route``; one timed call, it is slow). Agreement of the two: max |difference| / max
+    |loop|. Target: attribute time / training time <= 10 for both models (the loop: 30-70x).
+
 (c) For information, ``self_influence()`` of every training example: exact mode on the
     recorded path, checkpoint mode on the 10 files, and Captum's
     ``TracInCP.self_influence()`` (sample-wise gradients) on the same files.
@@ -52,8 +67,9 @@ Run from the repository root::
     python benchmarks/bench_speed.py --quick    # smoke run (300 train, 2 epochs, 20 queries)
     python benchmarks/bench_speed.py --profile  # also cProfile one exact-mode attribute()
     python benchmarks/bench_speed.py --threads 1 --repeats 5
+    python benchmarks/bench_speed.py --routes   # part (e) alone, a few minutes
 
-The exit status is 0 when both targets pass and 1 otherwise.
+The exit status is 0 when the targets of the parts run pass and 1 otherwise.
 """
 
 from __future__ import annotations
@@ -93,6 +109,7 @@ SEED = 0
 AGREEMENT_TOL = 1e-5
 MIN_CHECKPOINT_SPEEDUP = 2.0
 MAX_EXACT_OVERHEAD = 1.5
+MAX_ROUTE_RATIO = 10.0  # (e): attribute time / training time
 
 
 @dataclass
@@ -440,6 +457,129 @@ def bench_exact_mode(run: Trained, cfg: Config, profile: bool, part: str = "b") 
     return passed
 
 
+# -- (e) models vmap cannot batch as they are: GRU, BERT with an attention mask ------------------
+
+
+ROUTE_VOCAB, ROUTE_LEN, ROUTE_WIDTH, ROUTE_TRAIN = 64, 16, 32, 512
+
+
+class GRUClassifier(torch.nn.Module):
+    """Embedding -> nn.GRU -> Linear on the last time step."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(ROUTE_VOCAB, ROUTE_WIDTH)
+        self.gru = torch.nn.GRU(ROUTE_WIDTH, ROUTE_WIDTH, batch_first=True)
+        self.head = torch.nn.Linear(ROUTE_WIDTH, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.embed(ids))[0][:, -1])
+
+
+class MaskedBert(torch.nn.Module):
+    """A small BertForSequenceClassification taking (n, 2, L): token ids and padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers
+
+        config = transformers.BertConfig(
+            vocab_size=ROUTE_VOCAB,
+            hidden_size=ROUTE_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * ROUTE_WIDTH,
+            max_position_embeddings=ROUTE_LEN,
+            num_labels=4,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.bert = transformers.BertForSequenceClassification(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+
+def route_data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n + 10 padded token sequences (ids, mask: (n + 10, L)) and 4-class labels."""
+    g = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(1, ROUTE_VOCAB, (n + 10, ROUTE_LEN), generator=g)
+    lengths = torch.randint(ROUTE_LEN // 2, ROUTE_LEN + 1, (n + 10,), generator=g)
+    mask = (torch.arange(ROUTE_LEN) < lengths[:, None]).long()
+    ids = ids * mask
+    labels = ((ids == 1).sum(1) + (ids == 2).sum(1)) % 4
+    return ids, mask, labels
+
+
+def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+    """One model of part (e): training time, attribute time by its route and by the loop."""
+    n = ROUTE_TRAIN
+    train_set = TensorDataset(x[:n], y[:n])
+    queries, targets = x[n:], y[n:]
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def fit() -> tuple[torch.nn.Module, pk.TrainingPath]:
+        """The same training run each time (fixed seeds), recorded in memory."""
+        torch.manual_seed(SEED)
+        model = make()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        loader = DataLoader(
+            train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
+        )
+        recorder = pk.PathRecorder(model, optimizer, store=None)
+        for _ in range(1 if cfg is QUICK else 2):
+            for xb, yb in recorder.watch(loader):
+                optimizer.zero_grad()
+                loss_fn(model(xb), yb).backward()
+                optimizer.step()
+        recorder.close()
+        return model.eval(), recorder.path
+
+    model, path = fit()
+
+    def attribute(loop: bool = False):
+        explainer = pk.PathKernelInfluence(model, train_set, path, loss_fn, show_progress=False)
+        if loop:  # before: the per-example loop, forced
+            explainer._fm.route = "per-example loop"
+        return explainer.attribute(queries, target=targets)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.VectorizationWarning)
+        # in the same rounds, so that changing background load hits both alike
+        timed = interleaved_medians({"training": wall(fit), "route": wall(attribute)}, cfg.repeats)
+    training, seconds, dec = timed["training"][0], *timed["route"]
+    looped, before = wall(lambda: attribute(loop=True))()
+    scale = float(before.contributions.abs().max())
+    agreement = float((dec.contributions - before.contributions).abs().max()) / scale
+    ratio, ratio_before = seconds / training, looped / training
+    d = sum(p.numel() for p in model.parameters())
+    print(f"    {name}: {d} parameters, {len(path)} steps, {len(queries)} queries")
+    print(f"      training (recorded)                      {training * 1e3:9.1f} ms")
+    print(f"      attribute, route {dec.diagnostics.gradient_route!r:<24s}{seconds * 1e3:9.1f} ms")
+    print(f"      attribute, route 'per-example loop'      {looped * 1e3:9.1f} ms")
+    print(
+        f"      ratio to training: {ratio:.1f} (before: {ratio_before:.1f}); "
+        f"route vs loop: max|diff|/max|loop| {agreement:.1e}"
+    )
+    return ratio <= MAX_ROUTE_RATIO
+
+
+def bench_routes(cfg: Config) -> bool:
+    """Part (e): models vmap cannot batch, attribute time over training time."""
+    print(f"\n(e) models vmap cannot batch as they are: attribute / training <= {MAX_ROUTE_RATIO}")
+    ids, mask, labels = route_data(ROUTE_TRAIN)
+    passed = bench_route("GRU classifier", GRUClassifier, ids, labels, cfg)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("    BERT: skipped (transformers is not installed)")
+    else:
+        stacked = torch.stack([ids, mask], 1)
+        passed = bench_route("BERT, attention mask", MaskedBert, stacked, labels, cfg) and passed
+    print(f"    (e) {'PASS' if passed else 'FAIL'}")
+    return passed
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -492,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also (d): part (b) on a 167k-parameter MLP 64-512-256-10, 10 queries (minutes)",
     )
+    parser.add_argument(
+        "--routes",
+        action="store_true",
+        help="only (e): a GRU and a BERT with an attention mask, attribute vs training time",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -507,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {cfg.repeats} after a warm-up"
     )
     print_load("load average at start")
+    if args.routes:
+        passed = bench_routes(cfg)
+        print_load("\nload average at end")
+        print(f"\noverall: {'PASS' if passed else 'FAIL'}")
+        return 0 if passed else 1
     with tempfile.TemporaryDirectory(prefix="pk_bench_speed_") as folder:
         start = time.perf_counter()
         run = train(cfg, Path(folder))
@@ -514,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         passed_a = bench_checkpoint_mode(run, cfg)
         passed_b = bench_exact_mode(run, cfg, args.profile)
         bench_self_influence(run, cfg)
+        passed_e = bench_routes(cfg)
         if args.large:
             large_cfg = replace(cfg, n_queries=10)
             print("\n(d) exact mode vs bare torch.func gradients, MLP 64-512-256-10, 10 queries")
@@ -522,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    trained {len(large.path)} steps in {time.perf_counter() - start:.1f} s")
             bench_exact_mode(large, large_cfg, False, part="d")  # information: no target
     print_load("\nload average at end")
-    overall = passed_a and passed_b
+    overall = passed_a and passed_b and passed_e
     print(f"\noverall: {'PASS' if overall else 'FAIL'}")
     return 0 if overall else 1
 

@@ -45,6 +45,12 @@ class Diagnostics:
             checkpoint mode, where the optimizer rule is not modelled).
         query_gradients: Per-query gradient evaluations spent (including rejected nodes).
         train_gradients: Per-example training gradient evaluations spent.
+        gradient_route: How per-example gradients were computed: ``"vmap"`` (one
+            ``torch.func.vmap`` call over a batch), ``"vmap (GRU stand-in)"`` and the like
+            (vmap over stand-ins that compute the same function in operations vmap can
+            batch: ``nn.GRU``/``nn.LSTM``/``nn.RNN`` unrolled over time, ``"eager
+            attention"`` for HuggingFace models with an attention mask), or ``"per-example
+            loop"`` (one example at a time, where vmap cannot batch the model).
     """
 
     mode: str
@@ -54,6 +60,7 @@ class Diagnostics:
     reconstruction_error: torch.Tensor
     query_gradients: int
     train_gradients: int
+    gradient_route: str = "vmap"
 
     @property
     def max_reconstruction_error(self) -> float:
@@ -152,6 +159,7 @@ class Decomposition:
             first.reconstruction_error,
             sum(p.diagnostics.query_gradients for p in parts),
             sum(p.diagnostics.train_gradients for p in parts),
+            first.gradient_route,
         )
         terms = {k: torch.cat([p.terms[k] for p in parts]) for k in first_terms(parts)}
         return cls(

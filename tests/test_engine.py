@@ -708,7 +708,8 @@ def test_a_model_trained_inside_a_wrapper_is_explained_with_or_without_it(wrap):
 
 
 class GRUClassifier(torch.nn.Module):
-    """nn.GRU has no vmap batching rule: the engine must fall back to a loop."""
+    """nn.GRU has no vmap batching rule: the engine batches a stand-in (tests/test_routes.py
+    has the per-example loop)."""
 
     def __init__(self, vocabulary=6, width=4, classes=3):
         super().__init__()
@@ -720,7 +721,7 @@ class GRUClassifier(torch.nn.Module):
         return self.head(self.gru(self.embed(tokens))[0][:, -1])
 
 
-def test_a_model_vmap_cannot_batch_is_explained_one_example_at_a_time():
+def test_a_model_vmap_cannot_batch_as_it_is_is_explained_through_a_stand_in():
     torch.manual_seed(8)
     tokens = torch.randint(0, 6, (12, 4))
     data = TensorDataset(tokens, tokens[:, 0] % 3)
@@ -731,10 +732,10 @@ def test_a_model_vmap_cannot_batch_is_explained_one_example_at_a_time():
     model.eval()
     loss_fn = torch.nn.CrossEntropyLoss()
     queries, target = torch.randint(0, 6, (2, 4)), torch.tensor([0, 2])
-    with pytest.warns(pk.VectorizationWarning, match="one example at a time"):
-        dec = pk.PathKernelInfluence(
-            model, data, recorder.path, loss_fn, quadrature=3, show_progress=False
-        ).attribute(queries, target=target)
+    dec = pk.PathKernelInfluence(
+        model, data, recorder.path, loss_fn, quadrature=3, show_progress=False
+    ).attribute(queries, target=target)
+    assert dec.diagnostics.gradient_route == "vmap (GRU stand-in)"
     ref = reference_decomposition(model, data, recorder.path, loss_fn, queries, target, q=3)
     torch.testing.assert_close(dec.contributions, ref["contributions"], rtol=1e-8, atol=1e-14)
     torch.testing.assert_close(dec.prediction, ref["prediction"], rtol=1e-12, atol=1e-14)

@@ -8,6 +8,7 @@ training loop's DataLoader did (`CollatedDataset` keeps a loader's own ``collate
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,3 +95,26 @@ def gather_examples(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tens
     else:
         batch = default_collate([dataset[int(i)] for i in indices])
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def map_by_loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:
+    """What ``vmap(fn, in_dims)(*args)`` returns, by calling fn on each slice (dims 0/None).
+
+    Arguments and results may be tensors, or tuples, lists and dicts of them.
+    """
+    mapped = [a for a, dim in zip(args, in_dims, strict=True) if dim is not None]
+    n = n_rows(mapped[0])
+    results = [
+        fn(*(a if dim is None else take(a, i) for a, dim in zip(args, in_dims, strict=True)))
+        for i in range(n)
+    ]
+    return _stack(results)
+
+
+def _stack(results: list) -> Any:
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(results)
+    if isinstance(first, dict):
+        return {k: _stack([r[k] for r in results]) for k in first}
+    return type(first)(_stack([r[j] for r in results]) for j in range(len(first)))

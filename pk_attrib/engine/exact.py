@@ -346,7 +346,14 @@ class Engine(TrainingSteps):
         bias = f_next + decay + state_term + buffers_term + unexplained
         _check_finite(bias, "non-example terms of the bias", None, self.p.path)
         diagnostics = Diagnostics(
-            "exact", quad.name, dtype, nodes, errors, integrator.evaluations, train_evals
+            "exact",
+            quad.name,
+            dtype,
+            nodes,
+            errors,
+            integrator.evaluations,
+            train_evals,
+            fm.route or "vmap",
         )
         k_out = w_out = None
         if kernel:

@@ -3,16 +3,19 @@
 The engine works with the recorded (trainable) parameters as one flat vector w of
 length d, in `TrainingPath.param_names` order. `FunctionalModel` evaluates the model at
 any such w with `torch.func.functional_call` (buffers and parameters that were not recorded
-are held constant), and computes per-example gradients with ``vmap(grad(...))``:
+are held constant), and computes per-example gradients with ``vmap(grad(...))`` (the route
+taken is `FunctionalModel.route`):
 
 - `FunctionalModel.loss_grads`: g_i(w) = ∇_w ℓ_i(w), (B, d), for training examples;
 - `FunctionalModel.output_grads`: ∇_w f(x_j; w), (q, n, d), for queries at q points at once;
 - `FunctionalModel.loss_jacobians`: ∇_w f_c(x_i; w) and ∂ℓ_i/∂f_c, for the kernel view.
 
 Work is split into chunks whose gradients fit ``memory_budget`` bytes. A model that vmap
-cannot batch (``nn.GRU``/``nn.LSTM``, whose fused kernels have no batching rule) is evaluated
-one example (or point) at a time instead: the same numbers, slower, and a
-`VectorizationWarning` says so once.
+cannot batch (``nn.GRU``/``nn.LSTM``, whose fused kernels have no batching rule; HuggingFace
+attention, which skips an all-ones mask after a data-dependent check) is evaluated through
+vmappable stand-ins that compute the same function (`standins`), checked against the model
+on the first call; where none fits, one example (or point) at a time: the same numbers,
+slower, and a `VectorizationWarning` says so once.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils import _pytree as pytree
 
 from ..exceptions import StoreMismatchError, VectorizationWarning
-from .batches import leaves, n_rows, one_row, take
+from .batches import leaves, map_by_loop, n_rows, one_row, take
 from .outputs import OutputFn, row_losses
+from .standins import vmappable_copy
+
+LOOP = "per-example loop"
 
 
 class FunctionalModel:
@@ -87,7 +93,11 @@ class FunctionalModel:
         self.dtype = dtype
         self.device = torch.device(device)
         self.memory_budget = memory_budget
-        self.looped = False  # set once vmap has failed on this model: loop from then on
+        # the per-example-gradient route, once one has run (see `_map`)
+        self.route: str | None = None
+        self._standin: torch.nn.Module | bool | None = None  # the copy; False: none fits
+        self._use_standin = False
+        self._depth = 0  # mapped calls under way, nested
         recorded = set(names)
         self.constants = {
             n: p.detach() for n, p in self.model.named_parameters() if n not in recorded
@@ -169,7 +179,8 @@ class FunctionalModel:
         return tuple(part(x) for x in batch)
 
     def _call(self, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]):
-        return functional_call(self.model, {**self.constants, **params}, tuple(inputs))
+        model = self._standin if self._use_standin else self.model
+        return functional_call(model, {**self.constants, **params}, tuple(inputs))
 
     def _example_loss(self, loss_fn: Callable) -> Callable:
         """One example's loss as a batch of one: ``(active, other params, inputs, label) -> ℓ``."""
@@ -186,34 +197,112 @@ class FunctionalModel:
         return max(1, self.memory_budget // item)
 
     def _map(self, fn: Callable, in_dims: tuple[int | None, ...]) -> Callable:
-        """``vmap(fn, in_dims)``, or a loop over the mapped dimension where vmap fails.
+        """``vmap(fn, in_dims)``, by the first route that works on this model (`route`).
 
-        The first failure of vmap on this model is retried as a loop; if the loop succeeds,
-        vmap could not batch the model (e.g. ``nn.GRU``), every later call loops, and a
-        `VectorizationWarning` says so. If the loop fails too, its error is the model's own.
+        1. ``"vmap"`` on the model itself;
+        2. where vmap fails, vmap on a copy with stand-ins it can batch (`standins`:
+           ``nn.GRU``/``nn.LSTM``/``nn.RNN`` unrolled over time, HuggingFace attention with
+           the mask always built), kept only if its results equal the one-at-a-time results
+           of the model itself on the first rows of this call (route ``"vmap (GRU
+           stand-in)"``, ...);
+        3. ``"per-example loop"``: one example at a time, the same numbers more slowly, and
+           a `VectorizationWarning` says so once. If the loop fails too, its error is the
+           model's own.
+
+        Failures are handled by the outermost mapped call (maps nest: points x queries).
         """
         mapped = vmap(fn, in_dims=in_dims)
 
         def call(*args):
-            if not self.looped:
-                try:
-                    return mapped(*args)
-                except (RuntimeError, NotImplementedError, ValueError) as err:
-                    if _not_vmaps_doing(err):
-                        raise
-                    out = _loop(fn, in_dims, args)
-                    self.looped = True
-                    warnings.warn(
-                        f"torch.func.vmap cannot batch this model ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); pk_attrib evaluates it one "
-                        "example at a time instead: the same numbers, more slowly",
-                        VectorizationWarning,
-                        stacklevel=2,
-                    )
-                    return out
-            return _loop(fn, in_dims, args)
+            if self.route == LOOP:
+                return map_by_loop(fn, in_dims, args)
+            if self._depth:  # inside an outer mapped call, which handles failures
+                return mapped(*args)
+            done = self._attempt(mapped, args)
+            if not isinstance(done, str):
+                self.route = self.route or "vmap"
+                return done[0]
+            why = done
+            if self._standin is None:  # not tried yet on this model
+                done = self._through_standins(fn, in_dims, mapped, args)
+                if not isinstance(done, str):
+                    return done[0]
+                why = f"{why}; {done}" if done else why
+            self._use_standin, before, self.route = False, self.route, LOOP
+            try:
+                out = map_by_loop(fn, in_dims, args)
+            except BaseException:
+                self.route = before
+                raise
+            warnings.warn(
+                f"torch.func.vmap cannot batch this model ({why}); pk_attrib evaluates it "
+                "one example at a time instead: the same numbers, more slowly",
+                VectorizationWarning,
+                stacklevel=2,
+            )
+            return out
 
         return call
+
+    def _through_standins(self, fn, in_dims, mapped, args) -> tuple[Any] | str:
+        """``(mapped(*args),)`` on a copy with stand-ins (kept as the route if it matches).
+
+        Returns why not where it does not ("" where no stand-in fits the model).
+        """
+        made = vmappable_copy(self.model)
+        self._standin = made[0] if made else False
+        if not made:
+            return ""
+        names = ", ".join(made[1])
+        kept = False
+        try:
+            self._use_standin = True
+            done = self._attempt(mapped, args)
+            if isinstance(done, str):
+                return f"with stand-ins ({names}): {done}"
+            mismatch = self._standin_mismatch(fn, in_dims, args, done[0])
+            if mismatch is not None:
+                return f"stand-ins ({names}) {mismatch}"
+            self.route, kept = f"vmap ({names})", True
+            return done
+        finally:
+            self._use_standin = kept
+
+    def _attempt(self, mapped: Callable, args: tuple) -> tuple[Any] | str:
+        """``(mapped(*args),)``, or why vmap failed (errors a loop would not cure propagate)."""
+        self._depth += 1
+        try:
+            return (mapped(*args),)
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            if _not_vmaps_doing(err):
+                raise
+            return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        finally:
+            self._depth -= 1
+
+    def _standin_mismatch(self, fn, in_dims, args, out, rows: int = 1) -> str | None:
+        """Whether the stand-ins' results differ from the model's own, one row at a time.
+
+        The first ``rows`` rows (a point, or an example) are recomputed by the per-example
+        loop on the model itself.
+        The allowed difference, √eps of the largest value, lies far above the rounding of
+        either computation and far below what computing another function gives.
+        """
+        part = tuple(
+            a if d is None else take(a, slice(0, rows)) for a, d in zip(args, in_dims, strict=True)
+        )
+        route, self._use_standin, self.route = self.route, False, LOOP
+        try:
+            ref = leaves(map_by_loop(fn, in_dims, part))
+            ref = torch.cat([t.detach().reshape(-1) for t in ref])
+        finally:
+            self._use_standin, self.route = True, route
+        got = torch.cat([t.detach()[:rows].reshape(-1) for t in leaves(out)])
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        diff = float((got - ref).abs().max()) if ref.numel() else 0.0
+        if diff <= torch.finfo(self.dtype).eps ** 0.5 * scale:
+            return None
+        return f"differ from the model by {diff:.3g} (largest value {scale:.3g})"
 
     # -- evaluations ------------------------------------------------------------------------
 
@@ -475,26 +564,3 @@ def _not_vmaps_doing(err: BaseException) -> bool:
         or "out of memory" in text
         or "can't allocate memory" in text
     )
-
-
-def _loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:
-    """What ``vmap(fn, in_dims)(*args)`` returns, by calling fn on each slice (dims 0/None).
-
-    Arguments and results may be tensors, or tuples, lists and dicts of them.
-    """
-    mapped = [a for a, dim in zip(args, in_dims, strict=True) if dim is not None]
-    n = n_rows(mapped[0])
-    results = [
-        fn(*(a if dim is None else take(a, i) for a, dim in zip(args, in_dims, strict=True)))
-        for i in range(n)
-    ]
-    return _stack(results)
-
-
-def _stack(results: list) -> Any:
-    first = results[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(results)
-    if isinstance(first, dict):
-        return {k: _stack([r[k] for r in results]) for k in first}
-    return type(first)(_stack([r[j] for r in results]) for j in range(len(first)))

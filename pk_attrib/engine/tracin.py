@@ -168,7 +168,14 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     initial = engine._forward(fm.flatten(path.initial), inputs, target, output_fn)
     nodes = torch.ones(S, dtype=torch.int64)
     diagnostics = Diagnostics(
-        "checkpoint", "left", dtype, nodes, torch.zeros(0), query_evals, train_evals
+        "checkpoint",
+        "left",
+        dtype,
+        nodes,
+        torch.zeros(0),
+        query_evals,
+        train_evals,
+        fm.route or "vmap",
     )
     explained = contributions.sum(1)
     zero = torch.zeros_like(initial)

@@ -190,7 +190,14 @@ def _decompose(engine, train, inputs, target, output_fn, columns, queries, norms
     nodes = torch.ones(S, dtype=torch.int64)
     train_evals = train.evaluations - before
     diagnostics = Diagnostics(
-        "checkpoint", "left", fm.dtype, nodes, torch.zeros(0), query_evals, train_evals
+        "checkpoint",
+        "left",
+        fm.dtype,
+        nodes,
+        torch.zeros(0),
+        query_evals,
+        train_evals,
+        fm.route or "vmap",
     )
     zero = torch.zeros_like(initial)
     terms = {
