@@ -43,6 +43,13 @@ class Diagnostics:
             checkpoint mode, where the optimizer rule is not modelled).
         query_gradients: Per-query gradient evaluations spent (including rejected nodes).
         train_gradients: Per-example training gradient evaluations spent.
+        routes: How the per-example gradients were computed, by what they differentiate:
+            ``"output_fn"`` (the queries' explained outputs) and ``"loss_fn"`` (the training
+            losses), each ``"vmap(grad)"`` (torch.func.vmap of the whole example),
+            ``"batched forward + row VJP"`` (the function could not be vmapped: one batched
+            forward, its output gradient by autograd, the model's vector-Jacobian product per
+            row), ``"one example at a time"`` (the model could not be vmapped) or
+            ``"replayed batch + row VJP"`` (the steps' batches rerun, `replay`).
     """
 
     mode: str
@@ -52,6 +59,7 @@ class Diagnostics:
     reconstruction_error: torch.Tensor
     query_gradients: int
     train_gradients: int
+    routes: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_reconstruction_error(self) -> float:
@@ -150,6 +158,7 @@ class Decomposition:
             first.reconstruction_error,
             sum(p.diagnostics.query_gradients for p in parts),
             sum(p.diagnostics.train_gradients for p in parts),
+            first.routes,
         )
         terms = {k: torch.cat([p.terms[k] for p in parts]) for k in first_terms(parts)}
         return cls(

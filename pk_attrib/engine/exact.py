@@ -161,6 +161,7 @@ class Engine(TrainingSteps):
                 "contributions (kernel=False)"
             )
         rule = make_rule(path, self.vectors, fm.active_names)
+        fm.routes.clear()  # (diagnostics: the routes this sweep takes)
         n, S = n_rows(inputs), len(path)
         dtype, device = fm.dtype, fm.device
         first, last = columns if columns is not None else (0, self.n_train)
@@ -341,7 +342,14 @@ class Engine(TrainingSteps):
         bias = f_next + decay + state_term + buffers_term + unexplained
         _check_finite(bias, "non-example terms of the bias", None, self.p.path)
         diagnostics = Diagnostics(
-            "exact", quad.name, dtype, nodes, errors, integrator.evaluations, train_evals
+            "exact",
+            quad.name,
+            dtype,
+            nodes,
+            errors,
+            integrator.evaluations,
+            train_evals,
+            dict(fm.routes),
         )
         k_out = w_out = None
         if kernel:

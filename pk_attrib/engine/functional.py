@@ -29,6 +29,15 @@ from torch.utils import _pytree as pytree
 from ..exceptions import StoreMismatchError, VectorizationWarning
 from .batches import leaves, n_rows, one_row, take
 from .outputs import OutputFn, row_losses
+from .rows import (
+    LOOP,
+    Memo,
+    _not_vmaps_doing,
+    check_row_independence,
+    routed,
+    row_loss_grads,
+    row_query_grads,
+)
 
 
 class FunctionalModel:
@@ -88,6 +97,11 @@ class FunctionalModel:
         self.device = torch.device(device)
         self.memory_budget = memory_budget
         self.looped = False  # set once vmap has failed on this model: loop from then on
+        # how per-example gradients were last computed, {"output_fn": ..., "loss_fn": ...}
+        # (`rows`: VMAP, ROWS or LOOP), and the route each function takes once tried
+        self.routes: dict[str, str] = {}
+        self._route = Memo()
+        self._checked = Memo()  # the output_fns checked to act row by row
         recorded = set(names)
         self.constants = {
             n: p.detach() for n, p in self.model.named_parameters() if n not in recorded
@@ -215,6 +229,47 @@ class FunctionalModel:
 
         return call
 
+    # -- routes: vmap of the whole example, or rows of one batched forward -------------------
+
+    def route_of(self, fn: Callable) -> str | None:
+        """The route ``fn`` (an output_fn or a loss) takes (None: not tried yet)."""
+        return LOOP if self.looped else self._route.get(fn)
+
+    def _loss_map(self, loss_fn: Callable, levels: list[tuple]) -> Callable:
+        """Per-example loss gradients ``(active, passive, inputs, labels) -> grads``.
+
+        ``levels``: the maps' ``in_dims``, innermost first.
+        """
+        example = grad(self._example_loss(loss_fn))
+        vmapped, looped = example, example
+        for dims in levels:
+            vmapped, looped = vmap(vmapped, in_dims=dims), self._map(looped, dims)
+
+        def rows(act, passive, inputs, labels):
+            return row_loss_grads(self, loss_fn, levels, act, passive, inputs, labels)
+
+        return routed(self, loss_fn, "loss_fn", vmapped, rows, looped)
+
+    def check_rows(self, output_fn: OutputFn, w: torch.Tensor, inputs, target) -> None:
+        """Check once per ``output_fn`` that a query's value reads its own outputs' row only.
+
+        Args:
+            output_fn: The explained quantity.
+            w: Flat parameters (d,) to evaluate the model at.
+            inputs: Queries, each (n, ...); the first (up to) four are used.
+            target: (n,) or None.
+
+        Raises:
+            RowDependenceError: See `rows.check_row_independence`.
+        """
+        n = n_rows(inputs)
+        if n < 2 or self._checked.get(output_fn):
+            return
+        m = min(n, 4)
+        outputs = self.outputs(w, take(inputs, slice(0, m)))
+        check_row_independence(output_fn, outputs, None if target is None else target[:m])
+        self._checked.set(output_fn, True)
+
     # -- evaluations ------------------------------------------------------------------------
 
     def outputs(self, w: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -237,7 +292,7 @@ class FunctionalModel:
 
         *inputs, labels = batch
         inputs = tuple(inputs)
-        step = self._map(grad(self._example_loss(loss_fn)), (None, None, 0, 0))
+        step = self._loss_map(loss_fn, [(None, None, 0, 0)])
         n = n_rows(labels)
         size = self.chunk_size()
         chunks = []
@@ -267,7 +322,7 @@ class FunctionalModel:
         *inputs, labels = batch
         inputs = tuple(inputs)
 
-        step = self._map(grad(self._example_loss(loss_fn)), (0, 0, 0, 0))
+        step = self._loss_map(loss_fn, [(0, 0, 0, 0)])
         size = max(1, self.chunk_size(2))  # the parameters are replicated per example
         chunks = []
         for a in range(0, n_rows(labels), size):
@@ -303,8 +358,7 @@ class FunctionalModel:
         if size == 0:
             return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
 
-        per_example = self._map(grad(self._example_loss(loss_fn)), (None, None, 0, 0))
-        per_step = self._map(per_example, (0, 0, 0, 0))
+        per_step = self._loss_map(loss_fn, [(None, None, 0, 0), (0, 0, 0, 0)])
 
         def by_step(tree, a, b):
             return pytree.tree_map(
@@ -382,14 +436,21 @@ class FunctionalModel:
         n = n_rows(inputs)
         tgt = target if target is not None else torch.zeros(n, dtype=torch.int64)
         has_target = target is not None
+        self.check_rows(output_fn, ws[0], inputs, target)
 
         def single(pa, pp, x, t):
             out = self._call({**pa, **pp}, one_row(x))
             value = output_fn(out, one_row(t) if has_target else None).reshape(())
             return value, value
 
-        per_query = self._map(grad(single, has_aux=True), (None, None, 0, 0))
-        per_point = self._map(per_query, (0, 0, None, None))
+        example = grad(single, has_aux=True)
+        looped = self._map(self._map(example, (None, None, 0, 0)), (0, 0, None, None))
+        vmapped = vmap(vmap(example, in_dims=(None, None, 0, 0)), in_dims=(0, 0, None, None))
+
+        def rows(pa, pp, x, t):
+            return row_query_grads(self, output_fn, pa, pp, x, t if has_target else None)
+
+        per_point = routed(self, output_fn, "output_fn", vmapped, rows, looped)
         size = max(1, self.chunk_size(ws.shape[0]))
         grads, values = [], []
         for a in range(0, n, size):
@@ -458,23 +519,13 @@ class FunctionalModel:
         jacs = []
         for a in range(0, n, size):
             jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
-        dloss = vmap(dloss_single)(outs, labels)
+        try:
+            dloss = vmap(dloss_single)(outs, labels)
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            if _not_vmaps_doing(err):
+                raise
+            dloss = _loop(dloss_single, (0, 0), (outs, labels))  # (loss calls only, no model)
         return (jacs[0] if len(jacs) == 1 else torch.cat(jacs)), dloss
-
-
-def _not_vmaps_doing(err: BaseException) -> bool:
-    """Whether a loop would not cure this vmap error.
-
-    Random operations (vmap refuses them on purpose: a loop would give other numbers on
-    every call) and failed allocations are the model's or the machine's, not vmap's.
-    """
-    text = str(err)
-    return (
-        isinstance(err, torch.OutOfMemoryError)
-        or "random operation" in text
-        or "out of memory" in text
-        or "can't allocate memory" in text
-    )
 
 
 def _loop(fn: Callable, in_dims: tuple[int | None, ...], args: tuple) -> Any:

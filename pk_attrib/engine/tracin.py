@@ -47,6 +47,7 @@ def decompose(
 
 def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     fm, path, p = engine.fm, engine.p.path, engine.p
+    fm.routes.clear()  # (diagnostics: the routes this sweep takes)
     n, S = n_rows(inputs), len(path)
     dtype, device = fm.dtype, fm.device
     first, last = columns if columns is not None else (0, engine.n_train)
@@ -167,7 +168,14 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     initial = engine._forward(fm.flatten(path.initial), inputs, target, output_fn)
     nodes = torch.ones(S, dtype=torch.int64)
     diagnostics = Diagnostics(
-        "checkpoint", "left", dtype, nodes, torch.zeros(0), query_evals, train_evals
+        "checkpoint",
+        "left",
+        dtype,
+        nodes,
+        torch.zeros(0),
+        query_evals,
+        train_evals,
+        dict(fm.routes),
     )
     explained = contributions.sum(1)
     zero = torch.zeros_like(initial)
