@@ -31,6 +31,8 @@ from .batches import leaves, n_rows, one_row, take
 from .outputs import OutputFn, row_losses
 from .rows import (
     LOOP,
+    ROWS,
+    VMAP,
     Memo,
     _not_vmaps_doing,
     check_row_independence,
@@ -520,11 +522,13 @@ class FunctionalModel:
         for a in range(0, n, size):
             jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
         try:
-            dloss = vmap(dloss_single)(outs, labels)
+            dloss, route = vmap(dloss_single)(outs, labels), VMAP
         except (RuntimeError, NotImplementedError, ValueError) as err:
             if _not_vmaps_doing(err):
                 raise
             dloss = _loop(dloss_single, (0, 0), (outs, labels))  # (loss calls only, no model)
+            route = ROWS
+        self.routes["loss_fn"] = LOOP if self.looped else route
         return (jacs[0] if len(jacs) == 1 else torch.cat(jacs)), dloss
 
 
