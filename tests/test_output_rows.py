@@ -254,3 +254,37 @@ def test_an_output_fn_that_reads_other_queries_is_refused():
     # a single query has no other rows to read: nothing to refuse (its value is then 0)
     alone = explainer.attribute(x[1500:1501], y[1500:1501], output_fn=centred)
     assert float(alone.prediction.abs().max()) == 0.0
+
+
+def test_batchnorm_statistics_along_the_path_with_one_hot_output_fn_and_loss():
+    """Train-mode BatchNorm: replayed steps, and the running statistics' part of the query
+    gradient (their own quadrature) takes the row route too. (Compared with the gather
+    margin, which vmap batches, on the same explainer: test_replay.py compares that route
+    with the float64 reference, whose BatchNorm part takes a minute here.)"""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8, 8)),
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.Tanh(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(48, 10),
+    ).to(F64)
+    model, data, path = trained(model=model, n=20, loss_fn=smoothed_loss, seed=6)
+    x, y = digits()
+    queries, target = x[1500:1503], y[1500:1503]
+    explainer = pk.PathKernelInfluence(
+        model, data, path, smoothed_loss, loss_reduction="mean", quadrature=4,
+        show_progress=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.VectorizationWarning)
+        dec = explainer.attribute(queries, target, output_fn=margin_one_hot)
+    assert explainer._engine.replay is not None and "buffers" in dec.terms
+    assert dec.diagnostics.routes == {"output_fn": ROWS, "loss_fn": "replayed batch + row VJP"}
+    vmapped = explainer.attribute(queries, target, output_fn=margin_gather)
+    assert vmapped.diagnostics.routes["output_fn"] == VMAP
+    assert relative_error(dec.contributions, vmapped.contributions) <= TOL
+    for name, term in dec.terms.items():  # the buffers' own share included
+        torch.testing.assert_close(term, vmapped.terms[name], rtol=1e-10, atol=1e-13)

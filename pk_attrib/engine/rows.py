@@ -190,7 +190,7 @@ class NotRows(ValueError):
     """output_fn reads an output without a row per query: the row route cannot be taken."""
 
 
-def _zero_if_unread(flat: list, where: list[int], cots: list) -> tuple[list[int], list]:
+def zero_if_unread(flat: list, where: list[int], cots: list) -> tuple[list[int], list]:
     """A zero cotangent on the first floating output when nothing is read (a constant)."""
     if where:
         return where, cots
@@ -227,7 +227,7 @@ def row_query_grads(fm, output_fn: Callable, act, passive, inputs, target) -> tu
     values, where, cots = output_cotangents(output_fn, outputs, target)
     if any(c.dim() < 2 or tuple(c.shape[:2]) != (q, n) for c in cots):
         raise NotRows("output_fn reads an output without a row per query")
-    where, cots = _zero_if_unread(flat, where, cots)
+    where, cots = zero_if_unread(flat, where, cots)
 
     def single(pa, pp, x, cs):
         out = pytree.tree_flatten(fm._call({**pa, **pp}, one_row(x)))[0]
@@ -273,7 +273,7 @@ def row_loss_grads(fm, loss_fn: Callable, levels: list, act, passive, inputs, la
     flat = pytree.tree_flatten(outputs)[0]
     every = loss_cotangents(loss_fn, outputs, rows, lead)
     where = [j for j, c in enumerate(every) if c is not None]
-    where, cots = _zero_if_unread(flat, where, [every[j] for j in where])
+    where, cots = zero_if_unread(flat, where, [every[j] for j in where])
 
     def single(pa, pp, x, cs):
         out = pytree.tree_flatten(fm._call({**pa, **pp}, one_row(x)))[0]
