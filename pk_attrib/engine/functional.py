@@ -269,7 +269,7 @@ class FunctionalModel:
             return
         m = min(n, 4)
         outputs = self.outputs(w, take(inputs, slice(0, m)))
-        check_row_independence(output_fn, outputs, None if target is None else target[:m])
+        check_row_independence(output_fn, outputs, None if target is None else target[:m], m)
         self._checked.set(output_fn, True)
 
     # -- evaluations ------------------------------------------------------------------------

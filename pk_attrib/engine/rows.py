@@ -88,7 +88,9 @@ def output_cotangents(
     return values.detach(), [j for j, _ in read], [g for _, g in read]
 
 
-def check_row_independence(output_fn: Callable, outputs: Any, target: torch.Tensor | None) -> None:
+def check_row_independence(
+    output_fn: Callable, outputs: Any, target: torch.Tensor | None, m: int
+) -> None:
     """Raise unless row j of output_fn's value depends on row j of the outputs only.
 
     Checked on a batch of m ≥ 2 queries' outputs: each row's value must not change when it
@@ -97,14 +99,15 @@ def check_row_independence(output_fn: Callable, outputs: Any, target: torch.Tens
 
     Args:
         output_fn: ``output_fn(outputs, target) -> (m,)``.
-        outputs: The model's outputs for m queries (tensors (m, ...) where batch-first).
+        outputs: The model's outputs for m queries (tensors (m, ...) where batch-first; the
+            others, read as they are, are not checked).
         target: (m,) or None.
+        m: The number of queries.
 
     Raises:
         RowDependenceError: A row's value depends on other rows (a batch mean, a softmax over
             the batch), or output_fn does not return one value per row.
     """
-    m = n_rows(outputs)
     name = _name(output_fn)
     with torch.enable_grad():
         flat, _, where, probes, tree = _probes(outputs)
@@ -130,7 +133,8 @@ def check_row_independence(output_fn: Callable, outputs: Any, target: torch.Tens
     with torch.no_grad():
         for r in range(m):
             alone = output_fn(take(outputs, slice(r, r + 1)), _row(target, r)).reshape(())
-            scale = max(float(values[r].abs()), _largest(take(outputs, slice(r, r + 1))), 1.0)
+            # (the two evaluations differ by the rounding of output_fn's operations)
+            scale = max(float(values[r].abs()), _largest(take(outputs, slice(r, r + 1))))
             tol = 64 * torch.finfo(values.dtype).eps * scale
             if not float((alone - values[r]).abs()) <= tol:
                 raise RowDependenceError(_dependent(name, r, m))
