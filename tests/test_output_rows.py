@@ -171,6 +171,19 @@ def test_a_loss_vmap_cannot_batch_equals_the_reference_and_its_kernel_the_vmappe
     assert vmapped.diagnostics.routes["loss_fn"] == VMAP
     assert relative_error(dec.kernel, vmapped.kernel) <= TOL
     assert relative_error(dec.contributions, vmapped.contributions) <= TOL
+    # the Captum contract: the test loss (-loss as the explained output) and the training
+    # losses both take the row route, and give the vmapped loss's scores
+    reference = pk.PathKernelInfluence(model, data, path, same, show_progress=False)
+    explainer = pk.PathKernelInfluence(
+        model, data, path, loss_fn, loss_reduction="mean", show_progress=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pk.VectorizationWarning)
+        scores = explainer.influence((queries, target))
+        self_scores = explainer.self_influence()
+    assert explainer._fm.routes == {"output_fn": ROWS, "loss_fn": ROWS}
+    assert relative_error(scores, reference.influence((queries, target))) <= TOL
+    assert relative_error(self_scores, reference.self_influence()) <= TOL
 
 
 def test_each_row_route_gives_the_backward_loop_per_example_gradients():
