@@ -12,7 +12,10 @@ are held constant), and computes per-example gradients with ``vmap(grad(...))``:
 Work is split into chunks whose gradients fit ``memory_budget`` bytes. A model that vmap
 cannot batch (``nn.GRU``/``nn.LSTM``, whose fused kernels have no batching rule) is evaluated
 one example (or point) at a time instead: the same numbers, slower, and a
-`VectorizationWarning` says so once.
+`VectorizationWarning` says so once. An ``output_fn`` or loss that vmap cannot batch (written
+with ``one_hot``, ``masked_fill``) is not vmapped at all: it is applied to one batched
+forward's outputs and each example's gradient is its row's vector-Jacobian product (`rows`);
+``routes`` says which way each was taken.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from .rows import (
     ROWS,
     VMAP,
     Memo,
-    _not_vmaps_doing,
     check_row_independence,
+    not_vmaps_doing,
     routed,
     row_loss_grads,
     row_query_grads,
@@ -215,7 +218,7 @@ class FunctionalModel:
                 try:
                     return mapped(*args)
                 except (RuntimeError, NotImplementedError, ValueError) as err:
-                    if _not_vmaps_doing(err):
+                    if not_vmaps_doing(err):
                         raise
                     out = _loop(fn, in_dims, args)
                     self.looped = True
@@ -391,7 +394,7 @@ class FunctionalModel:
         try:
             return vmap(one)(outputs, labels)
         except (RuntimeError, ValueError, NotImplementedError) as err:
-            if _not_vmaps_doing(err):
+            if not_vmaps_doing(err):
                 raise
         # a loss vmap cannot trace (data-dependent branches, .item()), or outputs of which
         # some are not batch-first (a GRU's h_n)
@@ -524,7 +527,7 @@ class FunctionalModel:
         try:
             dloss, route = vmap(dloss_single)(outs, labels), VMAP
         except (RuntimeError, NotImplementedError, ValueError) as err:
-            if _not_vmaps_doing(err):
+            if not_vmaps_doing(err):
                 raise
             dloss = _loop(dloss_single, (0, 0), (outs, labels))  # (loss calls only, no model)
             route = ROWS

@@ -75,7 +75,7 @@ def output_cotangents(
     with torch.enable_grad():
         if isinstance(outputs, torch.Tensor):  # the q points' rows as one batch of q·n rows
             rows = outputs.detach().reshape(q * n, *outputs.shape[2:]).requires_grad_()
-            tiled = None if target is None else target.repeat(q)
+            tiled = None if target is None else target.repeat(q, *[1] * (target.dim() - 1))
             values = output_fn(rows, tiled).reshape(q, n)
             (g,) = torch.autograd.grad(values.sum(), rows, allow_unused=True)
             grads = [None if g is None else g.reshape(outputs.shape)]
@@ -310,7 +310,7 @@ class Memo:
             self._strong[id(fn)] = (fn, value)
 
 
-def _not_vmaps_doing(err: BaseException) -> bool:
+def not_vmaps_doing(err: BaseException) -> bool:
     """Whether a loop would not cure this vmap error.
 
     Random operations (vmap refuses them on purpose: a loop would give other numbers on
@@ -339,7 +339,7 @@ def routed(fm, fn: Callable, kind: str, vmapped: Callable, rows: Callable, loope
             try:
                 out, route = vmapped(*args), VMAP
             except (RuntimeError, NotImplementedError, ValueError) as err:
-                if _not_vmaps_doing(err):
+                if not_vmaps_doing(err):
                     raise
                 try:
                     out, route = rows(*args), ROWS
