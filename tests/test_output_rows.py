@@ -301,3 +301,36 @@ def test_batchnorm_statistics_along_the_path_with_one_hot_output_fn_and_loss():
     assert relative_error(dec.contributions, vmapped.contributions) <= TOL
     for name, term in dec.terms.items():  # the buffers' own share included
         torch.testing.assert_close(term, vmapped.terms[name], rtol=1e-10, atol=1e-13)
+
+
+def test_outputs_without_a_row_per_query_fall_back_to_one_query_at_a_time():
+    """Two output rows per example: the row route cannot cut them per query, so an output_fn
+    vmap cannot batch is taken one query at a time, as before (and says so)."""
+
+    class TwoRows(torch.nn.Module):  # (B, 64) -> (2B, 10)
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x.reshape(-1, 2, 32).repeat(1, 1, 2).reshape(-1, 64))
+
+    def pairs_loss(out, labels):
+        return F.cross_entropy(out.reshape(-1, 20), labels)
+
+    def first_margin(out, target):
+        return margin_one_hot(out.reshape(-1, 20)[:, :10], target)
+
+    model, data, path = trained(model=TwoRows(), n=20, loss_fn=pairs_loss, seed=7)
+    x, y = digits()
+    queries, target = x[1500:1503], y[1500:1503]
+    explainer = pk.PathKernelInfluence(
+        model, data, path, pairs_loss, loss_reduction="mean", quadrature=4, show_progress=False
+    )
+    with pytest.warns(pk.VectorizationWarning):
+        dec = explainer.attribute(queries, target, output_fn=first_margin)
+    assert dec.diagnostics.routes["output_fn"] == "one example at a time"
+    ref = reference_decomposition(
+        model, data, path, pairs_loss, queries, target, q=4, output_fn=first_margin
+    )
+    assert relative_error(dec.contributions, ref["contributions"]) <= TOL

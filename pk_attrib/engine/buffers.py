@@ -137,7 +137,7 @@ class MovingBuffers:
             with torch.no_grad():
                 out = functional_call(fm.model, {**fixed, **b}, tuple(x))
             stacked = pytree.tree_map(lambda o: o[None] if torch.is_tensor(o) else o, out)
-            _, where, cots = output_cotangents(output_fn, stacked, t if has_target else None)
+            _, where, cots = output_cotangents(output_fn, stacked, t if has_target else None, n)
             if any(c.dim() < 2 or c.shape[1] != n for c in cots):
                 raise NotRows("output_fn reads an output without a row per query")
             where, cots = zero_if_unread(pytree.tree_leaves(stacked), where, cots)

@@ -34,6 +34,10 @@ ROWS = "batched forward + row VJP"
 LOOP = "one example at a time"
 
 
+class NotRows(ValueError):
+    """output_fn reads an output without a row per query: the row route cannot be taken."""
+
+
 def _floating(flat: list) -> list[int]:
     return [j for j, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -54,7 +58,7 @@ def _name(fn: Callable) -> str:
 
 
 def output_cotangents(
-    output_fn: Callable, outputs: Any, target: torch.Tensor | None
+    output_fn: Callable, outputs: Any, target: torch.Tensor | None, n: int
 ) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
     """Values and output cotangents of the queries at q points, from one call of output_fn.
 
@@ -63,28 +67,38 @@ def output_cotangents(
             (`check_row_independence`).
         outputs: The model's outputs for n queries at q points: every tensor (q, n, ...).
         target: (n,) or None.
+        n: The number of queries.
 
     Returns:
         ``(values, where, cotangents)``: output_fn's values (q, n); the positions of the output
         leaves output_fn reads (in ``pytree.tree_flatten`` order); and for each, the cotangent
         ∂ output_fn(O)[j] / ∂O_j of every row, (q, n, ...).
+
+    Raises:
+        NotRows: A tensor output has no row per query.
     """
-    flat, spec = pytree.tree_flatten(outputs)
-    first = next(t for t in flat if isinstance(t, torch.Tensor))
-    q, n = first.shape[:2]
+    q = next(t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)).shape[0]
     with torch.enable_grad():
         if isinstance(outputs, torch.Tensor):  # the q points' rows as one batch of q·n rows
-            rows = outputs.detach().reshape(q * n, *outputs.shape[2:]).requires_grad_()
+            if outputs.dim() < 2 or outputs.shape[1] != n:
+                raise NotRows("the outputs have no row per query")
+            rows = outputs.detach().reshape(q * n, *outputs.shape[2:])
+            probes = [rows.requires_grad_()] if rows.is_floating_point() else []
+            where, shapes = [0] * len(probes), [outputs.shape]
             tiled = None if target is None else target.repeat(q, *[1] * (target.dim() - 1))
             values = output_fn(rows, tiled).reshape(q, n)
-            (g,) = torch.autograd.grad(values.sum(), rows, allow_unused=True)
-            grads = [None if g is None else g.reshape(outputs.shape)]
-            where = [0]
         else:  # a tuple or dict of outputs: one call per point
-            flat, spec, where, probes, tree = _probes(outputs)
+            flat, _, where, probes, tree = _probes(outputs)
+            shapes = [flat[j].shape for j in where]
             values = torch.stack([output_fn(take(tree, k), target).reshape(n) for k in range(q)])
+        grads = [None] * len(probes)
+        if probes and values.requires_grad:
             grads = torch.autograd.grad(values.sum(), probes, allow_unused=True)
-    read = [(j, g) for j, g in zip(where, grads, strict=True) if g is not None]
+    read = [
+        (j, g.reshape(shape))
+        for j, g, shape in zip(where, grads, shapes, strict=False)
+        if g is not None
+    ]
     return values.detach(), [j for j, _ in read], [g for _, g in read]
 
 
@@ -190,10 +204,6 @@ def loss_cotangents(loss_fn: Callable, outputs: Any, labels: Any, lead: int = 1)
     return out
 
 
-class NotRows(ValueError):
-    """output_fn reads an output without a row per query: the row route cannot be taken."""
-
-
 def zero_if_unread(flat: list, where: list[int], cots: list) -> tuple[list[int], list]:
     """A zero cotangent on the first floating output when nothing is read (a constant)."""
     if where:
@@ -228,7 +238,7 @@ def row_query_grads(fm, output_fn: Callable, act, passive, inputs, target) -> tu
     flat = pytree.tree_flatten(outputs)[0]
     n = n_rows(inputs)
     q = next(t for t in flat if isinstance(t, torch.Tensor)).shape[0]
-    values, where, cots = output_cotangents(output_fn, outputs, target)
+    values, where, cots = output_cotangents(output_fn, outputs, target, n)
     if any(c.dim() < 2 or tuple(c.shape[:2]) != (q, n) for c in cots):
         raise NotRows("output_fn reads an output without a row per query")
     where, cots = zero_if_unread(flat, where, cots)
