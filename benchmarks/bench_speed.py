@@ -47,7 +47,8 @@ query's label.
     ``gather`` and ``scatter`` (vmappable), same queries, default adaptive quadrature. The
     first takes pk_attrib's row route (one batched forward, the output gradient by autograd,
     the model's vector-Jacobian product per query: ``dec.diagnostics.routes``), the second
-    vmaps the whole query. Agreement: max |difference| / max |contribution| <= 1e-5.
+    vmaps the whole query; for information, the gather margin forced onto the row route (what
+    taking it always would cost). Agreement: max |difference| / max |contribution| <= 1e-5.
     Target: one_hot time / gather time <= 1.3. For information, one call (no warm-up, not
     repeated) on the per-example loop pk_attrib fell back to before (a failed vmap made it
     evaluate the model one example at a time, with a ``VectorizationWarning``). ``--parts e``
@@ -511,8 +512,18 @@ def bench_output_fn_rows(run: Trained, cfg: Config) -> bool:
     explainer = pk.PathKernelInfluence(
         run.model, run.train_set, run.path, torch.nn.CrossEntropyLoss(), show_progress=False
     )
-    names = {"one_hot": "one_hot + masked_fill margin", "gather": "gather margin (vmappable)"}
-    fns = {"one_hot": margin_one_hot, "gather": margin_gather}
+    names = {
+        "one_hot": "one_hot + masked_fill margin",
+        "gather": "gather margin (vmappable)",
+        "forced": "gather margin, row route forced",
+    }
+
+    def forced(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return margin_gather(outputs, target)
+
+    # (information: what the row route would cost where vmap works, i.e. if it were the rule)
+    explainer._fm._route.set(forced, "batched forward + row VJP")
+    fns = {"one_hot": margin_one_hot, "gather": margin_gather, "forced": forced}
     cases = {
         names[k]: wall(lambda fn=fn: explainer.attribute(queries, targets, output_fn=fn))
         for k, fn in fns.items()
