@@ -197,7 +197,9 @@ def loss_cotangents(loss_fn: Callable, outputs: Any, labels: Any, lead: int = 1)
             lambda t: t.reshape(b, *t.shape[lead:]) if isinstance(t, torch.Tensor) else t, tree
         )
         total = sum(loss_fn(take(rows, i), take(labels, slice(i, i + 1))).sum() for i in range(b))
-        grads = torch.autograd.grad(total, probes, allow_unused=True) if b else [None] * len(where)
+        grads = [None] * len(where)
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            grads = torch.autograd.grad(total, probes, allow_unused=True)
     out: list = [None] * len(flat)
     for j, g in zip(where, grads, strict=True):
         out[j] = g
