@@ -208,6 +208,14 @@ def test_each_row_route_gives_the_backward_loop_per_example_gradients():
     by_step = fm.loss_grads_by_step(torch.stack([w0, w1]), batch, margin_loss)
     assert relative_error(by_step, by_point) <= TOL
     assert fm.routes["loss_fn"] == ROWS
+    assert fm._vectorized.get(margin_loss) is True  # its rows' losses in one vmapped forward
+
+    def odd_twice(out, t):  # .item(): vmap cannot even run its forward: called row by row
+        return F.cross_entropy(out, t) * (2.0 if int(t[0].item()) % 2 else 1.0)
+
+    slow = per_example_gradients(model, names, w1, batch, odd_twice)
+    assert relative_error(fm.loss_grads(w1, batch, odd_twice), slow) <= TOL
+    assert fm.routes["loss_fn"] == ROWS and fm._vectorized.get(odd_twice) is False
     # queries at two points: one output gradient per query and point
     points = torch.stack([w0, w1])
     grads, values = fm.output_grads(points, (x[1500:1505],), y[1500:1505], margin_one_hot)

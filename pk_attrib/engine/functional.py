@@ -107,6 +107,7 @@ class FunctionalModel:
         self.routes: dict[str, str] = {}
         self._route = Memo()
         self._checked = Memo()  # the output_fns checked to act row by row
+        self._vectorized = Memo()  # the losses whose rows vmap's forward gives (`rows`)
         recorded = set(names)
         self.constants = {
             n: p.detach() for n, p in self.model.named_parameters() if n not in recorded

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import grad
+from torch.func import grad, vmap
 from torch.utils import _pytree as pytree
 
 from ..exceptions import RowDependenceError
@@ -173,11 +173,17 @@ def _dependent(name: str, r: int, m: int) -> str:
     )
 
 
-def loss_cotangents(loss_fn: Callable, outputs: Any, labels: Any, lead: int = 1) -> list:
+def loss_cotangents(
+    loss_fn: Callable, outputs: Any, labels: Any, lead: int = 1, vectorized: bool | None = None
+) -> tuple[list, bool | None]:
     """∂ℓ_i/∂O_i of each example's loss from its own batch-of-one outputs (no model pass).
 
-    ℓ_i is ``loss_fn`` summed on example i as a batch of one, whatever its reduction: the loss
-    is called row by row, on outputs that are already computed.
+    ℓ_i is ``loss_fn`` summed on example i as a batch of one, whatever its reduction. The
+    losses of all rows come from one call vectorized by ``torch.func.vmap`` (a forward pass,
+    which vmap batches where it cannot batch the loss's gradient, as with ``one_hot``), and
+    are differentiated by ordinary autograd; the first such call is checked against calls
+    row by row, and a loss that vmap cannot trace or that gives other numbers under it is
+    called row by row.
 
     Args:
         loss_fn: ``loss_fn(outputs, labels)``.
@@ -185,10 +191,13 @@ def loss_cotangents(loss_fn: Callable, outputs: Any, labels: Any, lead: int = 1)
             dimensions: every tensor (*M, 1, ...) with prod(M) = B, examples in row-major order.
         labels: The B examples' labels, each tensor (B, ...).
         lead: The number of mapped leading dimensions (1, or 2 for steps x examples).
+        vectorized: Whether the vectorized call is known to give the row-by-row numbers
+            (None: not known yet).
 
     Returns:
-        One cotangent per leaf of ``outputs`` in ``pytree.tree_flatten`` order (None where the
-        loss reads nothing), shaped as that leaf.
+        ``(cotangents, vectorized)``: one cotangent per leaf of ``outputs`` in
+        ``pytree.tree_flatten`` order (None where the loss reads nothing), shaped as that
+        leaf; and what is now known about the vectorized call.
     """
     b = n_rows(labels)
     with torch.enable_grad():
@@ -196,14 +205,33 @@ def loss_cotangents(loss_fn: Callable, outputs: Any, labels: Any, lead: int = 1)
         rows = pytree.tree_map(
             lambda t: t.reshape(b, *t.shape[lead:]) if isinstance(t, torch.Tensor) else t, tree
         )
-        total = sum(loss_fn(take(rows, i), take(labels, slice(i, i + 1))).sum() for i in range(b))
+
+        def by_rows() -> torch.Tensor:
+            each = [loss_fn(take(rows, i), take(labels, slice(i, i + 1))).sum() for i in range(b)]
+            return torch.stack(each) if each else torch.zeros(0)
+
+        losses = None
+        if vectorized is not False and b:
+            try:
+                losses = vmap(lambda o, y: loss_fn(o, one_row(y)).sum())(rows, labels)
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                if not_vmaps_doing(err):
+                    raise
+                vectorized = False
+            if losses is not None and vectorized is None:
+                slow = by_rows()
+                tol = 8 * torch.finfo(slow.dtype).eps * slow.detach().abs().clamp_min(1e-30)
+                vectorized = bool(((losses.detach() - slow.detach()).abs() <= tol).all())
+                losses = losses if vectorized else slow
+        if losses is None:
+            losses = by_rows()
         grads = [None] * len(where)
-        if isinstance(total, torch.Tensor) and total.requires_grad:
-            grads = torch.autograd.grad(total, probes, allow_unused=True)
+        if losses.requires_grad:
+            grads = torch.autograd.grad(losses.sum(), probes, allow_unused=True)
     out: list = [None] * len(flat)
     for j, g in zip(where, grads, strict=True):
         out[j] = g
-    return out
+    return out, vectorized
 
 
 def zero_if_unread(flat: list, where: list[int], cots: list) -> tuple[list[int], list]:
@@ -287,7 +315,8 @@ def row_loss_grads(fm, loss_fn: Callable, levels: list, act, passive, inputs, la
         lambda t: t.reshape(-1, *t.shape[lead:]) if isinstance(t, torch.Tensor) else t, labels
     )
     flat = pytree.tree_flatten(outputs)[0]
-    every = loss_cotangents(loss_fn, outputs, rows, lead)
+    every, vectorized = loss_cotangents(loss_fn, outputs, rows, lead, fm._vectorized.get(loss_fn))
+    fm._vectorized.set(loss_fn, vectorized)
     where = [j for j, c in enumerate(every) if c is not None]
     where, cots = zero_if_unread(flat, where, [every[j] for j in where])
 
