@@ -36,7 +36,27 @@ query's label.
     167k-parameter MLP 64 -> 512 -> 256 -> 10 (Tanh), trained the same way, 10 queries
     (a few minutes).
 
-(e) Models vmap cannot batch as they are (``--routes`` runs this part alone): a GRU classifier
+(c) For information, ``self_influence()`` of every training example: exact mode on the
+    recorded path, checkpoint mode on the 10 files, and Captum's
+    ``TracInCP.self_influence()`` (sample-wise gradients) on the same files.
+
+(e) An ``output_fn`` that vmap cannot batch: exact-mode ``attribute()`` of the first
+    ``E_QUERIES`` = 10 queries explaining the margin "the label's logit minus the log-sum-exp
+    of the other logits", written with ``one_hot`` and ``masked_fill`` as people write it
+    (``torch.func.vmap`` of its gradient fails), against the same margin written with
+    ``gather`` and ``scatter`` (vmappable), same queries, default adaptive quadrature. The
+    first takes pk_attrib's row route (one batched forward, the output gradient by autograd,
+    the model's vector-Jacobian product per query: ``dec.diagnostics.routes``), the second
+    vmaps the whole query; for information, the gather margin forced onto the row route (what
+    taking it always would cost), and the gather margin with the training loss written with
+    ``one_hot`` (the same cross-entropy: its per-example gradients take the row route).
+    Agreement: max |difference| / max |contribution| <= 1e-5 (the one_hot margin's).
+    Target: one_hot time / gather time <= 1.3. For information, one call (no warm-up, not
+    repeated) on the per-example loop pk_attrib fell back to before (a failed vmap made it
+    evaluate the model one example at a time, with a ``VectorizationWarning``). ``--parts e``
+    runs this part alone.
+
+(f) Models vmap cannot batch as they are (``--parts f`` runs this part alone): a GRU classifier
     (Embedding 64x32 -> ``nn.GRU`` 32 -> Linear 4 on the last step) and a BERT-style encoder
     (``transformers.BertForSequenceClassification``, 2 layers, hidden 32, 2 heads, default
     SDPA attention) given token ids *and an attention mask* (sequences of 8..16 tokens, padded
@@ -51,10 +71,6 @@ query's label.
     ``_fm.route``; one timed call, it is slow). Agreement of the two: max |difference| / max
     |loop|. Target: attribute time / training time <= 10 for both models (the loop: 30-70x).
 
-(c) For information, ``self_influence()`` of every training example: exact mode on the
-    recorded path, checkpoint mode on the 10 files, and Captum's
-    ``TracInCP.self_influence()`` (sample-wise gradients) on the same files.
-
 Every time is the median of ``--repeats`` rounds after one untimed warm-up round; each
 round runs all contenders of a part once, in rotating order, so that changing background
 load hits them alike. The load average is printed before and after: on a shared machine
@@ -67,7 +83,8 @@ Run from the repository root::
     python benchmarks/bench_speed.py --quick    # smoke run (300 train, 2 epochs, 20 queries)
     python benchmarks/bench_speed.py --profile  # also cProfile one exact-mode attribute()
     python benchmarks/bench_speed.py --threads 1 --repeats 5
-    python benchmarks/bench_speed.py --routes   # part (e) alone, a few minutes
+    python benchmarks/bench_speed.py --parts e  # only part (e)
+    python benchmarks/bench_speed.py --parts f  # only part (f), a few minutes
 
 The exit status is 0 when the targets of the parts run pass and 1 otherwise.
 """
@@ -109,7 +126,9 @@ SEED = 0
 AGREEMENT_TOL = 1e-5
 MIN_CHECKPOINT_SPEEDUP = 2.0
 MAX_EXACT_OVERHEAD = 1.5
-MAX_ROUTE_RATIO = 10.0  # (e): attribute time / training time
+MAX_ROUTE_RATIO = 10.0  # (f): attribute time / training time
+E_QUERIES = 10  # part (e): the issue's "same 10 queries"
+MAX_ROW_ROUTE_RATIO = 1.3
 
 
 @dataclass
@@ -457,7 +476,7 @@ def bench_exact_mode(run: Trained, cfg: Config, profile: bool, part: str = "b") 
     return passed
 
 
-# -- (e) models vmap cannot batch as they are: GRU, BERT with an attention mask ------------------
+# -- (f) models vmap cannot batch as they are: GRU, BERT with an attention mask ------------------
 
 
 ROUTE_VOCAB, ROUTE_LEN, ROUTE_WIDTH, ROUTE_TRAIN = 64, 16, 32, 512
@@ -512,7 +531,7 @@ def route_data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg: Config):
-    """One model of part (e): training time, attribute time by its route and by the loop."""
+    """One model of part (f): training time, attribute time by its route and by the loop."""
     n = ROUTE_TRAIN
     train_set = TensorDataset(x[:n], y[:n])
     queries, targets = x[n:], y[n:]
@@ -565,8 +584,8 @@ def bench_route(name: str, make: Callable, x: torch.Tensor, y: torch.Tensor, cfg
 
 
 def bench_routes(cfg: Config) -> bool:
-    """Part (e): models vmap cannot batch, attribute time over training time."""
-    print(f"\n(e) models vmap cannot batch as they are: attribute / training <= {MAX_ROUTE_RATIO}")
+    """Part (f): models vmap cannot batch, attribute time over training time."""
+    print(f"\n(f) models vmap cannot batch as they are: attribute / training <= {MAX_ROUTE_RATIO}")
     ids, mask, labels = route_data(ROUTE_TRAIN)
     passed = bench_route("GRU classifier", GRUClassifier, ids, labels, cfg)
     try:
@@ -576,7 +595,7 @@ def bench_routes(cfg: Config) -> bool:
     else:
         stacked = torch.stack([ids, mask], 1)
         passed = bench_route("BERT, attention mask", MaskedBert, stacked, labels, cfg) and passed
-    print(f"    (e) {'PASS' if passed else 'FAIL'}")
+    print(f"    (f) {'PASS' if passed else 'FAIL'}")
     return passed
 
 
@@ -612,6 +631,93 @@ def bench_self_influence(run: Trained, cfg: Config) -> None:
     print(f"    checkpoint mode vs Captum: max relative difference {diff:.1e}")
 
 
+# -- (e) an output_fn that vmap cannot batch -----------------------------------------------------
+
+
+def margin_one_hot(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The label's logit minus the log-sum-exp of the others, with one_hot and masked_fill."""
+    hot = torch.nn.functional.one_hot(target, outputs.shape[-1]).bool()
+    own = outputs.masked_fill(~hot, 0.0).sum(-1)
+    return own - outputs.masked_fill(hot, float("-inf")).logsumexp(-1)
+
+
+def margin_gather(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The same margin with gather and scatter, which torch.func.vmap batches."""
+    own = outputs.gather(1, target[:, None])[:, 0]
+    return own - outputs.scatter(1, target[:, None], float("-inf")).logsumexp(-1)
+
+
+def cross_entropy_one_hot(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy written with one_hot (vmap cannot batch its gradient)."""
+    hot = torch.nn.functional.one_hot(labels, outputs.shape[-1]).to(outputs.dtype)
+    return -(hot * outputs.log_softmax(-1)).sum(-1).mean()
+
+
+def bench_output_fn_rows(run: Trained, cfg: Config) -> bool:
+    """Part (e): the one_hot margin (row route) against the gather margin (vmap)."""
+    print(f"\n(e) output_fn that vmap cannot batch, {E_QUERIES} queries")
+    queries, targets = run.queries[:E_QUERIES], run.targets[:E_QUERIES]
+    explainer = pk.PathKernelInfluence(
+        run.model, run.train_set, run.path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    names = {
+        "one_hot": "one_hot + masked_fill margin",
+        "gather": "gather margin (vmappable)",
+        "forced": "gather margin, row route forced",
+    }
+
+    def forced(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return margin_gather(outputs, target)
+
+    # (information: what the row route would cost where vmap works, i.e. if it were the rule)
+    explainer._fm._route.set(forced, "batched forward + row VJP")
+    fns = {"one_hot": margin_one_hot, "gather": margin_gather, "forced": forced}
+    cases = {
+        names[k]: wall(lambda fn=fn: explainer.attribute(queries, targets, output_fn=fn))
+        for k, fn in fns.items()
+    }
+    # (information: the training side, the cross-entropy written with one_hot)
+    names["loss"] = "gather margin, one_hot cross-entropy loss"
+    one_hot_loss = pk.PathKernelInfluence(
+        run.model, run.train_set, run.path, cross_entropy_one_hot, loss_reduction="mean",
+        show_progress=False,
+    )  # fmt: skip
+    cases[names["loss"]] = wall(
+        lambda: one_hot_loss.attribute(queries, targets, output_fn=margin_gather)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pk.PkAttribWarning)
+        timed = interleaved_medians(cases, cfg.repeats)
+    for message in sorted({str(w.message)[:120] for w in caught}):
+        print(f"    warning: {message}")
+    for name in names.values():
+        seconds, dec = timed[name]
+        print(f"    {name:<40s} {seconds * 1e3:9.1f} ms   routes {dec.diagnostics.routes}")
+    rows, vmapped = timed[names["one_hot"]][1], timed[names["gather"]][1]
+    scale = float(vmapped.contributions.abs().max())
+    diff = float((rows.contributions - vmapped.contributions).abs().max()) / scale
+    print(f"    max |one_hot - gather| / max |contribution| = {diff:.1e}")
+    before = pk.PathKernelInfluence(
+        run.model, run.train_set, run.path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    before._fm.looped = True  # what a failed vmap made pk_attrib do before: loop per example
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pk.PkAttribWarning)
+        seconds, _ = wall(lambda: before.attribute(queries, targets, output_fn=margin_one_hot))()
+    print(f"    {'(before: one example at a time, once)':<40s} {seconds * 1e3:9.1f} ms")
+    loss_ratio = timed[names["loss"]][0] / timed[names["gather"]][0]
+    loss_diff = float((timed[names["loss"]][1].contributions - vmapped.contributions).abs().max())
+    print(
+        f"    one_hot loss / CrossEntropyLoss {loss_ratio:.2f} (information), max |difference| "
+        f"/ max |contribution| = {loss_diff / scale:.1e}"
+    )
+    ratio = timed[names["one_hot"]][0] / timed[names["gather"]][0]
+    passed = ratio <= MAX_ROW_ROUTE_RATIO and diff <= AGREEMENT_TOL
+    print(f"    ratio one_hot / gather {ratio:.2f} (target <= {MAX_ROW_ROUTE_RATIO})")
+    print(f"    (e) {'PASS' if passed else 'FAIL'}")
+    return passed
+
+
 def print_load(label: str) -> None:
     """Print the 1-minute load average against the core count."""
     load = os.getloadavg()[0]
@@ -621,7 +727,7 @@ def print_load(label: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both parts and print PASS/FAIL; return the exit status."""
+    """Run the chosen parts and print PASS/FAIL; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement")
@@ -633,11 +739,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also (d): part (b) on a 167k-parameter MLP 64-512-256-10, 10 queries (minutes)",
     )
     parser.add_argument(
-        "--routes",
-        action="store_true",
-        help="only (e): a GRU and a BERT with an attention mask, attribute vs training time",
+        "--parts",
+        default="abcef",
+        help="which parts to run, e.g. 'e' or 'ab' (default: abcef; d comes with --large)",
     )
     args = parser.parse_args(argv)
+    parts = set(args.parts) | ({"d"} if args.large else set())
+    unknown = parts - set("abcdef")
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {''.join(sorted(unknown))}; valid: a, ..., f")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Captum's sample-wise path sets requires_grad on the inputs itself and says so each time
@@ -652,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {cfg.repeats} after a warm-up"
     )
     print_load("load average at start")
-    if args.routes:
+    if parts == {"f"}:  # (it trains its own models)
         passed = bench_routes(cfg)
         print_load("\nload average at end")
         print(f"\noverall: {'PASS' if passed else 'FAIL'}")
@@ -661,11 +771,18 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         run = train(cfg, Path(folder))
         print(f"trained {len(run.path)} steps in {time.perf_counter() - start:.1f} s")
-        passed_a = bench_checkpoint_mode(run, cfg)
-        passed_b = bench_exact_mode(run, cfg, args.profile)
-        bench_self_influence(run, cfg)
-        passed_e = bench_routes(cfg)
-        if args.large:
+        passed = []
+        if "a" in parts:
+            passed.append(bench_checkpoint_mode(run, cfg))
+        if "b" in parts:
+            passed.append(bench_exact_mode(run, cfg, args.profile))
+        if "c" in parts:
+            bench_self_influence(run, cfg)
+        if "e" in parts:
+            passed.append(bench_output_fn_rows(run, cfg))
+        if "f" in parts:
+            passed.append(bench_routes(cfg))
+        if "d" in parts:
             large_cfg = replace(cfg, n_queries=10)
             print("\n(d) exact mode vs bare torch.func gradients, MLP 64-512-256-10, 10 queries")
             start = time.perf_counter()
@@ -673,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    trained {len(large.path)} steps in {time.perf_counter() - start:.1f} s")
             bench_exact_mode(large, large_cfg, False, part="d")  # information: no target
     print_load("\nload average at end")
-    overall = passed_a and passed_b and passed_e
+    overall = all(passed)
     print(f"\noverall: {'PASS' if overall else 'FAIL'}")
     return 0 if overall else 1
 

@@ -45,12 +45,20 @@ class Diagnostics:
             checkpoint mode, where the optimizer rule is not modelled).
         query_gradients: Per-query gradient evaluations spent (including rejected nodes).
         train_gradients: Per-example training gradient evaluations spent.
-        gradient_route: How per-example gradients were computed: ``"vmap"`` (one
+        gradient_route: How the model was batched for per-example gradients: ``"vmap"`` (one
             ``torch.func.vmap`` call over a batch), ``"vmap (GRU stand-in)"`` and the like
             (vmap over stand-ins that compute the same function in operations vmap can
             batch: ``nn.GRU``/``nn.LSTM``/``nn.RNN`` unrolled over time, ``"eager
             attention"`` for HuggingFace models with an attention mask), or ``"per-example
             loop"`` (one example at a time, where vmap cannot batch the model).
+        routes: How the per-example gradients reached each function of the model's outputs:
+            ``"output_fn"`` (the queries' explained outputs) and ``"loss_fn"`` (the training
+            losses), each ``"vmap(grad)"`` (torch.func.vmap of the whole example),
+            ``"batched forward + row VJP"`` (the function could not be vmapped: one batched
+            forward, its output gradient by autograd, the model's vector-Jacobian product per
+            row), ``"one example at a time"`` (the model could not be batched at all:
+            ``gradient_route`` is ``"per-example loop"``) or
+            ``"replayed batch + row VJP"`` (the steps' batches rerun, `replay`).
     """
 
     mode: str
@@ -61,6 +69,7 @@ class Diagnostics:
     query_gradients: int
     train_gradients: int
     gradient_route: str = "vmap"
+    routes: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_reconstruction_error(self) -> float:
@@ -160,6 +169,7 @@ class Decomposition:
             sum(p.diagnostics.query_gradients for p in parts),
             sum(p.diagnostics.train_gradients for p in parts),
             first.gradient_route,
+            first.routes,
         )
         terms = {k: torch.cat([p.terms[k] for p in parts]) for k in first_terms(parts)}
         return cls(

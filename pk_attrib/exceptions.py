@@ -99,3 +99,11 @@ class ReconstructionWarning(PkAttribWarning):
 
 class QuadratureWarning(PkAttribWarning):
     """The adaptive quadrature could not reach its tolerance on some steps."""
+
+
+class RowDependenceError(PkAttribError, ValueError):
+    """``output_fn`` computes a query's value from other queries' outputs (a batch mean).
+
+    pk_attrib explains each query's own value, so ``output_fn(outputs, target)[j]`` must depend
+    on row j of the outputs only; this is checked on the first call with an ``output_fn``.
+    """

@@ -39,6 +39,7 @@ PUBLIC = [
     "Ranked",
     "ReconstructionWarning",
     "RecordingError",
+    "RowDependenceError",
     "Step",
     "StoreChangedError",
     "StoreError",

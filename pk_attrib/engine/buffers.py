@@ -25,11 +25,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as pytree
 
 from .batches import n_rows, one_row
 from .functional import FunctionalModel
 from .quadrature import gauss_legendre
 from .replay import Replay
+from .rows import NotRows, output_cotangents, routed, zero_if_unread
 
 _NORM = torch.nn.modules.batchnorm._NormBase
 
@@ -131,7 +133,31 @@ class MovingBuffers:
                 out = functional_call(fm.model, {**fixed, **b}, one_row(x))
             return output_fn(out, one_row(t) if has_target else None).reshape(())
 
-        per_query = vmap(grad(one), in_dims=(None, 0, 0))
+        def rows(b, x, t):  # output_fn that vmap cannot batch: the queries' rows' VJPs
+            with torch.no_grad():
+                out = functional_call(fm.model, {**fixed, **b}, tuple(x))
+            stacked = pytree.tree_map(lambda o: o[None] if torch.is_tensor(o) else o, out)
+            _, where, cots = output_cotangents(output_fn, stacked, t if has_target else None, n)
+            if any(c.dim() < 2 or c.shape[1] != n for c in cots):
+                raise NotRows("output_fn reads an output without a row per query")
+            where, cots = zero_if_unread(pytree.tree_leaves(stacked), where, cots)
+
+            def linear(b_, x_, cs):
+                with _differentiable_batch_norm():
+                    o = pytree.tree_leaves(functional_call(fm.model, {**fixed, **b_}, one_row(x_)))
+                return sum((o[j] * c[None]).sum() for j, c in zip(where, cs, strict=True))
+
+            return fm._map(grad(linear), (None, 0, 0))(b, x, [c[0] for c in cots])
+
+        example = grad(one)
+        per_query = routed(
+            fm,
+            output_fn,
+            "output_fn",
+            vmap(example, in_dims=(None, 0, 0)),
+            rows,
+            fm._map(example, (None, 0, 0)),
+        )
         nodes, weights = gauss_legendre(q)
         width = sum(start[k].numel() for k in names)
         total = torch.zeros(n, width, dtype=fm.dtype, device=fm.device)

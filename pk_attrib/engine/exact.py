@@ -161,6 +161,7 @@ class Engine(TrainingSteps):
                 "contributions (kernel=False)"
             )
         rule = make_rule(path, self.vectors, fm.active_names)
+        fm.routes.clear()  # (diagnostics: the routes this sweep takes)
         n, S = n_rows(inputs), len(path)
         dtype, device = fm.dtype, fm.device
         first, last = columns if columns is not None else (0, self.n_train)
@@ -354,6 +355,7 @@ class Engine(TrainingSteps):
             integrator.evaluations,
             train_evals,
             fm.route or "vmap",
+            dict(fm.routes),
         )
         k_out = w_out = None
         if kernel:

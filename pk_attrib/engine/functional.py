@@ -15,13 +15,15 @@ cannot batch (``nn.GRU``/``nn.LSTM``, whose fused kernels have no batching rule;
 attention, which skips an all-ones mask after a data-dependent check) is evaluated through
 vmappable stand-ins that compute the same function (`standins`), checked against the model
 on the first call; where none fits, one example (or point) at a time: the same numbers,
-slower, and a `VectorizationWarning` says so once.
+slower, and a `VectorizationWarning` says so once. An ``output_fn`` or loss that vmap cannot
+batch (written with ``one_hot``, ``masked_fill``) is not vmapped at all: it is applied to one
+batched forward's outputs and each example's gradient is its row's vector-Jacobian product
+(`rows`); ``routes`` says which way each was taken.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,15 +31,24 @@ import torch
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils import _pytree as pytree
 
-from ..exceptions import StoreMismatchError, VectorizationWarning
+from ..exceptions import StoreMismatchError
 from .batches import leaves, map_by_loop, n_rows, one_row, take
 from .outputs import OutputFn, row_losses
-from .standins import vmappable_copy
+from .routes import MODEL_LOOP, ModelRoutes
+from .rows import (
+    LOOP,
+    ROWS,
+    VMAP,
+    Memo,
+    check_row_independence,
+    not_vmaps_doing,
+    routed,
+    row_loss_grads,
+    row_query_grads,
+)
 
-LOOP = "per-example loop"
 
-
-class FunctionalModel:
+class FunctionalModel(ModelRoutes):
     """A model evaluated at flat parameter vectors (float ``dtype``), with per-example gradients.
 
     Args:
@@ -93,11 +104,18 @@ class FunctionalModel:
         self.dtype = dtype
         self.device = torch.device(device)
         self.memory_budget = memory_budget
-        # the per-example-gradient route, once one has run (see `_map`)
+        # the per-example-gradient route of the model, once one has run (see `_map`)
         self.route: str | None = None
         self._standin: torch.nn.Module | bool | None = None  # the copy; False: none fits
         self._use_standin = False
         self._depth = 0  # mapped calls under way, nested
+        # how per-example gradients of the output_fn and the loss were last computed,
+        # {"output_fn": ..., "loss_fn": ...} (`rows`: VMAP, ROWS or LOOP), and the route each
+        # function takes once tried
+        self.routes: dict[str, str] = {}
+        self._route = Memo()
+        self._checked = Memo()  # the output_fns checked to act row by row
+        self._vectorized = Memo()  # the losses whose rows vmap's forward gives (`rows`)
         recorded = set(names)
         self.constants = {
             n: p.detach() for n, p in self.model.named_parameters() if n not in recorded
@@ -196,113 +214,49 @@ class FunctionalModel:
         item = max(1, self.d_active * per_item * self.dtype.itemsize * 3)  # grads + temporaries
         return max(1, self.memory_budget // item)
 
-    def _map(self, fn: Callable, in_dims: tuple[int | None, ...]) -> Callable:
-        """``vmap(fn, in_dims)``, by the first route that works on this model (`route`).
+    def route_of(self, fn: Callable) -> str | None:
+        """The route ``fn`` (an output_fn or a loss) takes (None: not tried yet)."""
+        return LOOP if self.looped else self._route.get(fn)
 
-        1. ``"vmap"`` on the model itself;
-        2. where vmap fails, vmap on a copy with stand-ins it can batch (`standins`:
-           ``nn.GRU``/``nn.LSTM``/``nn.RNN`` unrolled over time, HuggingFace attention with
-           the mask always built), kept only if its results equal the one-at-a-time results
-           of the model itself on the first rows of this call (route ``"vmap (GRU
-           stand-in)"``, ...);
-        3. ``"per-example loop"``: one example at a time, the same numbers more slowly, and
-           a `VectorizationWarning` says so once. If the loop fails too, its error is the
-           model's own.
+    @property
+    def looped(self) -> bool:
+        """Whether the model is evaluated one example at a time (vmap cannot batch it)."""
+        return self.route == MODEL_LOOP
 
-        Failures are handled by the outermost mapped call (maps nest: points x queries).
+    def _loss_map(self, loss_fn: Callable, levels: list[tuple]) -> Callable:
+        """Per-example loss gradients ``(active, passive, inputs, labels) -> grads``.
+
+        ``levels``: the maps' ``in_dims``, innermost first.
         """
-        mapped = vmap(fn, in_dims=in_dims)
+        example = grad(self._example_loss(loss_fn))
+        vmapped, looped = example, example
+        for dims in levels:
+            vmapped, looped = vmap(vmapped, in_dims=dims), self._map(looped, dims)
 
-        def call(*args):
-            if self.route == LOOP:
-                return map_by_loop(fn, in_dims, args)
-            if self._depth:  # inside an outer mapped call, which handles failures
-                return mapped(*args)
-            done = self._attempt(mapped, args)
-            if not isinstance(done, str):
-                self.route = self.route or "vmap"
-                return done[0]
-            why = done
-            if self._standin is None:  # not tried yet on this model
-                done = self._through_standins(fn, in_dims, mapped, args)
-                if not isinstance(done, str):
-                    return done[0]
-                why = f"{why}; {done}" if done else why
-            self._use_standin, before, self.route = False, self.route, LOOP
-            try:
-                out = map_by_loop(fn, in_dims, args)
-            except BaseException:
-                self.route = before
-                raise
-            warnings.warn(
-                f"torch.func.vmap cannot batch this model ({why}); pk_attrib evaluates it "
-                "one example at a time instead: the same numbers, more slowly",
-                VectorizationWarning,
-                stacklevel=2,
-            )
-            return out
+        def rows(act, passive, inputs, labels):
+            return row_loss_grads(self, loss_fn, levels, act, passive, inputs, labels)
 
-        return call
+        return routed(self, loss_fn, "loss_fn", vmapped, rows, looped)
 
-    def _through_standins(self, fn, in_dims, mapped, args) -> tuple[Any] | str:
-        """``(mapped(*args),)`` on a copy with stand-ins (kept as the route if it matches).
+    def check_rows(self, output_fn: OutputFn, w: torch.Tensor, inputs, target) -> None:
+        """Check once per ``output_fn`` that a query's value reads its own outputs' row only.
 
-        Returns why not where it does not ("" where no stand-in fits the model).
+        Args:
+            output_fn: The explained quantity.
+            w: Flat parameters (d,) to evaluate the model at.
+            inputs: Queries, each (n, ...); the first (up to) four are used.
+            target: (n,) or None.
+
+        Raises:
+            RowDependenceError: See `rows.check_row_independence`.
         """
-        made = vmappable_copy(self.model)
-        self._standin = made[0] if made else False
-        if not made:
-            return ""
-        names = ", ".join(made[1])
-        kept = False
-        try:
-            self._use_standin = True
-            done = self._attempt(mapped, args)
-            if isinstance(done, str):
-                return f"with stand-ins ({names}): {done}"
-            mismatch = self._standin_mismatch(fn, in_dims, args, done[0])
-            if mismatch is not None:
-                return f"stand-ins ({names}) {mismatch}"
-            self.route, kept = f"vmap ({names})", True
-            return done
-        finally:
-            self._use_standin = kept
-
-    def _attempt(self, mapped: Callable, args: tuple) -> tuple[Any] | str:
-        """``(mapped(*args),)``, or why vmap failed (errors a loop would not cure propagate)."""
-        self._depth += 1
-        try:
-            return (mapped(*args),)
-        except (RuntimeError, NotImplementedError, ValueError) as err:
-            if _not_vmaps_doing(err):
-                raise
-            return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-        finally:
-            self._depth -= 1
-
-    def _standin_mismatch(self, fn, in_dims, args, out, rows: int = 1) -> str | None:
-        """Whether the stand-ins' results differ from the model's own, one row at a time.
-
-        The first ``rows`` rows (a point, or an example) are recomputed by the per-example
-        loop on the model itself.
-        The allowed difference, √eps of the largest value, lies far above the rounding of
-        either computation and far below what computing another function gives.
-        """
-        part = tuple(
-            a if d is None else take(a, slice(0, rows)) for a, d in zip(args, in_dims, strict=True)
-        )
-        route, self._use_standin, self.route = self.route, False, LOOP
-        try:
-            ref = leaves(map_by_loop(fn, in_dims, part))
-            ref = torch.cat([t.detach().reshape(-1) for t in ref])
-        finally:
-            self._use_standin, self.route = True, route
-        got = torch.cat([t.detach()[:rows].reshape(-1) for t in leaves(out)])
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        diff = float((got - ref).abs().max()) if ref.numel() else 0.0
-        if diff <= torch.finfo(self.dtype).eps ** 0.5 * scale:
-            return None
-        return f"differ from the model by {diff:.3g} (largest value {scale:.3g})"
+        n = n_rows(inputs)
+        if n < 2 or self._checked.get(output_fn):
+            return
+        m = min(n, 4)
+        outputs = self.outputs(w, take(inputs, slice(0, m)))
+        check_row_independence(output_fn, outputs, None if target is None else target[:m], m)
+        self._checked.set(output_fn, True)
 
     # -- evaluations ------------------------------------------------------------------------
 
@@ -326,7 +280,7 @@ class FunctionalModel:
 
         *inputs, labels = batch
         inputs = tuple(inputs)
-        step = self._map(grad(self._example_loss(loss_fn)), (None, None, 0, 0))
+        step = self._loss_map(loss_fn, [(None, None, 0, 0)])
         n = n_rows(labels)
         size = self.chunk_size()
         chunks = []
@@ -356,7 +310,7 @@ class FunctionalModel:
         *inputs, labels = batch
         inputs = tuple(inputs)
 
-        step = self._map(grad(self._example_loss(loss_fn)), (0, 0, 0, 0))
+        step = self._loss_map(loss_fn, [(0, 0, 0, 0)])
         size = max(1, self.chunk_size(2))  # the parameters are replicated per example
         chunks = []
         for a in range(0, n_rows(labels), size):
@@ -392,8 +346,7 @@ class FunctionalModel:
         if size == 0:
             return torch.zeros(0, self.d_active, dtype=self.dtype, device=self.device)
 
-        per_example = self._map(grad(self._example_loss(loss_fn)), (None, None, 0, 0))
-        per_step = self._map(per_example, (0, 0, 0, 0))
+        per_step = self._loss_map(loss_fn, [(None, None, 0, 0), (0, 0, 0, 0)])
 
         def by_step(tree, a, b):
             return pytree.tree_map(
@@ -424,7 +377,7 @@ class FunctionalModel:
         try:
             return vmap(one)(outputs, labels)
         except (RuntimeError, ValueError, NotImplementedError) as err:
-            if _not_vmaps_doing(err):
+            if not_vmaps_doing(err):
                 raise
         # a loss vmap cannot trace (data-dependent branches, .item()), or outputs of which
         # some are not batch-first (a GRU's h_n)
@@ -471,14 +424,21 @@ class FunctionalModel:
         n = n_rows(inputs)
         tgt = target if target is not None else torch.zeros(n, dtype=torch.int64)
         has_target = target is not None
+        self.check_rows(output_fn, ws[0], inputs, target)
 
         def single(pa, pp, x, t):
             out = self._call({**pa, **pp}, one_row(x))
             value = output_fn(out, one_row(t) if has_target else None).reshape(())
             return value, value
 
-        per_query = self._map(grad(single, has_aux=True), (None, None, 0, 0))
-        per_point = self._map(per_query, (0, 0, None, None))
+        example = grad(single, has_aux=True)
+        looped = self._map(self._map(example, (None, None, 0, 0)), (0, 0, None, None))
+        vmapped = vmap(vmap(example, in_dims=(None, None, 0, 0)), in_dims=(0, 0, None, None))
+
+        def rows(pa, pp, x, t):
+            return row_query_grads(self, output_fn, pa, pp, x, t if has_target else None)
+
+        per_point = routed(self, output_fn, "output_fn", vmapped, rows, looped)
         size = max(1, self.chunk_size(ws.shape[0]))
         grads, values = [], []
         for a in range(0, n, size):
@@ -547,20 +507,14 @@ class FunctionalModel:
         jacs = []
         for a in range(0, n, size):
             jacs.append(self._flat_grads(jac(act, take(inputs, slice(a, a + size))), 2))
-        dloss = vmap(dloss_single)(outs, labels)
+        try:
+            dloss, route = vmap(dloss_single)(outs, labels), VMAP
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            if not_vmaps_doing(err):
+                raise
+            dloss = map_by_loop(dloss_single, (0, 0), (outs, labels))  # (loss calls only, no model)
+            route = ROWS
+        self.routes["loss_fn"] = LOOP if self.looped else route
         return (jacs[0] if len(jacs) == 1 else torch.cat(jacs)), dloss
 
 
-def _not_vmaps_doing(err: BaseException) -> bool:
-    """Whether a loop would not cure this vmap error.
-
-    Random operations (vmap refuses them on purpose: a loop would give other numbers on
-    every call) and failed allocations are the model's or the machine's, not vmap's.
-    """
-    text = str(err)
-    return (
-        isinstance(err, torch.OutOfMemoryError)
-        or "random operation" in text
-        or "out of memory" in text
-        or "can't allocate memory" in text
-    )

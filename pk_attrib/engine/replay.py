@@ -204,6 +204,7 @@ class Replay:
     def terms(self, w, inputs, labels, buffers, state) -> torch.Tensor:
         """Each example's term of the micro-batch's gradient, (B, d_active); they sum to ∇L."""
         fm = self.fm
+        fm.routes["loss_fn"] = "replayed batch + row VJP"
         outputs, masks = self.forward(w, inputs, buffers, state)
         where, cots = self.cotangents(outputs, labels)
         params = self._params(w, buffers)

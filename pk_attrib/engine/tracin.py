@@ -48,6 +48,7 @@ def decompose(
 
 def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
     fm, path, p = engine.fm, engine.p.path, engine.p
+    fm.routes.clear()  # (diagnostics: the routes this sweep takes)
     n, S = n_rows(inputs), len(path)
     dtype, device = fm.dtype, fm.device
     first, last = columns if columns is not None else (0, engine.n_train)
@@ -176,6 +177,7 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
         query_evals,
         train_evals,
         fm.route or "vmap",
+        dict(fm.routes),
     )
     explained = contributions.sum(1)
     zero = torch.zeros_like(initial)
