@@ -166,3 +166,31 @@ def test_an_optimizer_whose_steps_are_not_replayed_is_approximate_every_k_steps(
         model, data, path, torch.nn.CrossEntropyLoss(), show_progress=False
     )
     assert explainer.mode == "checkpoint"
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_segments_larger_than_the_budget_are_spilled_and_give_the_same_decomposition(name):
+    """Two segments of k + 1 weight vectors (and Adam's second moments) would pass a small
+    memory_budget: they are written to a temporary file as they are replayed and read back
+    bit for bit, so the decomposition is the one the in-memory replay gives (to the rounding
+    of the other chunk sizes the smaller budget gives the gradients: 1.4e-14 here)."""
+    from pk_attrib.engine.segments import ReplayBackend
+
+    qx, qy = _digits(3, offset=1500)
+    model, data, path = _run(OPTIMIZERS[name], 12, hidden=32)
+    decs, spilled = {}, {}
+    for budget in (1 << 30, 64 << 10):  # a segment: 13 x 2,410 float64 weights = 245 KB
+        explainer = pk.PathKernelInfluence(
+            model, data, path, torch.nn.CrossEntropyLoss(), quadrature=4, show_progress=False,
+            accumulation="sum", memory_budget=budget,
+        )  # fmt: skip
+        decs[budget] = explainer.attribute(qx, target=qy)
+        backend = explainer._problem.path._backend
+        assert isinstance(backend, ReplayBackend)
+        spilled[budget] = [seg.spilled for seg in backend._segments.values()]
+    assert spilled[1 << 30] == [False, False] and spilled[64 << 10] == [True, True]
+    big, small = decs[1 << 30], decs[64 << 10]
+    scale = float(big.contributions.abs().max())
+    torch.testing.assert_close(small.contributions, big.contributions, rtol=1e-9, atol=1e-9 * scale)
+    for key in ("initial", "unexplained"):
+        torch.testing.assert_close(small.terms[key], big.terms[key], rtol=1e-9, atol=1e-12)

@@ -17,6 +17,8 @@ weights (and Adam's per-step second moments and step counts) between snapshots b
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import warnings
 from typing import Any
 
@@ -36,6 +38,62 @@ _AFTER = ("exp_avg_sq", "max_exp_avg_sq", "step")
 # rounding, k times); in float32 Adam turns the gradient's rounding into ±lr on coordinates
 # whose gradient is rounding, as the step check allows (`WARN_RECONSTRUCTION`).
 _DRIFT = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
+class SegmentTensors:
+    """A replayed segment's tensors by raw step and key: in memory, or spilled to a file.
+
+    A segment holds k + 1 weight vectors (and, for Adam, k second moments). Where that would
+    pass ``limit`` bytes, each large tensor is written to an unnamed temporary file as it is
+    made and read back with ``pread`` when asked for, so a replay holds a few copies of the
+    model whatever k (the file is gone when the segment is).
+
+    Args:
+        limit: Bytes the segment may keep in memory (its expected size decides once).
+        expected: Bytes the segment's tensors will take.
+    """
+
+    def __init__(self, limit: int, expected: int):
+        self._memory: dict[tuple[int, str], torch.Tensor] = {}
+        self._spilled: dict[tuple[int, str], tuple[int, torch.dtype, torch.Size]] = {}
+        self._file = tempfile.TemporaryFile() if expected > limit else None  # noqa: SIM115
+        self._end = 0
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the large tensors go to a file."""
+        return self._file is not None
+
+    def put(self, raw: int, key: str, tensor: torch.Tensor) -> None:
+        """Keep ``tensor`` (on the CPU) as ``key`` of raw step ``raw``."""
+        if self._file is None or tensor.numel() < 1024:
+            self._memory[(raw, key)] = tensor
+            return
+        data = tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+        os.pwrite(self._file.fileno(), data, self._end)
+        self._spilled[(raw, key)] = (self._end, tensor.dtype, tensor.shape)
+        self._end += len(data)
+
+    def get(self, raw: int, key: str) -> torch.Tensor | None:
+        """A fresh copy of ``key`` of raw step ``raw`` (None: not kept)."""
+        found = self._memory.get((raw, key))
+        if found is not None:
+            return found.clone()
+        where = self._spilled.get((raw, key))
+        if where is None:
+            return None
+        offset, dtype, shape = where
+        size = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        data = bytearray(os.pread(self._file.fileno(), size, offset))
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape).clone()
+
+    def close(self) -> None:
+        """Drop the file (its tensors)."""
+        if self._file is not None:
+            self._file.close()
+
+    def __del__(self):
+        self.close()
 
 
 def replayed_path(path: TrainingPath, engine) -> TrainingPath:
@@ -68,7 +126,7 @@ class ReplayBackend:
         self.path, self.view, self.engine = path, view, engine
         self.every = path.every
         self.manifest = path.manifest
-        self._segments: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        self._segments: dict[int, SegmentTensors] = {}
         self._keys: dict[int, set[str]] | None = None
 
     # -- what the inner backend holds -------------------------------------------------------
@@ -117,13 +175,16 @@ class ReplayBackend:
         replayed |= key.split("/", 1)[0] in _AFTER and not self.inner.has(raw, key)
         if not replayed:
             return self.inner.tensor(raw, key)
-        found = self._segment(raw - raw % self.every)[raw].get(key)
-        return None if found is None else found.clone()
+        return self._segment(raw - raw % self.every).get(raw, key)
 
     # -- the replay -------------------------------------------------------------------------
 
-    def _segment(self, first: int) -> dict[int, dict[str, torch.Tensor]]:
-        """Replay raw steps first .. first + k − 1 from their snapshot (the last two kept)."""
+    def _segment(self, first: int) -> SegmentTensors:
+        """Replay raw steps first .. first + k − 1 from their snapshot (the last two kept).
+
+        Two segments of k + 1 weight vectors may pass ``memory_budget``: then a segment's
+        weights (and second moments) are spilled to a temporary file as they are made.
+        """
         found = self._segments.get(first)
         if found is not None:
             return found
@@ -149,9 +210,12 @@ class ReplayBackend:
             n: float(t) if (t := self.inner.tensor(first, f"state/step/{n}")) is not None else 0.0
             for n in names
         }
-        out: dict[int, dict[str, torch.Tensor]] = {r: {} for r in range(first, last + 1)}
-        self._segments[first] = out  # (filled step by step: the steps read through it)
         sizes = [shapes[n].numel() for n in names]
+        per_step = sum(sz * torch.empty((), dtype=path.param_dtypes[n]).element_size()
+                       for n, sz in zip(names, sizes, strict=True))  # fmt: skip
+        per_step *= 2 if kind == "adam" else 1  # (and its second moments)
+        out = SegmentTensors(fm.memory_budget // 4, (last - first + 1) * per_step)
+        self._segments[first] = out  # (filled step by step: the steps read through it)
         w = previous = fm.flatten(path._raw_params(first))
         carried = tuple(state[k] for k in keys[: rule.counterfactual_state()])
         try:
@@ -160,7 +224,7 @@ class ReplayBackend:
                 for n in names:  # the step count after the step (Adam reads it)
                     if n not in step.skipped:
                         counts[n] += 1.0
-                    out[r][f"step/{n}"] = torch.tensor(counts[n], dtype=torch.float64)
+                    out.put(r, f"step/{n}", torch.tensor(counts[n], dtype=torch.float64))
                 sign, lam = rule.coefficients(step)
                 G = sign * engine.step_gradient(step, w) + lam * w
                 w_next, carried = rule.step_map(step, w, carried, G)
@@ -171,20 +235,22 @@ class ReplayBackend:
                         if key in after:
                             parts = torch.split(after[key], sizes)
                             for n, part in zip(names, parts, strict=True):
-                                out[r][f"{key}/{n}"] = part.reshape(shapes[n]).cpu()
+                                out.put(r, f"{key}/{n}", part.reshape(shapes[n]).cpu())
                 # the weights as training stored them (in their own dtypes), and from there on
                 stored = {
                     n: part.reshape(shapes[n]).to("cpu", path.param_dtypes[n])
                     for n, part in zip(names, torch.split(w_next.detach(), sizes), strict=True)
                 }
-                out[r + 1].update({f"w/{n}": t for n, t in stored.items()})
+                for n, t in stored.items():
+                    out.put(r + 1, f"w/{n}", t)
                 previous, w = w, fm.flatten(stored)
         except BaseException:
             self._segments.pop(first, None)
+            out.close()
             raise
         self._check_drift(first, last, w, previous)
         while len(self._segments) > 2:
-            self._segments.pop(next(iter(self._segments)))
+            self._segments.pop(next(iter(self._segments))).close()
         return out
 
     def _check_drift(self, first: int, last: int, replayed, previous) -> None:
