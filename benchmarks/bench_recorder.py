@@ -281,8 +281,9 @@ def measure_once(work: Workload, mode: str, store: Path | None) -> dict[str, flo
 
     Returns:
         ``seconds`` (whole timed region), ``close_seconds`` (the part spent in
-        ``recorder.close()``, 0 for the bare loop) and ``other_load`` (the share of the
-        machine's CPU capacity that other processes used meanwhile, NaN where unknown).
+        ``recorder.close()``, 0 for the bare loop), ``other_load`` (the share of the
+        machine's CPU capacity that other processes used meanwhile, NaN where unknown) and
+        ``cpu_seconds`` (this process's CPU time, all its threads, over the timed region).
     """
     prime_allocator()
     model = work.make_model()
@@ -328,7 +329,12 @@ def measure_once(work: Workload, mode: str, store: Path | None) -> dict[str, flo
     if busy is not None and busy_after is not None:
         other = (busy_after - busy) - (own_after - own)
         other_load = max(0.0, other) / ((end - start) * (os.cpu_count() or 1))
-    return {"seconds": end - start, "close_seconds": end - closing, "other_load": other_load}
+    return {
+        "seconds": end - start,
+        "close_seconds": end - closing,
+        "other_load": other_load,
+        "cpu_seconds": own_after - own,
+    }
 
 
 def measure_in_child(work: Workload, mode: str, store: Path | None) -> dict[str, float]:
@@ -369,11 +375,13 @@ class RunResult:
     seconds: dict[str, list[float]] = field(default_factory=dict)
     close_seconds: dict[str, list[float]] = field(default_factory=dict)
     other_load: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
     store_bytes: dict[str, list[int]] = field(default_factory=dict)  # by the modes with a store
     retried: int = 0
 
     def __post_init__(self) -> None:
-        for table in (self.seconds, self.close_seconds, self.other_load, self.store_bytes):
+        tables = (self.seconds, self.close_seconds, self.other_load, self.cpu_seconds)
+        for table in (*tables, self.store_bytes):
             for mode in self.modes:
                 table.setdefault(mode, [])
 
@@ -399,12 +407,14 @@ def measure(
     keep: bool,
     isolate: bool = True,
     modes: tuple[str, ...] = MODES,
+    progress: bool = False,
 ) -> RunResult:
     """All modes of one workload, ``repeats`` times each in a rotating order.
 
     A measurement during which other processes used more than ``NOISY_LOAD`` of the CPUs
     is taken again, up to ``retries`` times (the last attempt counts). With ``isolate``
     each measurement runs in a fresh process, otherwise in this one (faster to start).
+    With ``progress`` a line is printed after each measurement.
     """
     result = RunResult(modes)
     for rep in range(repeats):
@@ -422,6 +432,14 @@ def measure(
                 result.retried += attempt < retries
             result.seconds[mode].append(timing["seconds"])
             result.close_seconds[mode].append(timing["close_seconds"])
+            result.cpu_seconds[mode].append(timing.get("cpu_seconds", float("nan")))
+            if progress:
+                print(
+                    f"  ({work.key} {mode}, repeat {rep + 1}: {timing['seconds']:.1f} s, "
+                    f"{timing['seconds'] / work.steps * 1e3:.2f} ms/step, other CPU "
+                    f"{timing['other_load']:.0%}, load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
             result.other_load[mode].append(timing["other_load"])
             if store is not None:
                 result.store_bytes[mode].append(folder_bytes(store))
@@ -641,18 +659,26 @@ def report_sparse(work: Workload, result: RunResult) -> dict[str, bool]:
     )
     print(
         f"{'mode':<10} {'median/step':>12} {'min/step':>10} {'max/step':>10} {'slowdown':>9} "
-        f"{'in close()':>11} {'other CPU':>10} {'store':>11}"
+        f"{'in close()':>11} {'other CPU':>10} {'store':>11} {'CPU/step':>10} {'CPU ratio':>10}"
     )
+    bare_cpu = statistics.median(result.cpu_seconds["bare"])
     for mode in result.modes:
         per_step = [t / work.steps * 1e3 for t in result.seconds[mode]]
         close = statistics.median(result.close_seconds[mode])
         size = result.store_bytes[mode]
+        cpu = statistics.median(result.cpu_seconds[mode])
         print(
             f"{mode:<10} {statistics.median(per_step):>9.3f} ms {min(per_step):>7.3f} ms "
             f"{max(per_step):>7.3f} ms {result.median(mode) / bare:>8.3f}x "
             f"{close:>9.3f} s {max(result.other_load[mode]):>9.0%} "
-            f"{fmt_bytes(statistics.median(size)) if size else '-':>11}"
+            f"{fmt_bytes(statistics.median(size)) if size else '-':>11} "
+            f"{cpu / work.steps * 1e3:>7.3f} ms {cpu / bare_cpu:>9.3f}x"
         )
+    print(
+        "(slowdown: median wall time against the bare loop's, the targets' measure; CPU/step, "
+        "CPU ratio: this process's CPU time, all threads, the recorder's writer included: "
+        "what the recording costs in work, less sensitive to other processes than wall time)"
+    )
     busiest = max(max(loads) for loads in result.other_load.values())
     if result.retried:
         print(f"({result.retried} measurement(s) retaken because other processes were busy)")
@@ -1016,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for work in sparse_workloads(args.steps, args.quick).values():
                 result = measure(
-                    work, repeats, retries, out_dir, args.keep, not args.quick, SPARSE_MODES
+                    work, repeats, retries, out_dir, args.keep, not args.quick, SPARSE_MODES, True
                 )
                 checks += [
                     (work.name, check, ok, True)
