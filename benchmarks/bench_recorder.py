@@ -55,12 +55,41 @@ emulate one (Linux, root, cgroup v1 blkio; throttling applies to direct and sync
 
 (MAJ:MIN of the disk from ``lsblk``; 209715200 bytes/s = 200 MiB/s.)
 
+All of the above is the default run, ``--parts overhead``. Two more parts measure sparse
+snapshots (``PathRecorder(..., every=k)``, issue 18):
+
+* ``--parts sparse``: disk mode with a snapshot every k = 1, 10 and 100 steps against the
+  bare loop, in the same run, for the 1M MLP (400 steps) and an MLP of about 25M parameters
+  (2048 -> 4096 -> 4096 -> 10, ReLU, seeded synthetic data, batch 64, 200 steps), both
+  trained with SGD momentum 0.9 (lr 0.01), which the replay supports, so that every store
+  is exact (each every=k store is checked to be replayable). A fresh process per
+  measurement, modes rotated per repeat, medians; the process's CPU time per step (all its
+  threads, the writer's included) is printed next to the wall time, because it moves less
+  than the wall time when other processes compete for the cores. Targets (both models):
+  slowdown <= 1.10x at every=10 and <= 1.03x at every=100.
+* ``--parts explain``: the float64 MLP 64 -> 256 -> 10 (Tanh) trained on 1,500 of
+  scikit-learn's digits (pixels / 16) for 4 epochs of SGD momentum 0.9 (lr 0.05, batch 32:
+  188 steps), recorded to disk with every=1, 10 and 50 in identically seeded runs (their
+  final weights are compared). In a fresh process per measurement (rotated, medians),
+  ``PathKernelInfluence(..., memory_budget=16 MiB).attribute`` of 10 held-out digits is
+  timed, and its peak memory read above the RSS just before the call: VmHWM (reset by
+  writing "5" to /proc/self/clear_refs; it counts the store's memory-mapped pages too) and
+  RssAnon, sampled every 10 ms. Reported: the time of every=10 (and 50) against every=1
+  (the replay's extra forward and backward passes; no target), the relative difference
+  ||C_k - C_1||_F / ||C_1||_F of the contributions (target <= 1e-9, float64), and the
+  every=50 peak against memory_budget + 10 copies of the model, and against every=1's
+  peak + 10 copies of the model (targets).
+
+The load average is printed before and after each part.
+
 Run from the repository root::
 
     python benchmarks/bench_recorder.py            # default run, about 2-3 minutes on 2 cores
     python benchmarks/bench_recorder.py --quick    # smoke run in one process, ~10 seconds
     python benchmarks/bench_recorder.py --steps 500 --repeats 5 --out-dir /some/disk --keep
     python benchmarks/bench_recorder.py --threads 1  # torch on one core, the writer on another
+    python benchmarks/bench_recorder.py --parts sparse explain  # ~15 min on 2 quiet cores
+    python benchmarks/bench_recorder.py --parts all --quick     # smoke run of every part
 
 The exit status is 0 when every target passes and 1 otherwise.
 """
