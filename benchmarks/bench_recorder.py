@@ -858,10 +858,15 @@ def explain_child(spec: dict) -> dict:
     }
 
 
-def explain_in_child(spec: dict) -> dict:
-    """`explain_child` in a fresh Python process."""
+# glibc malloc: blocks of 64 KiB and more get a map of their own, given back when freed, so that
+# the resident peak counts the memory live at once rather than what the C heap keeps
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def explain_in_child(spec: dict, env: dict[str, str] | None = None) -> dict:
+    """`explain_child` in a fresh Python process (``env``: extra environment variables)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--explain-child", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         raise RuntimeError(f"explanation {spec['store']} failed:\n{done.stderr}")
     return json.loads(done.stdout.splitlines()[-1])
@@ -895,21 +900,26 @@ def explain_part(out_dir: Path, repeats: int, quick: bool) -> dict[str, bool]:
         "peaks are above the RSS just before attribute())"
     )
     runs: dict[int, list[dict]] = {k: [] for k in EXPLAIN_EVERY}
+    live: dict[int, list[dict]] = {1: [], 50: []}  # the same with LIVE_MALLOC
     saved = {k: out_dir / f"contributions-every{k}.pt" for k in EXPLAIN_EVERY}
+    configs = [(k, False) for k in EXPLAIN_EVERY] + [(1, True), (50, True)]
     for rep in range(repeats):
-        order = EXPLAIN_EVERY[rep % 3 :] + EXPLAIN_EVERY[: rep % 3]
-        for every in order:
+        for every, with_live in configs[rep % 5 :] + configs[: rep % 5]:
             spec = {"store": str(stores[every]), "width": width, "budget": EXPLAIN_BUDGET}
+            if with_live:
+                live[every].append(explain_in_child(spec, LIVE_MALLOC))
+                continue
             if rep == 0:
                 spec["save"] = str(saved[every])
             runs[every].append(explain_in_child(spec))
     contributions = {k: torch.load(f) for k, f in saved.items()}
     base = statistics.median(r["seconds"] for r in runs[1])
 
-    def peak(every: int, key: str = "both") -> float:
+    def peak(every: int, key: str = "both", table: dict | None = None) -> float:
         """Median peak above the RSS before attribute(); "both": the larger of the two."""
         keys = ("peak", "peak_anon") if key == "both" else (key,)
-        return max(statistics.median(r[k] for r in runs[every]) for k in keys)
+        found = runs if table is None else table
+        return max(statistics.median(r[k] for r in found[every]) for k in keys)
 
     print(
         f"{'every':<6} {'store':>10} {'attribute':>10} {'min':>8} {'max':>8} {'vs every=1':>11} "
@@ -935,6 +945,20 @@ def explain_part(out_dir: Path, repeats: int, quick: bool) -> dict[str, bool]:
         f"larger of the two beyond every=1's, in copies of the model ({fmt_bytes(model_bytes)}); "
         f"rel. diff: ||C_k - C_1||_F / ||C_1||_F of the {EXPLAIN_QUERIES} x 1,500 contributions)"
     )
+    print(
+        "the same with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (glibc gives "
+        "blocks of 64 KiB and more back when freed: the peak counts live memory, not what "
+        "the C heap keeps):"
+    )
+    for every in live:
+        times = [r["seconds"] for r in live[every]]
+        beyond = (peak(every, table=live) - peak(1, table=live)) / model_bytes
+        print(
+            f"{every:<6} {'':>10} {statistics.median(times):>8.2f} s {min(times):>6.2f} s "
+            f"{max(times):>6.2f} s {statistics.median(times) / base:>10.2f}x "
+            f"{fmt_bytes(peak(every, 'peak', live)):>11} "
+            f"{fmt_bytes(peak(every, 'peak_anon', live)):>10} {beyond:>+8.1f}"
+        )
     ratio = statistics.median(r["seconds"] for r in runs[10]) / base
     ratio50 = statistics.median(r["seconds"] for r in runs[50]) / base
     print(
