@@ -78,7 +78,10 @@ snapshots (``PathRecorder(..., every=k)``, issue 18):
   (the replay's extra forward and backward passes; no target), the relative difference
   ||C_k - C_1||_F / ||C_1||_F of the contributions (target <= 1e-9, float64), and the
   every=50 peak against memory_budget + 10 copies of the model, and against every=1's
-  peak + 10 copies of the model (targets).
+  peak + 10 copies of the model (targets). every=1 and every=50 are also run with glibc
+  told to give blocks of 64 KiB and more back when they are freed
+  (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``), so that their peaks count
+  the memory live at once, not what the C heap keeps resident after freeing it.
 
 The load average is printed before and after each part.
 
@@ -88,7 +91,7 @@ Run from the repository root::
     python benchmarks/bench_recorder.py --quick    # smoke run in one process, ~10 seconds
     python benchmarks/bench_recorder.py --steps 500 --repeats 5 --out-dir /some/disk --keep
     python benchmarks/bench_recorder.py --threads 1  # torch on one core, the writer on another
-    python benchmarks/bench_recorder.py --parts sparse explain  # ~15 min on 2 quiet cores
+    python benchmarks/bench_recorder.py --parts sparse explain  # ~25 min on 2 busy cores
     python benchmarks/bench_recorder.py --parts all --quick     # smoke run of every part
 
 The exit status is 0 when every target passes and 1 otherwise.
