@@ -55,12 +55,44 @@ emulate one (Linux, root, cgroup v1 blkio; throttling applies to direct and sync
 
 (MAJ:MIN of the disk from ``lsblk``; 209715200 bytes/s = 200 MiB/s.)
 
+All of the above is the default run, ``--parts overhead``. Two more parts measure sparse
+snapshots (``PathRecorder(..., every=k)``, issue 18):
+
+* ``--parts sparse``: disk mode with a snapshot every k = 1, 10 and 100 steps against the
+  bare loop, in the same run, for the 1M MLP (400 steps) and an MLP of about 25M parameters
+  (2048 -> 4096 -> 4096 -> 10, ReLU, seeded synthetic data, batch 64, 200 steps), both
+  trained with SGD momentum 0.9 (lr 0.01), which the replay supports, so that every store
+  is exact (each every=k store is checked to be replayable). A fresh process per
+  measurement, modes rotated per repeat, medians; the process's CPU time per step (all its
+  threads, the writer's included) is printed next to the wall time, because it moves less
+  than the wall time when other processes compete for the cores. Targets (both models):
+  slowdown <= 1.10x at every=10 and <= 1.03x at every=100.
+* ``--parts explain``: the float64 MLP 64 -> 256 -> 10 (Tanh) trained on 1,500 of
+  scikit-learn's digits (pixels / 16) for 4 epochs of SGD momentum 0.9 (lr 0.05, batch 32:
+  188 steps), recorded to disk with every=1, 10 and 50 in identically seeded runs (their
+  final weights are compared). In a fresh process per measurement (rotated, medians),
+  ``PathKernelInfluence(..., memory_budget=16 MiB).attribute`` of 10 held-out digits is
+  timed, and its peak memory read above the RSS just before the call: VmHWM (reset by
+  writing "5" to /proc/self/clear_refs; it counts the store's memory-mapped pages too) and
+  RssAnon, sampled every 10 ms. Reported: the time of every=10 (and 50) against every=1
+  (the replay's extra forward and backward passes; no target), the relative difference
+  ||C_k - C_1||_F / ||C_1||_F of the contributions (target <= 1e-9, float64), and the
+  every=50 peak against memory_budget + 10 copies of the model, and against every=1's
+  peak + 10 copies of the model (targets). every=1 and every=50 are also run with glibc
+  told to give blocks of 64 KiB and more back when they are freed
+  (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``), so that their peaks count
+  the memory live at once, not what the C heap keeps resident after freeing it.
+
+The load average is printed before and after each part.
+
 Run from the repository root::
 
     python benchmarks/bench_recorder.py            # default run, about 2-3 minutes on 2 cores
     python benchmarks/bench_recorder.py --quick    # smoke run in one process, ~10 seconds
     python benchmarks/bench_recorder.py --steps 500 --repeats 5 --out-dir /some/disk --keep
     python benchmarks/bench_recorder.py --threads 1  # torch on one core, the writer on another
+    python benchmarks/bench_recorder.py --parts sparse explain  # ~25 min on 2 busy cores
+    python benchmarks/bench_recorder.py --parts all --quick     # smoke run of every part
 
 The exit status is 0 when every target passes and 1 otherwise.
 """
@@ -77,6 +109,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -93,6 +126,7 @@ except ImportError:  # run from a checkout without installing
 from pk_attrib.record.diskio import _anonymous_map  # page-aligned memory, for the O_DIRECT raw rate
 
 MODES = ("bare", "copy", "memory", "disk")
+PARTS = ("overhead", "sparse", "explain")
 TARGET_WORKLOAD = "mlp1m"
 NOISY_LOAD = 0.1  # other processes' share of the CPUs above which timings are suspect
 MAX_SLOWDOWN = 1.3
@@ -115,6 +149,12 @@ class Workload:
     batch_size: int
     steps: int
     warmup: int
+    lr: float = 0.1
+    momentum: float = 0.0
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.SGD:
+        """A fresh SGD optimizer over the model's parameters (the workload's lr, momentum)."""
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
 
     @property
     def n_params(self) -> int:
@@ -187,6 +227,40 @@ def workloads(steps: int | None = None, quick: bool = False) -> dict[str, Worklo
     }
 
 
+def sparse_workloads(steps: int | None = None, quick: bool = False) -> dict[str, Workload]:
+    """The workloads of the sparse-snapshot part (SGD with momentum, which replays exactly)."""
+    scale = 10 if quick else 1
+    return {
+        "mlp1m-momentum": Workload(
+            key="mlp1m-momentum",
+            name="1M MLP, SGD momentum 0.9",
+            make_model=mlp(512, 1024, 512, 10),
+            make_dataset=synthetic_dataset,
+            batch_size=64,
+            steps=steps or 400 // scale,
+            warmup=30 // scale,
+            lr=0.01,
+            momentum=0.9,
+        ),
+        "mlp25m": Workload(
+            key="mlp25m",
+            name="25M MLP, SGD momentum 0.9",
+            make_model=mlp(2048, 4096, 4096, 10),
+            make_dataset=lambda: synthetic_dataset(d_in=2048),
+            batch_size=64,
+            steps=steps or 200 // scale,
+            warmup=2 if quick else 5,
+            lr=0.01,
+            momentum=0.9,
+        ),
+    }
+
+
+def all_workloads() -> dict[str, Workload]:
+    """Every workload by key (what a measurement process looks its key up in)."""
+    return {**workloads(), **sparse_workloads()}
+
+
 # -- one measurement (run in a fresh process) -----------------------------------------------------
 
 
@@ -239,8 +313,9 @@ def measure_once(work: Workload, mode: str, store: Path | None) -> dict[str, flo
 
     Returns:
         ``seconds`` (whole timed region), ``close_seconds`` (the part spent in
-        ``recorder.close()``, 0 for the bare loop) and ``other_load`` (the share of the
-        machine's CPU capacity that other processes used meanwhile, NaN where unknown).
+        ``recorder.close()``, 0 for the bare loop), ``other_load`` (the share of the
+        machine's CPU capacity that other processes used meanwhile, NaN where unknown) and
+        ``cpu_seconds`` (this process's CPU time, all its threads, over the timed region).
     """
     prime_allocator()
     model = work.make_model()
@@ -251,9 +326,9 @@ def measure_once(work: Workload, mode: str, store: Path | None) -> dict[str, flo
         shuffle=True,
         generator=torch.Generator().manual_seed(1),
     )
-    train(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, work.warmup)
+    train(model, work.optimizer(model), loader, work.warmup)
     model.load_state_dict(initial)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = work.optimizer(model)
     gc.collect()
 
     busy, own = system_busy_seconds(), time.process_time()
@@ -270,20 +345,28 @@ def measure_once(work: Workload, mode: str, store: Path | None) -> dict[str, flo
         train(model, optimizer, loader, work.steps)
         hook.remove()
         closing = end = time.perf_counter()
-    else:
-        recorder = pk.PathRecorder(model, optimizer, store=store)
+    else:  # "memory", "disk", or "every=<k>": to disk with a snapshot every k steps
+        every = int(mode.split("=")[1]) if mode.startswith("every=") else 1
+        recorder = pk.PathRecorder(model, optimizer, store=store, every=every)
         train(model, optimizer, loader, work.steps, watch=recorder.watch)
         closing = time.perf_counter()
         recorder.close()
         end = time.perf_counter()
         if recorder.steps_recorded != work.steps:
             raise RuntimeError(f"recorded {recorder.steps_recorded} steps, not {work.steps}")
+        if every > 1 and not recorder.path.manifest.get("replayable"):
+            raise RuntimeError(f"the every={every} store is not replayable: not an exact path")
     busy_after, own_after = system_busy_seconds(), time.process_time()
     other_load = float("nan")
     if busy is not None and busy_after is not None:
         other = (busy_after - busy) - (own_after - own)
         other_load = max(0.0, other) / ((end - start) * (os.cpu_count() or 1))
-    return {"seconds": end - start, "close_seconds": end - closing, "other_load": other_load}
+    return {
+        "seconds": end - start,
+        "close_seconds": end - closing,
+        "other_load": other_load,
+        "cpu_seconds": own_after - own,
+    }
 
 
 def measure_in_child(work: Workload, mode: str, store: Path | None) -> dict[str, float]:
@@ -307,7 +390,7 @@ def measure_in_child(work: Workload, mode: str, store: Path | None) -> dict[str,
 def child_main(key: str, mode: str, steps: str, warmup: str, store: str) -> int:
     if os.environ.get(THREADS_ENV):  # --threads, passed on by the parent
         torch.set_num_threads(int(os.environ[THREADS_ENV]))
-    work = workloads()[key]
+    work = all_workloads()[key]
     work.steps, work.warmup = int(steps), int(warmup)
     print(json.dumps(measure_once(work, mode, Path(store) if store else None)))
     return 0
@@ -318,13 +401,21 @@ def child_main(key: str, mode: str, steps: str, warmup: str, store: str) -> int:
 
 @dataclass
 class RunResult:
-    """Timings (seconds per run) of one workload, and the sizes of its disk stores."""
+    """Timings (seconds per run) of one workload by mode, and the sizes of its stores."""
 
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
-    close_seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
-    other_load: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
-    store_bytes: list[int] = field(default_factory=list)
+    modes: tuple[str, ...] = MODES
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    close_seconds: dict[str, list[float]] = field(default_factory=dict)
+    other_load: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
+    store_bytes: dict[str, list[int]] = field(default_factory=dict)  # by the modes with a store
     retried: int = 0
+
+    def __post_init__(self) -> None:
+        tables = (self.seconds, self.close_seconds, self.other_load, self.cpu_seconds)
+        for table in (*tables, self.store_bytes):
+            for mode in self.modes:
+                table.setdefault(mode, [])
 
     def median(self, mode: str) -> float:
         return statistics.median(self.seconds[mode])
@@ -335,20 +426,34 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def writes_store(mode: str) -> bool:
+    """Whether a mode records to a store on disk ("disk", "every=<k>")."""
+    return mode == "disk" or mode.startswith("every=")
+
+
 def measure(
-    work: Workload, repeats: int, retries: int, out_dir: Path, keep: bool, isolate: bool = True
+    work: Workload,
+    repeats: int,
+    retries: int,
+    out_dir: Path,
+    keep: bool,
+    isolate: bool = True,
+    modes: tuple[str, ...] = MODES,
+    progress: bool = False,
 ) -> RunResult:
     """All modes of one workload, ``repeats`` times each in a rotating order.
 
     A measurement during which other processes used more than ``NOISY_LOAD`` of the CPUs
     is taken again, up to ``retries`` times (the last attempt counts). With ``isolate``
     each measurement runs in a fresh process, otherwise in this one (faster to start).
+    With ``progress`` a line is printed after each measurement.
     """
-    result = RunResult()
+    result = RunResult(modes)
     for rep in range(repeats):
-        order = MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]
+        order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
         for mode in order:
-            store = out_dir / f"store-{work.key}-{rep}" if mode == "disk" else None
+            tag = mode.replace("=", "")
+            store = out_dir / f"store-{work.key}-{tag}-{rep}" if writes_store(mode) else None
             for attempt in range(retries + 1):
                 if store is not None and store.exists():
                     shutil.rmtree(store)
@@ -359,9 +464,17 @@ def measure(
                 result.retried += attempt < retries
             result.seconds[mode].append(timing["seconds"])
             result.close_seconds[mode].append(timing["close_seconds"])
+            result.cpu_seconds[mode].append(timing.get("cpu_seconds", float("nan")))
+            if progress:
+                print(
+                    f"  ({work.key} {mode}, repeat {rep + 1}: {timing['seconds']:.1f} s, "
+                    f"{timing['seconds'] / work.steps * 1e3:.2f} ms/step, other CPU "
+                    f"{timing['other_load']:.0%}, load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
             result.other_load[mode].append(timing["other_load"])
             if store is not None:
-                result.store_bytes.append(folder_bytes(store))
+                result.store_bytes[mode].append(folder_bytes(store))
                 if not keep:
                     shutil.rmtree(store)
     return result
@@ -521,7 +634,7 @@ def report(
             "measurement; these timings are unreliable, rerun on a quiet machine"
         )
 
-    store_bytes = statistics.median(result.store_bytes)
+    store_bytes = statistics.median(result.store_bytes["disk"])
     disk = result.median("disk")
     sustained = store_bytes / disk
     disk_rate = max(raw["fsync"], raw.get("direct", 0.0))  # the disk's best durable rate
@@ -561,14 +674,334 @@ def report(
     }
 
 
+# -- sparse snapshots (every=k): recording ------------------------------------------------------
+
+SPARSE_EVERY = (1, 10, 100)
+SPARSE_TARGETS = {10: 1.10, 100: 1.03}  # the issue's: slowdown against the bare loop
+SPARSE_MODES = ("bare",) + tuple(f"every={k}" for k in SPARSE_EVERY)
+
+
+def report_sparse(work: Workload, result: RunResult) -> dict[str, bool]:
+    """Print one workload's every=k table; return its target checks (description -> passed)."""
+    bare = result.median("bare")
+    print(
+        f"\n== {work.name}: {work.n_params:,} parameters ({fmt_bytes(work.param_bytes)}), "
+        f"batch {work.batch_size}, {len(work.make_dataset()):,} examples, {work.steps} steps "
+        f"(+{work.warmup} warm-up), {len(result.seconds['bare'])} repeats, disk mode =="
+    )
+    print(
+        f"{'mode':<10} {'median/step':>12} {'min/step':>10} {'max/step':>10} {'slowdown':>9} "
+        f"{'in close()':>11} {'other CPU':>10} {'store':>11} {'CPU/step':>10} {'CPU ratio':>10}"
+    )
+    bare_cpu = statistics.median(result.cpu_seconds["bare"])
+    for mode in result.modes:
+        per_step = [t / work.steps * 1e3 for t in result.seconds[mode]]
+        close = statistics.median(result.close_seconds[mode])
+        size = result.store_bytes[mode]
+        cpu = statistics.median(result.cpu_seconds[mode])
+        print(
+            f"{mode:<10} {statistics.median(per_step):>9.3f} ms {min(per_step):>7.3f} ms "
+            f"{max(per_step):>7.3f} ms {result.median(mode) / bare:>8.3f}x "
+            f"{close:>9.3f} s {max(result.other_load[mode]):>9.0%} "
+            f"{fmt_bytes(statistics.median(size)) if size else '-':>11} "
+            f"{cpu / work.steps * 1e3:>7.3f} ms {cpu / bare_cpu:>9.3f}x"
+        )
+    print(
+        "(slowdown: median wall time against the bare loop's, the targets' measure; CPU/step, "
+        "CPU ratio: this process's CPU time, all threads, the recorder's writer included: "
+        "what the recording costs in work, less sensitive to other processes than wall time)"
+    )
+    busiest = max(max(loads) for loads in result.other_load.values())
+    if result.retried:
+        print(f"({result.retried} measurement(s) retaken because other processes were busy)")
+    if busiest > NOISY_LOAD:
+        print(
+            f"WARNING: other processes used up to {busiest:.0%} of the CPUs during a "
+            "measurement; these timings are unreliable, rerun on a quiet machine"
+        )
+    checks = {}
+    for every, limit in SPARSE_TARGETS.items():
+        ratio = result.median(f"every={every}") / bare
+        checks[f"every={every} slowdown {ratio:.3f}x <= {limit:.2f}x"] = ratio <= limit
+    return checks
+
+
+# -- sparse snapshots (every=k): explaining --------------------------------------------------------
+
+EXPLAIN_EVERY = (1, 10, 50)
+EXPLAIN_BUDGET = 16 * MiB  # memory_budget of the explainer
+MODEL_COPIES = 10  # "a small multiple of the model": the peak's allowance beyond memory_budget
+EXPLAIN_QUERIES = 10
+
+
+def explain_data() -> tuple[TensorDataset, tuple[torch.Tensor, torch.Tensor]]:
+    """1,500 of scikit-learn's digits (pixels / 16, float64) to train on, the next 10 to query."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float64) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    queries = (x[1500 : 1500 + EXPLAIN_QUERIES], y[1500 : 1500 + EXPLAIN_QUERIES])
+    return TensorDataset(x[:1500], y[:1500]), queries
+
+
+def explain_model(width: int) -> torch.nn.Module:
+    """The seeded float64 MLP 64 -> width -> 10 (Tanh) of the explanation part."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, width), torch.nn.Tanh(), torch.nn.Linear(width, 10)
+    ).double()
+
+
+def explain_record(store: Path, every: int, epochs: int, width: int) -> tuple[torch.nn.Module, int]:
+    """Train the explanation part's MLP (SGD momentum 0.9, lr 0.05, batch 32), recording to
+    ``store`` with a snapshot every ``every`` steps (the same seeds for every ``every``).
+
+    Returns:
+        The trained model and the number of steps recorded.
+    """
+    train_set, _ = explain_data()
+    model = explain_model(width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(
+        train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    with pk.PathRecorder(model, optimizer, store=store, every=every) as recorder:
+        for _ in range(epochs):
+            for x, y in recorder.watch(loader):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+    return model, recorder.steps_recorded
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process (Linux), in bytes."""
+    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in keys:
+                out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+class AnonSampler(threading.Thread):
+    """Samples RssAnon every ``interval`` seconds and keeps the maximum."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = proc_status()["RssAnon"]
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, proc_status()["RssAnon"])
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        self.peak = max(self.peak, proc_status()["RssAnon"])
+        return self.peak
+
+
+def explain_child(spec: dict) -> dict:
+    """Time ``attribute`` of the queries on one store and measure its peak memory.
+
+    The explainer is made first; then VmHWM is reset to the current RSS (writing "5" to
+    /proc/self/clear_refs) and a thread samples RssAnon (VmHWM also counts the store's
+    memory-mapped, file-backed pages). Peaks are returned with the baselines just before.
+    """
+    if os.environ.get(THREADS_ENV):
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
+    import warnings
+
+    train_set, (qx, qy) = explain_data()
+    model = explain_model(spec["width"])
+    path = pk.TrainingPath.load(spec["store"])
+    path.load_into(model)
+    explainer = pk.PathKernelInfluence(
+        model,
+        train_set,
+        path,
+        torch.nn.CrossEntropyLoss(),
+        memory_budget=spec["budget"],
+        show_progress=False,
+    )
+    gc.collect()
+    before = proc_status()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS now
+    sampler = AnonSampler()
+    sampler.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        busy, own = system_busy_seconds(), time.process_time()
+        start = time.perf_counter()
+        dec = explainer.attribute(qx, target=qy)
+        seconds = time.perf_counter() - start
+        busy_after, own_after = system_busy_seconds(), time.process_time()
+    peak_anon = sampler.stop()
+    after = proc_status()
+    other_load = float("nan")
+    if busy is not None and busy_after is not None:
+        other = (busy_after - busy) - (own_after - own)
+        other_load = max(0.0, other) / (seconds * (os.cpu_count() or 1))
+    if spec.get("save"):
+        torch.save(dec.contributions, spec["save"])
+    return {
+        "seconds": seconds,
+        "other_load": other_load,
+        "peak": after["VmHWM"] - before["VmRSS"],
+        "peak_anon": peak_anon - before["RssAnon"],
+        "max_delta": float(dec.delta.abs().max()),
+        "warnings": sorted({type(w.message).__name__ for w in caught}),
+    }
+
+
+# glibc malloc: blocks of 64 KiB and more get a map of their own, given back when freed, so that
+# the resident peak counts the memory live at once rather than what the C heap keeps
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def explain_in_child(spec: dict, env: dict[str, str] | None = None) -> dict:
+    """`explain_child` in a fresh Python process (``env``: extra environment variables)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--explain-child", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode:
+        raise RuntimeError(f"explanation {spec['store']} failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def explain_part(out_dir: Path, repeats: int, quick: bool) -> dict[str, bool]:
+    """Explanation time of every=10 (and 50) against every=1, agreement, peak memory."""
+    epochs, width = (1, 64) if quick else (4, 256)
+    model = explain_model(width)
+    n_params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    stores = {k: out_dir / f"explain-every{k}" for k in EXPLAIN_EVERY}
+    finals = {}
+    for every, store in stores.items():
+        if store.exists():
+            shutil.rmtree(store)
+        trained, steps = explain_record(store, every, epochs, width)
+        finals[every] = trained.state_dict()
+    same = max(
+        float((finals[k][n] - finals[1][n]).abs().max()) for k in EXPLAIN_EVERY for n in finals[1]
+    )
+    print(
+        f"\n== explanation: digits MLP 64-{width}-10 Tanh, float64, {n_params:,} parameters "
+        f"({fmt_bytes(model_bytes)}), 1,500 training digits, batch 32, {epochs} epoch(s) = "
+        f"{steps} steps, SGD momentum 0.9 lr 0.05; attribute() of {EXPLAIN_QUERIES} queries, "
+        f"memory_budget {fmt_bytes(EXPLAIN_BUDGET)}; each in a fresh process, "
+        f"{repeats} repeat(s) rotated =="
+    )
+    print(
+        f"(the stores come from identically seeded runs: final weights equal to {same:.1e}; "
+        "peaks are above the RSS just before attribute())"
+    )
+    runs: dict[int, list[dict]] = {k: [] for k in EXPLAIN_EVERY}
+    live: dict[int, list[dict]] = {1: [], 50: []}  # the same with LIVE_MALLOC
+    saved = {k: out_dir / f"contributions-every{k}.pt" for k in EXPLAIN_EVERY}
+    configs = [(k, False) for k in EXPLAIN_EVERY] + [(1, True), (50, True)]
+    for rep in range(repeats):
+        for every, with_live in configs[rep % 5 :] + configs[: rep % 5]:
+            spec = {"store": str(stores[every]), "width": width, "budget": EXPLAIN_BUDGET}
+            if with_live:
+                live[every].append(explain_in_child(spec, LIVE_MALLOC))
+                continue
+            if rep == 0:
+                spec["save"] = str(saved[every])
+            runs[every].append(explain_in_child(spec))
+    contributions = {k: torch.load(f) for k, f in saved.items()}
+    base = statistics.median(r["seconds"] for r in runs[1])
+
+    def peak(every: int, key: str = "both", table: dict | None = None) -> float:
+        """Median peak above the RSS before attribute(); "both": the larger of the two."""
+        keys = ("peak", "peak_anon") if key == "both" else (key,)
+        found = runs if table is None else table
+        return max(statistics.median(r[k] for r in found[every]) for k in keys)
+
+    print(
+        f"{'every':<6} {'store':>10} {'attribute':>10} {'min':>8} {'max':>8} {'vs every=1':>11} "
+        f"{'peak VmHWM':>11} {'peak anon':>10} {'+models':>8} {'other CPU':>10} "
+        f"{'rel. diff':>10}  warnings"
+    )
+    for every in EXPLAIN_EVERY:
+        times = [r["seconds"] for r in runs[every]]
+        beyond = (peak(every) - peak(1)) / model_bytes
+        diff = contributions[every] - contributions[1]
+        rel = float(diff.norm() / contributions[1].norm())
+        names = sorted({w for r in runs[every] for w in r["warnings"]}) or ["-"]
+        print(
+            f"{every:<6} {fmt_bytes(folder_bytes(stores[every])):>10} "
+            f"{statistics.median(times):>8.2f} s {min(times):>6.2f} s {max(times):>6.2f} s "
+            f"{statistics.median(times) / base:>10.2f}x {fmt_bytes(peak(every, 'peak')):>11} "
+            f"{fmt_bytes(peak(every, 'peak_anon')):>10} {beyond:>+8.1f} "
+            f"{max(r['other_load'] for r in runs[every]):>9.0%} {rel:>10.1e}  {', '.join(names)}"
+        )
+    print(
+        "(attribute: median wall time; peak VmHWM / anon: median peak above the RSS just before "
+        "attribute(), all resident pages / anonymous ones (sampled every 10 ms); +models: the "
+        f"larger of the two beyond every=1's, in copies of the model ({fmt_bytes(model_bytes)}); "
+        f"rel. diff: ||C_k - C_1||_F / ||C_1||_F of the {EXPLAIN_QUERIES} x 1,500 contributions)"
+    )
+    print(
+        "the same with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (glibc gives "
+        "blocks of 64 KiB and more back when freed: the peak counts live memory, not what "
+        "the C heap keeps):"
+    )
+    for every in live:
+        times = [r["seconds"] for r in live[every]]
+        beyond = (peak(every, table=live) - peak(1, table=live)) / model_bytes
+        print(
+            f"{every:<6} {'':>10} {statistics.median(times):>8.2f} s {min(times):>6.2f} s "
+            f"{max(times):>6.2f} s {statistics.median(times) / base:>10.2f}x "
+            f"{fmt_bytes(peak(every, 'peak', live)):>11} "
+            f"{fmt_bytes(peak(every, 'peak_anon', live)):>10} {beyond:>+8.1f}"
+        )
+    ratio = statistics.median(r["seconds"] for r in runs[10]) / base
+    ratio50 = statistics.median(r["seconds"] for r in runs[50]) / base
+    print(
+        f"explanation time every=10 / every=1 = {ratio:.2f}x, every=50 / every=1 = "
+        f"{ratio50:.2f}x (reported, no target)"
+    )
+    limit = EXPLAIN_BUDGET + MODEL_COPIES * model_bytes
+    extra = MODEL_COPIES * model_bytes
+    agree = max(
+        float((contributions[k] - contributions[1]).norm() / contributions[1].norm())
+        for k in EXPLAIN_EVERY
+    )
+    return {
+        f"every=50 peak {fmt_bytes(peak(50))} <= memory_budget + {MODEL_COPIES} models = "
+        f"{fmt_bytes(limit)}": peak(50) <= limit,
+        f"every=50 peak beyond every=1's {fmt_bytes(peak(50) - peak(1))} <= {MODEL_COPIES} "
+        f"models = {fmt_bytes(extra)}": peak(50) - peak(1) <= extra,
+        f"every=10, 50 agree with every=1 to {agree:.1e} <= 1e-9 (float64)": agree <= 1e-9,
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="timed steps per measurement for both models "
-        "(default: 4000 for the digits MLP, 400 for the 1M MLP; a tenth with --quick)",
+        help="timed steps per measurement for every model of the recording parts "
+        "(default: 4000 for the digits MLP, 400 for the 1M MLPs, 200 for the 25M MLP; a tenth "
+        "with --quick)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=(*PARTS, "all"),
+        default=["overhead"],
+        help="what to measure: 'overhead' (the default run: every=1 in all modes), 'sparse' "
+        "(disk mode at every=1, 10, 100 against the bare loop, 1M and 25M MLPs), 'explain' "
+        "(attribute() time of every=1, 10, 50 stores, their agreement, the peak memory), "
+        "'all'",
     )
     parser.add_argument(
         "--repeats",
@@ -602,6 +1035,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads 1 on 2 cores leaves the store's writer thread a core of its own",
     )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--explain-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -609,6 +1043,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(*args.child)
+    if args.explain_child:
+        print(json.dumps(explain_child(json.loads(args.explain_child))))
+        return 0
+    parts = PARTS if "all" in args.parts else tuple(p for p in PARTS if p in args.parts)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ[THREADS_ENV] = str(args.threads)  # for the measurement processes
@@ -628,35 +1066,72 @@ def main(argv: list[str] | None = None) -> int:
         f"pk_attrib recorder benchmark: torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, out dir {out_dir}"
     )
-    print(
-        "plain SGD lr 0.1, every=1; wall time per step; the recording modes time "
-        f"PathRecorder(...) through close();\neach measurement runs in "
-        f"{'this process (--quick)' if args.quick else 'a fresh process'}"
-        ", modes rotated per repeat, after warm-up steps"
-    )
+    print_load("start")
     started = time.perf_counter()
-    checks: list[tuple[Workload, str, bool]] = []
+    checks: list[tuple[str, str, bool, bool]] = []  # (what, check, passed, a target)
     try:
-        for work in workloads(args.steps, args.quick).values():
-            result = measure(work, repeats, retries, out_dir, args.keep, isolate=not args.quick)
-            raw = raw_throughput(out_dir, int(statistics.median(result.store_bytes)), repeats)
-            floor = fresh_memory_floor(work.param_bytes, work.steps, repeats)
-            checks += [(work, check, ok) for check, ok in report(work, result, raw, floor).items()]
+        if "overhead" in parts:
+            print(
+                "\n# overhead: plain SGD lr 0.1, every=1; wall time per step; the recording modes "
+                f"time PathRecorder(...) through close();\neach measurement runs in "
+                f"{'this process (--quick)' if args.quick else 'a fresh process'}"
+                ", modes rotated per repeat, after warm-up steps"
+            )
+            for work in workloads(args.steps, args.quick).values():
+                result = measure(work, repeats, retries, out_dir, args.keep, not args.quick)
+                store_bytes = int(statistics.median(result.store_bytes["disk"]))
+                raw = raw_throughput(out_dir, store_bytes, repeats)
+                floor = fresh_memory_floor(work.param_bytes, work.steps, repeats)
+                target = work.key == TARGET_WORKLOAD
+                checks += [
+                    (work.name, check, ok, target)
+                    for check, ok in report(work, result, raw, floor).items()
+                ]
+            print_load("after overhead")
+        if "sparse" in parts:
+            print(
+                "\n# sparse: disk mode with a snapshot every k steps (PathRecorder(..., "
+                "every=k)) against the bare loop, SGD momentum 0.9 (replayable: the stores are "
+                "exact);\nwall time per step through close(), each measurement in "
+                f"{'this process (--quick)' if args.quick else 'a fresh process'}, modes "
+                "rotated per repeat, after warm-up steps"
+            )
+            for work in sparse_workloads(args.steps, args.quick).values():
+                result = measure(
+                    work, repeats, retries, out_dir, args.keep, not args.quick, SPARSE_MODES, True
+                )
+                checks += [
+                    (work.name, check, ok, True)
+                    for check, ok in report_sparse(work, result).items()
+                ]
+                print_load(f"after {work.name}")
+        if "explain" in parts:
+            explained = explain_part(out_dir, repeats, args.quick)
+            checks += [("explanation", check, ok, True) for check, ok in explained.items()]
+            print_load("after explanation")
     finally:
         if remove_out_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
-    print("targets (the 1M MLP; the digits MLP is shown for information only):")
+    print("targets (the overhead part's digits MLP is shown for information only):")
     if args.quick:
-        print("  (--quick: a tenth of the steps in one process; a smoke run, not a verdict)")
+        print("  (--quick: a tenth of the steps, few repeats; a smoke run, not a verdict)")
     passed = True
-    for work, check, ok in checks:
-        target = work.key == TARGET_WORKLOAD
+    for what, check, ok, target in checks:
         passed &= ok or not target
         verdict = ("PASS" if ok else "FAIL") + ("" if target else " (info)")
-        print(f"  {verdict:<11} {work.name}: {check}")
+        print(f"  {verdict:<11} {what}: {check}")
     return 0 if passed else 1
+
+
+def print_load(when: str) -> None:
+    """Print the load average (1, 5, 15 minutes) against the number of CPUs."""
+    one, five, fifteen = os.getloadavg()
+    print(
+        f"load average ({when}): {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
