@@ -95,6 +95,7 @@ class Kinks:
         self.integ = integrator
         self.kinds: list[bool] | None = None  # per captured quantity: a max-pooling?
         self.unconverged = 0  # queries given up (steps with one are in integ.unconverged)
+        self.cuts: dict[int, list[float]] = {}  # the last step's split points, per query
 
     @property
     def fm(self) -> FunctionalModel:
@@ -197,6 +198,7 @@ class Kinks:
         omega = torch.tensor(omega / 2, dtype=fm.dtype, device=fm.device)
         phi = phi.clone()
         failing = [int(j) for j in (~ok).nonzero()[:, 0]]
+        self.cuts = {}
         settled, nodes = self._at_once(w, delta, failing, phi, change, tol, x, omega, q)
         failing = [j for j in failing if j not in settled]
         # per query: its pieces [a, b, f(a), f(b), ∫_a^b ∇f dt, error], and those to refine
@@ -266,6 +268,7 @@ class Kinks:
             else:
                 continue
             break
+        self.cuts.update({j: [p[0] for p in pieces[j][1:]] for j in pieces})
         if todo:
             self.unconverged += len(todo)
             self.integ.unconverged.append(step)
@@ -320,6 +323,8 @@ class Kinks:
             torch.arange(m, device=fm.device), where
         )
         phi[index[passed]] = candidate[passed]
+        for k in passed.nonzero()[:, 0].tolist():
+            self.cuts[failing[k]] = [b for j, _, b in pieces if j == k][:-1]
         counts = torch.bincount(where, minlength=m)
         nodes = max(q, NODES * int(counts[passed].max())) if bool(passed.any()) else q
         return {failing[k] for k in passed.nonzero()[:, 0].tolist()}, nodes
