@@ -40,6 +40,16 @@ query's label.
     recorded path, checkpoint mode on the 10 files, and Captum's
     ``TracInCP.self_influence()`` (sample-wise gradients) on the same files.
 
+(f) ReLU MLP: adaptive vs ``quadrature=2`` (``--kinks`` runs this part alone). A float64
+    MLP 64 -> 32 -> 10 with **ReLU** on the same 1,500 digits, SGD lr 0.1, batch 32, 14
+    epochs (658 steps), the same 100 queries: ``attribute()`` with the default adaptive
+    quadrature (which splits each query's step where its ReLUs switch) against fixed
+    ``quadrature=2``, with the max relative delta of each and the QuadratureWarnings raised.
+    Target: adaptive time / ``quadrature=2`` time <= 3, adaptive max relative delta <= 1e-8,
+    no QuadratureWarning. For information, the same for a float64 ReLU/MaxPool CNN (conv
+    1 -> 8, ReLU, max-pool 2, conv 8 -> 16, ReLU, max-pool 2, linear 64 -> 10; 160 steps of
+    batch 32, same data and queries), one timed run each.
+
 Every time is the median of ``--repeats`` rounds after one untimed warm-up round; each
 round runs all contenders of a part once, in rotating order, so that changing background
 load hits them alike. The load average is printed before and after: on a shared machine
@@ -52,8 +62,9 @@ Run from the repository root::
     python benchmarks/bench_speed.py --quick    # smoke run (300 train, 2 epochs, 20 queries)
     python benchmarks/bench_speed.py --profile  # also cProfile one exact-mode attribute()
     python benchmarks/bench_speed.py --threads 1 --repeats 5
+    python benchmarks/bench_speed.py --kinks    # part (f) alone (a few minutes)
 
-The exit status is 0 when both targets pass and 1 otherwise.
+The exit status is 0 when every target of the parts run passes and 1 otherwise.
 """
 
 from __future__ import annotations
@@ -93,6 +104,9 @@ SEED = 0
 AGREEMENT_TOL = 1e-5
 MIN_CHECKPOINT_SPEEDUP = 2.0
 MAX_EXACT_OVERHEAD = 1.5
+MAX_KINK_RATIO = 3.0  # (f): adaptive over quadrature=2 on the ReLU MLP
+KINK_EPOCHS = 14  # (f): 658 steps
+CNN_STEPS = 160
 
 
 @dataclass
@@ -472,6 +486,128 @@ def bench_self_influence(run: Trained, cfg: Config) -> None:
     print(f"    checkpoint mode vs Captum: max relative difference {diff:.1e}")
 
 
+# -- (f) kinks: a ReLU MLP and a ReLU/MaxPool CNN, adaptive vs quadrature=2 -------------------
+
+
+def make_relu_mlp() -> torch.nn.Module:
+    """The 64 -> 32 -> 10 ReLU MLP of part (f), float64."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10)
+    ).double()
+
+
+def make_relu_cnn() -> torch.nn.Module:
+    """The ReLU/MaxPool CNN of part (f), float64 (8x8 digits, 1,706 parameters)."""
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8, 8)),
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    ).double()
+
+
+def train_float64(cfg: Config, make: Callable, epochs: int, max_steps: int | None = None):
+    """Train in float64 with SGD (lr 0.1, batch 32), recording every step in memory."""
+    x, y = digits()
+    x = x.double()
+    train_set = TensorDataset(x[: cfg.n_train], y[: cfg.n_train])
+    torch.manual_seed(SEED)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(
+        train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
+    )
+    recorder = pk.PathRecorder(model, optimizer, store=None)
+    steps = 0
+    for _ in range(epochs):
+        for xb, yb in recorder.watch(loader):
+            optimizer.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            optimizer.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        if max_steps is not None and steps >= max_steps:
+            break
+    recorder.close()
+    model.eval()
+    queries = x[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    targets = y[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    return model, train_set, recorder.path, queries, targets
+
+
+def kink_case(model, train_set, path, queries, targets, quadrature) -> Measurement:
+    """One attribute() with this quadrature: (seconds, (decomposition, QuadratureWarnings))."""
+    explainer = pk.PathKernelInfluence(
+        model,
+        train_set,
+        path,
+        torch.nn.CrossEntropyLoss(),
+        quadrature=quadrature,
+        show_progress=False,
+    )
+
+    def attribute():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pk.QuadratureWarning)
+            dec = explainer.attribute(queries, target=targets)
+        return dec, sum(w.category is pk.QuadratureWarning for w in caught)
+
+    return wall(attribute)
+
+
+def print_kink_result(name: str, seconds: float, result) -> None:
+    """One line of part (f): time, max relative delta, warnings, nodes per step."""
+    dec, warned = result
+    nodes = dec.diagnostics.nodes.double()
+    print(
+        f"    {name:<28s} {seconds * 1e3:9.1f} ms  max relative delta "
+        f"{float(dec.relative_delta.max()):.1e}  QuadratureWarnings {warned}  nodes per step "
+        f"mean {float(nodes.mean()):.2f} max {int(nodes.max())}  query gradients "
+        f"{dec.diagnostics.query_gradients}"
+    )
+
+
+def bench_kinks(cfg: Config) -> bool:
+    """Part (f): adaptive vs quadrature=2 on a ReLU MLP (target) and a ReLU/MaxPool CNN."""
+    print("\n(f) kinks: adaptive vs quadrature=2, float64 ReLU MLP 64-32-10")
+    start = time.perf_counter()
+    epochs = KINK_EPOCHS if cfg is DEFAULT else cfg.epochs
+    run = train_float64(cfg, make_relu_mlp, epochs)
+    print(f"    trained {len(run[2])} steps in {time.perf_counter() - start:.1f} s")
+    timed = interleaved_medians(
+        {
+            "adaptive (default)": kink_case(*run, "adaptive"),
+            "quadrature=2": kink_case(*run, 2),
+        },
+        cfg.repeats,
+    )
+    for name, (seconds, result) in timed.items():
+        print_kink_result(name, seconds, result)
+    (adaptive, (dec, warned)), (fixed, _) = timed.values()
+    ratio = adaptive / fixed
+    worst = float(dec.relative_delta.max())
+    passed = ratio <= MAX_KINK_RATIO and worst <= 1e-8 and warned == 0
+    print(
+        f"    ratio {ratio:.2f} (target <= {MAX_KINK_RATIO}); adaptive max relative delta "
+        f"{worst:.1e} (target <= 1e-8), {warned} QuadratureWarning(s) (target 0)"
+    )
+    print(f"    (f) {'PASS' if passed else 'FAIL'}")
+    print(f"\n(f) for information: float64 ReLU/MaxPool CNN, one run each")
+    start = time.perf_counter()
+    cnn = train_float64(cfg, make_relu_cnn, 100, CNN_STEPS if cfg is DEFAULT else 20)
+    print(f"    trained {len(cnn[2])} steps in {time.perf_counter() - start:.1f} s")
+    for name, quadrature in (("adaptive (default)", "adaptive"), ("quadrature=2", 2)):
+        print_kink_result(name, *kink_case(*cnn, quadrature)())
+    return passed
+
+
 def print_load(label: str) -> None:
     """Print the 1-minute load average against the core count."""
     load = os.getloadavg()[0]
@@ -492,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also (d): part (b) on a 167k-parameter MLP 64-512-256-10, 10 queries (minutes)",
     )
+    parser.add_argument(
+        "--kinks", action="store_true", help="only (f): ReLU MLP and CNN, adaptive vs q=2"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -507,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {cfg.repeats} after a warm-up"
     )
     print_load("load average at start")
+    if args.kinks:
+        passed = bench_kinks(cfg)
+        print_load("\nload average at end")
+        print(f"\noverall: {'PASS' if passed else 'FAIL'}")
+        return 0 if passed else 1
     with tempfile.TemporaryDirectory(prefix="pk_bench_speed_") as folder:
         start = time.perf_counter()
         run = train(cfg, Path(folder))
@@ -521,8 +665,9 @@ def main(argv: list[str] | None = None) -> int:
             large = train(large_cfg, Path(folder), make_large_mlp)
             print(f"    trained {len(large.path)} steps in {time.perf_counter() - start:.1f} s")
             bench_exact_mode(large, large_cfg, False, part="d")  # information: no target
+    passed_f = bench_kinks(cfg)
     print_load("\nload average at end")
-    overall = passed_a and passed_b
+    overall = passed_a and passed_b and passed_f
     print(f"\noverall: {'PASS' if overall else 'FAIL'}")
     return 0 if overall else 1
 
