@@ -599,7 +599,7 @@ def bench_kinks(cfg: Config) -> bool:
         f"{worst:.1e} (target <= 1e-8), {warned} QuadratureWarning(s) (target 0)"
     )
     print(f"    (f) {'PASS' if passed else 'FAIL'}")
-    print(f"\n(f) for information: float64 ReLU/MaxPool CNN, one run each")
+    print("\n(f) for information: float64 ReLU/MaxPool CNN, one run each")
     start = time.perf_counter()
     cnn = train_float64(cfg, make_relu_cnn, 100, CNN_STEPS if cfg is DEFAULT else 20)
     print(f"    trained {len(cnn[2])} steps in {time.perf_counter() - start:.1f} s")

@@ -96,6 +96,7 @@ class Kinks:
         self.kinds: list[bool] | None = None  # per captured quantity: a max-pooling?
         self.unconverged = 0  # queries given up (steps with one are in integ.unconverged)
         self.cuts: dict[int, list[float]] = {}  # the last step's split points, per query
+        self.captured_bytes = 0  # what one forward pass captures (known after the first)
 
     @property
     def fm(self) -> FunctionalModel:
@@ -109,8 +110,10 @@ class Kinks:
         return target
 
     def _chunks(self, p: int) -> list[slice]:
+        """Points per vmapped call: their parameters, gradients and captured quantities."""
         fm = self.fm
-        size = max(1, fm.memory_budget // max(1, 6 * fm.d * fm.dtype.itemsize))
+        per_point = 6 * fm.d * fm.dtype.itemsize + 3 * self.captured_bytes
+        size = max(1, fm.memory_budget // max(1, per_point))
         return [slice(a, a + size) for a in range(0, p, size)]
 
     def switches(self, w: torch.Tensor) -> bool:
@@ -150,6 +153,11 @@ class Kinks:
                 index = rows[part]
                 parts.append(mapped(act, passive, take(integ.inputs, index), take(target, index)))
         self.kinds = kinds
+        if parts:
+            first = parts[0]
+            self.captured_bytes = sum(
+                t[0].numel() * t.element_size() for t in (*first[1], *first[2])
+            )
         f = torch.cat([p[0] for p in parts])
         values = [torch.cat([p[1][k] for p in parts]) for k in range(len(kinds))]
         pools = iter([torch.cat([p[2][j] for p in parts]) for j in range(sum(kinds))])
@@ -199,6 +207,8 @@ class Kinks:
         phi = phi.clone()
         failing = [int(j) for j in (~ok).nonzero()[:, 0]]
         self.cuts = {}
+        if not failing:  # (a rank of a sharded sweep whose queries all passed)
+            return phi, q
         settled, nodes = self._at_once(w, delta, failing, phi, change, tol, x, omega, q)
         failing = [j for j in failing if j not in settled]
         # per query: its pieces [a, b, f(a), f(b), ∫_a^b ∇f dt, error], and those to refine
