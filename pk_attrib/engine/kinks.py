@@ -50,7 +50,7 @@ NODES = 2  # Gauss–Legendre nodes per piece
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # where a step's switches are looked for first
 ROUNDS = 16  # refinements of a step before its query is given up (QuadratureWarning)
 MAX_PIECES = 256  # pieces of one query's step
-ITERATIONS = 12  # Illinois iterations per switch
+ITERATIONS = 8  # Illinois iterations per switch (then the checks decide)
 
 
 class SwitchCapture(TorchFunctionMode):
@@ -228,8 +228,11 @@ class Kinks:
             f3 = f.reshape(-1, 3).tolist()
             # 2. the switches bracketed by (a, middle) and (middle, b), 3. located
             lo = torch.arange(len(ts)).reshape(-1, 3)[:, :2].reshape(-1)
-            found = self._switches(values, argmax, lo, lo + 1)
-            bracket, roots, f_roots = self._locate(w, delta, ts, rows, found)
+            bracket, kk, i1, i2, g_lo, g_hi = self._switches(values, argmax, lo, lo + 1)
+            at = _point(bracket)
+            roots, f_roots = self._locate(
+                w, delta, ts[at], ts[at + 1], rows[at], kk, i1, i2, g_lo, g_hi
+            )
             by_piece: dict[int, list[tuple[float, float]]] = {}
             for b_, t_, f_ in zip(bracket.tolist(), roots.tolist(), f_roots.tolist(), strict=True):
                 by_piece.setdefault(b_ // 2, []).append((t_, f_))
@@ -307,7 +310,12 @@ class Kinks:
         near = torch.where(at == 0, 2, at - 1)  # the third point of the quadratic
         third = [v[query * g + near] for v in values]
         g_near = _difference(third, kk, i1, i2) if len(kk) else g_lo
-        roots = _quadratic_root(grid[at], grid[at + 1], grid[near], g_lo, g_hi, g_near)
+        roots, curved = _quadratic_root(grid[at], grid[at + 1], grid[near], g_lo, g_hi, g_near)
+        if bool(curved.any()):  # (not a first layer's input) checked by forward passes
+            c = curved.nonzero()[:, 0]
+            who = torch.tensor(failing)[query[c]]
+            args = (kk[c], i1[c], i2[c], g_lo[c], g_hi[c])
+            roots[c] = self._locate(w, delta, grid[at[c]], grid[at[c] + 1], who, *args, roots[c])[0]
         cuts: dict[int, list[float]] = {}
         for k, t in zip(query.tolist(), roots.tolist(), strict=True):
             cuts.setdefault(k, []).append(t)
@@ -333,8 +341,11 @@ class Kinks:
             torch.arange(m, device=fm.device), where
         )
         phi[index[passed]] = candidate[passed]
+        ends: dict[int, list[float]] = {}
+        for k, _, b in pieces:
+            ends.setdefault(k, []).append(b)
         for k in passed.nonzero()[:, 0].tolist():
-            self.cuts[failing[k]] = [b for j, _, b in pieces if j == k][:-1]
+            self.cuts[failing[k]] = ends[k][:-1]
         counts = torch.bincount(where, minlength=m)
         nodes = max(q, NODES * int(counts[passed].max())) if bool(passed.any()) else q
         return {failing[k] for k in passed.nonzero()[:, 0].tolist()}, nodes
@@ -370,35 +381,50 @@ class Kinks:
                 i1, i2 = ia[bracket, o], ib[bracket, o]
                 g_lo = va[bracket, i1] - va[bracket, i2]
                 g_hi = vb[bracket, i1] - vb[bracket, i2]
+                # a tie at an end (a window of dead ReLUs, ...): no crossing between them
+                real = (g_lo > 0) & (g_hi < 0)
+                bracket, i1, i2, g_lo, g_hi = (t[real] for t in (bracket, i1, i2, g_lo, g_hi))
             found.append((bracket, torch.full_like(bracket, k), i1, i2, g_lo, g_hi))
         if not found:
             empty = torch.zeros(0, dtype=torch.int64)
             return empty, empty, empty, empty, empty.to(self.fm.dtype), empty.to(self.fm.dtype)
         return tuple(torch.cat(parts) for parts in zip(*found, strict=True))
 
-    def _locate(self, w, delta, ts, rows, found):
+    def _locate(self, w, delta, lo, hi, who, kk, i1, i2, g_lo, g_hi, guess=None):
         """Where each switch happens: the Illinois method on its quantity, batched.
 
+        Args:
+            w: w_s, (d,).
+            delta: Δ_s, (d,).
+            lo: Where each switch's bracket starts, (m,).
+            hi: Where it ends, (m,).
+            who: Its query, (m,).
+            kk: Its quantity's capture (see `_switches`), (m,).
+            i1: The position of the quantity, (m,).
+            i2: The position subtracted from it, or −1, (m,).
+            g_lo: The quantity at lo, (m,).
+            g_hi: The quantity at hi, on the other side of 0, (m,).
+            guess: A first point to try in each bracket (m,), or None (the secant).
+
         Returns:
-            ``(bracket, t, f)``: per switch its bracket, where it switches, and the explained
-            output there (the last point evaluated).
+            ``(t, f)``: where each switches, and the explained output there (the last point
+            evaluated), (m,) each.
         """
-        bracket, kk, i1, i2, g_lo, g_hi = found
         eps = torch.finfo(self.fm.dtype).eps
-        lo = ts[_point(bracket)]
-        hi = ts[_point(bracket) + 1]
-        who = rows[_point(bracket)]
+        lo, hi, g_lo, g_hi = lo.clone(), hi.clone(), g_lo.clone(), g_hi.clone()
         scale = torch.maximum(g_lo.abs(), g_hi.abs())
         t_root = torch.full_like(lo, float("nan"))
         f_root = torch.full_like(lo, float("nan"))
-        side = torch.zeros_like(bracket)
-        active = torch.ones_like(bracket, dtype=torch.bool)
-        for _ in range(ITERATIONS):
+        side = torch.zeros_like(kk)
+        active = torch.ones_like(kk, dtype=torch.bool)
+        for iteration in range(ITERATIONS):
             idx = active.nonzero()[:, 0]
             if not len(idx):
                 break
             a, b, ga, gb = lo[idx], hi[idx], g_lo[idx], g_hi[idx]
             t = (a * gb - b * ga) / (gb - ga)
+            if iteration == 0 and guess is not None:
+                t = guess
             bad = ~torch.isfinite(t) | (t <= a) | (t >= b)
             t = torch.where(bad, 0.5 * (a + b), t)
             f, values, _ = self.probe(w, delta, t, who[idx])
@@ -414,9 +440,9 @@ class Kinks:
             lo[idx], hi[idx], g_lo[idx], g_hi[idx] = new_a, new_b, new_ga, new_gb
             side[idx] = torch.where(same, 1, -1)
             done = (g.abs() <= 16 * eps * scale[idx]) | (new_b - new_a <= 8 * eps)
-            done |= moved <= 8 * eps
+            done |= moved <= 0.01 * eps**0.5  # (superlinear: t is then much closer)
             active[idx[done]] = False
-        return bracket, t_root, f_root
+        return t_root, f_root
 
 
 def _point(bracket: torch.Tensor) -> torch.Tensor:
@@ -437,10 +463,14 @@ def _difference(values, kk, i1, i2) -> torch.Tensor:
     return out
 
 
-def _quadratic_root(t_lo, t_hi, t_near, g_lo, g_hi, g_near) -> torch.Tensor:
+def _quadratic_root(t_lo, t_hi, t_near, g_lo, g_hi, g_near):
     """The root in (t_lo, t_hi) of the quadratic through three points (g_lo, g_hi: opposite sides).
 
     Where the quadratic has none there (rounding), the secant of the bracket.
+
+    Returns:
+        ``(roots, curved)``: the roots, and whether the quadratic is not a line to rounding
+        (then the root is a guess to check).
     """
     d1 = (g_hi - g_lo) / (t_hi - t_lo)
     d2 = (g_near - g_hi) / (t_near - t_hi)
@@ -454,4 +484,7 @@ def _quadratic_root(t_lo, t_hi, t_near, g_lo, g_hi, g_near) -> torch.Tensor:
     inside = (roots > t_lo) & (roots < t_hi) & torch.isfinite(roots)
     inside[2] = True  # (the secant, last resort)
     first = inside.to(torch.int8).argmax(0)
-    return roots.gather(0, first[None])[0]
+    eps = torch.finfo(g_lo.dtype).eps
+    spread = (t_near - t_lo).abs().maximum((t_near - t_hi).abs())
+    curved = a.abs() * spread**2 > 1024 * eps * (g_lo.abs() + g_hi.abs() + g_near.abs())
+    return roots.gather(0, first[None])[0], curved
