@@ -5,20 +5,26 @@ except at the few t where a unit switches (a ReLU input crosses 0, a pooling win
 moves to another input). Between two switches an L-layer ReLU MLP's output is a polynomial of
 degree ≤ L in t, so 2 Gauss–Legendre nodes per piece integrate its gradient exactly for
 L ≤ 4; one Gauss–Legendre rule over the whole step converges slowly across a switch. Each
-query has its own switches, so the queries whose check fails are handled one by one:
+query has its own switches, so the queries whose check fails are handled one by one
+(`Kinks.refine`), first all at once from one set of forward passes (`Kinks._at_once`):
 
-1. forward passes only (no gradients) at the ends and the middle of a piece capture the
-   switching quantities (`SwitchCapture`: the inputs of ``relu``/``leaky_relu`` and of
-   ``max_pool{1,2,3}d`` with their argmax); a quantity whose side differs between two of
-   those points brackets a switch;
-2. the switch is located by the Illinois (regula falsi) method on that quantity, batched
-   over every bracket of every query (forward passes again): a first-layer ReLU input is
-   linear in t, found in one or two passes;
-3. the piece is split there (at its middle if nothing switched: a kink not captured, or a
-   piece too curved for 2 nodes) and each new piece gets 2 Gauss–Legendre nodes;
-4. each piece is checked like a step, f(b) − f(a) against its integral · Δ (the forward
-   passes of 1 and 2 give f at the split points), and the query's whole step as before:
-   pieces whose error exceeds their share of the tolerance are refined again.
+1. forward passes only (no gradients) at t = 0, 1/4, 1/2, 3/4, 1 capture the switching
+   quantities (`SwitchCapture`: the inputs of ``relu``, ``leaky_relu`` and ``abs``, and of
+   ``max_pool{1,2,3}d`` with their argmax); a quantity whose side differs between two
+   neighbouring points brackets a switch;
+2. the switch is placed at the root of the quadratic through the quantity at the bracket's
+   ends and a neighbour: exact for a first layer's input, linear in t. Where the quadratic is
+   not a line to rounding, the root is only a first guess for the Illinois method (regula
+   falsi) on forward passes, batched over every switch of every query;
+3. each piece between switches gets 2 Gauss–Legendre nodes, and the query's step is checked
+   against its exact output change as before.
+
+A query that still fails is refined piece by piece: forward passes at the ends and the
+middle of a piece give f there and its switches, located by the Illinois method; the piece
+is split at them (at its middle if nothing switched: a kink not captured, or a piece too
+curved for 2 nodes); each piece is checked like a step, f(b) − f(a) against its integral · Δ,
+and those whose error exceeds their share of the tolerance are refined again, up to
+``ROUNDS`` times (then the step is reported unconverged: a `QuadratureWarning`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class Quadrature(str, enum.Enum):
 
     - ``ADAPTIVE`` (default): Gauss–Legendre with as many nodes as each step needs for
       φ_s · Δ_s to match the exact output change within ``rtol``. Use it: it is exact and
-      costs 2 nodes on smooth, small steps.
+      costs 2 nodes on smooth, small steps. On a model with ReLUs or max-pooling, a query
+      whose step crosses a switch has its step split there instead, 2 nodes per piece.
     - ``GAUSS``: a fixed number q of Gauss–Legendre nodes (pass ``quadrature=q``); q = 2 is
       accurate for small learning rates and cheaper when the check is not wanted.
     - ``MIDPOINT``: one node at t = 1/2 (Gauss–Legendre q = 1).
