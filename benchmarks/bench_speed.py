@@ -71,6 +71,16 @@ query's label.
     ``_fm.route``; one timed call, it is slow). Agreement of the two: max |difference| / max
     |loop|. Target: attribute time / training time <= 10 for both models (the loop: 30-70x).
 
+(g) ReLU MLP: adaptive vs ``quadrature=2`` (``--parts g`` runs this part alone). A float64
+    MLP 64 -> 32 -> 10 with **ReLU** on the same 1,500 digits, SGD lr 0.1, batch 32, 14
+    epochs (658 steps), the same 100 queries: ``attribute()`` with the default adaptive
+    quadrature (which splits each query's step where its ReLUs switch) against fixed
+    ``quadrature=2``, with the max relative delta of each and the QuadratureWarnings raised.
+    Target: adaptive time / ``quadrature=2`` time <= 3, adaptive max relative delta <= 1e-8,
+    no QuadratureWarning. For information, the same for a float64 ReLU/MaxPool CNN (conv
+    1 -> 8, ReLU, max-pool 2, conv 8 -> 16, ReLU, max-pool 2, linear 64 -> 10; 160 steps of
+    batch 32, same data and queries), one timed run each.
+
 Every time is the median of ``--repeats`` rounds after one untimed warm-up round; each
 round runs all contenders of a part once, in rotating order, so that changing background
 load hits them alike. The load average is printed before and after: on a shared machine
@@ -85,6 +95,7 @@ Run from the repository root::
     python benchmarks/bench_speed.py --threads 1 --repeats 5
     python benchmarks/bench_speed.py --parts e  # only part (e)
     python benchmarks/bench_speed.py --parts f  # only part (f), a few minutes
+    python benchmarks/bench_speed.py --parts g  # only part (g), a few minutes
 
 The exit status is 0 when the targets of the parts run pass and 1 otherwise.
 """
@@ -129,6 +140,9 @@ MAX_EXACT_OVERHEAD = 1.5
 MAX_ROUTE_RATIO = 10.0  # (f): attribute time / training time
 E_QUERIES = 10  # part (e): the issue's "same 10 queries"
 MAX_ROW_ROUTE_RATIO = 1.3
+MAX_KINK_RATIO = 3.0  # (g): adaptive over quadrature=2 on the ReLU MLP
+KINK_EPOCHS = 14  # (g): 658 steps
+CNN_STEPS = 160
 
 
 @dataclass
@@ -700,7 +714,7 @@ def bench_output_fn_rows(run: Trained, cfg: Config) -> bool:
     before = pk.PathKernelInfluence(
         run.model, run.train_set, run.path, torch.nn.CrossEntropyLoss(), show_progress=False
     )
-    before._fm.looped = True  # what a failed vmap made pk_attrib do before: loop per example
+    before._fm.route = "per-example loop"  # what a failed vmap made pk_attrib do before
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pk.PkAttribWarning)
         seconds, _ = wall(lambda: before.attribute(queries, targets, output_fn=margin_one_hot))()
@@ -715,6 +729,127 @@ def bench_output_fn_rows(run: Trained, cfg: Config) -> bool:
     passed = ratio <= MAX_ROW_ROUTE_RATIO and diff <= AGREEMENT_TOL
     print(f"    ratio one_hot / gather {ratio:.2f} (target <= {MAX_ROW_ROUTE_RATIO})")
     print(f"    (e) {'PASS' if passed else 'FAIL'}")
+
+
+# -- (g) kinks: a ReLU MLP and a ReLU/MaxPool CNN, adaptive vs quadrature=2 -------------------
+
+
+def make_relu_mlp() -> torch.nn.Module:
+    """The 64 -> 32 -> 10 ReLU MLP of part (g), float64."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10)
+    ).double()
+
+
+def make_relu_cnn() -> torch.nn.Module:
+    """The ReLU/MaxPool CNN of part (g), float64 (8x8 digits, 1,706 parameters)."""
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8, 8)),
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    ).double()
+
+
+def train_float64(cfg: Config, make: Callable, epochs: int, max_steps: int | None = None):
+    """Train in float64 with SGD (lr 0.1, batch 32), recording every step in memory."""
+    x, y = digits()
+    x = x.double()
+    train_set = TensorDataset(x[: cfg.n_train], y[: cfg.n_train])
+    torch.manual_seed(SEED)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(
+        train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
+    )
+    recorder = pk.PathRecorder(model, optimizer, store=None)
+    steps = 0
+    for _ in range(epochs):
+        for xb, yb in recorder.watch(loader):
+            optimizer.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            optimizer.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        if max_steps is not None and steps >= max_steps:
+            break
+    recorder.close()
+    model.eval()
+    queries = x[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    targets = y[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    return model, train_set, recorder.path, queries, targets
+
+
+def kink_case(model, train_set, path, queries, targets, quadrature) -> Measurement:
+    """One attribute() with this quadrature: (seconds, (decomposition, QuadratureWarnings))."""
+    explainer = pk.PathKernelInfluence(
+        model,
+        train_set,
+        path,
+        torch.nn.CrossEntropyLoss(),
+        quadrature=quadrature,
+        show_progress=False,
+    )
+
+    def attribute():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pk.QuadratureWarning)
+            dec = explainer.attribute(queries, target=targets)
+        return dec, sum(w.category is pk.QuadratureWarning for w in caught)
+
+    return wall(attribute)
+
+
+def print_kink_result(name: str, seconds: float, result) -> None:
+    """One line of part (g): time, max relative delta, warnings, nodes per step."""
+    dec, warned = result
+    nodes = dec.diagnostics.nodes.double()
+    print(
+        f"    {name:<28s} {seconds * 1e3:9.1f} ms  max relative delta "
+        f"{float(dec.relative_delta.max()):.1e}  QuadratureWarnings {warned}  nodes per step "
+        f"mean {float(nodes.mean()):.2f} max {int(nodes.max())}  query gradients "
+        f"{dec.diagnostics.query_gradients}"
+    )
+
+
+def bench_kinks(cfg: Config) -> bool:
+    """Part (g): adaptive vs quadrature=2 on a ReLU MLP (target) and a ReLU/MaxPool CNN."""
+    print("\n(g) kinks: adaptive vs quadrature=2, float64 ReLU MLP 64-32-10")
+    start = time.perf_counter()
+    epochs = KINK_EPOCHS if cfg is DEFAULT else cfg.epochs
+    run = train_float64(cfg, make_relu_mlp, epochs)
+    print(f"    trained {len(run[2])} steps in {time.perf_counter() - start:.1f} s")
+    timed = interleaved_medians(
+        {
+            "adaptive (default)": kink_case(*run, "adaptive"),
+            "quadrature=2": kink_case(*run, 2),
+        },
+        cfg.repeats,
+    )
+    for name, (seconds, result) in timed.items():
+        print_kink_result(name, seconds, result)
+    (adaptive, (dec, warned)), (fixed, _) = timed.values()
+    ratio = adaptive / fixed
+    worst = float(dec.relative_delta.max())
+    passed = ratio <= MAX_KINK_RATIO and worst <= 1e-8 and warned == 0
+    print(
+        f"    ratio {ratio:.2f} (target <= {MAX_KINK_RATIO}); adaptive max relative delta "
+        f"{worst:.1e} (target <= 1e-8), {warned} QuadratureWarning(s) (target 0)"
+    )
+    print(f"    (g) {'PASS' if passed else 'FAIL'}")
+    print("\n(g) for information: float64 ReLU/MaxPool CNN, one run each")
+    start = time.perf_counter()
+    cnn = train_float64(cfg, make_relu_cnn, 100, CNN_STEPS if cfg is DEFAULT else 20)
+    print(f"    trained {len(cnn[2])} steps in {time.perf_counter() - start:.1f} s")
+    for name, quadrature in (("adaptive (default)", "adaptive"), ("quadrature=2", 2)):
+        print_kink_result(name, *kink_case(*cnn, quadrature)())
     return passed
 
 
@@ -740,14 +875,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--parts",
-        default="abcef",
-        help="which parts to run, e.g. 'e' or 'ab' (default: abcef; d comes with --large)",
+        default="abcefg",
+        help="which parts to run, e.g. 'e' or 'ab' (default: abcefg; d comes with --large)",
     )
     args = parser.parse_args(argv)
     parts = set(args.parts) | ({"d"} if args.large else set())
-    unknown = parts - set("abcdef")
+    unknown = parts - set("abcdefg")
     if unknown:
-        parser.error(f"--parts: unknown part(s) {''.join(sorted(unknown))}; valid: a, ..., f")
+        parser.error(f"--parts: unknown part(s) {''.join(sorted(unknown))}; valid: a, ..., g")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Captum's sample-wise path sets requires_grad on the inputs itself and says so each time
@@ -762,8 +897,9 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {cfg.repeats} after a warm-up"
     )
     print_load("load average at start")
-    if parts == {"f"}:  # (it trains its own models)
-        passed = bench_routes(cfg)
+    alone = {"f": bench_routes, "g": bench_kinks}  # (they train their own models)
+    if parts and parts <= set(alone):
+        passed = all([alone[p](cfg) for p in sorted(parts)])
         print_load("\nload average at end")
         print(f"\noverall: {'PASS' if passed else 'FAIL'}")
         return 0 if passed else 1
@@ -789,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
             large = train(large_cfg, Path(folder), make_large_mlp)
             print(f"    trained {len(large.path)} steps in {time.perf_counter() - start:.1f} s")
             bench_exact_mode(large, large_cfg, False, part="d")  # information: no target
+        if "g" in parts:
+            passed.append(bench_kinks(cfg))
     print_load("\nload average at end")
     overall = all(passed)
     print(f"\noverall: {'PASS' if overall else 'FAIL'}")

@@ -40,7 +40,8 @@ class Diagnostics:
         mode: ``"exact"`` or ``"checkpoint"``.
         quadrature: The quadrature rule (``"adaptive"``, ``"left"``, ``"gauss-legendre-q"``).
         dtype: Computation dtype.
-        nodes: Quadrature nodes used per step, int64 (S,).
+        nodes: Quadrature nodes used per step, int64 (S,) (where the adaptive rule split a
+            step at kinks, the most any query used).
         reconstruction_error: ‖Δ_s − Δ̂_s‖ / ‖Δ_s‖ per step, float64 (S,) (empty in
             checkpoint mode, where the optimizer rule is not modelled).
         query_gradients: Per-query gradient evaluations spent (including rejected nodes).

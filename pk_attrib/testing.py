@@ -13,7 +13,7 @@ recursion; the tests compare the two. Use it only on small models and datasets.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -387,6 +387,7 @@ def reference_decomposition(
     loss_reduction: str = "mean",
     output_fn: Callable | None = None,
     replay: bool = False,
+    breaks: Callable[[torch.Tensor, torch.Tensor, int], Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The exact decomposition, computed the slow, obvious way in float64.
 
@@ -411,6 +412,9 @@ def reference_decomposition(
         replay: Credit each example with its term of the step's own batch gradient, the
             batches rerun as training ran them (`replayed_term_gradients`), instead of its
             independent loss gradient (a path with dropout, BatchNorm or a batch loss).
+        breaks: ``breaks(w_s, Δ_s, j)``: the points of (0, 1) where query j's gradient is not
+            smooth along step s (where a ReLU switches, ...). Each piece between them is then
+            integrated with q Gauss–Legendre nodes.
 
     Returns:
         ``contributions`` (n, N), ``weight_decay`` (n,), ``optimizer_state`` (n,) (the
@@ -474,10 +478,13 @@ def reference_decomposition(
                 ref, model, names, path, s, train_dataset, f, n, q, flat[s]
             )  # (n, B) per example of the step, and the whole change (n,)
         phi = torch.zeros(n, d, dtype=torch.float64)
-        for t, om in zip(nodes, weights, strict=True):
-            ref.set(w + t * delta)
-            for j in range(n):
-                phi[j] += om * ref.grad(lambda j=j: f(j))
+        cuts = [[0.0, *sorted(breaks(w, delta, j) if breaks else ()), 1.0] for j in range(n)]
+        for a, b in sorted({piece for c in cuts for piece in zip(c, c[1:], strict=False)}):
+            mine = [j for j in range(n) if (a, b) in zip(cuts[j], cuts[j][1:], strict=False)]
+            for t, om in zip(nodes, weights, strict=True):
+                ref.set(w + (a + (b - a) * t) * delta)
+                for j in mine:
+                    phi[j] += (b - a) * om * ref.grad(lambda j=j: f(j))
         change += phi @ delta
         if follow_buffers:
             shares, moved = buffer_part

@@ -56,6 +56,34 @@ def mlp(dropout=0.0):
     return torch.nn.Sequential(*layers, torch.nn.Linear(32, 10)).to(F64)
 
 
+def relu_path():
+    """A ReLU MLP trained in one process (no process group yet): kinked steps, split per query."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    ).to(F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = train_set()
+    order = torch.Generator().manual_seed(0)
+    loader = DataLoader(data, batch_size=50, shuffle=True, generator=order)
+    with pk.PathRecorder(model, opt) as recorder:
+        for x, y in recorder.watch(loader):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval(), recorder.path
+
+
+def relu_attribute(model, path):
+    """attribute() of 20 queries on the ReLU path: contributions, delta and node counts."""
+    explainer = pk.PathKernelInfluence(
+        model, train_set(), path, torch.nn.CrossEntropyLoss(), show_progress=False
+    )
+    q, y = queries(20)
+    dec = explainer.attribute(q, target=y)
+    return dec.contributions, dec.delta, dec.diagnostics.nodes, dec.diagnostics.query_gradients
+
+
 def optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -157,6 +185,7 @@ def explain_all(explainer):
 def worker(rank, port, folder, data):
     _DIGITS.append(data)
     torch.set_num_threads(1)
+    relu = relu_path()
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -177,6 +206,7 @@ def worker(rank, port, folder, data):
         )
         report["engine"] = type(explainer._engine).__name__
         report.update(explain_all(explainer))
+        report["relu"] = relu_attribute(*relu)
         report["failure"] = _inject_failure(explainer, rank)
         torch.save(report, os.path.join(folder, f"rank{rank}.pt"))
         _inject_death(explainer, rank, folder)

@@ -161,6 +161,19 @@ def test_sharded_scores_equal_one_process(ranks, one_process, rank):
         close(found[key], expected[key], 1e-12)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sharded_kinked_steps_equal_one_process(ranks, rank):
+    """A ReLU MLP: each rank splits its own queries' steps at their kinks; the gathered
+    decomposition and node counts are those of one process holding every query."""
+    contributions, delta, nodes, evals = ranks["reports"][rank]["relu"]
+    want = runs.relu_attribute(*runs.relu_path())
+    close(contributions, want[0], 1e-12)
+    assert int(want[2].max()) > 2  # (steps were split)
+    assert torch.equal(nodes, want[2])
+    assert evals == want[3]
+    assert float(delta.abs().max()) <= 1e-8 * float(want[0].abs().max())
+
+
 def test_a_rank_that_fails_or_dies_stops_the_others(ranks):
     reports = ranks["reports"]
     assert reports[1]["failure"] == ("RuntimeError", "injected failure on rank 1")

@@ -17,6 +17,13 @@ import pk_attrib as pk
 TESTS = Path(__file__).parent
 
 
+class WhereReLU(torch.nn.Module):
+    """max(x, 0) written with torch.where: a kink the adaptive quadrature does not split at."""
+
+    def forward(self, x):
+        return torch.where(x > 0, x, torch.zeros_like(x))
+
+
 def child(code: str) -> subprocess.Popen:
     script = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
     return subprocess.Popen(
@@ -140,11 +147,12 @@ def test_the_captum_methods_warn_when_the_training_set_does_not_rebuild_the_step
 
 
 def test_the_captum_methods_warn_once_where_the_quadrature_ran_out_of_nodes():
-    """A kinked (ReLU) model: attribute() warned, influence() said nothing."""
+    """A model kinked where the quadrature does not split (a ReLU written with torch.where):
+    attribute() warned, influence() said nothing."""
     from test_engine import digits, record, train_set
 
     torch.manual_seed(5)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10)).to(
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), WhereReLU(), torch.nn.Linear(8, 10)).to(
         torch.float64
     )
     data = train_set(n=20)

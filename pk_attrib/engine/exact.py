@@ -456,9 +456,11 @@ def warn_unconverged(steps, where: str, stacklevel: int = 4) -> None:
         return
     steps = sorted(set(steps))
     warnings.warn(
-        f"the adaptive quadrature reached its largest rule ({LADDER[-1]} nodes) without "
-        f"matching the exact output change on {len(steps)} step(s) (first: {steps[:5]}); "
-        "the explained output is probably not smooth there (ReLU, max-pooling, a max, a "
+        f"the adaptive quadrature reached its largest rule ({LADDER[-1]} nodes, or its "
+        "finest split of a step at kinks) without matching the exact output change on "
+        f"{len(steps)} step(s) (first: {steps[:5]}); the explained output is probably not "
+        "smooth there in a way the quadrature does not split at (it splits where a ReLU, "
+        "leaky ReLU, abs or max-pooling switches; not at a max, clamp, torch.where or a "
         f"discontinuity). The remainder is reported in {where}. Such steps cost up to "
         f"{LADDER[-1]} query gradients each: pass quadrature=q (say 4 or 8) to bound the cost, "
         "or use a smooth activation (GELU, SiLU) for an exact decomposition",

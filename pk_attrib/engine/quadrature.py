@@ -17,6 +17,7 @@ import torch
 from ..exceptions import ArgumentError
 from .batches import n_rows
 from .functional import FunctionalModel
+from .kinks import Kinks
 
 # Node counts the adaptive rule climbs through.
 LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -27,7 +28,8 @@ class Quadrature(str, enum.Enum):
 
     - ``ADAPTIVE`` (default): Gauss–Legendre with as many nodes as each step needs for
       φ_s · Δ_s to match the exact output change within ``rtol``. Use it: it is exact and
-      costs 2 nodes on smooth, small steps.
+      costs 2 nodes on smooth, small steps. On a model with ReLUs or max-pooling, a query
+      whose step crosses a switch has its step split there instead, 2 nodes per piece.
     - ``GAUSS``: a fixed number q of Gauss–Legendre nodes (pass ``quadrature=q``); q = 2 is
       accurate for small learning rates and cheaper when the check is not wanted.
     - ``MIDPOINT``: one node at t = 1/2 (Gauss–Legendre q = 1).
@@ -123,6 +125,8 @@ class StepIntegrator:
         # a sweep whose queries are split over ranks (pk_attrib.explain.distributed): they
         # take each decision together (shard.all), as one process holding every query would
         self.shard = shard
+        self._kinks = None  # per-query subdivision at switches (ReLU, max-pooling), if any
+        self._switching: bool | None = None
 
     def _all(self, flags: torch.Tensor) -> bool:
         """Whether every query's flag holds (on every rank, in a sharded sweep)."""
@@ -203,6 +207,17 @@ class StepIntegrator:
             )
         return self._tensors[key]
 
+    def _switches(self, w: torch.Tensor) -> bool:
+        """Whether the model switches (ReLU, max-pooling): then kinks are split per query.
+
+        Decided once, from a forward pass at w (by every rank of a sharded sweep together).
+        """
+        if self._switching is None:
+            self._kinks = Kinks(self)
+            found = self._kinks.switches(w)
+            self._switching = self._all(torch.tensor([found]))
+        return self._switching
+
     def integrate(self, w, delta, exact_change, scale, step: int = -1) -> tuple[torch.Tensor, int]:
         """φ_s (n, d) and the node count used.
 
@@ -244,8 +259,11 @@ class StepIntegrator:
                 phi = self._phi(w, delta, *gauss_legendre(q))
             err = (phi @ d_delta - exact_change).abs()
             tol = torch.maximum(rule.rtol * exact_change.abs(), scale)
-            if self._all(err <= tol):
+            ok = err <= tol
+            if self._all(ok):
                 return phi, q
+            if self._rung == start and self._switches(w):  # kinks: per query, by pieces
+                return self._kinks.refine(phi, ok, w, delta, exact_change, tol, step, q)
             # rounding of φ·Δ itself (a dot product of d terms) bounds what nodes can achieve
             noise = eps * (self.fm.d_active**0.5) * (phi.abs() @ d_delta.abs())
             stalled = previous is not None and not self._all(~(err > 0.5 * previous))

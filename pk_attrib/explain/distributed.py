@@ -293,7 +293,13 @@ class ShardedEngine(Engine):
         spent = torch.tensor([part.diagnostics.query_gradients], dtype=torch.int64)
         spent = self.ranks.gather_rows(spent, what, [1] * self.ranks.size)
         # (the training side and the step check ran whole on every rank)
-        diagnostics = replace(part.diagnostics, query_gradients=int(sum(int(s) for s in spent)))
+        nodes = part.diagnostics.nodes
+        # (a step split at kinks: each rank's queries took their own nodes; report the most)
+        every = self.ranks.gather_rows(nodes[None], what, [1] * self.ranks.size)
+        nodes = torch.cat(every).amax(0) if len(nodes) else nodes
+        diagnostics = replace(
+            part.diagnostics, query_gradients=int(sum(int(s) for s in spent)), nodes=nodes
+        )
         return Decomposition(
             rows(part.contributions),
             rows(part.bias),
