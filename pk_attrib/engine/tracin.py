@@ -161,18 +161,32 @@ def _decompose(engine, inputs, target, output_fn, columns, cache, norms):
                     )
     if columns is not None:
         return contributions
+    return checkpoint_decomposition(
+        engine, inputs, target, output_fn, contributions, query_evals, train_evals
+    )
+
+
+def checkpoint_decomposition(
+    engine: Engine, inputs, target, output_fn, contributions, query_evals, train_evals
+) -> Decomposition:
+    """A checkpoint-mode `Decomposition` from its contributions (n, n_train).
+
+    The end points are evaluated with their checkpoints' buffers; what the contributions do
+    not explain is ``delta`` (checkpoint mode models no optimizer state or decay).
+    """
+    fm, path = engine.fm, engine.p.path
+    S = len(path)
     if S:  # the end points with their checkpoints' buffers
         fm.use_buffers(path.step(S - 1).buffers)
     prediction = engine._forward(fm.flatten(path.final), inputs, target, output_fn)
     if S:
         fm.use_buffers(path.step(0).buffers)
     initial = engine._forward(fm.flatten(path.initial), inputs, target, output_fn)
-    nodes = torch.ones(S, dtype=torch.int64)
     diagnostics = Diagnostics(
         "checkpoint",
         "left",
-        dtype,
-        nodes,
+        fm.dtype,
+        torch.ones(S, dtype=torch.int64),
         torch.zeros(0),
         query_evals,
         train_evals,

@@ -19,13 +19,12 @@ import math
 
 import torch
 
-from ..decomposition import Decomposition, Diagnostics
 from .batches import n_rows
 from .exact import Engine, add_norms
 from .features import FeatureCache
 from .projection import Projector, loss_rows, output_rows
 from .steps import _check_finite, example_weights
-from .tracin import _lr_of, _rates
+from .tracin import _lr_of, _rates, checkpoint_decomposition
 
 BLOCK_BYTES = 16 << 20  # cached training features are kept in blocks of at most this
 
@@ -125,6 +124,7 @@ def decompose(
 
 def _decompose(engine, train, inputs, target, output_fn, columns, queries, norms):
     fm, path, p = engine.fm, engine.p.path, engine.p
+    fm.routes.clear()  # (diagnostics: the routes this sweep takes)
     n, S = n_rows(inputs), len(path)
     first, last = columns if columns is not None else (0, engine.n_train)
     contributions = torch.zeros(n, last - first, dtype=fm.dtype, device=fm.device)
@@ -181,34 +181,9 @@ def _decompose(engine, train, inputs, target, output_fn, columns, queries, norms
     _check_finite(contributions, "contributions", None, path)
     if columns is not None:
         return contributions
-    if S:  # the end points with their checkpoints' buffers
-        fm.use_buffers(path.step(S - 1).buffers)
-    prediction = engine._forward(fm.flatten(path.final), inputs, target, output_fn)
-    if S:
-        fm.use_buffers(path.step(0).buffers)
-    initial = engine._forward(fm.flatten(path.initial), inputs, target, output_fn)
-    nodes = torch.ones(S, dtype=torch.int64)
     train_evals = train.evaluations - before
-    diagnostics = Diagnostics(
-        "checkpoint",
-        "left",
-        fm.dtype,
-        nodes,
-        torch.zeros(0),
-        query_evals,
-        train_evals,
-        fm.route or "vmap",
-    )
-    zero = torch.zeros_like(initial)
-    terms = {
-        "initial": initial,
-        "weight_decay": zero,
-        "optimizer_state": zero.clone(),
-        "unexplained": zero.clone(),
-    }
-    explained = contributions.sum(1)
-    return Decomposition(
-        contributions, initial, prediction, prediction - initial - explained, terms, diagnostics
+    return checkpoint_decomposition(
+        engine, inputs, target, output_fn, contributions, query_evals, train_evals
     )
 
 
