@@ -26,6 +26,7 @@ from ..engine.scores import negative_loss
 from ..exceptions import ArgumentError, UnsupportedError
 from . import arguments, data
 from .distributed import split
+from .influence import captum_result
 
 # A `PathKernelInfluence` (not imported: its module imports this one).
 PathKernelInfluence = Any
@@ -184,14 +185,7 @@ def _influence(explainer, inputs, k, proponents, aggregate):
                 full.append(block)
             else:
                 top.append(block)
-    if aggregate:
-        if k is None:
-            return total[None]
-        found = torch.topk(total, min(int(k), n_train), largest=proponents)
-        return KMostInfluentialResults(found.indices[None], found.values[None])
-    if k is None:
-        return torch.cat(full)
-    return KMostInfluentialResults(torch.cat([t[0] for t in top]), torch.cat([t[1] for t in top]))
+    return captum_result(total, full if k is None else top, k, proponents, aggregate)
 
 
 def _top(k: int, largest: bool, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,10 +157,29 @@ def influence(
         explainer._problem.show_progress = previous
         if explainer._features is not None:
             explainer._features.flush()
+    return captum_result(total, results, k, proponents, aggregate)
+
+
+def captum_result(
+    total: torch.Tensor, results: list, k: int | None, proponents: bool, aggregate: bool
+) -> torch.Tensor | KMostInfluentialResults:
+    """What Captum's ``influence`` returns, from scores gathered batch by batch.
+
+    Args:
+        total: (n_train,) the scores summed over every query (used with ``aggregate``).
+        results: Per batch of queries, its (m, n_train) scores (``k`` None) or its
+            ``(indices, values)``, each (m, k).
+        k: Top-k, or None for every score.
+        proponents: The k highest (else lowest).
+        aggregate: Return the one row of ``total`` (its top-k with ``k``).
+
+    Returns:
+        (n, n_train) or (1, n_train) scores, or `KMostInfluentialResults` of (n or 1, k).
+    """
     if aggregate:
         if k is None:
             return total[None]
-        top = torch.topk(total, min(int(k), n_train), largest=proponents)
+        top = torch.topk(total, min(int(k), total.shape[0]), largest=proponents)
         return KMostInfluentialResults(top.indices[None], top.values[None])
     if k is None:
         return torch.cat(results)
