@@ -108,7 +108,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -126,6 +125,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pk_attrib as pk
+
+from _memory import AnonSampler, proc_status, reset_peak  # (benchmarks/ is on sys.path)
 
 from pk_attrib.engine.factorized import make_projector
 from pk_attrib.engine.functional import FunctionalModel
@@ -267,53 +268,6 @@ def synthetic(n_train: int, n_queries: int) -> tuple[TensorDataset, torch.Tensor
     x = torch.randn(n_train + n_queries, IN_FEATURES, generator=gen)
     y = (x @ teacher).argmax(1)
     return TensorDataset(x[:n_train], y[:n_train]), x[n_train:], y[n_train:]
-
-
-def proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes."""
-    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in keys:
-                out[name] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-class AnonSampler(threading.Thread):
-    """Samples RssAnon every ``interval`` seconds and keeps the maximum.
-
-    Every ``every`` seconds it also calls ``tick`` (the probe prints its progress, so that a
-    parent that times the child out still learns the peak so far).
-    """
-
-    def __init__(self, interval: float = 0.02, tick=None, every: float = 5.0):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = proc_status()["RssAnon"]
-        self._done = threading.Event()
-        self.tick, self.every = tick, every
-
-    def run(self) -> None:
-        last = time.perf_counter()
-        while not self._done.wait(self.interval):
-            self.peak = max(self.peak, proc_status()["RssAnon"])
-            if self.tick is not None and time.perf_counter() - last >= self.every:
-                last = time.perf_counter()
-                self.tick()
-
-    def stop(self) -> int:
-        self._done.set()
-        self.join()
-        self.peak = max(self.peak, proc_status()["RssAnon"])
-        return self.peak
 
 
 class StopAfterChunks(Exception):

@@ -109,7 +109,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,6 +122,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pk_attrib as pk
+from _memory import AnonSampler, proc_status, reset_peak  # (benchmarks/ is on sys.path)
+
 from pk_attrib.record.diskio import _anonymous_map  # page-aligned memory, for the O_DIRECT raw rate
 
 MODES = ("bare", "copy", "memory", "disk")
@@ -775,38 +776,6 @@ def explain_record(store: Path, every: int, epochs: int, width: int) -> tuple[to
     return model, recorder.steps_recorded
 
 
-def proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process (Linux), in bytes."""
-    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in keys:
-                out[name] = int(value.split()[0]) * 1024
-    return out
-
-
-class AnonSampler(threading.Thread):
-    """Samples RssAnon every ``interval`` seconds and keeps the maximum."""
-
-    def __init__(self, interval: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = proc_status()["RssAnon"]
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            self.peak = max(self.peak, proc_status()["RssAnon"])
-
-    def stop(self) -> int:
-        self._done.set()
-        self.join()
-        self.peak = max(self.peak, proc_status()["RssAnon"])
-        return self.peak
-
-
 def explain_child(spec: dict) -> dict:
     """Time ``attribute`` of the queries on one store and measure its peak memory.
 
@@ -832,9 +801,8 @@ def explain_child(spec: dict) -> dict:
     )
     gc.collect()
     before = proc_status()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS now
-    sampler = AnonSampler()
+    reset_peak()  # VmHWM := VmRSS now
+    sampler = AnonSampler(interval=0.01)
     sampler.start()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
