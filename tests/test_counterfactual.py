@@ -23,14 +23,7 @@ N, BATCH, STEPS = 16, 8, 12
 H = 1e-6  # the finite-difference step in ε (see test_equals_finite_differences_of_retraining)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared machine a second intra-op thread only waits (the
-    file takes 12 s on one thread, and ran 100 s on two with other jobs running)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=1)
