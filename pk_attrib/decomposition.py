@@ -58,8 +58,13 @@ class Diagnostics:
             ``"batched forward + row VJP"`` (the function could not be vmapped: one batched
             forward, its output gradient by autograd, the model's vector-Jacobian product per
             row), ``"one example at a time"`` (the model could not be batched at all:
-            ``gradient_route`` is ``"per-example loop"``) or
-            ``"replayed batch + row VJP"`` (the steps' batches rerun, `replay`).
+            ``gradient_route`` is ``"per-example loop"``),
+            ``"replayed batch + row VJP"`` (the steps' batches rerun, `replay`) or, for
+            the training losses of models whose per-example gradients of a step pass 4 MiB,
+            ``"layer factors from a batched pass"`` (Linear, Conv1D, Embedding and Conv2d
+            layers read off one batched forward and backward pass, their per-example
+            gradients never formed; ``"; other parameters: ..."`` follows with the route
+            of the rest).
     """
 
     mode: str

@@ -29,6 +29,7 @@ from ..exceptions import (
 )
 from .batches import n_rows
 from .buffers import MovingBuffers
+from .example_grads import DenseGrads, StepGrads
 from .features import FeatureCache
 from .outputs import OutputFn, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
@@ -88,6 +89,8 @@ class Engine(TrainingSteps):
         self.replay_why = ""
         # a sweep whose work is split over ranks (pk_attrib.explain.distributed), while it runs
         self.shard = None
+        # how each step's per-example gradients are held (dense, or by layer for large models)
+        self.step_grads = StepGrads(self.fm, problem.loss_fn, self._batch, self.n_train)
 
     def _moving_buffers(self) -> MovingBuffers | None:
         """The buffers' part of each step, when the path's buffers move (BatchNorm)."""
@@ -217,12 +220,19 @@ class Engine(TrainingSteps):
             step = path.step(s)
             if moving is not None:  # the weights' part of the step, at the buffers after it
                 fm.use_buffers(moving.at(s + 1))
+            by_layer = (
+                not kernel
+                and projector is None
+                and self.replay is None
+                and self.step_grads.by_layer(step)
+            )
             if columns is None and s not in flat:  # integrate a block of steps in one call
                 # shrink the block while steps keep needing more nodes (their share is wasted)
                 size = max(1, size // 2) if integrator.climbs > climbs else min(block, 2 * size)
                 climbs = integrator.climbs
                 steps = list(range(max(0, s - size + 1), s + 1))
                 batched = not kernel and projector is None and self.replay is None
+                batched = batched and not by_layer  # (one batched pass per step instead)
                 if batched:  # their training gradients, too
                     held = 0
                     for k in range(len(steps) - 1, -1, -1):
@@ -280,21 +290,26 @@ class Engine(TrainingSteps):
                 )
                 step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
                 continue
-            if self.replay is not None:  # the terms of the step's own batch gradient
-                grads = self.replayed_terms(step, w_full, keep)
+            held = self.step_grads.layer_grads(w_full, indices + first) if by_layer else None
+            if held is not None:  # (factors of the layers, dense gradients of the rest)
+                pass
+            elif self.replay is not None:  # the terms of the step's own batch gradient
+                held = DenseGrads(self.replayed_terms(step, w_full, keep))
             elif kernel:
                 jac, dloss = fm.loss_jacobians(w_full, self._batch(indices + first), p.loss_fn)
-                grads = torch.einsum("bc,bcd->bd", dloss, jac)
+                held = DenseGrads(torch.einsum("bc,bcd->bd", dloss, jac))
             elif s in train_grads:
-                grads = train_grads.pop(s)
+                held = DenseGrads(train_grads.pop(s))
             else:
-                grads = fm.loss_grads(w_full, self._batch(indices + first), p.loss_fn)
-            _check_finite(grads, "training gradient", s, self.p.path)
+                held = DenseGrads(fm.loss_grads(w_full, self._batch(indices + first), p.loss_fn))
+            _check_finite(held.finite_probe(), "training gradient", s, self.p.path)
             train_evals += len(indices)
-            signed = grads if _is_one(sign) else grads * sign
-            contributions.index_add_(1, indices.to(device), -(v @ signed.T) * kappa)
+            signed_v = v if _is_one(sign) else v * sign  # (σ on the (n, d) side)
+            scores = held.dot(signed_v)
+            _check_finite(scores, "training gradient dot product", s, self.p.path)
+            contributions.index_add_(1, indices.to(device), -scores * kappa)
             if norms is not None:
-                add_norms(norms, indices.to(device), kappa, (v * v).sum(1), (grads * grads).sum(1))
+                add_norms(norms, indices.to(device), kappa, (v * v).sum(1), held.squared_norms())
             if not _is_zero(lam):
                 sums.decay -= v @ (lam * w)
             if kernel:
@@ -306,7 +321,8 @@ class Engine(TrainingSteps):
                 kern.index_add_(1, indices.to(device), k_step)
                 weights_num.index_add_(1, indices.to(device), -k_step * dloss[None])
             if columns is None and reconstruct:
-                effective = kappa @ signed  # Σ_j κ_j σ g_j, for the reconstruction check
+                effective = held.weighted_sum(kappa)  # Σ_j κ_j σ g_j, for the step check
+                effective = effective if _is_one(sign) else effective * sign
                 rounding = None
                 if self.replay is not None and self.replay.interacting:
                     # rows that interact (BatchNorm): checked with the batch's own gradient,

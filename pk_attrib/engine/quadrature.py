@@ -16,6 +16,7 @@ import torch
 
 from ..exceptions import ArgumentError
 from .batches import n_rows
+from .example_grads import QueryLayers
 from .functional import FunctionalModel
 from .kinks import Kinks
 
@@ -127,6 +128,8 @@ class StepIntegrator:
         self.shard = shard
         self._kinks = None  # per-query subdivision at switches (ReLU, max-pooling), if any
         self._switching: bool | None = None
+        # the node gradients by layer, for large models (`example_grads.QueryLayers`)
+        self._layers = QueryLayers(fm, inputs, target, output_fn)
 
     def _all(self, flags: torch.Tensor) -> bool:
         """Whether every query's flag holds (on every rank, in a sharded sweep)."""
@@ -140,7 +143,18 @@ class StepIntegrator:
             target: Their targets, (n',), or None.
         """
         self.inputs, self.target = inputs, target
+        self._layers.inputs, self._layers.target = inputs, target
         self._prefetched.clear()
+
+    def _grads(self, points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k ω_gk ∇f(x; points[g·q + k]) per group and query, (g, n, d); (n, d) for (q,)."""
+        if self._layers.usable(points[0], n_rows(self.inputs)):
+            grads = self._layers.grads(points, weights if weights.dim() == 2 else weights[None])
+            return grads if weights.dim() == 2 else grads[0]
+        grads, _ = self.fm.output_grads(
+            points, self.inputs, self.target, self.output_fn, weights=weights
+        )
+        return grads
 
     def first_rule(self) -> tuple[tuple[float, ...], tuple[float, ...], int]:
         """Nodes, weights and node count the next step is tried with first."""
@@ -171,9 +185,7 @@ class StepIntegrator:
         t, om = self._rule_tensors(nodes, weights)
         points = torch.cat([w + t[:, None] * delta for w, delta in segments])
         grid = om.expand(len(segments), -1)
-        phis, _ = self.fm.output_grads(
-            points, self.inputs, self.target, self.output_fn, weights=grid
-        )
+        phis = self._grads(points, grid)
         self.evaluations += len(steps) * q * n_rows(self.inputs)
         for k, step in enumerate(steps):
             self._prefetched[step] = (phis[k], q)
@@ -189,9 +201,7 @@ class StepIntegrator:
         for a in range(0, len(nodes), per_node):
             t, om = self._rule_tensors(nodes[a : a + per_node], weights[a : a + per_node])
             points = torch.addcmul(w[None], t[:, None], delta[None])  # (one allocation)
-            part, _ = self.fm.output_grads(
-                points, self.inputs, self.target, self.output_fn, weights=om
-            )
+            part = self._grads(points, om)
             del points
             phi = part if phi is None else phi + part
         self.evaluations += len(nodes) * n

@@ -1,0 +1,378 @@
+"""A step's per-example training gradients, held densely or as each layer's factors.
+
+The exact sweep needs three things of the gradients g_j of a step's examples: their dot
+products with the queries' adjoints, v · g_j (the contributions); their weighted sum
+Σ_j κ_j g_j (the step check); and, for cosine scores, ‖g_j‖². `DenseGrads` holds them as one
+(m, d_active) matrix, as `FunctionalModel.loss_grads` gives them. `LayerGrads` never forms
+them for the layers of `engine.layers` (Linear, Conv1D, Embedding, Conv2d): example j's
+gradient of such a layer is Σ_t u_t v_tᵀ (`engine.factors`), so
+
+    v · g_j = Σ_t u_tᵀ V v_t        (V: the adjoint's part on the layer, as a matrix)
+
+is one matrix product over the batch, and the weighted sum is Σ_j κ_j Σ_t u_t v_tᵀ — for a
+large model a fraction of the memory traffic of writing and reading B copies of d numbers.
+The other parameters keep dense per-example gradients. Both compute the same numbers (up to
+the order of the sums); `per_step_grads` chooses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .batches import n_rows
+from .factors import LayerFactors, capture, example_losses, squared_norms, verify_layers
+from .functional import FunctionalModel
+from .layers import Layer, find_layers
+from .outputs import NotBatchFirst
+
+# the intermediate (n, m, T, rows) of a layer's dot products is formed in slices of at most
+# this many elements (32 MiB in float64)
+SLICE_ELEMENTS = 1 << 22
+# models whose per-example gradients of a step are smaller than this take the dense route:
+# their vmap calls batch several steps at once, and one capture per step costs more
+LAYER_ROUTE_BYTES = 4 << 20
+# the route's name in `Diagnostics.routes`
+LAYERS = "layer factors from a batched pass"
+
+
+class DenseGrads:
+    """The per-example gradients as one matrix.
+
+    Args:
+        grads: (m, d_active).
+    """
+
+    def __init__(self, grads: torch.Tensor):
+        self.grads = grads
+
+    def dot(self, v: torch.Tensor) -> torch.Tensor:
+        """The dot products v · g_j, (n, m), of each row of v (n, d_active) and each example."""
+        return v @ self.grads.T
+
+    def weighted_sum(self, kappa: torch.Tensor) -> torch.Tensor:
+        """Σ_j κ_j g_j, (d_active,). ``kappa``: (m,)."""
+        return kappa @ self.grads
+
+    def squared_norms(self) -> torch.Tensor:
+        """‖g_j‖², (m,)."""
+        return (self.grads * self.grads).sum(1)
+
+    def finite_probe(self) -> torch.Tensor:
+        """A tensor that is finite exactly when every gradient is (a 0-dim sum)."""
+        return self.grads.sum()
+
+
+class LayerGrads:
+    """The per-example gradients as each layer's factors and the rest's dense gradients.
+
+    Args:
+        found: The factors `factors.capture` read off one batched pass.
+        layers: The layers they were captured for.
+        rest: The other active parameters, in flat-vector order (``found.rest`` holds their
+            per-example gradients).
+        offsets: Active parameter name -> (first coordinate, size) in the flat vectors.
+        d_active: The flat vectors' length.
+    """
+
+    def __init__(
+        self,
+        found: LayerFactors,
+        layers: list[Layer],
+        rest: list[str],
+        offsets: dict[str, tuple[int, int]],
+        d_active: int,
+    ):
+        self.found, self.layers, self.rest = found, layers, rest
+        self.offsets, self.d_active = offsets, d_active
+
+    def _part(self, v: torch.Tensor, name: str) -> torch.Tensor:
+        a, size = self.offsets[name]
+        return v[:, a : a + size]
+
+    def dot(self, v: torch.Tensor) -> torch.Tensor:
+        """The dot products v · g_j, (n, m), of each row of v (n, d_active) and each example."""
+        out = None
+        for layer in self.layers:
+            weight = self._part(v, layer.weight)
+            bias = None if layer.bias is None else self._part(v, layer.bias)
+            for u, w in self.found.factors[layer.key]:
+                term = _weight_dot(weight, layer.rows, layer.cols, u, w)
+                if bias is not None:  # a column Σ_t u_t (side "v") or a row Σ_t v_t ("u")
+                    side = u if layer.bias_side == "v" else w
+                    term = term + bias @ side.sum(1).T
+                out = term if out is None else out + term
+        if self.rest:
+            rest = torch.cat([self._part(v, name) for name in self.rest], 1)
+            term = rest @ self.found.rest.T
+            out = term if out is None else out + term
+        return out
+
+    def weighted_sum(self, kappa: torch.Tensor) -> torch.Tensor:
+        """Σ_j κ_j g_j, (d_active,). ``kappa``: (m,)."""
+        first = next(iter(self.found.factors.values()))[0][1]
+        total = torch.zeros(self.d_active, dtype=first.dtype, device=first.device)
+        for layer in self.layers:
+            a, size = self.offsets[layer.weight]
+            weight = total[a : a + size].view(layer.rows, layer.cols)
+            bias = None
+            if layer.bias is not None:
+                b, nb = self.offsets[layer.bias]
+                bias = total[b : b + nb]
+            for u, w in self.found.factors[layer.key]:
+                weighted = w * kappa[:, None, None]
+                if u.dtype == torch.int64:  # token ids: rows of the embedding
+                    weight.index_add_(0, u.reshape(-1), weighted.reshape(-1, layer.cols))
+                else:
+                    weight += torch.einsum("btr,btc->rc", u, weighted)
+                if bias is not None:
+                    side = u if layer.bias_side == "v" else w
+                    bias += kappa @ side.sum(1)
+        if self.rest:
+            summed = kappa @ self.found.rest
+            k = 0
+            for name in self.rest:
+                a, size = self.offsets[name]
+                total[a : a + size] = summed[k : k + size]
+                k += size
+        return total
+
+    def squared_norms(self) -> torch.Tensor:
+        """‖g_j‖², (m,)."""
+        return squared_norms(self.found, self.layers)
+
+    def finite_probe(self) -> torch.Tensor:
+        """A tensor that is finite exactly when every gradient is (a 0-dim sum).
+
+        The factors' sums: a gradient Σ_t u_t v_tᵀ is finite when its factors are (and
+        overflows are caught where the dot products are checked).
+        """
+        sums = [
+            t.sum()
+            for pairs in self.found.factors.values()
+            for pair in pairs
+            for t in pair
+            if t.dtype != torch.int64
+        ]
+        if self.found.rest is not None:
+            sums.append(self.found.rest.sum())
+        return torch.stack(sums).sum()
+
+
+def _weight_dot(part: torch.Tensor, rows: int, cols: int, u: torch.Tensor, w: torch.Tensor):
+    """Σ_t u_tᵀ V_q w_t for each query q and example b, (n, m).
+
+    Args:
+        part: The adjoints' coordinates of the layer's weight, (n, rows·cols) (a slice of
+            the flat vectors: not copied).
+        rows: The weight's rows as a matrix.
+        cols: Its columns.
+        u: (m, T, rows) floating, or (m, T) token ids (the one-hot rows).
+        w: (m, T, cols).
+    """
+    n = part.shape[0]
+    weight = part.view(n, rows, cols)  # V_q (a view: the slice's rows are contiguous)
+    m, t = w.shape[0], w.shape[1]
+    if not m:
+        return part.new_zeros(n, 0)
+    if u.dtype == torch.int64:  # V_q's row of each token, against w_t
+        size = max(1, SLICE_ELEMENTS // max(1, n * t * cols))
+        return torch.cat(
+            [
+                torch.einsum("qbtc,btc->qb", weight[:, u[a : a + size]], w[a : a + size])
+                for a in range(0, m, size)
+            ],
+            1,
+        )
+    # the cheaper of forming each example's gradient Σ_t u_t w_tᵀ (m·T·rows·cols, then
+    # n·m·rows·cols) and contracting V_q with w_t first (n·m·T·rows·cols)
+    if t > 1 and n * t > n + t:
+        grads = torch.einsum("btr,btc->brc", u, w).reshape(m, rows * cols)
+        return part @ grads.T
+    size = max(1, SLICE_ELEMENTS // max(1, n * t * rows))
+    parts = []
+    for a in range(0, m, size):
+        wa, ua = w[a : a + size], u[a : a + size]
+        k = wa.shape[0]
+        vw = torch.matmul(weight, wa.reshape(k * t, cols).T)  # V_q w_t, (n, rows, k·T)
+        parts.append((vw * ua.reshape(k * t, rows).T).reshape(n, rows, k, t).sum((1, 3)))
+    return torch.cat(parts, 1)
+
+
+class StepGrads:
+    """Chooses, once per engine, how a step's per-example gradients are held.
+
+    Args:
+        fm: The functional model.
+        loss_fn: The training loss.
+        batch_of: ``indices -> (inputs..., labels)``: the training examples, cast.
+        n_train: The number of training examples.
+    """
+
+    def __init__(self, fm: FunctionalModel, loss_fn: Callable, batch_of: Callable, n_train: int):
+        self.fm, self.loss_fn, self.batch_of, self.n_train = fm, loss_fn, batch_of, n_train
+        self.plan: tuple[list[Layer], list[str]] | None = None
+        self.offsets = self.offsets_of(fm)
+
+    @staticmethod
+    def offsets_of(fm: FunctionalModel) -> dict[str, tuple[int, int]]:
+        """Active parameter name -> (first coordinate, size) in the flat vectors."""
+        offsets, a = {}, 0
+        for name, size in zip(fm.active_names, fm.sizes, strict=False):
+            offsets[name] = (a, size)
+            a += size
+        return offsets
+
+    def by_layer(self, step) -> bool:
+        """Whether the step's examples take the layer route (decided on the first step asked).
+
+        They do for models whose per-example gradients of a step pass `LAYER_ROUTE_BYTES`
+        and that have layers whose captured factors rebuild autograd's gradients on two
+        examples (`factors.verify_layers`, at the step's weights).
+
+        Args:
+            step: A `Step` of the path (its batch's indices and weights).
+        """
+        fm = self.fm
+        if len(step.indices) * fm.d_active * fm.dtype.itemsize < LAYER_ROUTE_BYTES:
+            return False
+        if self.plan is None:
+            layers, rest = find_layers(fm)
+            if self.n_train < 2:  # (one example cannot show how rows group into examples)
+                layers = []
+            if layers:
+                two = self.batch_of(torch.arange(2))
+                w = fm.flatten(step.params)
+                layers, rest = verify_layers(fm, w, two, self.loss_fn, layers, rest)
+            self.plan = (layers, rest)
+        return bool(self.plan[0])
+
+    def layer_grads(self, w: torch.Tensor, indices: torch.Tensor) -> LayerGrads | None:
+        """The examples' gradients at w by layer (None when this batch cannot be captured).
+
+        Args:
+            w: Flat parameters, (d,).
+            indices: The examples' dataset indices, (m,).
+        """
+        fm = self.fm
+        layers, rest = self.plan
+        if len(indices) < 1:
+            return None
+        *inputs, labels = self.batch_of(indices)
+        fm.routes.pop("loss_fn", None)  # (set again by the rest's gradients, if any)
+        try:
+            found = capture(
+                fm,
+                w,
+                inputs,
+                example_losses(fm, labels, self.loss_fn),
+                layers,
+                rest,
+                lambda names: fm.loss_grads(w, (*inputs, labels), self.loss_fn, names=names),
+            )
+        except (NotBatchFirst, ValueError):  # (a layer called without the batch first)
+            return None
+        # (diagnostics: the layers from one batched pass; the rest's route, if any)
+        others = fm.routes.get("loss_fn")
+        others = f"; other parameters: {others}" if others else ""
+        fm.routes["loss_fn"] = LAYERS + others
+        return LayerGrads(found, layers, rest, self.offsets, fm.d_active)
+
+
+class QueryLayers:
+    """The queries' weighted node gradients Σ_k ω_k ∇f(x; p_k) by layer, for large models.
+
+    The quadrature needs, for each query and step, Σ_k ω_k ∇_w f(x; w_s + t_k Δ_s) as a flat
+    (d,) vector. By vmap each node's gradient is formed for every query, then weighted and
+    copied into the flat vector; here each node is one batched forward and backward pass of
+    the queries, and each layer's term Σ_k ω_k Σ_t u_t v_tᵀ is added straight into the
+    flat vector (Linear: a batched product of the captured output gradients and inputs).
+    Used when one node's query gradients pass `LAYER_ROUTE_BYTES` and the layers' captured
+    terms rebuild autograd's gradients of the explained outputs (checked on the first call).
+
+    Args:
+        fm: The functional model.
+        inputs: The queries' inputs, each (n, ...).
+        target: Their targets, (n,), or None.
+        output_fn: The explained quantity, acting row by row (`FunctionalModel.check_rows`).
+    """
+
+    def __init__(self, fm: FunctionalModel, inputs, target, output_fn):
+        self.fm, self.inputs, self.target, self.output_fn = fm, inputs, target, output_fn
+        self.plan: tuple[list[Layer], list[str]] | None = None
+        self.offsets = StepGrads.offsets_of(fm)
+
+    def usable(self, w: torch.Tensor, n: int) -> bool:
+        """Whether to take this route for n queries (decided on the first call, at w (d,))."""
+        fm = self.fm
+        if n < 1 or n * fm.d_active * fm.dtype.itemsize < LAYER_ROUTE_BYTES:
+            return False
+        if self.plan is None:
+            layers, rest = find_layers(fm)
+            fm.check_rows(self.output_fn, w, self.inputs, self.target)
+            try:
+                probe = capture(fm, w, self.inputs, self._scalars, layers, check=True)
+                layers = [x for x in layers if x.key not in probe.failed]
+            except NotBatchFirst:  # (outputs without a row per query)
+                layers = []
+            covered = {name for layer in layers for name in layer.names}
+            self.plan = (layers, [name for name in fm.active_names if name not in covered])
+        return bool(self.plan[0])
+
+    def _scalars(self, outputs) -> torch.Tensor:
+        return self.output_fn(outputs, self.target).reshape(-1)
+
+    def grads(self, points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k ω_gk ∇_w f(x; points[g·q + k]) for each group g and query, (g, n, d_active).
+
+        Args:
+            points: Flat parameters, (g·q, d).
+            weights: (g, q) quadrature weights.
+        """
+        fm = self.fm
+        layers, rest = self.plan
+        groups, q = weights.shape
+        n = n_rows(self.inputs)
+        out = torch.zeros(groups, n, fm.d_active, dtype=fm.dtype, device=fm.device)
+        route = None
+        for g in range(groups):
+            flat = out[g]
+            for k in range(q):
+                w, omega = points[g * q + k], float(weights[g, k])
+                found = capture(fm, w, self.inputs, self._scalars, layers)
+                for layer in layers:
+                    self._add_layer(flat, layer, found.factors[layer.key], omega)
+                if rest:
+                    part, _ = fm.output_grads(
+                        w[None], self.inputs, self.target, self.output_fn, names=rest
+                    )
+                    route = fm.routes.get("output_fn")
+                    self._add_rest(flat, rest, part[0], omega)
+        fm.routes["output_fn"] = LAYERS + (f"; other parameters: {route}" if route else "")
+        return out
+
+    def _add_layer(self, flat: torch.Tensor, layer: Layer, pairs, omega: float) -> None:
+        """flat[:, layer] += ω Σ_t u_t v_tᵀ (and the folded bias), in place."""
+        n = flat.shape[0]
+        a, size = self.offsets[layer.weight]
+        weight = flat[:, a : a + size].view(n, layer.rows, layer.cols)
+        bias = None
+        if layer.bias is not None:
+            b, nb = self.offsets[layer.bias]
+            bias = flat[:, b : b + nb]
+        for u, w in pairs:
+            if u.dtype == torch.int64:  # token ids: rows of the embedding
+                rows = torch.arange(n, device=u.device)[:, None].expand_as(u)
+                weight.index_put_((rows, u), w * omega, accumulate=True)
+            else:
+                weight.baddbmm_(u.transpose(1, 2), w, alpha=omega)
+            if bias is not None:
+                bias.add_((u if layer.bias_side == "v" else w).sum(1), alpha=omega)
+
+    def _add_rest(self, flat, rest: list[str], grads: torch.Tensor, omega: float) -> None:
+        k = 0
+        for name in rest:
+            a, size = self.offsets[name]
+            flat[:, a : a + size].add_(grads[:, k : k + size], alpha=omega)
+            k += size
