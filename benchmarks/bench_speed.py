@@ -32,9 +32,11 @@ query's label.
     timed (building node parameters and gathering batches is not). Target: exact-mode wall
     time / bare time <= 1.5.
 
-(d) With ``--large``, for information (the target is part (b)'s), part (b) again on a
-    167k-parameter MLP 64 -> 512 -> 256 -> 10 (Tanh), trained the same way, 10 queries
-    (a few minutes).
+(d) With ``--large``, part (b) again on a 167k-parameter MLP 64 -> 512 -> 256 -> 10 (Tanh),
+    trained the same way, 10 queries (a few minutes). Its per-example gradients of a step
+    (32 x 167k float32, 21 MB) pass 4 MiB, so exact mode holds them as each Linear layer's
+    factors (``diagnostics.routes``: "layer factors from a batched pass"), and the queries'
+    node gradients too. Target (issue 20): the same ratio <= 1.5.
 
 (c) For information, ``self_influence()`` of every training example: exact mode on the
     recorded path, checkpoint mode on the 10 files, and Captum's
@@ -478,10 +480,9 @@ def bench_exact_mode(run: Trained, cfg: Config, profile: bool, part: str = "b") 
     print(f"    {bare_name:<40s} {bare * 1e3:9.1f} ms")
     ratio = seconds / bare
     passed = ratio <= MAX_EXACT_OVERHEAD
-    goal = f"target <= {MAX_EXACT_OVERHEAD}" if part == "b" else "information"
-    print(f"    ratio {ratio:.2f} ({goal})")
-    if part == "b":
-        print(f"    (b) {'PASS' if passed else 'FAIL'}")
+    print(f"    routes {diag.routes}")
+    print(f"    ratio {ratio:.2f} (target <= {MAX_EXACT_OVERHEAD})")
+    print(f"    ({part}) {'PASS' if passed else 'FAIL'}")
     if profile:
         print("\n    cProfile of one exact-mode attribute():")
         with warnings.catch_warnings():
@@ -924,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             large = train(large_cfg, Path(folder), make_large_mlp)
             print(f"    trained {len(large.path)} steps in {time.perf_counter() - start:.1f} s")
-            bench_exact_mode(large, large_cfg, False, part="d")  # information: no target
+            passed.append(bench_exact_mode(large, large_cfg, False, part="d"))
         if "g" in parts:
             passed.append(bench_kinks(cfg))
     print_load("\nload average at end")

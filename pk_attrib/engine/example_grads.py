@@ -334,45 +334,55 @@ class QueryLayers:
         layers, rest = self.plan
         groups, q = weights.shape
         n = n_rows(self.inputs)
-        out = torch.zeros(groups, n, fm.d_active, dtype=fm.dtype, device=fm.device)
+        # every coordinate is written: the layers' by one product of all nodes' factors
+        out = torch.empty(groups, n, fm.d_active, dtype=fm.dtype, device=fm.device)
         route = None
         for g in range(groups):
             flat = out[g]
-            for k in range(q):
-                w, omega = points[g * q + k], float(weights[g, k])
-                found = capture(fm, w, self.inputs, self._scalars, layers)
-                for layer in layers:
-                    self._add_layer(flat, layer, found.factors[layer.key], omega)
-                if rest:
-                    part, _ = fm.output_grads(
-                        w[None], self.inputs, self.target, self.output_fn, names=rest
-                    )
-                    route = fm.routes.get("output_fn")
-                    self._add_rest(flat, rest, part[0], omega)
+            omegas = [float(x) for x in weights[g]]
+            found = [
+                capture(fm, points[g * q + k], self.inputs, self._scalars, layers) for k in range(q)
+            ]
+            for layer in layers:
+                pairs = [
+                    (u, w, omega)
+                    for f, omega in zip(found, omegas, strict=True)
+                    for u, w in f.factors[layer.key]
+                ]
+                self._write_layer(flat, layer, pairs)
+            for name in rest:  # (the rest's gradients by vmap, node by node)
+                flat[:, slice(*self._span(name))].zero_()
+            for k in range(q if rest else 0):
+                part, _ = fm.output_grads(
+                    points[g * q + k][None], self.inputs, self.target, self.output_fn, names=rest
+                )
+                route = fm.routes.get("output_fn")
+                at = 0
+                for name in rest:
+                    a, b = self._span(name)
+                    flat[:, a:b].add_(part[0][:, at : at + b - a], alpha=omegas[k])
+                    at += b - a
         fm.routes["output_fn"] = LAYERS + (f"; other parameters: {route}" if route else "")
         return out
 
-    def _add_layer(self, flat: torch.Tensor, layer: Layer, pairs, omega: float) -> None:
-        """flat[:, layer] += ω Σ_t u_t v_tᵀ (and the folded bias), in place."""
+    def _span(self, name: str) -> tuple[int, int]:
+        a, size = self.offsets[name]
+        return a, a + size
+
+    def _write_layer(self, flat: torch.Tensor, layer: Layer, pairs) -> None:
+        """flat[:, layer] = Σ over (u, v, ω) of ω Σ_t u_t v_tᵀ (and the folded bias)."""
         n = flat.shape[0]
-        a, size = self.offsets[layer.weight]
-        weight = flat[:, a : a + size].view(n, layer.rows, layer.cols)
-        bias = None
-        if layer.bias is not None:
-            b, nb = self.offsets[layer.bias]
-            bias = flat[:, b : b + nb]
-        for u, w in pairs:
+        weight = flat[:, slice(*self._span(layer.weight))].view(n, layer.rows, layer.cols)
+        dense = [(u * omega, w) for u, w, omega in pairs if u.dtype != torch.int64]
+        if dense:  # one batched product over every node's positions, written in place
+            u = torch.cat([u for u, _ in dense], 1)
+            torch.bmm(u.transpose(1, 2), torch.cat([w for _, w in dense], 1), out=weight)
+        else:
+            weight.zero_()
+        for u, w, omega in pairs:
             if u.dtype == torch.int64:  # token ids: rows of the embedding
                 rows = torch.arange(n, device=u.device)[:, None].expand_as(u)
                 weight.index_put_((rows, u), w * omega, accumulate=True)
-            else:
-                weight.baddbmm_(u.transpose(1, 2), w, alpha=omega)
-            if bias is not None:
-                bias.add_((u if layer.bias_side == "v" else w).sum(1), alpha=omega)
-
-    def _add_rest(self, flat, rest: list[str], grads: torch.Tensor, omega: float) -> None:
-        k = 0
-        for name in rest:
-            a, size = self.offsets[name]
-            flat[:, a : a + size].add_(grads[:, k : k + size], alpha=omega)
-            k += size
+        if layer.bias is not None:
+            side = [(u if layer.bias_side == "v" else w).sum(1) * o for u, w, o in pairs]
+            flat[:, slice(*self._span(layer.bias))].copy_(torch.stack(side).sum(0))
