@@ -12,7 +12,9 @@ gradient of such a layer is Σ_t u_t v_tᵀ (`engine.factors`), so
 is one matrix product over the batch, and the weighted sum is Σ_j κ_j Σ_t u_t v_tᵀ — for a
 large model a fraction of the memory traffic of writing and reading B copies of d numbers.
 The other parameters keep dense per-example gradients. Both compute the same numbers (up to
-the order of the sums); `per_step_grads` chooses.
+the order of the sums); `StepGrads` chooses, once per engine. `QueryLayers` does the same for
+the queries' gradients at the quadrature nodes, which the sweep needs as flat vectors: each
+layer's weighted sum over the nodes is written into them by one batched product.
 """
 
 from __future__ import annotations
