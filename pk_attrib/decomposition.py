@@ -60,11 +60,12 @@ class Diagnostics:
             row), ``"one example at a time"`` (the model could not be batched at all:
             ``gradient_route`` is ``"per-example loop"``),
             ``"replayed batch + row VJP"`` (the steps' batches rerun, `replay`) or, for
-            the training losses of models whose per-example gradients of a step pass 4 MiB,
-            ``"layer factors from a batched pass"`` (Linear, Conv1D, Embedding and Conv2d
-            layers read off one batched forward and backward pass, their per-example
-            gradients never formed; ``"; other parameters: ..."`` follows with the route
-            of the rest).
+            models whose per-example gradients of a step pass 4 MiB and whose parameters
+            all belong to Linear, Conv1D or Embedding layers called once per example,
+            ``"layer factors from a batched pass"`` (the layers read off one batched
+            forward and backward pass, their per-example gradients never formed; where
+            other parameters take part, ``"; other parameters: ..."`` follows with their
+            route).
     """
 
     mode: str

@@ -54,6 +54,7 @@ def test_layer_factors_give_the_per_example_gradients_products(case, monkeypatch
     """Against the dense (m, d) gradients of torch.func: both sum the same products in
     another order, so they differ by at most d·eps of the sum of the products' sizes."""
     monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 0)
+    monkeypatch.setattr(example_grads, "WHOLE_MODELS_ONLY", False)
     model, data, loss_fn = case()
     fm = functional(model)
     w = fm.flatten(dict(model.named_parameters())).detach()
@@ -82,6 +83,19 @@ def test_layer_factors_give_the_per_example_gradients_products(case, monkeypatch
     assert not bool(torch.isfinite(held.finite_probe()))
 
 
+@pytest.mark.parametrize("case", [gpt_case, resnet_case, mlp_case])
+def test_the_layer_route_is_taken_where_it_forms_no_per_example_gradient(case, monkeypatch):
+    """By default only models made of layers called once per example take it (a GPT's
+    LayerNorms and positions, a ResNet's BatchNorm and convolution positions would need
+    per-example gradients after all)."""
+    monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 0)
+    model, data, loss_fn = case()
+    fm = functional(model)
+    chooser = StepGrads(fm, loss_fn, lambda idx: fm.cast(data[idx]), len(data))
+    step = SimpleNamespace(params=dict(model.named_parameters()), indices=torch.arange(4))
+    assert chooser.by_layer(step) == (case is mlp_case)
+
+
 def _run(model, data, loss_fn, optimizer, steps=6, batch=3):
     recorder = pk.PathRecorder(model, optimizer)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
@@ -107,6 +121,7 @@ def test_exact_mode_by_layers_equals_the_reference(case, monkeypatch):
     name the route, and influence() (blocks of columns, cosine scores) gives the dense
     route's numbers."""
     monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 0)
+    monkeypatch.setattr(example_grads, "WHOLE_MODELS_ONLY", False)
     model, data, loss_fn = case()  # (BatchNorm in eval mode: nothing replayed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
     path = _run(model, data, loss_fn, optimizer)
@@ -174,6 +189,7 @@ def test_queries_and_training_by_layers_equal_the_reference(which, monkeypatch):
     Linear, LayerNorms and a position embedding by per-example gradients) and a Linear
     called time-major (checked and left to per-example gradients on both sides)."""
     monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 0)
+    monkeypatch.setattr(example_grads, "WHOLE_MODELS_ONLY", False)  # (slower here, exact)
     torch.manual_seed(84)
     if which == "gpt":
         model, data, loss_fn = gpt_case()

@@ -37,6 +37,19 @@ SLICE_ELEMENTS = 1 << 22
 LAYER_ROUTE_BYTES = 4 << 20
 # the route's name in `Diagnostics.routes`
 LAYERS = "layer factors from a batched pass"
+# take the route only where it forms no per-example gradient at all: every parameter in a
+# layer, each layer called once per example (a sequence's or an image's positions make it
+# form each example's gradient of the layer, and parameters outside the layers need a vmap
+# pass of their own: slower than one vmap over the model, as measured on a small GPT-2).
+# The tests switch it off to check those paths, which are exact too
+WHOLE_MODELS_ONLY = True
+
+
+def _worth_it(found: LayerFactors, rest: list[str]) -> bool:
+    """Whether the layer route beats vmap: no other parameters, one position per example."""
+    if not WHOLE_MODELS_ONLY:
+        return True
+    return not rest and all(w.shape[1] == 1 for pairs in found.factors.values() for _, w in pairs)
 
 
 class DenseGrads:
@@ -247,6 +260,11 @@ class StepGrads:
                 two = self.batch_of(torch.arange(2))
                 w = fm.flatten(step.params)
                 layers, rest = verify_layers(fm, w, two, self.loss_fn, layers, rest)
+            if layers:
+                *inputs, labels = two
+                scalars = example_losses(fm, labels, self.loss_fn)
+                if not _worth_it(capture(fm, w, inputs, scalars, layers), rest):
+                    layers = []
             self.plan = (layers, rest)
         return bool(self.plan[0])
 
@@ -317,9 +335,12 @@ class QueryLayers:
                 probe = capture(fm, w, self.inputs, self._scalars, layers, check=True)
                 layers = [x for x in layers if x.key not in probe.failed]
             except NotBatchFirst:  # (outputs without a row per query)
-                layers = []
+                layers, probe = [], None
             covered = {name for layer in layers for name in layer.names}
-            self.plan = (layers, [name for name in fm.active_names if name not in covered])
+            rest = [name for name in fm.active_names if name not in covered]
+            if probe is not None and not _worth_it(probe, rest):
+                layers = []
+            self.plan = (layers, rest)
         return bool(self.plan[0])
 
     def _scalars(self, outputs) -> torch.Tensor:
