@@ -270,8 +270,9 @@ class Engine(TrainingSteps):
                     continue
             phi = v = at = None  # (the last step's (n, d) go before this step's are made)
             phi, nodes[s] = integrator.integrate(w_full, delta_full, change, tol, s)
-            _check_finite(phi, "query gradient", s, self.p.path)
-            phi_delta += phi @ delta
+            along = phi @ delta  # (a NaN or inf anywhere in φ shows here: inf · 0 is NaN)
+            _check_finite(along, "query gradient", s, self.p.path)
+            phi_delta += along
             v, extra = rule.begin(s, step, phi, w)
             if extra is not None:
                 sums.decay += extra
