@@ -96,6 +96,18 @@ def test_the_layer_route_is_taken_where_it_forms_no_per_example_gradient(case, m
     assert chooser.by_layer(step) == (case is mlp_case)
 
 
+def count_calls(monkeypatch, cls, name) -> list:
+    """Record the calls of ``cls.name`` (a list that grows by one per call)."""
+    calls, original = [], getattr(cls, name)
+
+    def spy(self, *args, **kwargs):
+        calls.append(None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
 def _run(model, data, loss_fn, optimizer, steps=6, batch=3):
     recorder = pk.PathRecorder(model, optimizer)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
@@ -114,42 +126,51 @@ def _run(model, data, loss_fn, optimizer, steps=6, batch=3):
     return recorder.path
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("case", [resnet_case, mlp_case])
-def test_exact_mode_by_layers_equals_the_reference(case, monkeypatch):
-    """Momentum and weight decay (the adjoint carries state; σ and λ act on it): the
-    contributions equal the float64 reference's to 1e-10 of the largest, the diagnostics
-    name the route, and influence() (blocks of columns, cosine scores) gives the dense
-    route's numbers."""
+def test_exact_mode_by_layers_equals_the_reference(case, momentum, monkeypatch):
+    """SGD with weight decay, with momentum (the adjoint carries state) and without (the
+    MLP's φ then stays as its nodes' factors: the contributions and the weight decay's
+    term are products of factors): the contributions equal the float64 reference's to
+    1e-10 of the largest, the diagnostics name the route, and influence() (blocks of
+    columns, cosine scores) gives the dense route's numbers."""
     monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 0)
     monkeypatch.setattr(example_grads, "WHOLE_MODELS_ONLY", False)
     model, data, loss_fn = case()  # (BatchNorm in eval mode: nothing replayed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, weight_decay=0.01)
     path = _run(model, data, loss_fn, optimizer)
     x = data.tensors[0][:2]
     target = torch.tensor([0, 1])
     ex = pk.PathKernelInfluence(model, data, path, loss_fn, quadrature=4, show_progress=False)
+    factored = count_calls(monkeypatch, example_grads.NodeFactors, "dot_train")
     dec = ex.attribute(x, target=target)
+    assert bool(factored) == (momentum == 0 and case is mlp_case)  # (no other parameters)
     assert dec.diagnostics.routes["loss_fn"].startswith(example_grads.LAYERS)
     assert dec.diagnostics.routes["output_fn"].startswith(example_grads.LAYERS)
     ref = reference_decomposition(model, data, path, loss_fn, x, target, q=4)
     scale = ref["contributions"].abs().max()
     assert (dec.contributions - ref["contributions"]).abs().max() <= 1e-10 * scale
+    decay = ref["weight_decay"].abs().max()
+    assert (dec.terms["weight_decay"] - ref["weight_decay"]).abs().max() <= 1e-10 * decay
     assert (dec.prediction - ref["prediction"]).abs().max() <= 1e-12 * scale.clamp(min=1)
     assert float(dec.diagnostics.reconstruction_error.nan_to_num().max()) <= 1e-12
     scores = ex.influence((x, target))  # (blocks of columns; the test loss explained)
     cosine = ex.influence((x, target), score="cosine")
     monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 1 << 60)  # dense, as before
     dense = pk.PathKernelInfluence(model, data, path, loss_fn, quadrature=4, show_progress=False)
-    assert not dense.attribute(x, target=target).diagnostics.routes["loss_fn"].startswith(
-        example_grads.LAYERS
+    assert (
+        not dense.attribute(x, target=target)
+        .diagnostics.routes["loss_fn"]
+        .startswith(example_grads.LAYERS)
     )
     expected = dense.influence((x, target))
     assert (scores - expected).abs().max() <= 1e-10 * expected.abs().max()
     assert (dense.influence((x, target), score="cosine") - cosine).abs().max() <= 1e-10
 
 
-def test_a_model_with_large_gradients_takes_the_layer_route_by_default():
-    """32 examples × 19k float64 parameters = 4.9 MiB a step: past the 4 MiB threshold."""
+def test_a_model_with_large_gradients_takes_the_layer_route_by_default(monkeypatch):
+    """32 examples × 19k float64 parameters = 4.9 MiB a step: past the 4 MiB threshold.
+    Plain SGD with the default adaptive quadrature: φ stays factored through the check."""
     torch.manual_seed(83)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)
@@ -158,10 +179,14 @@ def test_a_model_with_large_gradients_takes_the_layer_route_by_default():
     data = TensorDataset(x, y)
     loss_fn = torch.nn.CrossEntropyLoss()
     path = train(model, data, loss_fn, steps=2, batch=32)
-    ex = pk.PathKernelInfluence(model, data, path, loss_fn, quadrature=2, show_progress=False)
-    dec = ex.attribute(x[:2], target=y[:2])
-    assert dec.diagnostics.routes["loss_fn"] == example_grads.LAYERS
-    ref = reference_decomposition(model, data, path, loss_fn, x[:2], y[:2], q=2)
+    ex = pk.PathKernelInfluence(model, data, path, loss_fn, show_progress=False)
+    factored = count_calls(monkeypatch, example_grads.NodeFactors, "dot_train")
+    checked = count_calls(monkeypatch, example_grads.NodeFactors, "dot")
+    dec = ex.attribute(x[:32], target=y[:32])  # (the queries' gradients: 4.9 MiB a node)
+    layers = example_grads.LAYERS
+    assert dec.diagnostics.routes == {"loss_fn": layers, "output_fn": layers}
+    assert len(factored) == 2 and len(checked) == 4  # (φ·Δ: the quadrature check and the sweep)
+    ref = reference_decomposition(model, data, path, loss_fn, x[:32], y[:32], q=2)
     scale = ref["contributions"].abs().max()
     assert (dec.contributions - ref["contributions"]).abs().max() <= 1e-10 * scale
 

@@ -29,7 +29,7 @@ from ..exceptions import (
 )
 from .batches import n_rows
 from .buffers import MovingBuffers
-from .example_grads import DenseGrads, StepGrads
+from .example_grads import DenseGrads, LayerGrads, NodeFactors, StepGrads, per_parameter
 from .features import FeatureCache
 from .outputs import OutputFn, read_outputs
 from .quadrature import LADDER, QuadratureRule, StepIntegrator
@@ -202,6 +202,11 @@ class Engine(TrainingSteps):
             w_next, f_next, m_next = w_full, f_s, m_s
 
         integrator = StepIntegrator(fm, quad, inputs, target, output_fn, self.shard)
+        # plain SGD on the layer route reads φ through dot products only: it may stay factored
+        integrator.factored = (
+            columns is None and not kernel and projector is None and self.replay is None
+            and moving is None
+        )  # fmt: skip
         phi_delta = zeros.clone()
         nodes = torch.zeros(S, dtype=torch.int64)
         train_evals = 0
@@ -273,9 +278,14 @@ class Engine(TrainingSteps):
             along = phi @ delta  # (a NaN or inf anywhere in φ shows here: inf · 0 is NaN)
             _check_finite(along, "query gradient", s, self.p.path)
             phi_delta += along
-            v, extra = rule.begin(s, step, phi, w)
-            if extra is not None:
-                sums.decay += extra
+            eta = None  # (set: v = η φ with φ kept as node factors)
+            if isinstance(phi, NodeFactors):
+                eta = rule.plain_scale(step) if by_layer else None
+                phi = phi if eta is not None else phi.dense()
+            if eta is None:
+                v, extra = rule.begin(s, step, phi, w)
+                if extra is not None:
+                    sums.decay += extra
             sign, lam = rule.coefficients(step)
             if columns is not None and not len(indices):
                 step_done(s, step, w_full, f_s, m_s, tol, keep, indices)
@@ -305,14 +315,21 @@ class Engine(TrainingSteps):
                 held = DenseGrads(fm.loss_grads(w_full, self._batch(indices + first), p.loss_fn))
             _check_finite(held.finite_probe(), "training gradient", s, self.p.path)
             train_evals += len(indices)
-            signed_v = v if _is_one(sign) else v * sign  # (σ on the (n, d) side)
-            scores = held.dot(signed_v)
+            if eta is not None and isinstance(held, LayerGrads):  # both sides factored
+                scale = per_parameter(eta * sign, held.offsets)
+                scores = phi.dot_train(held.found, scale.__getitem__)
+            else:
+                if eta is not None:  # (a batch the layers could not take)
+                    v, phi = eta * phi.dense(), phi.dense()
+                    eta = None
+                signed_v = v if _is_one(sign) else v * sign  # (σ on the (n, d) side)
+                scores = held.dot(signed_v)
             _check_finite(scores, "training gradient dot product", s, self.p.path)
             contributions.index_add_(1, indices.to(device), -scores * kappa)
             if norms is not None:
                 add_norms(norms, indices.to(device), kappa, (v * v).sum(1), held.squared_norms())
             if not _is_zero(lam):
-                sums.decay -= v @ (lam * w)
+                sums.decay -= v @ (lam * w) if eta is None else phi.dot(eta * lam * w)
             if kernel:
                 k_step = torch.einsum("nd,bcd->nbc", v, jac * sign) * kappa[None, :, None]
                 if kern is None:

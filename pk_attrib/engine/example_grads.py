@@ -24,7 +24,14 @@ from collections.abc import Callable
 import torch
 
 from .batches import n_rows
-from .factors import LayerFactors, capture, example_losses, squared_norms, verify_layers
+from .factors import (
+    LayerFactors,
+    capture,
+    dot_products,
+    example_losses,
+    squared_norms,
+    verify_layers,
+)
 from .functional import FunctionalModel
 from .layers import Layer, find_layers
 from .outputs import NotBatchFirst
@@ -50,6 +57,19 @@ def _worth_it(found: LayerFactors, rest: list[str]) -> bool:
     if not WHOLE_MODELS_ONLY:
         return True
     return not rest and all(w.shape[1] == 1 for pairs in found.factors.values() for _, w in pairs)
+
+
+def per_parameter(x: torch.Tensor | float, offsets: dict[str, tuple[int, int]]) -> dict:
+    """A per-coordinate vector that is constant on each parameter, as name -> float.
+
+    Args:
+        x: (d_active,), or a scalar.
+        offsets: Parameter name -> (first coordinate, size).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return dict.fromkeys(offsets, float(x))
+    firsts = torch.tensor([a for a, _ in offsets.values()], device=x.device)
+    return dict(zip(offsets, x[firsts].tolist(), strict=True))
 
 
 class DenseGrads:
@@ -346,17 +366,30 @@ class QueryLayers:
     def _scalars(self, outputs) -> torch.Tensor:
         return self.output_fn(outputs, self.target).reshape(-1)
 
-    def grads(self, points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def grads(self, points: torch.Tensor, weights: torch.Tensor, factored: bool = False):
         """Σ_k ω_gk ∇_w f(x; points[g·q + k]) for each group g and query, (g, n, d_active).
 
         Args:
             points: Flat parameters, (g·q, d).
             weights: (g, q) quadrature weights.
+            factored: Return each group's sum as its nodes' factors (a list of g
+                `NodeFactors`), where every parameter is in a layer.
         """
         fm = self.fm
         layers, rest = self.plan
         groups, q = weights.shape
         n = n_rows(self.inputs)
+        if factored and not rest:
+            fm.routes["output_fn"] = LAYERS
+            return [
+                NodeFactors(
+                    self,
+                    [capture(fm, points[g * q + k], self.inputs, self._scalars, layers)
+                     for k in range(q)],
+                    [float(x) for x in weights[g]],
+                )
+                for g in range(groups)
+            ]  # fmt: skip
         # every coordinate is written: the layers' by one product of all nodes' factors
         out = torch.empty(groups, n, fm.d_active, dtype=fm.dtype, device=fm.device)
         route = None
@@ -366,13 +399,7 @@ class QueryLayers:
             found = [
                 capture(fm, points[g * q + k], self.inputs, self._scalars, layers) for k in range(q)
             ]
-            for layer in layers:
-                pairs = [
-                    (u, w, omega)
-                    for f, omega in zip(found, omegas, strict=True)
-                    for u, w in f.factors[layer.key]
-                ]
-                self._write_layer(flat, layer, pairs)
+            self.write_layers(flat, found, omegas)
             for name in rest:  # (the rest's gradients by vmap, node by node)
                 flat[:, slice(*self._span(name))].zero_()
             for k in range(q if rest else 0):
@@ -387,6 +414,16 @@ class QueryLayers:
                     at += b - a
         fm.routes["output_fn"] = LAYERS + (f"; other parameters: {route}" if route else "")
         return out
+
+    def write_layers(self, flat: torch.Tensor, found: list[LayerFactors], omegas) -> None:
+        """flat[:, layers] = Σ_k ω_k (node k's layer terms), (n, d_active) in place."""
+        for layer in self.plan[0]:
+            pairs = [
+                (u, w, omega)
+                for f, omega in zip(found, omegas, strict=True)
+                for u, w in f.factors[layer.key]
+            ]
+            self._write_layer(flat, layer, pairs)
 
     def _span(self, name: str) -> tuple[int, int]:
         a, size = self.offsets[name]
@@ -409,3 +446,69 @@ class QueryLayers:
         if layer.bias is not None:
             side = [(u if layer.bias_side == "v" else w).sum(1) * o for u, w, o in pairs]
             flat[:, slice(*self._span(layer.bias))].copy_(torch.stack(side).sum(0))
+
+
+class NodeFactors:
+    """One group's φ = Σ_k ω_k ∇f(x; p_k) for n queries, kept as its nodes' layer factors.
+
+    For plain SGD the adjoint is v = η φ, and the sweep needs φ only through dot products:
+    with Δ_s (the step's check), with the coupled weight decay, and with the batch's
+    gradients (the contributions). Each is a few products of the factors,
+    Σ_t u_tᵀ X v_t or Σ_{t,s} (u_t·u'_s)(v_t·v'_s), never the (n, d_active) φ, which
+    `dense` forms for anything else. Only for models whose parameters are all in layers.
+
+    Args:
+        owner: The `QueryLayers` that captured them (its plan and offsets).
+        found: Each node's factors.
+        omegas: Each node's quadrature weight.
+    """
+
+    def __init__(self, owner: QueryLayers, found: list[LayerFactors], omegas: list[float]):
+        self.owner, self.found, self.omegas = owner, found, omegas
+        self._dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """φ as flat vectors, (n, d_active) (formed once)."""
+        if self._dense is None:
+            fm = self.owner.fm
+            n = n_rows(self.owner.inputs)
+            flat = torch.empty(n, fm.d_active, dtype=fm.dtype, device=fm.device)
+            self.owner.write_layers(flat, self.found, self.omegas)
+            self._dense = flat
+        return self._dense
+
+    def dot(self, x: torch.Tensor) -> torch.Tensor:
+        """φ · x for each query, (n,). ``x``: (d_active,)."""
+        total = None
+        for layer in self.owner.plan[0]:
+            a, b = self.owner._span(layer.weight)
+            matrix = x[a:b].view(layer.rows, layer.cols)
+            bias = None if layer.bias is None else x[slice(*self.owner._span(layer.bias))]
+            for f, omega in zip(self.found, self.omegas, strict=True):
+                for u, w in f.factors[layer.key]:
+                    if u.dtype == torch.int64:  # token ids: rows of the matrix
+                        term = (matrix[u] * w).sum((1, 2))
+                    else:
+                        term = ((u @ matrix) * w).sum((1, 2))
+                    if bias is not None:
+                        term = term + (u if layer.bias_side == "v" else w).sum(1) @ bias
+                    term = term * omega
+                    total = term if total is None else total + term
+        return total
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dot(x)
+
+    def dot_train(self, train: LayerFactors, scale: Callable[[str], float]) -> torch.Tensor:
+        """Σ_params scale(param) φ_p · g_{j,p} for each query and example, (n, m).
+
+        Args:
+            train: The examples' factors (`LayerGrads.found`), captured for the same layers.
+            scale: A parameter's weight (η σ of its group).
+        """
+        layers = self.owner.plan[0]
+        total = None
+        for f, omega in zip(self.found, self.omegas, strict=True):
+            term = dot_products(f, train, layers, lambda name, o=omega: o * scale(name))
+            total = term if total is None else total + term
+        return total

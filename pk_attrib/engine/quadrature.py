@@ -16,7 +16,7 @@ import torch
 
 from ..exceptions import ArgumentError
 from .batches import n_rows
-from .example_grads import QueryLayers
+from .example_grads import NodeFactors, QueryLayers
 from .functional import FunctionalModel
 from .kinks import Kinks
 
@@ -130,6 +130,9 @@ class StepIntegrator:
         self._switching: bool | None = None
         # the node gradients by layer, for large models (`example_grads.QueryLayers`)
         self._layers = QueryLayers(fm, inputs, target, output_fn)
+        # whether prefetched steps may keep φ as node factors (`NodeFactors`), which the
+        # sweep then reads through dot products only (plain SGD on the layer route)
+        self.factored = False
 
     def _all(self, flags: torch.Tensor) -> bool:
         """Whether every query's flag holds (on every rank, in a sharded sweep)."""
@@ -146,10 +149,14 @@ class StepIntegrator:
         self._layers.inputs, self._layers.target = inputs, target
         self._prefetched.clear()
 
-    def _grads(self, points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_k ω_gk ∇f(x; points[g·q + k]) per group and query, (g, n, d); (n, d) for (q,)."""
+    def _grads(self, points: torch.Tensor, weights: torch.Tensor, factored: bool = False):
+        """Σ_k ω_gk ∇f(x; points[g·q + k]) per group and query, (g, n, d); (n, d) for (q,).
+
+        ``factored``: groups may come as `NodeFactors` (a list) instead.
+        """
         if self._layers.usable(points[0], n_rows(self.inputs)):
-            grads = self._layers.grads(points, weights if weights.dim() == 2 else weights[None])
+            two_d = weights if weights.dim() == 2 else weights[None]
+            grads = self._layers.grads(points, two_d, factored)
             return grads if weights.dim() == 2 else grads[0]
         grads, _ = self.fm.output_grads(
             points, self.inputs, self.target, self.output_fn, weights=weights
@@ -185,7 +192,7 @@ class StepIntegrator:
         t, om = self._rule_tensors(nodes, weights)
         points = torch.cat([w + t[:, None] * delta for w, delta in segments])
         grid = om.expand(len(segments), -1)
-        phis = self._grads(points, grid)
+        phis = self._grads(points, grid, self.factored)
         self.evaluations += len(steps) * q * n_rows(self.inputs)
         for k, step in enumerate(steps):
             self._prefetched[step] = (phis[k], q)
@@ -242,7 +249,7 @@ class StepIntegrator:
         rule = self.rule
         ready = self._prefetched.pop(step, None)
         if ready is not None and rule.kind is not Quadrature.ADAPTIVE:
-            return ready
+            return ready  # (unchecked rules: φ may stay as node factors)
         if rule.kind is Quadrature.LEFT:
             return self._phi(w, delta, (0.0,), (1.0,)), 1
         if rule.kind is Quadrature.MIDPOINT:
@@ -267,11 +274,12 @@ class StepIntegrator:
                 phi, ready = ready[0], None
             else:
                 phi = self._phi(w, delta, *gauss_legendre(q))
-            err = (phi @ d_delta - exact_change).abs()
+            err = (phi @ d_delta - exact_change).abs()  # (NodeFactors: from the factors)
             tol = torch.maximum(rule.rtol * exact_change.abs(), scale)
             ok = err <= tol
             if self._all(ok):
                 return phi, q
+            phi = dense(phi)  # (what follows reads φ whole)
             if self._rung == start and self._switches(w):  # kinks: per query, by pieces
                 return self._kinks.refine(phi, ok, w, delta, exact_change, tol, step, q)
             # rounding of φ·Δ itself (a dot product of d terms) bounds what nodes can achieve
@@ -287,3 +295,8 @@ class StepIntegrator:
             previous = err
             self._rung += 1
             self.climbs += 1
+
+
+def dense(phi) -> torch.Tensor:
+    """φ as flat vectors, (n, d): itself, or formed from `NodeFactors`."""
+    return phi.dense() if isinstance(phi, NodeFactors) else phi

@@ -223,6 +223,14 @@ class Rule(RecordedState):
         """Adjoint for step s: returns (v_s (n, d), non-example output term of step s (n,))."""
         raise NotImplementedError
 
+    def plain_scale(self, step: Step) -> torch.Tensor | None:
+        """η_s (d,) when the adjoint of step s is v_s = η_s φ_s with no other term.
+
+        Then the step is begun as `begin` would (its state kept), and the sweep may keep
+        φ_s as factors; None (nothing changed) otherwise, and `begin` is called.
+        """
+        return None
+
     def recover(self, step: Step, delta: torch.Tensor, G: torch.Tensor, w: torch.Tensor):
         """The optimizer state after step s recovered from the recorded Δ_s, (d,).
 

@@ -67,6 +67,16 @@ class SGDRule(Rule):
         damp = torch.where(moving, damp, 0.0)
         return eta, mu, damp, nesterov, carry, moving
 
+    def plain_scale(self, step):
+        """η_s where no buffer moves at step s and none is carried into it (plain SGD)."""
+        eta, _, _, _, carry, moving = self._terms(step)
+        pending = self._carry if not self._next_fresh else None
+        if pending is not None or bool(moving.any()):
+            return None
+        self._next_fresh = step.fresh_state  # (as `begin` leaves it)
+        self._carry, self._carry_factor = None, carry
+        return eta
+
     def begin(self, s, step, phi, w):
         """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
         eta, mu, damp, nesterov, carry, moving = self._terms(step)
