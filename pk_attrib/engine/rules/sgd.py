@@ -85,6 +85,11 @@ class SGDRule(Rule):
         if pending is None and not bool(moving.any()):  # plain SGD: no state to carry
             self._carry, self._carry_factor = None, carry
             return eta * phi, None
+        terms = (eta, mu, damp, nesterov, carry, moving)
+        if all(t.dim() == 0 for t in terms) and (
+            pending is None or torch.as_tensor(self._carry_factor).dim() == 0
+        ):  # one value for every coordinate: the same sums as below, with scalars
+            return self._begin_scalar(phi, pending, *(t.item() for t in terms)), None
         # u_s: adjoint of the buffer b_s = μ_s b_{s−1} + d_s G_s, used by P_s = b_s or G_s + μ_s b_s
         direct = torch.where(nesterov.bool(), mu, torch.ones_like(mu))
         u = torch.where(moving, eta * direct * phi, 0.0)
@@ -93,6 +98,26 @@ class SGDRule(Rule):
         self._carry, self._carry_factor = u, carry
         v = damp * u + nesterov * eta * phi
         return torch.where(moving, v, eta * phi), None
+
+    def _begin_scalar(self, phi, pending, eta, mu, damp, nesterov, carry, moving):
+        """`begin` where every hyper-parameter is one number: two passes over (n, d).
+
+        u_s = η_s c_s φ_s (where the buffer moves) + μ_{s+1} u_{s+1}, kept for step s − 1;
+        v_s = d_s u_s + [nesterov] η_s φ_s where it moves, η_s φ_s where it does not.
+        """
+        direct = mu if nesterov else 1.0
+        u = phi * (eta * direct) if moving else None
+        if pending is not None:
+            factor = float(self._carry_factor)
+            u = pending * factor if u is None else u.add_(pending, alpha=factor)
+        if u is None:
+            u = torch.zeros_like(phi)
+        self._carry, self._carry_factor = u, torch.tensor(carry, dtype=phi.dtype, device=phi.device)
+        if not moving:
+            return phi * eta
+        if nesterov:
+            return torch.add(u * damp, phi, alpha=eta)
+        return u if damp == 1.0 else u * damp  # (u is not changed in place later)
 
     STATE_KEY = "momentum_buffer"
 
