@@ -153,3 +153,27 @@ def test_ctrl_c_with_held_steps_and_a_slow_disk_keeps_the_store_the_runs(tmp_pat
     path.verify()
     _assert_is_the_run(path, recorded)
     assert len(path) >= 1
+
+
+def test_the_pool_reserves_the_next_snapshots_buffers_within_its_budget():
+    """The writer reserves, as it takes a snapshot, one idle buffer per tensor of it (two
+    of one shape: two buffers); the next takes get exactly those; nothing is reserved where
+    idle buffers wait already, or beyond the pool's budget of idle bytes."""
+    from pk_attrib.record.buffers import BufferPool
+
+    weight, momentum, bias = torch.ones(512, 256), torch.ones(512, 256), torch.ones(256)
+    pool = BufferPool(max_bytes=2 * weight.numel() * 4 + bias.numel() * 4)
+    pool.reserve([weight, momentum, bias])
+    ready = {t.data_ptr() for deque in pool._free.values() for t in deque}
+    assert len(ready) == 3 and pool._idle_bytes == pool.max_bytes
+    pool.reserve([weight, momentum, bias])  # (ready already)
+    assert pool._idle_bytes == pool.max_bytes
+    taken = [pool.take(t.shape, t.dtype) for t in (weight, momentum, bias)]
+    assert {t.data_ptr() for t in taken} == ready and pool._idle_bytes == 0
+    assert all(bool((t == 0).all()) for t in taken)  # (touched: zeroed by the writer)
+    small = BufferPool(max_bytes=weight.numel() * 4)
+    small.reserve([weight, momentum])  # room for one
+    assert (
+        small._idle_bytes == weight.numel() * 4
+        and len(small._free[((512, 256), torch.float32)]) == 1
+    )

@@ -167,6 +167,8 @@ class AsyncShardWriter:
             if isinstance(item, tuple):  # (the records held before it, a record)
                 records = [*item[0], item[1]]
                 self._slots.release()
+                if self.pool is not None:  # buffers for the next snapshot, faulted in here
+                    self.pool.reserve(item[1].get("pooled", ()))
             if due or item is _WAKE:
                 records += self._take_held()  # (newer than every queued record taken)
             for record in records:
