@@ -177,3 +177,33 @@ def test_the_pool_reserves_the_next_snapshots_buffers_within_its_budget():
         small._idle_bytes == weight.numel() * 4
         and len(small._free[((512, 256), torch.float32)]) == 1
     )
+
+
+def test_steps_sharing_their_sizes_tensor_store_a_buffer_safetensors_serializes(tmp_path):
+    """Steps of the same batch sizes share one sizes tensor; a shard holding a dtype the
+    store does not stream itself (a complex buffer the model updates) goes through
+    safetensors, which refuses tensors sharing memory unless they are copied."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 3)
+            self.register_buffer("phase", torch.ones(2, dtype=torch.complex64))
+
+        def forward(self, x):
+            self.phase.mul_(1j)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Counting()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    with pk.PathRecorder(model, optimizer, store=tmp_path / "s", dataset_size=40) as recorder:
+        for s in range(4):
+            recorder.record_batch(batch(s))
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch(s)]), y[batch(s)]).backward()
+            optimizer.step()
+    path = pk.TrainingPath.load(tmp_path / "s")
+    assert [path._batch(r)[1].tolist() for r in range(4)] == [[8]] * 4
+    assert torch.equal(path.buffers(4)["phase"], model.phase)

@@ -341,6 +341,8 @@ class PathRecorder:
         key = tuple(len(p) for p in pending)
         sizes = self._sizes.get(key)  # (one tensor, read only, for the steps alike)
         if sizes is None:
+            if len(self._sizes) >= 64:  # (batches of ever other sizes: keep a few)
+                self._sizes.clear()
             sizes = self._sizes[key] = torch.tensor(key, dtype=torch.int64)
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
         tensors.update(self._forward.tensors(r))
