@@ -92,6 +92,7 @@ Run from the repository root::
     python benchmarks/bench_recorder.py --steps 500 --repeats 5 --out-dir /some/disk --keep
     python benchmarks/bench_recorder.py --threads 1  # torch on one core, the writer on another
     python benchmarks/bench_recorder.py --parts sparse explain  # ~25 min on 2 busy cores
+    python benchmarks/bench_recorder.py --parts sparse --models mlp1m-momentum  # one model
     python benchmarks/bench_recorder.py --parts all --quick     # smoke run of every part
 
 The exit status is 0 when every target passes and 1 otherwise.
@@ -1002,6 +1003,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch intra-op threads for every mode (default: torch's, one per core); "
         "--threads 1 on 2 cores leaves the store's writer thread a core of its own",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=tuple(sparse_workloads()),
+        default=None,
+        help="the sparse part's models to measure (default: all)",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--explain-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1065,6 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rotated per repeat, after warm-up steps"
             )
             for work in sparse_workloads(args.steps, args.quick).values():
+                if args.models and work.key not in args.models:
+                    continue
                 result = measure(
                     work, repeats, retries, out_dir, args.keep, not args.quick, SPARSE_MODES, True
                 )

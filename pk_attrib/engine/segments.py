@@ -44,9 +44,12 @@ class SegmentTensors:
     """A replayed segment's tensors by raw step and key: in memory, or spilled to a file.
 
     A segment holds k + 1 weight vectors (and, for Adam, k second moments). Where that would
-    pass ``limit`` bytes, each large tensor is written to an unnamed temporary file as it is
-    made and read back with ``pread`` when asked for, so a replay holds a few copies of the
-    model whatever k (the file is gone when the segment is).
+    pass ``limit`` bytes, every tensor but a scalar is written to an unnamed temporary file
+    as it is made and read back with ``preadv`` when asked for, so a replay holds a few
+    copies of the model whatever k (the file is gone when the segment is). A tensor kept in
+    memory never holds more than its own bytes: a view into a larger tensor (one parameter
+    split from a step's flat weights) is copied, or each step's whole vector would stay
+    alive through it.
 
     Args:
         limit: Bytes the segment may keep in memory (its expected size decides once).
@@ -61,18 +64,21 @@ class SegmentTensors:
 
     @property
     def spilled(self) -> bool:
-        """Whether the large tensors go to a file."""
+        """Whether the tensors go to a file."""
         return self._file is not None
 
     def put(self, raw: int, key: str, tensor: torch.Tensor) -> None:
         """Keep ``tensor`` (on the CPU) as ``key`` of raw step ``raw``."""
-        if self._file is None or tensor.numel() < 1024:
+        tensor = tensor.detach()
+        if self._file is None or tensor.numel() <= 1:
+            if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+                tensor = tensor.clone()  # (not the larger tensor it views)
             self._memory[(raw, key)] = tensor
             return
-        data = tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         os.pwrite(self._file.fileno(), data, self._end)
         self._spilled[(raw, key)] = (self._end, tensor.dtype, tensor.shape)
-        self._end += len(data)
+        self._end += data.nbytes
 
     def get(self, raw: int, key: str) -> torch.Tensor | None:
         """A fresh copy of ``key`` of raw step ``raw`` (None: not kept)."""
@@ -83,9 +89,12 @@ class SegmentTensors:
         if where is None:
             return None
         offset, dtype, shape = where
-        size = shape.numel() * torch.empty((), dtype=dtype).element_size()
-        data = bytearray(os.pread(self._file.fileno(), size, offset))
-        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape).clone()
+        out = torch.empty(shape, dtype=dtype)
+        view = out.reshape(-1).view(torch.uint8).numpy()
+        done = os.preadv(self._file.fileno(), [view], offset)
+        if done != view.nbytes:  # (the file is this process's own: only a full disk ends it)
+            raise OSError(f"a replayed segment's spill file ended after {done} bytes")
+        return out
 
     def close(self) -> None:
         """Drop the file (its tensors)."""
@@ -221,7 +230,7 @@ class ReplayBackend:
         try:
             for r in range(first, last):
                 step = self.view.step(r)
-                for n in names:  # the step count after the step (Adam reads it)
+                for n in names if kind == "adam" else ():  # the step count after the step
                     if n not in step.skipped:
                         counts[n] += 1.0
                     out.put(r, f"step/{n}", torch.tensor(counts[n], dtype=torch.float64))

@@ -63,6 +63,29 @@ class BufferPool:
                 return buffer
         return page_aligned_empty(shape, dtype)  # O_DIRECT writes it straight from memory
 
+    def reserve(self, like: Iterable[torch.Tensor]) -> None:
+        """Have an idle buffer ready for each of these tensors, its pages touched.
+
+        For the writer thread, as it takes a snapshot: the next snapshot's `take` (on the
+        training thread) then finds buffers whose pages are mapped, instead of faulting
+        fresh ones in until the first shards are written and their buffers come back. A
+        no-op once buffers are recycled. Stays within ``max_bytes`` of idle buffers.
+
+        Args:
+            like: Tensors of the shapes and dtypes to have ready (one buffer each).
+        """
+        wanted = collections.Counter((tuple(t.shape), t.dtype) for t in like)
+        for (shape, dtype), count in wanted.items():
+            size = torch.Size(shape).numel() * dtype.itemsize
+            for _ in range(count - len(self._free.get((shape, dtype), ()))):
+                with self._lock:
+                    if self._idle_bytes + size > self.max_bytes:
+                        return
+                    self._idle_bytes += size
+                buffer = page_aligned_empty(torch.Size(shape), dtype)
+                buffer.zero_()  # (its pages, faulted in here)
+                self._free[(shape, dtype)].append(buffer)
+
     def give(self, tensors: Iterable[torch.Tensor]) -> None:
         """Return buffers obtained from `take` (the caller no longer uses them).
 

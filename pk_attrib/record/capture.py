@@ -29,6 +29,8 @@ class ForwardState:
         model: torch.nn.Module | None = None,
     ):
         self.model = model
+        # its modules, walked once (the recorder holds the parameters it had when made too)
+        self._modules = [] if model is None else list(model.named_modules())
         self._mode: bool | list[str] | None = None  # the modules in train mode at the step
         self.buffers = buffers
         self.cuda = cuda
@@ -51,8 +53,8 @@ class ForwardState:
         statistics): True (all), False (none), or the names of those that are.
         """
         if self.model is not None:
-            training = [name for name, m in self.model.named_modules() if m.training]
-            count = sum(1 for _ in self.model.modules())
+            training = [name for name, m in self._modules if m.training]
+            count = len(self._modules)
             self._mode = bool(training) if len(training) in (0, count) else training
         for name, buffer in self.buffers.items():
             # changed: PyTorch's version counter of the tensor moved (an in-place update), or
@@ -91,7 +93,7 @@ class ForwardState:
         """
         out = {}
         for i, states in enumerate(self._rng):
-            if self._last_rng is None or not all(map(torch.equal, states, self._last_rng)):
+            if self._last_rng is None or not all(map(_same_bytes, states, self._last_rng)):
                 out[f"{raw}/rng/{i}"] = states[0]
                 for device, state in zip(self.cuda, states[1:], strict=True):
                     out[f"{raw}/rng_cuda{device}/{i}"] = state
@@ -117,6 +119,17 @@ class ForwardState:
     def current_buffers(self) -> dict[str, torch.Tensor]:
         """CPU copies of all the buffers now (the end of the run)."""
         return {n: b.detach().to("cpu", copy=True) for n, b in self.buffers.items()}
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two random-number states (byte tensors) are equal.
+
+    Compared as bytes on the CPU, which costs a training step less than `torch.equal` (a
+    dispatched op).
+    """
+    if not (a.is_cpu and b.is_cpu and a.dtype == b.dtype == torch.uint8):
+        return torch.equal(a, b)
+    return a.numpy().tobytes() == b.numpy().tobytes()
 
 
 def running_statistics(model: torch.nn.Module) -> frozenset[str]:

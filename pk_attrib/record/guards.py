@@ -1,5 +1,8 @@
 """What a recording refuses before a step: one it could not explain, or could not hold.
 
+Batch indices that are not integers, or lie outside the training set, are refused when
+noted (`batch_indices`).
+
 A step that would update a parameter the recording does not hold (added to the optimizer or
 unfrozen after the recorder was made), a parameter whose dtype changed (``model.half()``), or a
 learning rate that is not a finite number >= 0 (a scheduler gone wrong) stops the training
@@ -9,10 +12,66 @@ loop with a `RecordingError` naming it, instead of a path that would explain ano
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
-from ..exceptions import RecordingError
+from ..exceptions import IndexOutOfRangeError, RecordingError
+
+
+def batch_indices(indices: Any, size: int | None) -> torch.Tensor:
+    """One (micro-)batch's dataset indices as a CPU int64 tensor of its own, checked.
+
+    Args:
+        indices: Dataset indices, int (B,) tensor, array or list (or one int).
+        size: The training set's length (None: unknown, no upper bound).
+
+    Returns:
+        The indices, (B,) int64, a copy (the caller may reuse its array).
+
+    Raises:
+        TypeError: The indices are not integers.
+        IndexOutOfRangeError: An index lies outside ``[0, size)``.
+    """
+    if isinstance(indices, (list, tuple)):  # (a batch sampler's: numpy reads it 5x faster)
+        array = np.asarray(indices)
+        if array.dtype.kind in "iu" and array.size:  # (a fresh array: nobody else's)
+            array = array.reshape(-1).astype(np.int64, copy=False)
+            _check_range(int(array.min()), int(array.max()), size)
+            return torch.from_numpy(array)
+    idx = torch.as_tensor(indices).reshape(-1)
+    if idx.numel() == 0:  # an empty list reads as float32
+        idx = idx.to(torch.int64)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
+    idx = idx.to("cpu", torch.int64, copy=True)
+    if idx.numel():
+        low, high = torch.aminmax(idx)
+        _check_range(int(low), int(high), size)
+    return idx
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor holds finite numbers only.
+
+    A finite sum says so in one pass without a (numel,) mask (NaN and inf carry into the
+    sum); a sum that overflows is checked element by element.
+    """
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum())):
+            if not bool(torch.isfinite(t).all()):
+                return False
+    return True
+
+
+def _check_range(low: int, high: int, size: int | None) -> None:
+    if low < 0 or (size is not None and high >= size):
+        raise IndexOutOfRangeError(
+            f"batch indices span [{low}, {high}] but the training dataset has {size} "
+            "examples: pass the indices into the dataset the recorder was given "
+            "(dataset_size=)"
+        )
 
 
 def check_learning_rates(lrs: list[float], raw: int) -> None:

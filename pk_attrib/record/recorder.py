@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..exceptions import (
-    IndexOutOfRangeError,
     MissingBatchIndicesError,
     PkAttribWarning,
     RecordingError,
@@ -39,7 +38,7 @@ from .backends import MemoryBackend, new_manifest
 from .buffers import BufferPool, SlabAllocator
 from .capture import ForwardState, running_statistics
 from .distributed import gather_step, rank_path, recording_group
-from .guards import check_learning_rates, check_parameters
+from .guards import all_finite, batch_indices, check_learning_rates, check_parameters
 from .optimizers import (
     INITIAL_STATE,
     REPLAYABLE,
@@ -155,6 +154,7 @@ class PathRecorder:
         self._base_hyper = [g["hyper"] for g in description["groups"]]
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         self._pending: list[torch.Tensor] = []
+        self._sizes: dict[tuple[int, ...], torch.Tensor] = {}  # micro-batch sizes, as kept
         # what each micro-batch's forward pass starts from (random-number state, buffers)
         cuda = sorted({p.device.index or 0 for p in self._param_list if p.is_cuda})
         self._forward = ForwardState(
@@ -278,19 +278,7 @@ class PathRecorder:
         """
         if self._closed:
             raise RecordingError("this recorder is closed: create a new PathRecorder")
-        idx = torch.as_tensor(indices).reshape(-1)
-        if idx.numel() == 0:  # an empty list reads as float32
-            idx = idx.to(torch.int64)
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
-        idx = idx.to("cpu", torch.int64, copy=True)  # the caller may reuse its array
-        size = self._dataset_size
-        if idx.numel() and (int(idx.min()) < 0 or (size is not None and int(idx.max()) >= size)):
-            raise IndexOutOfRangeError(
-                f"batch indices span [{int(idx.min())}, {int(idx.max())}] but the training "
-                f"dataset has {size} examples: pass the indices into the dataset the recorder "
-                "was given (dataset_size=)"
-            )
+        idx = batch_indices(indices, self._dataset_size)
         self._hand_over([idx])
 
     def _hand_over(self, batches: list[torch.Tensor]) -> None:
@@ -350,7 +338,12 @@ class PathRecorder:
         check_parameters(optimizer, self, self._raw)
         r = self._raw
         indices = pending[0] if len(pending) == 1 else torch.cat(pending)
-        sizes = torch.tensor([len(p) for p in pending], dtype=torch.int64)
+        key = tuple(len(p) for p in pending)
+        sizes = self._sizes.get(key)  # (one tensor, read only, for the steps alike)
+        if sizes is None:
+            if len(self._sizes) >= 64:  # (batches of ever other sizes: keep a few)
+                self._sizes.clear()
+            sizes = self._sizes[key] = torch.tensor(key, dtype=torch.int64)
         tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
         tensors.update(self._forward.tensors(r))
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
@@ -377,8 +370,10 @@ class PathRecorder:
             if self.every > 1:  # the optimizer state a replay of the next steps starts from
                 for (key, name), value in state_tensors(
                     optimizer, self._params, INITIAL_STATE
-                ).items():
-                    tensors[f"{r}/state/{key}/{name}"] = _copy(value, None)
+                ).items():  # (recycled, page-aligned buffers, as the weights')
+                    tensors[f"{r}/state/{key}/{name}"] = (
+                        _copy(value, None) if value.dim() == 0 else self._take(value, None)
+                    )
         self._inflight = (r, tensors, meta)
 
     def discard_batches(self) -> None:
@@ -524,7 +519,7 @@ class PathRecorder:
                 self._release()
         if self._ranks is not None:  # the others may read rank 0's store from now on
             self._ranks.barrier("closing the recording")
-        if final is not None and not all(bool(torch.isfinite(t).all()) for t in final.values()):
+        if final is not None and not all_finite(final.values()):
             diverged = self.path.first_non_finite()  # (reads the path: only when it diverged)
             where = (
                 "the initial weights already hold NaN or inf"

@@ -184,7 +184,9 @@ def write_tensor_file(
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if any(t.dtype not in DTYPE_CODES for t in tensors.values()):  # rare: let
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
-            {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata
+            # (copies: it refuses tensors that share memory, as steps share their sizes)
+            {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()},
+            metadata=metadata,
         )
         write_atomic(path, data, durable)
         return {"file": path.name, HASH: _HASHES[HASH](data).hexdigest(), "bytes": len(data)}

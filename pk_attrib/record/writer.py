@@ -26,6 +26,9 @@ from .buffers import BufferPool
 from .store import LOCK, write_manifest, write_tensor_file
 
 _STOP = object()
+_WAKE = object()  # a small record is held (see AsyncShardWriter)
+# a record without pooled buffers up to this size is held rather than queued
+SMALL_RECORD_BYTES = 1 << 20
 
 
 class _Flush:
@@ -36,11 +39,18 @@ class _Flush:
 class AsyncShardWriter:
     """Background writer: step records in, safetensors shards and manifest updates out.
 
-    `put` blocks when the queue is full (memory stays bounded, no step is dropped).
+    `put` blocks while ``queue_steps`` records wait (memory stays bounded, no step is dropped).
     A shard is written when it reaches ``shard_bytes``, or ``flush_interval`` seconds after
     its first step arrived, or on `flush`/`close`; the manifest is rewritten after each
     shard, so a killed process loses only the steps not yet written. A record's
     ``"pooled"`` tensors go back to ``pool`` once its shard is written.
+
+    A record without a snapshot (no ``"pooled"`` tensors: a step between snapshots with
+    ``every > 1``) is small: it is held in a list the writer takes at its next wake-up
+    rather than queued, so that such steps do not wake the writer thread one by one (each
+    wake-up costs the training thread a hand-over of the GIL). The first one held wakes the
+    writer, which then takes the list when its shard is due, so no step waits longer than
+    ``flush_interval``; records are written in the order they were put.
     """
 
     def __init__(
@@ -60,7 +70,15 @@ class AsyncShardWriter:
         self.lock = None  # the store's lock file (the recorder hands it over), held till done
         self.shard_bytes = shard_bytes
         self.flush_interval = flush_interval
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_steps))
+        # records with snapshots wait in the queue, at most ``queue_steps`` of them (``_slots``)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(max(1, queue_steps))
+        # small records held for the writer to take (see the class), under ``_lock``, which
+        # also covers queueing a record (so that no held record is taken before an older
+        # queued one); the writer was woken for them (``_armed``)
+        self._held: list[dict[str, Any]] = []
+        self._armed = False
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pk_attrib-writer", daemon=True)
         self._thread.start()
@@ -73,9 +91,24 @@ class AsyncShardWriter:
             ) from self._error
 
     def put(self, record: dict[str, Any]) -> None:
-        """Queue one step record (blocks while the queue is full)."""
+        """Queue one step record (blocks while ``queue_steps`` records wait to be written).
+
+        A small record (see the class) is held instead, and wakes the writer only when it is
+        the first held since the writer last took them. An interrupt while this blocks
+        (Ctrl-C while the disk is slow) leaves this record out, and nothing else.
+        """
         self._raise_if_failed()
-        self._queue.put(record)
+        if not record.get("pooled") and record.get("nbytes", 0) <= SMALL_RECORD_BYTES:
+            with self._lock:
+                self._held.append(record)
+                if not self._armed:
+                    self._armed = True
+                    self._queue.put_nowait(_WAKE)
+            return
+        self._slots.acquire()  # (memory stays bounded: training waits for the disk)
+        with self._lock:  # the held records go ahead of this one, in one item
+            held, self._held = self._held, []
+            self._queue.put_nowait((held, record))
 
     def flush(self) -> None:
         """Block until every queued step is written and listed in the manifest.
@@ -104,6 +137,21 @@ class AsyncShardWriter:
             self._thread.join()
         self._raise_if_failed()
 
+    def _take_held(self, disarm: bool = False) -> list[dict[str, Any]]:
+        """The held records, once every queued item (all older) was taken; else none yet.
+
+        (None yet: the queued items wake the writer, which takes them later.)
+
+        ``disarm``: with none held, the next small record wakes the writer again.
+        """
+        with self._lock:
+            if not self._queue.empty():
+                return []
+            held, self._held = self._held, []
+            if disarm and not held:
+                self._armed = False
+            return held
+
     def _run(self) -> None:
         buffer: list[dict[str, Any]] = []
         size = 0
@@ -114,12 +162,20 @@ class AsyncShardWriter:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            if item is not None and not isinstance(item, _Flush) and item is not _STOP:
-                buffer.append(item)
-                size += item["nbytes"]
-                if deadline is None:
-                    deadline = time.monotonic() + self.flush_interval
             due = item is None or item is _STOP or isinstance(item, _Flush)
+            records = []
+            if isinstance(item, tuple):  # (the records held before it, a record)
+                records = [*item[0], item[1]]
+                self._slots.release()
+                if self.pool is not None:  # buffers for the next snapshot, faulted in here
+                    self.pool.reserve(item[1].get("pooled", ()))
+            if due or item is _WAKE:
+                records += self._take_held()  # (newer than every queued record taken)
+            for record in records:
+                buffer.append(record)
+                size += record["nbytes"]
+            if buffer and deadline is None:
+                deadline = time.monotonic() + self.flush_interval
             if buffer and (due or size >= self.shard_bytes):
                 if self._error is None:
                     try:
@@ -127,6 +183,10 @@ class AsyncShardWriter:
                     except BaseException as err:  # surfaced to the training loop on next put
                         self._error = err
                 buffer, size, deadline = [], 0, None
+            if not buffer:  # no shard's clock runs: what was held since starts the next one
+                buffer = self._take_held(disarm=True)
+                size = sum(record["nbytes"] for record in buffer)
+                deadline = time.monotonic() + self.flush_interval if buffer else None
             if isinstance(item, _Flush):
                 item.done.set()
             if item is _STOP:
