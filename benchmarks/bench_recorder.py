@@ -81,7 +81,10 @@ snapshots (``PathRecorder(..., every=k)``, issue 18):
   peak + 10 copies of the model (targets). every=1 and every=50 are also run with glibc
   told to give blocks of 64 KiB and more back when they are freed
   (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``), so that their peaks count
-  the memory live at once, not what the C heap keeps resident after freeing it.
+  the memory live at once, not what the C heap keeps resident after freeing it; the
+  memory targets are judged on these. Each measured call follows a warm-up call of another
+  explainer on one query (what a process's first call loads once, torch.func's modules and
+  thread pools, about 85 MiB here, is not the explanation's memory).
 
 The load average is printed before and after each part.
 
@@ -780,26 +783,39 @@ def explain_record(store: Path, every: int, epochs: int, width: int) -> tuple[to
 def explain_child(spec: dict) -> dict:
     """Time ``attribute`` of the queries on one store and measure its peak memory.
 
-    The explainer is made first; then VmHWM is reset to the current RSS (writing "5" to
-    /proc/self/clear_refs) and a thread samples RssAnon (VmHWM also counts the store's
-    memory-mapped, file-backed pages). Peaks are returned with the baselines just before.
+    A warm-up call of another explainer on one query loads what a process's first call
+    loads once; the measured explainer is made next; then VmHWM is reset to the current RSS
+    (writing "5" to /proc/self/clear_refs) and a thread samples RssAnon (VmHWM also counts
+    the store's memory-mapped, file-backed pages). Peaks are returned with the baselines
+    just before.
     """
     if os.environ.get(THREADS_ENV):
         torch.set_num_threads(int(os.environ[THREADS_ENV]))
-    import warnings
-
     train_set, (qx, qy) = explain_data()
     model = explain_model(spec["width"])
     path = pk.TrainingPath.load(spec["store"])
     path.load_into(model)
-    explainer = pk.PathKernelInfluence(
-        model,
-        train_set,
-        path,
-        torch.nn.CrossEntropyLoss(),
-        memory_budget=spec["budget"],
-        show_progress=False,
-    )
+
+    def make_explainer():
+        return pk.PathKernelInfluence(
+            model,
+            train_set,
+            path,
+            torch.nn.CrossEntropyLoss(),
+            memory_budget=spec["budget"],
+            show_progress=False,
+        )
+
+    import warnings
+
+    # a warm-up call on an explainer of its own (dropped before the measured one): what the
+    # first call of a process loads once (torch.func's and the decompositions' modules, the
+    # thread pools) is not the explanation's memory; nothing of the data is cached across
+    # explainers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_explainer().attribute(qx[:1], target=qy[:1])
+    explainer = make_explainer()
     gc.collect()
     before = proc_status()
     reset_peak()  # VmHWM := VmRSS now
@@ -943,11 +959,14 @@ def explain_part(out_dir: Path, repeats: int, quick: bool) -> dict[str, bool]:
         float((contributions[k] - contributions[1]).norm() / contributions[1].norm())
         for k in EXPLAIN_EVERY
     )
+    # judged on live memory (glibc giving freed blocks back): after the warm-up call, the
+    # C heap's retained pages would hide what the measured call allocates
+    p50, p1 = peak(50, table=live), peak(1, table=live)
     return {
-        f"every=50 peak {fmt_bytes(peak(50))} <= memory_budget + {MODEL_COPIES} models = "
-        f"{fmt_bytes(limit)}": peak(50) <= limit,
-        f"every=50 peak beyond every=1's {fmt_bytes(peak(50) - peak(1))} <= {MODEL_COPIES} "
-        f"models = {fmt_bytes(extra)}": peak(50) - peak(1) <= extra,
+        f"every=50 live peak {fmt_bytes(p50)} <= memory_budget + {MODEL_COPIES} models = "
+        f"{fmt_bytes(limit)}": p50 <= limit,
+        f"every=50 live peak beyond every=1's {fmt_bytes(p50 - p1)} <= {MODEL_COPIES} "
+        f"models = {fmt_bytes(extra)}": p50 - p1 <= extra,
         f"every=10, 50 agree with every=1 to {agree:.1e} <= 1e-9 (float64)": agree <= 1e-9,
     }
 

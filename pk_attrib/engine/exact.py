@@ -221,6 +221,8 @@ class Engine(TrainingSteps):
         if moving is not None:  # each step's query gradients at its own buffers
             block = 1
         example_bytes = fm.d_active * dtype.itemsize  # a training gradient
+        # (their vmap call holds a few times the gradients it returns: within the budget)
+        train_block = min(BLOCK_BYTES, fm.memory_budget // 4)
         for s in tqdm(range(S - 1, -1, -1), desc="steps", disable=not p.show_progress):
             step = path.step(s)
             if moving is not None:  # the weights' part of the step, at the buffers after it
@@ -242,7 +244,7 @@ class Engine(TrainingSteps):
                     held = 0
                     for k in range(len(steps) - 1, -1, -1):
                         held += len(path.step(steps[k]).indices) * example_bytes
-                        if held > BLOCK_BYTES and k < len(steps) - 1:
+                        if held > train_block and k < len(steps) - 1:
                             steps = steps[k + 1 :]
                             break
                 flat = {j: fm.flatten(path.step(j).params) for j in steps}
