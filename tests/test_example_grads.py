@@ -238,3 +238,31 @@ def test_queries_and_training_by_layers_equal_the_reference(which, monkeypatch):
     ref = reference_decomposition(model, data, path, loss_fn, queries, target, q=3, **kwargs)
     scale = ref["contributions"].abs().max()
     assert (dec.contributions - ref["contributions"]).abs().max() <= 1e-10 * scale
+
+
+def test_factored_phi_with_param_groups_of_their_own_rates_decay_and_sign(monkeypatch):
+    """Plain SGD with two parameter groups (their own learning rates and weight decay; the
+    second one maximizing, σ = −1): each parameter's η σ and λ reach the factored products;
+    the contributions and the weight decay's term equal the float64 reference's."""
+    monkeypatch.setattr(example_grads, "LAYER_ROUTE_BYTES", 0)
+    model, data, loss_fn = mlp_case()
+    first, second = model[0], model[2]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": first.parameters(), "lr": 0.05, "weight_decay": 0.02},
+            {"params": second.parameters(), "lr": 0.02, "weight_decay": 0.0, "maximize": True},
+        ]
+    )
+    path = _run(model, data, loss_fn, optimizer)
+    x, target = data.tensors[0][:3], torch.tensor([0, 1, 2])
+    ex = pk.PathKernelInfluence(model, data, path, loss_fn, quadrature=3, show_progress=False)
+    factored = count_calls(monkeypatch, example_grads.NodeFactors, "dot_train")
+    dec = ex.attribute(x, target=target)
+    assert len(factored) == len(path)
+    ref = reference_decomposition(model, data, path, loss_fn, x, target, q=3)
+    scale = ref["contributions"].abs().max()
+    assert (dec.contributions - ref["contributions"]).abs().max() <= 1e-10 * scale
+    decay = ref["weight_decay"].abs().max()
+    assert (
+        decay > 0 and (dec.terms["weight_decay"] - ref["weight_decay"]).abs().max() <= 1e-10 * decay
+    )
