@@ -26,6 +26,7 @@ import torch
 from .batches import n_rows
 from .factors import (
     LayerFactors,
+    bias_grad,
     capture,
     dot_products,
     example_losses,
@@ -57,6 +58,12 @@ def _worth_it(found: LayerFactors, rest: list[str]) -> bool:
     if not WHOLE_MODELS_ONLY:
         return True
     return not rest and all(w.shape[1] == 1 for pairs in found.factors.values() for _, w in pairs)
+
+
+def columns(offsets: dict[str, tuple[int, int]], name: str) -> slice:
+    """The coordinates of parameter ``name`` in the flat vectors."""
+    a, size = offsets[name]
+    return slice(a, a + size)
 
 
 def per_parameter(x: torch.Tensor | float, offsets: dict[str, tuple[int, int]]) -> dict:
@@ -123,8 +130,7 @@ class LayerGrads:
         self.offsets, self.d_active = offsets, d_active
 
     def _part(self, v: torch.Tensor, name: str) -> torch.Tensor:
-        a, size = self.offsets[name]
-        return v[:, a : a + size]
+        return v[:, columns(self.offsets, name)]
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
         """The dot products v · g_j, (n, m), of each row of v (n, d_active) and each example."""
@@ -135,8 +141,7 @@ class LayerGrads:
             for u, w in self.found.factors[layer.key]:
                 term = _weight_dot(weight, layer.rows, layer.cols, u, w)
                 if bias is not None:  # a column Σ_t u_t (side "v") or a row Σ_t v_t ("u")
-                    side = u if layer.bias_side == "v" else w
-                    term = term + bias @ side.sum(1).T
+                    term = term + bias @ bias_grad(layer, [(u, w)]).T
                 out = term if out is None else out + term
         if self.rest:
             rest = torch.cat([self._part(v, name) for name in self.rest], 1)
@@ -149,12 +154,8 @@ class LayerGrads:
         first = next(iter(self.found.factors.values()))[0][1]
         total = torch.zeros(self.d_active, dtype=first.dtype, device=first.device)
         for layer in self.layers:
-            a, size = self.offsets[layer.weight]
-            weight = total[a : a + size].view(layer.rows, layer.cols)
-            bias = None
-            if layer.bias is not None:
-                b, nb = self.offsets[layer.bias]
-                bias = total[b : b + nb]
+            weight = total[columns(self.offsets, layer.weight)].view(layer.rows, layer.cols)
+            bias = None if layer.bias is None else total[columns(self.offsets, layer.bias)]
             for u, w in self.found.factors[layer.key]:
                 weighted = w * kappa[:, None, None]
                 if u.dtype == torch.int64:  # token ids: rows of the embedding
@@ -162,15 +163,14 @@ class LayerGrads:
                 else:
                     weight += torch.einsum("btr,btc->rc", u, weighted)
                 if bias is not None:
-                    side = u if layer.bias_side == "v" else w
-                    bias += kappa @ side.sum(1)
+                    bias += kappa @ bias_grad(layer, [(u, w)])
         if self.rest:
             summed = kappa @ self.found.rest
             k = 0
             for name in self.rest:
-                a, size = self.offsets[name]
-                total[a : a + size] = summed[k : k + size]
-                k += size
+                part = total[columns(self.offsets, name)]
+                part.copy_(summed[k : k + part.numel()])
+                k += part.numel()
         return total
 
     def squared_norms(self) -> torch.Tensor:
@@ -401,7 +401,7 @@ class QueryLayers:
             ]
             self.write_layers(flat, found, omegas)
             for name in rest:  # (the rest's gradients by vmap, node by node)
-                flat[:, slice(*self._span(name))].zero_()
+                flat[:, columns(self.offsets, name)].zero_()
             for k in range(q if rest else 0):
                 part, _ = fm.output_grads(
                     points[g * q + k][None], self.inputs, self.target, self.output_fn, names=rest
@@ -409,9 +409,9 @@ class QueryLayers:
                 route = fm.routes.get("output_fn")
                 at = 0
                 for name in rest:
-                    a, b = self._span(name)
-                    flat[:, a:b].add_(part[0][:, at : at + b - a], alpha=omegas[k])
-                    at += b - a
+                    block = flat[:, columns(self.offsets, name)]
+                    block.add_(part[0][:, at : at + block.shape[1]], alpha=omegas[k])
+                    at += block.shape[1]
         fm.routes["output_fn"] = LAYERS + (f"; other parameters: {route}" if route else "")
         return out
 
@@ -425,14 +425,10 @@ class QueryLayers:
             ]
             self._write_layer(flat, layer, pairs)
 
-    def _span(self, name: str) -> tuple[int, int]:
-        a, size = self.offsets[name]
-        return a, a + size
-
     def _write_layer(self, flat: torch.Tensor, layer: Layer, pairs) -> None:
         """flat[:, layer] = Σ over (u, v, ω) of ω Σ_t u_t v_tᵀ (and the folded bias)."""
         n = flat.shape[0]
-        weight = flat[:, slice(*self._span(layer.weight))].view(n, layer.rows, layer.cols)
+        weight = flat[:, columns(self.offsets, layer.weight)].view(n, layer.rows, layer.cols)
         dense = [(u * omega, w) for u, w, omega in pairs if u.dtype != torch.int64]
         if dense:  # one batched product over every node's positions, written in place
             u = torch.cat([u for u, _ in dense], 1)
@@ -444,8 +440,8 @@ class QueryLayers:
                 rows = torch.arange(n, device=u.device)[:, None].expand_as(u)
                 weight.index_put_((rows, u), w * omega, accumulate=True)
         if layer.bias is not None:
-            side = [(u if layer.bias_side == "v" else w).sum(1) * o for u, w, o in pairs]
-            flat[:, slice(*self._span(layer.bias))].copy_(torch.stack(side).sum(0))
+            sides = [bias_grad(layer, [(u, w)]) * omega for u, w, omega in pairs]
+            flat[:, columns(self.offsets, layer.bias)].copy_(torch.stack(sides).sum(0))
 
 
 class NodeFactors:
@@ -480,10 +476,10 @@ class NodeFactors:
     def dot(self, x: torch.Tensor) -> torch.Tensor:
         """φ · x for each query, (n,). ``x``: (d_active,)."""
         total = None
+        offsets = self.owner.offsets
         for layer in self.owner.plan[0]:
-            a, b = self.owner._span(layer.weight)
-            matrix = x[a:b].view(layer.rows, layer.cols)
-            bias = None if layer.bias is None else x[slice(*self.owner._span(layer.bias))]
+            matrix = x[columns(offsets, layer.weight)].view(layer.rows, layer.cols)
+            bias = None if layer.bias is None else x[columns(offsets, layer.bias)]
             for f, omega in zip(self.found, self.omegas, strict=True):
                 for u, w in f.factors[layer.key]:
                     if u.dtype == torch.int64:  # token ids: rows of the matrix
@@ -491,7 +487,7 @@ class NodeFactors:
                     else:
                         term = ((u @ matrix) * w).sum((1, 2))
                     if bias is not None:
-                        term = term + (u if layer.bias_side == "v" else w).sum(1) @ bias
+                        term = term + bias_grad(layer, [(u, w)]) @ bias
                     term = term * omega
                     total = term if total is None else total + term
         return total

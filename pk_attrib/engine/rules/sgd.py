@@ -69,23 +69,27 @@ class SGDRule(Rule):
 
     def plain_scale(self, step):
         """η_s where no buffer moves at step s and none is carried into it (plain SGD)."""
-        eta, _, _, _, carry, moving = self._terms(step)
+        return self._plain(step, self._terms(step))
+
+    def _plain(self, step, terms):
+        """`plain_scale` from the step's `_terms`; begins the step when it returns η_s."""
+        eta, _, _, _, carry, moving = terms
         pending = self._carry if not self._next_fresh else None
         if pending is not None or bool(moving.any()):
             return None
-        self._next_fresh = step.fresh_state  # (as `begin` leaves it)
+        self._next_fresh = step.fresh_state
         self._carry, self._carry_factor = None, carry
         return eta
 
     def begin(self, s, step, phi, w):
         """v_s = d_s u_s (+ η_s φ_s with nesterov); u_s = η_s c_s φ_s + μ_{s+1} u_{s+1}."""
-        eta, mu, damp, nesterov, carry, moving = self._terms(step)
+        terms = self._terms(step)
+        eta = self._plain(step, terms)
+        if eta is not None:  # plain SGD: no state to carry
+            return eta * phi, None
+        eta, mu, damp, nesterov, carry, moving = terms
         self._next_fresh, next_fresh = step.fresh_state, self._next_fresh
         pending = self._carry if not next_fresh else None
-        if pending is None and not bool(moving.any()):  # plain SGD: no state to carry
-            self._carry, self._carry_factor = None, carry
-            return eta * phi, None
-        terms = (eta, mu, damp, nesterov, carry, moving)
         if all(t.dim() == 0 for t in terms) and (
             pending is None or torch.as_tensor(self._carry_factor).dim() == 0
         ):  # one value for every coordinate: the same sums as below, with scalars
