@@ -1,11 +1,37 @@
 """A deterministic training run shared by tests that run it in another process."""
 
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 N = 40
+TESTS = Path(__file__).parent
+
+
+def child(code: str) -> subprocess.Popen:
+    """Run ``code`` (dedented) in a Python process that imports from tests/, piped."""
+    script = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def slow_disk(seconds: float = 0.03) -> None:
+    """Make every store's writer sleep before it writes a shard, in this process."""
+    import pk_attrib.record.writer as writer
+
+    write = writer.AsyncShardWriter._write_shard
+
+    def slow(self, records):
+        time.sleep(seconds)
+        write(self, records)
+
+    writer.AsyncShardWriter._write_shard = slow
 
 
 def make():

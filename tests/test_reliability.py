@@ -2,19 +2,13 @@
 and that the Captum-style methods check what `attribute` checks (issue 24)."""
 
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from _runs import replay
+from _runs import child, replay
 
 import pk_attrib as pk
-
-TESTS = Path(__file__).parent
 
 
 class WhereReLU(torch.nn.Module):
@@ -22,13 +16,6 @@ class WhereReLU(torch.nn.Module):
 
     def forward(self, x):
         return torch.where(x > 0, x, torch.zeros_like(x))
-
-
-def child(code: str) -> subprocess.Popen:
-    script = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
-    return subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def assert_is_the_run(path):
@@ -53,18 +40,10 @@ def test_ctrl_c_while_a_step_waits_for_a_slow_disk_never_stores_wrong_final_weig
     store = tmp_path / "s"
     proc = child(
         f"""
-        import time
         import pk_attrib as pk
-        import pk_attrib.record.writer as writer
-        from _runs import make, run_steps
+        from _runs import make, run_steps, slow_disk
 
-        write = writer.AsyncShardWriter._write_shard
-
-        def slow(self, records):
-            time.sleep(0.03)
-            write(self, records)
-
-        writer.AsyncShardWriter._write_shard = slow
+        slow_disk(0.03)
         model, optimizer, x, y = make()
         try:
             with pk.PathRecorder(model, optimizer, store={str(store)!r}, dataset_size=40,

@@ -4,20 +4,15 @@ interval, and through a Ctrl-C."""
 
 import json
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from _runs import batch, make, replay, run_steps
+from _runs import batch, child, make, replay, run_steps
 
 import pk_attrib as pk
 import pk_attrib.record.writer as writer
-
-TESTS = Path(__file__).parent
 
 
 def _assert_is_the_run(path, n_raw):
@@ -40,18 +35,23 @@ def _listed_steps(store: Path) -> int:
     return len(json.loads((store / "manifest.json").read_text())["steps"])
 
 
-def test_steps_between_snapshots_wake_the_writer_once_per_shard(tmp_path, monkeypatch):
-    """200 steps with a snapshot every 50 and one shard's clock (60 s): the writer's queue
-    carries the 4 snapshots (each with the steps held before it), one wake-up for the first
-    step held, and the stop; the store holds every step, in order."""
-    items = []
-    put_nowait = writer.queue.Queue.put_nowait
+def _queued(monkeypatch) -> list:
+    """What the recorder puts in its writer's queue from now on (a list that grows)."""
+    items, put_nowait = [], writer.queue.Queue.put_nowait
 
     def counted(self, item):
         items.append(item)
         put_nowait(self, item)
 
     monkeypatch.setattr(writer.queue.Queue, "put_nowait", counted)
+    return items
+
+
+def test_steps_between_snapshots_wake_the_writer_once_per_shard(tmp_path, monkeypatch):
+    """200 steps with a snapshot every 50 and one shard's clock (60 s): the writer's queue
+    carries the 4 snapshots (each with the steps held before it), one wake-up for the first
+    step held, and the stop; the store holds every step, in order."""
+    items = _queued(monkeypatch)
     model, optimizer, x, y = make()
     store = tmp_path / "s"
     with pk.PathRecorder(
@@ -70,14 +70,7 @@ def test_steps_between_snapshots_wake_the_writer_once_per_shard(tmp_path, monkey
 
 def test_every_step_does_wake_the_writer_with_its_snapshot(tmp_path, monkeypatch):
     """every=1: each record holds a snapshot, and goes to the queue as before."""
-    items = []
-    put_nowait = writer.queue.Queue.put_nowait
-
-    def counted(self, item):
-        items.append(item)
-        put_nowait(self, item)
-
-    monkeypatch.setattr(writer.queue.Queue, "put_nowait", counted)
+    items = _queued(monkeypatch)
     model, optimizer, x, y = make()
     with pk.PathRecorder(model, optimizer, store=tmp_path / "s", dataset_size=40) as recorder:
         run_steps(model, optimizer, x, y, recorder, 0, 12)
@@ -116,20 +109,12 @@ def test_ctrl_c_with_held_steps_and_a_slow_disk_keeps_the_store_the_runs(tmp_pat
     slow disk: every step handed over before the interrupt is in the store, in order, and
     the final weights are the run's, or the store ends at its last snapshot."""
     store = tmp_path / "s"
-    script = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(
+    proc = child(
         f"""
-        import time
         import pk_attrib as pk
-        import pk_attrib.record.writer as writer
-        from _runs import make, run_steps
+        from _runs import make, run_steps, slow_disk
 
-        write = writer.AsyncShardWriter._write_shard
-
-        def slow(self, records):
-            time.sleep(0.03)
-            write(self, records)
-
-        writer.AsyncShardWriter._write_shard = slow
+        slow_disk(0.03)
         model, optimizer, x, y = make()
         try:
             with pk.PathRecorder(model, optimizer, store={str(store)!r}, every=3,
@@ -139,9 +124,6 @@ def test_ctrl_c_with_held_steps_and_a_slow_disk_keeps_the_store_the_runs(tmp_pat
         except KeyboardInterrupt:
             print("interrupted", recorder.steps_recorded, flush=True)
         """
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert proc.stdout.readline().strip() == "recording"
     time.sleep(delay)
