@@ -256,12 +256,18 @@ def make_large_mlp() -> torch.nn.Module:
     )
 
 
-def train(cfg: Config, checkpoint_dir: Path, make: Callable = make_mlp) -> Trained:
-    """Train with SGD, recording every step and saving a checkpoint after each epoch."""
-    x, y = digits()
-    train_set = TensorDataset(x[: cfg.n_train], y[: cfg.n_train])
-    queries = x[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
-    targets = y[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+def record_sgd(
+    train_set: TensorDataset,
+    make: Callable,
+    epochs: int,
+    max_steps: int | None = None,
+    after_epoch: Callable[[torch.nn.Module, int], None] | None = None,
+):
+    """Train ``make()`` with SGD (lr 0.1, batch 32, shuffled), recording every step in memory.
+
+    Returns the model (in eval mode) and the recorder's path; ``after_epoch(model, epoch)``
+    runs at the end of each whole epoch.
+    """
     torch.manual_seed(SEED)
     model = make()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -270,19 +276,38 @@ def train(cfg: Config, checkpoint_dir: Path, make: Callable = make_mlp) -> Train
         train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
     )
     recorder = pk.PathRecorder(model, optimizer, store=None)
-    checkpoints = []
-    for epoch in range(cfg.epochs):
+    steps = 0
+    for epoch in range(epochs):
         for xb, yb in recorder.watch(loader):
             optimizer.zero_grad()
             loss_fn(model(xb), yb).backward()
             optimizer.step()
-        checkpoints.append(str(checkpoint_dir / f"epoch{epoch:02d}.pt"))
-        torch.save(model.state_dict(), checkpoints[-1])
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        if max_steps is not None and steps >= max_steps:
+            break
+        if after_epoch is not None:
+            after_epoch(model, epoch)
     recorder.close()
     model.eval()
-    return Trained(
-        model, train_set, queries, targets, recorder.path, checkpoints, [LR] * len(checkpoints)
-    )
+    return model, recorder.path
+
+
+def train(cfg: Config, checkpoint_dir: Path, make: Callable = make_mlp) -> Trained:
+    """Train with SGD, recording every step and saving a checkpoint after each epoch."""
+    x, y = digits()
+    train_set = TensorDataset(x[: cfg.n_train], y[: cfg.n_train])
+    queries = x[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    targets = y[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
+    checkpoints = []
+
+    def save(model, epoch):
+        checkpoints.append(str(checkpoint_dir / f"epoch{epoch:02d}.pt"))
+        torch.save(model.state_dict(), checkpoints[-1])
+
+    model, path = record_sgd(train_set, make, cfg.epochs, after_epoch=save)
+    return Trained(model, train_set, queries, targets, path, checkpoints, [LR] * len(checkpoints))
 
 
 # -- (a) checkpoint mode against Captum's TracInCP ----------------------------------------------
@@ -762,30 +787,10 @@ def train_float64(cfg: Config, make: Callable, epochs: int, max_steps: int | Non
     x, y = digits()
     x = x.double()
     train_set = TensorDataset(x[: cfg.n_train], y[: cfg.n_train])
-    torch.manual_seed(SEED)
-    model = make()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    loader = DataLoader(
-        train_set, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED)
-    )
-    recorder = pk.PathRecorder(model, optimizer, store=None)
-    steps = 0
-    for _ in range(epochs):
-        for xb, yb in recorder.watch(loader):
-            optimizer.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            optimizer.step()
-            steps += 1
-            if max_steps is not None and steps >= max_steps:
-                break
-        if max_steps is not None and steps >= max_steps:
-            break
-    recorder.close()
-    model.eval()
+    model, path = record_sgd(train_set, make, epochs, max_steps)
     queries = x[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
     targets = y[N_HELD_OUT_START : N_HELD_OUT_START + cfg.n_queries]
-    return model, train_set, recorder.path, queries, targets
+    return model, train_set, path, queries, targets
 
 
 def kink_case(model, train_set, path, queries, targets, quadrature) -> Measurement:
