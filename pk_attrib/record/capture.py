@@ -37,7 +37,6 @@ class ForwardState:
         self.compared = compared  # compared by value: updated where no version counter moves
         self._kept: dict[str, torch.Tensor] = {}  # their last kept values
         self._rng: list[tuple[torch.Tensor, ...]] = []  # the step's micro-batches'
-        self._last_rng: tuple[torch.Tensor, ...] | None = None  # the last one kept
         self._versions: dict[str, tuple[int, int]] = {}
         self._step_buffers: dict[str, torch.Tensor] = {}
 
@@ -75,7 +74,10 @@ class ForwardState:
     def batch_begins(self) -> None:
         """A micro-batch is handed over: note the random-number state its forward starts in."""
         cpu = torch.get_rng_state()
-        self._rng.append((cpu, *(torch.cuda.get_rng_state(d) for d in self.cuda)))
+        if not self.cuda:
+            self._rng.append((cpu,))
+        else:
+            self._rng.append((cpu, *(torch.cuda.get_rng_state(d) for d in self.cuda)))
 
     def batch_states(self) -> list[tuple[torch.Tensor, ...]]:
         """The random-number states of the micro-batches noted for the step being taken."""
@@ -85,21 +87,13 @@ class ForwardState:
         """Keep these states for the step's micro-batches instead (every rank's, under DDP)."""
         self._rng = list(states)
 
-    def tensors(self, raw: int) -> dict[str, torch.Tensor]:
-        """What raw step ``raw`` keeps, each only where it changed since last kept.
+    def buffer_tensors(self, raw: int) -> dict[str, torch.Tensor]:
+        """The buffers step ``raw`` keeps (``"<raw>/buf/<name>"``): those changed since kept.
 
-        ``"<raw>/rng/<i>"`` and ``"<raw>/rng_cuda<d>/<i>"`` per micro-batch i, and
-        ``"<raw>/buf/<name>"``.
+        (Its micro-batches' random-number states, `batch_states`, are kept where they
+        changed by `pk_attrib.record.finish.StepFinisher`.)
         """
-        out = {}
-        for i, states in enumerate(self._rng):
-            if self._last_rng is None or not all(map(_same_bytes, states, self._last_rng)):
-                out[f"{raw}/rng/{i}"] = states[0]
-                for device, state in zip(self.cuda, states[1:], strict=True):
-                    out[f"{raw}/rng_cuda{device}/{i}"] = state
-                self._last_rng = states
-        out.update({f"{raw}/buf/{n}": b for n, b in self._step_buffers.items()})
-        return out
+        return {f"{raw}/buf/{n}": b for n, b in self._step_buffers.items()}
 
     def mode(self) -> bool | list[str] | None:
         """The train mode of the step's modules, for its metadata (None: not known)."""
@@ -119,17 +113,6 @@ class ForwardState:
     def current_buffers(self) -> dict[str, torch.Tensor]:
         """CPU copies of all the buffers now (the end of the run)."""
         return {n: b.detach().to("cpu", copy=True) for n, b in self.buffers.items()}
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two random-number states (byte tensors) are equal.
-
-    Compared as bytes on the CPU, which costs a training step less than `torch.equal` (a
-    dispatched op).
-    """
-    if not (a.is_cpu and b.is_cpu and a.dtype == b.dtype == torch.uint8):
-        return torch.equal(a, b)
-    return a.numpy().tobytes() == b.numpy().tobytes()
 
 
 def running_statistics(model: torch.nn.Module) -> frozenset[str]:

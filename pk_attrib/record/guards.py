@@ -11,6 +11,7 @@ loop with a `RecordingError` naming it, instead of a path that would explain ano
 
 from __future__ import annotations
 
+import array
 import math
 from typing import Any
 
@@ -19,27 +20,40 @@ import torch
 
 from ..exceptions import IndexOutOfRangeError, RecordingError
 
+_INT = {int}
 
-def batch_indices(indices: Any, size: int | None) -> torch.Tensor:
-    """One (micro-)batch's dataset indices as a CPU int64 tensor of its own, checked.
+
+def batch_indices(indices: Any, size: int | None) -> torch.Tensor | array.array:
+    """One (micro-)batch's dataset indices, checked, in a container of their own.
+
+    A list (or tuple) of Python ints, what a batch sampler yields, comes back as an
+    ``array.array`` of type ``"q"`` (int64): the recorder calls this on the training
+    thread, where making a tensor costs several times more, and the tensor is made later
+    (`pk_attrib.record.finish.index_tensor`). Anything else comes back as a tensor.
 
     Args:
         indices: Dataset indices, int (B,) tensor, array or list (or one int).
         size: The training set's length (None: unknown, no upper bound).
 
     Returns:
-        The indices, (B,) int64, a copy (the caller may reuse its array).
+        The indices, (B,) int64 (a tensor or an ``array.array("q")``), a copy (the caller
+        may reuse its list or array).
 
     Raises:
         TypeError: The indices are not integers.
         IndexOutOfRangeError: An index lies outside ``[0, size)``.
     """
-    if isinstance(indices, (list, tuple)):  # (a batch sampler's: numpy reads it 5x faster)
-        array = np.asarray(indices)
-        if array.dtype.kind in "iu" and array.size:  # (a fresh array: nobody else's)
-            array = array.reshape(-1).astype(np.int64, copy=False)
-            _check_range(int(array.min()), int(array.max()), size)
-            return torch.from_numpy(array)
+    if type(indices) in (list, tuple) and indices and set(map(type, indices)) == _INT:
+        low, high = min(indices), max(indices)
+        _check_range(low, high, size)
+        if high < 1 << 63:  # (else: numpy's error below)
+            return array.array("q", indices)
+    if isinstance(indices, (list, tuple)):  # (numpy reads a list 5x faster than torch)
+        values = np.asarray(indices)
+        if values.dtype.kind in "iu" and values.size:  # (a fresh array: nobody else's)
+            values = values.reshape(-1).astype(np.int64, copy=False)
+            _check_range(int(values.min()), int(values.max()), size)
+            return torch.from_numpy(values)
     idx = torch.as_tensor(indices).reshape(-1)
     if idx.numel() == 0:  # an empty list reads as float32
         idx = idx.to(torch.int64)

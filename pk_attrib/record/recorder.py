@@ -17,6 +17,7 @@ custom samplers. Every batch since the previous optimizer step belongs to the ne
 
 from __future__ import annotations
 
+import array
 import atexit
 import os
 import warnings
@@ -38,6 +39,7 @@ from .backends import MemoryBackend, new_manifest
 from .buffers import BufferPool, SlabAllocator
 from .capture import ForwardState, running_statistics
 from .distributed import gather_step, rank_path, recording_group
+from .finish import StepFinisher, index_tensor
 from .guards import all_finite, batch_indices, check_learning_rates, check_parameters
 from .optimizers import (
     INITIAL_STATE,
@@ -56,6 +58,10 @@ from .sampling import indexed_batches
 from .store import write_final
 from .wrappers import unwrap
 from .writer import AsyncShardWriter, close_at_exit, stop_writer, unlock_store
+
+# with every > 1, the size from which a shard is written (at most ``shard_bytes``): the
+# snapshots' buffers are recycled within a few snapshots, and close() has little to write
+SPARSE_SHARD_BYTES = 8 << 20
 
 
 class PathRecorder:
@@ -153,13 +159,14 @@ class PathRecorder:
             )
         self._base_hyper = [g["hyper"] for g in description["groups"]]
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
-        self._pending: list[torch.Tensor] = []
-        self._sizes: dict[tuple[int, ...], torch.Tensor] = {}  # micro-batch sizes, as kept
+        # the micro-batches' indices noted since the last step (see batch_indices)
+        self._pending: list[torch.Tensor | array.array] = []
         # what each micro-batch's forward pass starts from (random-number state, buffers)
         cuda = sorted({p.device.index or 0 for p in self._param_list if p.is_cuda})
         self._forward = ForwardState(
             dict(self.model.named_buffers()), cuda, running_statistics(self.model), self.model
         )
+        self._finish = StepFinisher(cuda)  # (on the writer's thread, when there is one)
         self._last_batches: list[torch.Tensor] = []  # what the last optimizer step used
         self._pool: BufferPool | None = None  # recycled snapshot buffers (disk mode)
         self._slab: SlabAllocator | None = None  # packed kept snapshots (memory mode)
@@ -196,7 +203,9 @@ class PathRecorder:
             # a slab per step's snapshot (at least 1 MiB): a kept tensor keeps one step alive
             self._slab = SlabAllocator(max(1 << 20, step_bytes + 64 * len(self._params)))
         else:
-            self._manifest, self._lock = open_store(self.store, fresh, self._snapshot, truncate)
+            self._manifest, self._lock, create = open_store(
+                self.store, fresh, lambda: self._snapshot(copy=False), truncate
+            )
             # a step records its hyperparameters when they differ from the store's first ones
             self._base_hyper = [g["hyper"] for g in self._manifest["optimizer"]["groups"]]
             self._raw = len(self._manifest["steps"])
@@ -209,9 +218,12 @@ class PathRecorder:
                 self.store,
                 self._manifest,
                 queue_steps=queue_steps,
-                shard_bytes=shard_bytes,
+                # every=k: a shard per few snapshots, whose buffers then come back soon
+                shard_bytes=shard_bytes if every == 1 else min(shard_bytes, SPARSE_SHARD_BYTES),
                 flush_interval=flush_interval,
                 pool=self._pool,
+                finish=self._finish,
+                create=create,
             )
             # the lock lasts as long as the writer: an abandoned recorder collected by gc
             # still has queued steps to write, and stops its writer before letting go
@@ -322,7 +334,8 @@ class PathRecorder:
         pending = self._pending
         if self._ranks is not None:  # DDP: every rank's micro-batches, in rank order
             first = self._param_list if self._session_first else None
-            pending = gather_step(self._ranks, self._raw, pending, self._forward, first)
+            mine = [index_tensor([b]) for b in pending]
+            pending = gather_step(self._ranks, self._raw, mine, self._forward, first)
         if not pending:
             again = (
                 "; a loop that takes another step on the same batch (several updates per "
@@ -337,15 +350,9 @@ class PathRecorder:
             )
         check_parameters(optimizer, self, self._raw)
         r = self._raw
-        indices = pending[0] if len(pending) == 1 else torch.cat(pending)
-        key = tuple(len(p) for p in pending)
-        sizes = self._sizes.get(key)  # (one tensor, read only, for the steps alike)
-        if sizes is None:
-            if len(self._sizes) >= 64:  # (batches of ever other sizes: keep a few)
-                self._sizes.clear()
-            sizes = self._sizes[key] = torch.tensor(key, dtype=torch.int64)
-        tensors = {f"{r}/idx": indices, f"{r}/bs": sizes}
-        tensors.update(self._forward.tensors(r))
+        # the indices, batch sizes and random-number states become tensors later (finish.py)
+        later = (pending, self._forward.batch_states())
+        tensors = self._forward.buffer_tensors(r)
         meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
         if self._forward.mode() is not None:  # which modules trained in train mode
             meta["train"] = self._forward.mode()
@@ -374,7 +381,7 @@ class PathRecorder:
                     tensors[f"{r}/state/{key}/{name}"] = (
                         _copy(value, None) if value.dim() == 0 else self._take(value, None)
                     )
-        self._inflight = (r, tensors, meta)
+        self._inflight = (r, tensors, meta, later)
 
     def discard_batches(self) -> None:
         """Forget the batches noted since the last optimizer step.
@@ -389,7 +396,7 @@ class PathRecorder:
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._closed or self._inflight is None:
             return
-        r, tensors, meta = self._inflight
+        r, tensors, meta, later = self._inflight
         # (``_inflight`` stays set until the record is handed over: an interrupt before that,
         # say Ctrl-C while put() waits for a slow disk, leaves this step unrecorded, and close()
         # must then not store the weights after it as the end of the last recorded step)
@@ -415,25 +422,33 @@ class PathRecorder:
         self._last_batches, self._pending = self._pending, []
         self._forward.step_done()
         self._session_first = False
+        nbytes = 8 * sum(map(len, later[0]))  # (the indices; the states are small)
+        for t in tensors.values():
+            nbytes += t.numel() * t.element_size()
         record = {
             "step": r,
             "tensors": tensors,
             "meta": meta,
-            "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "nbytes": nbytes,
             "pooled": self._pooled,
+            "later": later,
         }
         self._pooled = []
         if self._writer is not None:
             self._writer.put(record)
         elif self._keeps:  # (under DDP the other ranks keep nothing)
-            self._backend.records.append(record)
+            self._backend.records.append(self._finish(record))
         self._raw += 1
         self._inflight = None
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        """The parameters now, in the recorded dtypes (a widened model's lose nothing)."""
+    def _snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The parameters now, in the recorded dtypes (a widened model's lose nothing).
+
+        ``copy=False``: the parameters themselves where they are such CPU tensors already
+        (for use before the next step changes them).
+        """
         return {
-            n: _copy(p, self.dtype or was)
+            n: _copy(p, self.dtype or was) if copy else p.detach().to("cpu", self.dtype or was)
             for (n, p), was in zip(self._params.items(), self._dtypes, strict=True)
         }
 

@@ -23,6 +23,7 @@ from .store import (
     LOCK,
     MANIFEST,
     STORE_FILE,
+    make_durable,
     read_manifest,
     write_failed,
     write_final,
@@ -38,7 +39,7 @@ def open_store(
     fresh: dict[str, Any],
     snapshot: Callable[[], dict[str, torch.Tensor]],
     truncate: bool,
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], Any, Callable[[], None] | None]:
     """Lock a store folder for recording and return its manifest, ready to append to.
 
     Args:
@@ -49,8 +50,10 @@ def open_store(
             after it.
 
     Returns:
-        ``(manifest, lock)``: the manifest the recording continues, and the store's lock
-        (held until `pk_attrib.record.writer.unlock_store`).
+        ``(manifest, lock, create)``: the manifest the recording continues, the store's
+        lock (held until `pk_attrib.record.writer.unlock_store`), and for a new store what
+        writes its first files (the initial weights as its end, and the manifest), for the
+        store's writer thread to call before its first shard (None for a continued store).
 
     Raises:
         NotAStoreError: The folder is a file, or holds something else than a store.
@@ -79,13 +82,15 @@ def open_store(
     except OSError as err:
         raise write_failed(root, err) from err
     try:
-        return _open_locked(root, fresh, snapshot, truncate), lock
+        manifest, create = _open_locked(root, fresh, snapshot, truncate)
+        return manifest, lock, create
     except BaseException:
         unlock_store(lock)
         raise
 
 
-def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
+def _open_locked(root: Path, fresh, snapshot, truncate: bool):
+    """``(manifest, create)`` of `open_store` (see there)."""
     if not (root / MANIFEST).exists():
         shards = sorted(f.name for f in root.iterdir() if f.name.startswith("shard-"))
         if shards:  # recorded steps, but no manifest to list them
@@ -98,10 +103,12 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
             if STORE_FILE.fullmatch(leftover.name):
                 leftover.unlink()
         # the path ends at the initial weights until the first shard is on the disk, so
-        # that a resume after a crash before it can tell whether steps were lost
-        fresh["final"] = write_final(root / FINAL, snapshot(), durable=True)
-        write_manifest(root, fresh)
-        return fresh
+        # that a resume after a crash before it can tell whether steps were lost. Written
+        # here, through the page cache (a killed process loses nothing written); the
+        # writer thread flushes them to the disk, so training starts without waiting
+        fresh["final"] = write_final(root / FINAL, snapshot(), durable=False)
+        write_manifest(root, fresh, durable=False)
+        return fresh, lambda: make_durable(root, [FINAL, MANIFEST])
     manifest = read_manifest(root)
     _check_same_run(manifest, fresh, root)
     path = TrainingPath(manifest, DiskBackend(root, manifest, writing=True))
@@ -125,7 +132,7 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool) -> dict[str, Any]:
     for leftover in root.iterdir():  # what this library writes, unlisted: a crash's
         if leftover.name not in listed and STORE_FILE.fullmatch(leftover.name):
             leftover.unlink()
-    return manifest
+    return manifest, None
 
 
 def _resume_point(

@@ -277,7 +277,10 @@ def _manifest_text(manifest: dict[str, Any], steps_json: list[str] | None = None
 
 
 def write_manifest(
-    root: Path, manifest: dict[str, Any], steps_json: list[str] | None = None
+    root: Path,
+    manifest: dict[str, Any],
+    steps_json: list[str] | None = None,
+    durable: bool = True,
 ) -> None:
     """Write ``manifest.json`` atomically (temp file + rename).
 
@@ -289,14 +292,37 @@ def write_manifest(
         steps_json: Optional cache of the JSON text of ``manifest["steps"]``, one string
             per step, that the caller extends as steps are added (saves re-serializing a
             long run's steps for every shard); ignored when its length does not match.
+        durable: Flush it (and the folder's renames) to the disk before returning; False
+            leaves that to a later `make_durable` (the file is whole either way: written
+            to a temporary file, then renamed).
     """
     manifest.update(
         format_version=FORMAT_VERSION, library_version=library_version(), updated=time.time()
     )
     # durable in order: the files it lists are renamed into place (folder synced), then the
     # manifest itself is flushed, then its own rename is synced
-    _sync_folder(root)
-    write_atomic(root / MANIFEST, _manifest_text(manifest, steps_json).encode(), durable=True)
+    if durable:
+        _sync_folder(root)
+    text = _manifest_text(manifest, steps_json).encode()
+    write_atomic(root / MANIFEST, text, durable=durable)
+    if durable:
+        _sync_folder(root)
+
+
+def make_durable(root: Path, names: list[str]) -> None:
+    """Flush files of a store written without ``durable`` to the disk, in order, then the
+    folder's entries (their renames), and drop their pages from the page cache.
+
+    Args:
+        root: The store folder.
+        names: The files, those that others list first (a file before the manifest).
+    """
+    for name in names:
+        fd = os.open(root / name, os.O_RDONLY)
+        try:
+            settle(fd)
+        finally:
+            os.close(fd)
     _sync_folder(root)
 
 

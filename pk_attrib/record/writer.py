@@ -18,6 +18,7 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,11 @@ class AsyncShardWriter:
 
     `put` blocks while ``queue_steps`` records wait (memory stays bounded, no step is dropped).
     A shard is written when it reaches ``shard_bytes``, or ``flush_interval`` seconds after
-    its first step arrived, or on `flush`/`close`; the manifest is rewritten after each
-    shard, so a killed process loses only the steps not yet written. A record's
-    ``"pooled"`` tensors go back to ``pool`` once its shard is written.
+    its first step arrived, or on `flush`/`close`. The manifest lists the written shards
+    ``flush_interval`` seconds after the first of their steps arrived (or on `flush`/`close`),
+    and at most that often, so a killed process loses only the steps of the last
+    ``flush_interval``, and a long run does not rewrite its (growing) manifest for every
+    shard. A record's ``"pooled"`` tensors go back to ``pool`` once its shard is written.
 
     A record without a snapshot (no ``"pooled"`` tensors: a step between snapshots with
     ``every > 1``) is small: it is held in a list the writer takes at its next wake-up
@@ -51,6 +54,17 @@ class AsyncShardWriter:
     wake-up costs the training thread a hand-over of the GIL). The first one held wakes the
     writer, which then takes the list when its shard is due, so no step waits longer than
     ``flush_interval``; records are written in the order they were put.
+
+    Args:
+        root: The store folder.
+        manifest: The store's manifest (the writer appends the steps it writes).
+        queue_steps: Records with snapshots that may wait at once.
+        shard_bytes: Size from which a shard is written.
+        flush_interval: Seconds within which a step is written and listed.
+        pool: Where the records' pooled buffers go back.
+        finish: Called on each record, in order, before it is written (makes the tensors
+            the training thread left for later: `pk_attrib.record.finish.StepFinisher`).
+        create: Called first, on the writer's thread: writes a new store's first files.
     """
 
     def __init__(
@@ -61,12 +75,17 @@ class AsyncShardWriter:
         shard_bytes: int = 128 << 20,
         flush_interval: float = 1.0,
         pool: BufferPool | None = None,
+        finish: Callable[[dict[str, Any]], Any] | None = None,
+        create: Callable[[], Any] | None = None,
     ):
         self.root = root
         self.manifest = manifest
         self.pool = pool
+        self.finish = finish
+        self._create = create
         self._steps_json = [json.dumps(m, separators=(",", ":")) for m in manifest["steps"]]
-        self._unlisted: list[tuple[dict, list]] = []  # written shards the manifest awaits
+        # written shards the manifest awaits: (entry, step metadata, holds a snapshot)
+        self._unlisted: list[tuple[dict, list, bool]] = []
         self.lock = None  # the store's lock file (the recorder hands it over), held till done
         self.shard_bytes = shard_bytes
         self.flush_interval = flush_interval
@@ -153,9 +172,11 @@ class AsyncShardWriter:
             return held
 
     def _run(self) -> None:
-        buffer: list[dict[str, Any]] = []
+        if self._create is not None:
+            self._guarded(self._create)
+        buffer: list[dict[str, Any]] = []  # records not yet in a shard file
         size = 0
-        deadline = None
+        deadline = None  # when the oldest record not yet listed is due
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -177,25 +198,35 @@ class AsyncShardWriter:
             if buffer and deadline is None:
                 deadline = time.monotonic() + self.flush_interval
             if buffer and (due or size >= self.shard_bytes):
-                if self._error is None:
-                    try:
-                        self._write_shard(buffer)
-                    except BaseException as err:  # surfaced to the training loop on next put
-                        self._error = err
-                buffer, size, deadline = [], 0, None
-            if not buffer:  # no shard's clock runs: what was held since starts the next one
+                self._guarded(self._write_shard, buffer)
+                buffer, size = [], 0
+            if due:  # (what waits for a later snapshot has no clock: see _list)
+                self._guarded(self._list)
+                deadline = None
+            if not buffer:  # what was held since starts the next shard
                 buffer = self._take_held(disarm=True)
                 size = sum(record["nbytes"] for record in buffer)
-                deadline = time.monotonic() + self.flush_interval if buffer else None
+                if buffer and deadline is None:
+                    deadline = time.monotonic() + self.flush_interval
             if isinstance(item, _Flush):
                 item.done.set()
             if item is _STOP:
                 return
 
+    def _guarded(self, work: Callable, *args) -> None:
+        """Run ``work`` unless an earlier write failed; a failure is raised on the next put."""
+        if self._error is None:
+            try:
+                work(*args)
+            except BaseException as err:  # surfaced to the training loop on next put
+                self._error = err
+
     def _write_shard(self, records: list[dict[str, Any]]) -> None:
         first = records[0]["step"]
         tensors = {}
         for record in records:
+            if self.finish is not None:
+                self.finish(record)
             tensors.update(record["tensors"])
         entry = write_tensor_file(
             self.root / f"shard-{first:08d}.safetensors",
@@ -204,12 +235,17 @@ class AsyncShardWriter:
             durable=True,
         )
         entry.update(first_step=first, n_steps=len(records))
-        self._unlisted.append((entry, [record["meta"] for record in records]))
+        snapshot = any("/w/" in key for key in tensors)
+        self._unlisted.append((entry, [record["meta"] for record in records], snapshot))
         if self.pool is not None:
             for record in records:
                 self.pool.give(record.get("pooled", ()))
-        snapshot = any("/w/" in key for record in records for key in record["tensors"])
-        if self.manifest.get("final") is not None and not snapshot:
+
+    def _list(self) -> None:
+        """List the written shards in the manifest, and write it."""
+        if not self._unlisted:
+            return
+        if self.manifest.get("final") is not None and not any(s for *_, s in self._unlisted):
             # a resumed store lists where its earlier session ended; steps listed after it
             # would end the path there, so they wait for the shard with the next snapshot
             # (with every=k; a crash meanwhile loses only them)
@@ -227,7 +263,7 @@ class AsyncShardWriter:
         Call only while the writer thread is idle or stopped (the recorder's `close`, which
         then lists the new final parameters).
         """
-        for entry, metas in self._unlisted:
+        for entry, metas, _ in self._unlisted:
             self.manifest["shards"].append(entry)
             self.manifest["steps"].extend(metas)
             self._steps_json.extend(json.dumps(m, separators=(",", ":")) for m in metas)
