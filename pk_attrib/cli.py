@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -145,6 +146,18 @@ def inspect(store: Path, attempts: int = 5) -> int:
     return 1
 
 
+def _folder_bytes(folder: Path) -> int:
+    """The size of the files in a folder, read while a recorder may rename some."""
+    total = 0
+    for f in folder.iterdir():
+        try:
+            info = f.stat()
+        except FileNotFoundError:  # (a temporary file, renamed since the listing)
+            continue
+        total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
+
+
 def _inspect(store: Path) -> int:
     import pk_attrib as pk
 
@@ -152,7 +165,7 @@ def _inspect(store: Path) -> int:
         path = pk.TrainingPath.load(store)
         optimizer = path.optimizer or {}
         lrs = path.learning_rates if len(path) else None
-        size = sum(f.stat().st_size for f in Path(store).iterdir() if f.is_file())
+        size = _folder_bytes(Path(store))
     except pk.StoreChangedError:
         raise
     except (pk.PkAttribError, OSError) as err:

@@ -88,6 +88,14 @@ def _check_range(low: int, high: int, size: int | None) -> None:
         )
 
 
+def plain_rate(lr: Any) -> bool:
+    """Whether a learning rate is a float a step can be explained with (not NaN, inf, < 0).
+
+    The recorder's quick test; anything else goes through `check_learning_rates`.
+    """
+    return type(lr) is float and 0.0 <= lr < math.inf
+
+
 def check_learning_rates(lrs: list[float], raw: int) -> None:
     """Refuse a step whose learning rates are not finite numbers >= 0.
 

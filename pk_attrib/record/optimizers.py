@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from typing import Any
 
 import torch
@@ -115,6 +116,33 @@ _KINDS = {
 REPLAYABLE = frozenset({OptimizerKind.SGD, OptimizerKind.ADAM, OptimizerKind.ADAMW})
 
 
+def approximate_reasons(
+    optimizer: torch.optim.Optimizer, description: dict[str, Any], every: int
+) -> tuple[list[str], bool]:
+    """Why a recording of this optimizer every ``every`` steps is approximate, if it is.
+
+    Args:
+        optimizer: The optimizer.
+        description: Its `describe_optimizer`.
+        every: The snapshot interval.
+
+    Returns:
+        ``(reasons, replayable)``: the reasons (none: an exact path), and whether the steps
+        between snapshots can be replayed (``every > 1`` and an exact rule that replays).
+    """
+    kind = optimizer_kind(optimizer)
+    reasons = []
+    replayable = every > 1 and kind in REPLAYABLE
+    if every > 1 and not replayable:
+        reasons.append(
+            f"every={every}: a snapshot of one step in {every} ({optimizer_name(optimizer)}'s "
+            "steps between snapshots are not replayed)"
+        )
+    if not kind.exact:
+        reasons.append(description["note"])
+    return reasons, replayable
+
+
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     """The optimizer's class name, for messages."""
     return type(optimizer).__name__
@@ -158,6 +186,50 @@ def group_hyper(group: dict) -> dict[str, Any]:
         if converted is not _UNSERIALIZABLE:
             out[key] = converted
     return out
+
+
+class GroupHyper:
+    """`group_hyper` of each param group, step after step, recomputed only when one changed.
+
+    A training loop's hooks call it every step, where each call of `group_hyper` converts
+    every value of every group. Here a group whose values are the same objects as at the
+    last call (the learning rate aside: it is recorded on its own), all of them immutable
+    (numbers, strings, None, tuples of those), gets the dicts made then; a group holding a
+    tensor or a list (changed in place, possibly) is converted every time.
+    """
+
+    def __init__(self) -> None:
+        self._seen: list[tuple] | None = None  # per group: (keys, values read, immutable)
+        self._hyper: list[dict[str, Any]] = []
+
+    def __call__(self, groups: list[dict]) -> list[dict[str, Any]]:
+        """``[group_hyper(g) for g in groups]`` (the same list while nothing changed)."""
+        seen = self._seen
+        if seen is not None and len(seen) == len(groups):
+            for group, (keys, values, immutable) in zip(groups, seen, strict=True):
+                if not immutable or tuple(group) != keys:
+                    break
+                now = [group[k] for k in keys if k != "lr"]
+                if len(now) != len(values) or not all(map(operator.is_, now, values)):
+                    break
+            else:
+                return self._hyper
+        self._hyper = [group_hyper(g) for g in groups]
+        self._seen = [
+            (
+                tuple(g),
+                [g[k] for k in g if k != "lr"],
+                all(_immutable(v) for k, v in g.items() if k not in ("params", "lr")),
+            )
+            for g in groups
+        ]
+        return self._hyper
+
+
+def _immutable(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(map(_immutable, value))
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def group_lr(group: dict) -> float:

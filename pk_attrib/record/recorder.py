@@ -40,22 +40,20 @@ from .buffers import BufferPool, SlabAllocator
 from .capture import ForwardState, running_statistics
 from .distributed import gather_step, rank_path, recording_group
 from .finish import StepFinisher, index_tensor
-from .guards import all_finite, batch_indices, check_learning_rates, check_parameters
+from .guards import all_finite, batch_indices, check_learning_rates, check_parameters, plain_rate
 from .optimizers import (
     INITIAL_STATE,
-    REPLAYABLE,
     STATE_AFTER_STEP,
+    GroupHyper,
+    approximate_reasons,
     describe_optimizer,
-    group_hyper,
     group_lr,
     optimizer_kind,
-    optimizer_name,
     state_tensors,
 )
 from .path import TrainingPath
 from .resume import final_name, open_store
 from .sampling import indexed_batches
-from .store import write_final
 from .wrappers import unwrap
 from .writer import AsyncShardWriter, close_at_exit, stop_writer, unlock_store
 
@@ -146,6 +144,7 @@ class PathRecorder:
         self._params = {n: p for n, p in named.items() if id(p) in in_optimizer and p.requires_grad}
         self._param_list = list(self._params.values())
         self._stateless: list[int] = []  # params without optimizer state before this step
+        self._all_started = None  # the optimizer's state when it held every param's, if so
         # what the optimizer holds but this recording leaves out (frozen now), and its groups'
         # sizes: either changing mid-run would leave updated weights out of the path
         self._left_out = [
@@ -158,6 +157,7 @@ class PathRecorder:
                 "the optimizer updates no trainable parameter of the model: nothing to record"
             )
         self._base_hyper = [g["hyper"] for g in description["groups"]]
+        self._hyper = GroupHyper()  # each step's, made anew only when they changed
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         # the micro-batches' indices noted since the last step (see batch_indices)
         self._pending: list[torch.Tensor | array.array] = []
@@ -178,15 +178,7 @@ class PathRecorder:
         self._lock = None  # the open lock file of the store, while recording into it
         self._raw = 0
 
-        reasons = []
-        replayable = every > 1 and self._kind in REPLAYABLE
-        if every > 1 and not replayable:
-            reasons.append(
-                f"every={every}: a snapshot of one step in {every} ({optimizer_name(optimizer)}'s "
-                "steps between snapshots are not replayed)"
-            )
-        if not self._kind.exact:
-            reasons.append(description["note"])
+        reasons, replayable = approximate_reasons(optimizer, description, every)
         # (the parameters give names, shapes and dtypes: no copy needed)
         fresh = new_manifest(self._params, description, dataset_size, every, dtype)
         fresh.update(approximate=bool(reasons), approximate_reasons=reasons)
@@ -209,6 +201,7 @@ class PathRecorder:
             # a step records its hyperparameters when they differ from the store's first ones
             self._base_hyper = [g["hyper"] for g in self._manifest["optimizer"]["groups"]]
             self._raw = len(self._manifest["steps"])
+            self._listed_final = self._manifest.get("final")  # (where the path ends now)
             # a store recorded without its buffers goes on without them
             self._forward.keep_only(self._manifest.get("buffers", []))
             queue_steps = max(2, min(256, max_queue_bytes // max(step_bytes, 1)))
@@ -291,7 +284,10 @@ class PathRecorder:
         if self._closed:
             raise RecordingError("this recorder is closed: create a new PathRecorder")
         idx = batch_indices(indices, self._dataset_size)
-        self._hand_over([idx])
+        if not self._pending:  # (as _hand_over, for one batch)
+            self._forward.step_begins()
+        self._pending.append(idx)
+        self._forward.batch_begins()
 
     def _hand_over(self, batches: list[torch.Tensor]) -> None:
         """Note micro-batches the loop is about to run, with the state their forward starts in."""
@@ -348,22 +344,39 @@ class PathRecorder:
                 "recorder.watch(loader), or call recorder.record_batch(indices) before "
                 f"optimizer.step(){again}"
             )
-        check_parameters(optimizer, self, self._raw)
-        r = self._raw
+        # (this hook and the others run between the training loop's own operations, where
+        # each call costs several times what it costs in a tight loop: they do little)
+        params, groups, r = self._param_list, optimizer.param_groups, self._raw
+        if (
+            self._left_out
+            or [p.dtype for p in params] != self._dtypes
+            or [len(g["params"]) for g in groups] != self._group_sizes
+        ):
+            check_parameters(optimizer, self, r)  # (raises, naming what changed)
         # the indices, batch sizes and random-number states become tensors later (finish.py)
         later = (pending, self._forward.batch_states())
         tensors = self._forward.buffer_tensors(r)
-        meta: dict[str, Any] = {"lr": [group_lr(g) for g in optimizer.param_groups]}
+        lrs = [g["lr"] for g in groups]
+        if not all(map(plain_rate, lrs)):  # (a tensor, an int, or no rate at all)
+            lrs = [group_lr(g) for g in groups]
+            check_learning_rates(lrs, r)
+        meta: dict[str, Any] = {"lr": lrs}
         if self._forward.mode() is not None:  # which modules trained in train mode
             meta["train"] = self._forward.mode()
-        check_learning_rates(meta["lr"], r)
-        hyper = [group_hyper(g) for g in optimizer.param_groups]
+        hyper = self._hyper(groups)
         if hyper != self._base_hyper:
             meta["hyper"] = hyper
-        states = [optimizer.state.get(p) for p in self._params.values()]
-        # which start their state at this step: decided after it (_post_step)
-        self._stateless = [i for i, st in enumerate(states) if not st] if any(states) else []
-        if not any(states):
+        state = optimizer.state
+        if state is self._all_started and len(state) == len(params) and all(state.values()):
+            started = True  # (as at the last step: each parameter's state is still there)
+        else:  # (parameters hash in Python: a lookup each is what the test above avoids)
+            states = list(map(state.get, params))
+            started = any(states)
+            # which start their state at this step: decided after it (_post_step)
+            self._stateless = [i for i, st in enumerate(states) if not st] if started else []
+            full = started and not self._stateless and len(state) == len(params)
+            self._all_started = state if full else None
+        if not started:
             meta["fresh_state"] = True
         elif self._session_first:
             found = state_tensors(optimizer, self._params, INITIAL_STATE)
@@ -402,18 +415,19 @@ class PathRecorder:
         # must then not store the weights after it as the end of the last recorded step)
         # optimizers skip a parameter without a gradient: no decay, no momentum, no state.
         # Read after the step: a closure (optimizer.step(closure)) makes the gradients inside it
-        skipped = [i for i, p in enumerate(self._params.values()) if p.grad is None]
+        skipped = [i for i, p in enumerate(self._param_list) if p.grad is None]
         if skipped:
             meta["skipped"] = skipped
-        left, fresh = set(skipped), []
-        for i in self._stateless:
-            if i not in left and optimizer.state.get(self._param_list[i]):  # started here
-                fresh.append(i)
-        self._stateless = []
-        if fresh:
-            meta["fresh"] = fresh
-        kept_after = STATE_AFTER_STEP.get(self._kind, ())
-        if kept_after and self.every == 1 and self._keeps:  # (every=k: a replay recomputes it)
+        if self._stateless:
+            left, fresh = set(skipped), []
+            for i in self._stateless:
+                if i not in left and optimizer.state.get(self._param_list[i]):  # started here
+                    fresh.append(i)
+            self._stateless = []
+            if fresh:
+                meta["fresh"] = fresh
+        kept_after = STATE_AFTER_STEP.get(self._kind, ()) if self.every == 1 else ()
+        if kept_after and self._keeps:  # (every=k: a replay recomputes it)
             for (key, name), value in state_tensors(optimizer, self._params, kept_after).items():
                 # (in their own dtype: squared gradients underflow in float16)
                 tensors[f"{r}/{key}/{name}"] = (
@@ -444,8 +458,7 @@ class PathRecorder:
     def _snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """The parameters now, in the recorded dtypes (a widened model's lose nothing).
 
-        ``copy=False``: the parameters themselves where they are such CPU tensors already
-        (for use before the next step changes them).
+        ``copy=False``: CPU parameters of those dtypes as they are (to write at once).
         """
         return {
             n: _copy(p, self.dtype or was) if copy else p.detach().to("cpu", self.dtype or was)
@@ -510,7 +523,8 @@ class PathRecorder:
                 stacklevel=2,
             )
         finalize = self._keeps and self._inflight is None and self._final_is_known()
-        final = self._snapshot() if finalize else None
+        # (written before this returns: the store needs no copy of the parameters)
+        final = self._snapshot(copy=self._writer is None) if finalize else None
         buffers = self._forward.current_buffers()
         if self._writer is None:
             if finalize:
@@ -519,17 +533,11 @@ class PathRecorder:
                 self._manifest["complete"] = True
         else:
             try:
-                self._writer.close()
-                if finalize:
-                    self._writer.list_pending()
-                    listed = self._manifest.get("final")  # what the manifest on the disk lists
-                    self._manifest["final"] = write_final(
-                        self.store / final_name(listed), final, durable=True, buffers=buffers
-                    )
-                    self._manifest["complete"] = True
-                    self._writer.write_manifest()
-                    if listed is not None:  # (listed no more: a full copy of the weights)
-                        (self.store / listed["file"]).unlink(missing_ok=True)
+                if finalize:  # (under a name the writer does not remove: see close_with_final)
+                    file = self.store / final_name(self._listed_final)
+                    self._writer.close_with_final(file, final, buffers)
+                else:
+                    self._writer.close()
             finally:
                 self._release()
         if self._ranks is not None:  # the others may read rank 0's store from now on

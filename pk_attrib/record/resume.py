@@ -106,9 +106,10 @@ def _open_locked(root: Path, fresh, snapshot, truncate: bool):
         # that a resume after a crash before it can tell whether steps were lost. Written
         # here, through the page cache (a killed process loses nothing written); the
         # writer thread flushes them to the disk, so training starts without waiting
-        fresh["final"] = write_final(root / FINAL, snapshot(), durable=False)
+        # (under the name a closing recorder does not write: see final_name)
+        fresh["final"] = write_final(root / _NEXT_FINAL, snapshot(), durable=False)
         write_manifest(root, fresh, durable=False)
-        return fresh, lambda: make_durable(root, [FINAL, MANIFEST])
+        return fresh, lambda: make_durable(root, [_NEXT_FINAL, MANIFEST])
     manifest = read_manifest(root)
     _check_same_run(manifest, fresh, root)
     path = TrainingPath(manifest, DiskBackend(root, manifest, writing=True))

@@ -310,8 +310,10 @@ def write_manifest(
 
 
 def make_durable(root: Path, names: list[str]) -> None:
-    """Flush files of a store written without ``durable`` to the disk, in order, then the
-    folder's entries (their renames), and drop their pages from the page cache.
+    """Flush files of a store written without ``durable`` to the disk, then its folder.
+
+    In order (a file before the manifest that lists it), then the folder's entries (their
+    renames); their pages are dropped from the page cache.
 
     Args:
         root: The store folder.

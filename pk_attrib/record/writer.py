@@ -22,11 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..exceptions import StoreError
 from .buffers import BufferPool
-from .store import LOCK, write_manifest, write_tensor_file
+from .store import LOCK, write_final, write_manifest, write_tensor_file
 
 _STOP = object()
+_STOP_UNLISTED = object()  # stop, leaving the written shards for the caller to list
 _WAKE = object()  # a small record is held (see AsyncShardWriter)
 # a record without pooled buffers up to this size is held rather than queued
 SMALL_RECORD_BYTES = 1 << 20
@@ -149,12 +152,59 @@ class AsyncShardWriter:
             unlock_store(self.lock)
             self.lock = None
 
-    def close(self) -> None:
-        """Write what is queued and stop the thread."""
+    def close(self, list_pending: bool = True, meanwhile: Callable[[], Any] | None = None) -> Any:
+        """Write what is queued and stop the thread.
+
+        Args:
+            list_pending: List the written shards in the manifest (and write it); False
+                leaves them to the caller (`list_pending`, `write_manifest`), which writes
+                the manifest once, with the final parameters.
+            meanwhile: Work for the calling thread while the writer finishes (the final
+                parameters' file: the two writes wait on the disk together).
+
+        Returns:
+            What ``meanwhile`` returned (None without it).
+        """
+        result = None
         if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+            self._queue.put(_STOP if list_pending else _STOP_UNLISTED)
+            try:
+                if meanwhile is not None:
+                    result = meanwhile()
+            finally:
+                self._thread.join()
+        elif meanwhile is not None:
+            result = meanwhile()
         self._raise_if_failed()
+        return result
+
+    def close_with_final(
+        self, file: Path, final: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> None:
+        """`close`, and end the store at the final parameters: the recording is complete.
+
+        They are written while the writer finishes, and listed in the manifest with the
+        shards it wrote, in one write of it.
+
+        Args:
+            file: Their file: not the final the manifest listed when this session began
+                (the only final the writer may remove, once the path continues beyond it),
+                nor the one it lists now (a crash before the manifest lists the new file
+                must leave the store as it was).
+            final: The parameters by name.
+            buffers: The model's buffers by name.
+        """
+        entry = self.close(
+            list_pending=False,
+            meanwhile=lambda: write_final(file, final, durable=True, buffers=buffers),
+        )
+        self.list_pending()
+        listed = self.manifest.get("final")  # what the manifest on the disk lists
+        self.manifest["final"] = entry
+        self.manifest["complete"] = True
+        self.write_manifest()
+        if listed is not None:  # (listed no more: a full copy of the weights)
+            (self.root / listed["file"]).unlink(missing_ok=True)
 
     def _take_held(self, disarm: bool = False) -> list[dict[str, Any]]:
         """The held records, once every queued item (all older) was taken; else none yet.
@@ -183,7 +233,8 @@ class AsyncShardWriter:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            due = item is None or item is _STOP or isinstance(item, _Flush)
+            stop = item is _STOP or item is _STOP_UNLISTED
+            due = item is None or stop or isinstance(item, _Flush)
             records = []
             if isinstance(item, tuple):  # (the records held before it, a record)
                 records = [*item[0], item[1]]
@@ -201,7 +252,8 @@ class AsyncShardWriter:
                 self._guarded(self._write_shard, buffer)
                 buffer, size = [], 0
             if due:  # (what waits for a later snapshot has no clock: see _list)
-                self._guarded(self._list)
+                if item is not _STOP_UNLISTED:
+                    self._guarded(self._list)
                 deadline = None
             if not buffer:  # what was held since starts the next shard
                 buffer = self._take_held(disarm=True)
@@ -210,7 +262,7 @@ class AsyncShardWriter:
                     deadline = time.monotonic() + self.flush_interval
             if isinstance(item, _Flush):
                 item.done.set()
-            if item is _STOP:
+            if stop:
                 return
 
     def _guarded(self, work: Callable, *args) -> None:
