@@ -55,7 +55,7 @@ class StepFinisher:
 
     def __init__(self, cuda: Sequence[int] = ()):
         self.cuda = list(cuda)
-        self._last_rng: tuple[torch.Tensor, ...] | None = None
+        self._last_rng: tuple[bytes, ...] | None = None  # the last kept states' bytes
         self._sizes: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -74,17 +74,18 @@ class StepFinisher:
             sizes = self._sizes[key] = torch.tensor(key, dtype=torch.int64)
         tensors[f"{r}/bs"] = sizes
         for i, state in enumerate(states):
-            if self._last_rng is not None and all(map(_same_bytes, state, self._last_rng)):
+            as_bytes = tuple(_bytes(s) for s in state)
+            if as_bytes == self._last_rng:
                 continue
             tensors[f"{r}/rng/{i}"] = state[0]
             for device, cuda_state in zip(self.cuda, state[1:], strict=True):
                 tensors[f"{r}/rng_cuda{device}/{i}"] = cuda_state
-            self._last_rng = state
+            self._last_rng = as_bytes
         return record
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two random-number states (byte tensors) are equal (as bytes, on the CPU)."""
-    if not (a.is_cpu and b.is_cpu and a.dtype == b.dtype == torch.uint8):
-        return torch.equal(a, b)
-    return a.numpy().tobytes() == b.numpy().tobytes()
+def _bytes(state: torch.Tensor) -> bytes:
+    """A random-number state's bytes (a uint8 tensor, on whichever device holds it)."""
+    if state.is_cpu and state.dtype == torch.uint8:  # (what torch.get_rng_state gives)
+        return state.numpy().tobytes()
+    return state.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()

@@ -354,15 +354,17 @@ class PathRecorder:
         ):
             check_parameters(optimizer, self, r)  # (raises, naming what changed)
         # the indices, batch sizes and random-number states become tensors later (finish.py)
-        later = (pending, self._forward.batch_states())
-        tensors = self._forward.buffer_tensors(r)
+        forward = self._forward
+        later = (pending, forward.batch_states())
+        tensors = forward.buffer_tensors(r) if forward.buffers else {}
         lrs = [g["lr"] for g in groups]
         if not all(map(plain_rate, lrs)):  # (a tensor, an int, or no rate at all)
             lrs = [group_lr(g) for g in groups]
             check_learning_rates(lrs, r)
         meta: dict[str, Any] = {"lr": lrs}
-        if self._forward.mode() is not None:  # which modules trained in train mode
-            meta["train"] = self._forward.mode()
+        mode = forward.mode()
+        if mode is not None:  # which modules trained in train mode
+            meta["train"] = mode
         hyper = self._hyper(groups)
         if hyper != self._base_hyper:
             meta["hyper"] = hyper

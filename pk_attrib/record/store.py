@@ -157,6 +157,19 @@ def _as_bytes(tensor: torch.Tensor):
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+_SMALL = 64 << 10  # tensors below this size are gathered before they are written
+_NUMPY = {torch.float64, torch.float32, torch.int64, torch.int32, torch.uint8, torch.bool}
+
+
+def _small_bytes(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes as a memoryview, quickly for the usual dtypes (no torch call)."""
+    if not tensor.numel():
+        return memoryview(b"")
+    if tensor.dim() and tensor.dtype in _NUMPY and tensor.is_contiguous():
+        return memoryview(tensor.numpy()).cast("B")
+    return memoryview(_as_bytes(tensor))
+
+
 def write_tensor_file(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], durable: bool = False
 ) -> dict[str, Any]:
@@ -181,7 +194,9 @@ def write_tensor_file(
             read much later, and fresh page-cache memory for gigabytes of them costs more
             CPU than the write itself (see `diskio.settle`).
     """
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = {
+        k: v if v.is_cpu and not v.requires_grad else v.detach().cpu() for k, v in tensors.items()
+    }
     if any(t.dtype not in DTYPE_CODES for t in tensors.values()):  # rare: let
         data = safetensors.torch.save(  # safetensors serialize what we do not stream
             # (copies: it refuses tensors that share memory, as steps share their sizes)
@@ -225,12 +240,25 @@ def write_tensor_file(
         writer = SequentialWriter(tmp, direct=durable)
     except OSError as err:
         raise write_failed(path, err) from err
+    small = bytearray()  # consecutive small tensors, written (and hashed) at once
+
+    def write(data) -> None:
+        digest.update(data)  # the hash and write release the GIL for large buffers
+        writer.write(data)
+
     try:
         for chunk in (len(head).to_bytes(8, "little") + head, *chunks):
+            if isinstance(chunk, torch.Tensor) and chunk.numel() * chunk.element_size() < _SMALL:
+                small += _small_bytes(chunk)  # (a shard holds hundreds: each write costs)
+                continue
+            if small:
+                write(small)
+                small = bytearray()
             data = _as_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk
-            digest.update(data)  # the hash and write release the GIL for large buffers
-            writer.write(data)
+            write(data)
             del data  # a non-contiguous tensor's copy goes before the next is made
+        if small:
+            write(small)
         writer.close(sync=durable)
         os.replace(tmp, path)
     except BaseException as err:  # a full disk, an I/O error: no partial file stays behind

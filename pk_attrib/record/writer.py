@@ -235,12 +235,11 @@ class AsyncShardWriter:
                 item = None
             stop = item is _STOP or item is _STOP_UNLISTED
             due = item is None or stop or isinstance(item, _Flush)
-            records = []
+            records, snapshot = [], ()
             if isinstance(item, tuple):  # (the records held before it, a record)
                 records = [*item[0], item[1]]
                 self._slots.release()
-                if self.pool is not None:  # buffers for the next snapshot, faulted in here
-                    self.pool.reserve(item[1].get("pooled", ()))
+                snapshot = item[1].get("pooled", ())
             if due or item is _WAKE:
                 records += self._take_held()  # (newer than every queued record taken)
             for record in records:
@@ -251,6 +250,10 @@ class AsyncShardWriter:
             if buffer and (due or size >= self.shard_bytes):
                 self._guarded(self._write_shard, buffer)
                 buffer, size = [], 0
+            if snapshot and self.pool is not None:
+                # buffers for the next snapshot, faulted in here (after a shard was written
+                # and gave its buffers back: none to fault in, when they come back so soon)
+                self.pool.reserve(snapshot)
             if due:  # (what waits for a later snapshot has no clock: see _list)
                 if item is not _STOP_UNLISTED:
                     self._guarded(self._list)
