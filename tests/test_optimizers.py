@@ -295,3 +295,27 @@ def test_a_halved_gradient_at_one_step_is_caught(opt, dtype):
     after = 8 if opt.startswith("nadam") else 7
     assert float(errors[:6].max()) < clean and float(errors[after:].max()) < clean
     assert float(dec.terms["unexplained"].abs().max()) > 1e-6  # where the fault's effect goes
+
+
+def test_the_recorders_cache_of_group_hyper_sees_every_change():
+    """`GroupHyper` (the hooks' cache of `group_hyper`): the same dicts while nothing moves
+    (a new learning rate aside), new ones when a value is replaced, and every step anew for
+    a tensor value, which may change in place; ``differs`` compares with the run's first."""
+    from pk_attrib.record.optimizers import GroupHyper, group_hyper
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cache = GroupHyper([group_hyper(g) for g in opt.param_groups])
+    first = cache(opt.param_groups)
+    assert first == [group_hyper(g) for g in opt.param_groups] and not cache.differs
+    opt.param_groups[0]["lr"] = 0.05  # (a scheduler's step)
+    assert cache(opt.param_groups) is first
+    opt.param_groups[0]["momentum"] = 0.8
+    moved = cache(opt.param_groups)
+    assert moved[0]["momentum"] == 0.8 and cache.differs
+    opt.param_groups[0]["momentum"] = torch.tensor(0.5, dtype=torch.float64)
+    assert cache(opt.param_groups)[0]["momentum"] == 0.5
+    opt.param_groups[0]["momentum"].fill_(0.25)  # (in place: the same object)
+    assert cache(opt.param_groups)[0]["momentum"] == 0.25
+    opt.param_groups[0]["momentum"] = 0.9
+    assert cache(opt.param_groups)[0]["momentum"] == 0.9 and not cache.differs

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import math
-import operator
 from typing import Any
 
 import torch
@@ -192,37 +191,37 @@ class GroupHyper:
     """`group_hyper` of each param group, step after step, recomputed only when one changed.
 
     A training loop's hooks call it every step, where each call of `group_hyper` converts
-    every value of every group. Here a group whose values are the same objects as at the
-    last call (the learning rate aside: it is recorded on its own), all of them immutable
-    (numbers, strings, None, tuples of those), gets the dicts made then; a group holding a
-    tensor or a list (changed in place, possibly) is converted every time.
+    every value of every group. Here a group whose keys and values are those of the last
+    call (the same objects, or equal ones; the learning rate aside: it is recorded on its
+    own), all of them immutable (numbers, strings, None, tuples of those), gets the dicts
+    made then; a group holding a tensor or a list (changed in place, possibly) is converted
+    every time. `differs` tells whether they differ from a run's first ones.
     """
 
-    def __init__(self) -> None:
-        self._seen: list[tuple] | None = None  # per group: (keys, values read, immutable)
+    def __init__(self, base: list[dict[str, Any]] | None = None) -> None:
+        self.base = base  # the hyperparameters the run started with
+        self._seen: list[tuple] | None = None  # per group: (keys, values but lr, lr's place)
         self._hyper: list[dict[str, Any]] = []
+        self.differs = False  # whether the last call's differ from ``base``
 
     def __call__(self, groups: list[dict]) -> list[dict[str, Any]]:
         """``[group_hyper(g) for g in groups]`` (the same list while nothing changed)."""
         seen = self._seen
         if seen is not None and len(seen) == len(groups):
-            for group, (keys, values, immutable) in zip(groups, seen, strict=True):
-                if not immutable or tuple(group) != keys:
-                    break
-                now = [group[k] for k in keys if k != "lr"]
-                if len(now) != len(values) or not all(map(operator.is_, now, values)):
+            for group, (keys, before, after, at) in zip(groups, seen, strict=True):
+                values = tuple(group.values())  # (tuples compare items by identity first)
+                if tuple(group) != keys or values[:at] != before or values[at + 1 :] != after:
                     break
             else:
                 return self._hyper
         self._hyper = [group_hyper(g) for g in groups]
-        self._seen = [
-            (
-                tuple(g),
-                [g[k] for k in g if k != "lr"],
-                all(_immutable(v) for k, v in g.items() if k not in ("params", "lr")),
-            )
-            for g in groups
-        ]
+        self.differs = self._hyper != self.base
+        self._seen = None
+        if all(_immutable(v) for g in groups for k, v in g.items() if k not in ("params", "lr")):
+            self._seen = []
+            for g in groups:
+                values, at = tuple(g.values()), list(g).index("lr") if "lr" in g else len(g)
+                self._seen.append((tuple(g), values[:at], values[at + 1 :], at))
         return self._hyper
 
 

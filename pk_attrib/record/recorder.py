@@ -157,7 +157,6 @@ class PathRecorder:
                 "the optimizer updates no trainable parameter of the model: nothing to record"
             )
         self._base_hyper = [g["hyper"] for g in description["groups"]]
-        self._hyper = GroupHyper()  # each step's, made anew only when they changed
         step_bytes = sum(p.numel() * (dtype or p.dtype).itemsize for p in self._params.values())
         # the micro-batches' indices noted since the last step (see batch_indices)
         self._pending: list[torch.Tensor | array.array] = []
@@ -223,6 +222,8 @@ class PathRecorder:
             self._writer.lock, self._lock = self._lock, None
             self._abandoned = weakref.finalize(self, stop_writer, self._writer)
             atexit.register(close_at_exit, weakref.ref(self))
+        # each step's hyperparameters (made anew only when they changed), against the first
+        self._hyper = GroupHyper(self._base_hyper)
         self._dataset_size = self._manifest.get("dataset_size")
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -366,7 +367,7 @@ class PathRecorder:
         if mode is not None:  # which modules trained in train mode
             meta["train"] = mode
         hyper = self._hyper(groups)
-        if hyper != self._base_hyper:
+        if self._hyper.differs:
             meta["hyper"] = hyper
         state = optimizer.state
         if state is self._all_started and len(state) == len(params) and all(state.values()):
