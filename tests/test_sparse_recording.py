@@ -191,3 +191,27 @@ def test_steps_sharing_their_sizes_tensor_store_a_buffer_safetensors_serializes(
     path = pk.TrainingPath.load(tmp_path / "s")
     assert [path._batch(r)[1].tolist() for r in range(4)] == [[8]] * 4
     assert torch.equal(path.buffers(4)["phase"], model.phase)
+
+
+def test_a_final_write_that_fails_in_close_still_lists_every_written_step(tmp_path, monkeypatch):
+    """close() writes the final weights while the writer finishes, and lists both in one
+    manifest write; when the final's write fails (a full disk), the steps are listed all
+    the same: the store ends at its last snapshot, marked incomplete, none lost."""
+    import errno
+
+    model, optimizer, x, y = make()
+    store = tmp_path / "s"
+    recorder = pk.PathRecorder(
+        model, optimizer, store=store, every=5, dataset_size=40, flush_interval=60.0
+    )
+    run_steps(model, optimizer, x, y, recorder, 0, 12)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_final", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        recorder.close()
+    path = pk.TrainingPath.load(store)
+    assert not path.complete
+    _assert_is_the_run(path, 12)

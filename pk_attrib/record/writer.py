@@ -194,10 +194,15 @@ class AsyncShardWriter:
             final: The parameters by name.
             buffers: The model's buffers by name.
         """
-        entry = self.close(
-            list_pending=False,
-            meanwhile=lambda: write_final(file, final, durable=True, buffers=buffers),
-        )
+        try:
+            entry = self.close(
+                list_pending=False,
+                meanwhile=lambda: write_final(file, final, durable=True, buffers=buffers),
+            )
+        except BaseException:
+            if self._error is None:  # (the final's write failed): the shards are listed still
+                self._guarded(self._list)
+            raise
         self.list_pending()
         listed = self.manifest.get("final")  # what the manifest on the disk lists
         self.manifest["final"] = entry
