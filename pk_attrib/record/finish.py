@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .store import _as_bytes
+
 
 def index_tensor(batches: Sequence[torch.Tensor | array.array]) -> torch.Tensor:
     """The dataset indices of a step's micro-batches as one int64 (B,) tensor, in order.
@@ -88,4 +90,4 @@ def _bytes(state: torch.Tensor) -> bytes:
     """A random-number state's bytes (a uint8 tensor, on whichever device holds it)."""
     if state.is_cpu and state.dtype == torch.uint8:  # (what torch.get_rng_state gives)
         return state.numpy().tobytes()
-    return state.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return _as_bytes(state.detach().cpu()).tobytes()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..exceptions import IndexOutOfRangeError, RecordingError
+from .optimizers import group_lr
 
 _INT = {int}
 
@@ -88,11 +89,24 @@ def _check_range(low: int, high: int, size: int | None) -> None:
         )
 
 
-def plain_rate(lr: Any) -> bool:
-    """Whether a learning rate is a float a step can be explained with (not NaN, inf, < 0).
+def learning_rates(groups: list[dict], raw: int) -> list[float]:
+    """The param groups' learning rates as Python floats, refused unless finite and >= 0.
 
-    The recorder's quick test; anything else goes through `check_learning_rates`.
+    Called at every step: plain floats pass a quick test; anything else (a tensor, an int,
+    a bad rate) goes through `group_lr` and `check_learning_rates`.
+
+    Raises:
+        RecordingError: Naming the step and its learning rates.
     """
+    lrs = [g["lr"] for g in groups]
+    if all(map(_plain_rate, lrs)):
+        return lrs
+    lrs = [group_lr(g) for g in groups]
+    check_learning_rates(lrs, raw)
+    return lrs
+
+
+def _plain_rate(lr: Any) -> bool:
     return type(lr) is float and 0.0 <= lr < math.inf
 
 
@@ -124,7 +138,7 @@ def check_parameters(optimizer: torch.optim.Optimizer, recorder, raw: int) -> No
     params, dtypes_then = recorder._params, recorder._dtypes
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     unfrozen = [p for p in recorder._left_out if p.requires_grad and p.grad is not None]
-    dtypes = [p.dtype for p in params.values()]
+    dtypes = [p.dtype for p in recorder._param_list]  # (every step: it does little else)
     if dtypes != dtypes_then:
         name, was, now = next(
             (n, a, b) for n, a, b in zip(params, dtypes_then, dtypes, strict=True) if a != b

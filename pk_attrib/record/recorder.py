@@ -22,7 +22,7 @@ import atexit
 import os
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,13 @@ from .buffers import BufferPool, SlabAllocator
 from .capture import ForwardState, running_statistics
 from .distributed import gather_step, rank_path, recording_group
 from .finish import StepFinisher, index_tensor
-from .guards import all_finite, batch_indices, check_learning_rates, check_parameters, plain_rate
+from .guards import all_finite, batch_indices, check_parameters, learning_rates
 from .optimizers import (
     INITIAL_STATE,
     STATE_AFTER_STEP,
     GroupHyper,
     approximate_reasons,
     describe_optimizer,
-    group_lr,
     optimizer_kind,
     state_tensors,
 )
@@ -284,13 +283,9 @@ class PathRecorder:
         """
         if self._closed:
             raise RecordingError("this recorder is closed: create a new PathRecorder")
-        idx = batch_indices(indices, self._dataset_size)
-        if not self._pending:  # (as _hand_over, for one batch)
-            self._forward.step_begins()
-        self._pending.append(idx)
-        self._forward.batch_begins()
+        self._hand_over((batch_indices(indices, self._dataset_size),))
 
-    def _hand_over(self, batches: list[torch.Tensor]) -> None:
+    def _hand_over(self, batches: Sequence[torch.Tensor | array.array]) -> None:
         """Note micro-batches the loop is about to run, with the state their forward starts in."""
         if not self._pending:  # a step's first batch: the buffers its forward passes start from
             self._forward.step_begins()
@@ -348,21 +343,12 @@ class PathRecorder:
         # (this hook and the others run between the training loop's own operations, where
         # each call costs several times what it costs in a tight loop: they do little)
         params, groups, r = self._param_list, optimizer.param_groups, self._raw
-        if (
-            self._left_out
-            or [p.dtype for p in params] != self._dtypes
-            or [len(g["params"]) for g in groups] != self._group_sizes
-        ):
-            check_parameters(optimizer, self, r)  # (raises, naming what changed)
+        check_parameters(optimizer, self, r)
         # the indices, batch sizes and random-number states become tensors later (finish.py)
         forward = self._forward
         later = (pending, forward.batch_states())
         tensors = forward.buffer_tensors(r) if forward.buffers else {}
-        lrs = [g["lr"] for g in groups]
-        if not all(map(plain_rate, lrs)):  # (a tensor, an int, or no rate at all)
-            lrs = [group_lr(g) for g in groups]
-            check_learning_rates(lrs, r)
-        meta: dict[str, Any] = {"lr": lrs}
+        meta: dict[str, Any] = {"lr": learning_rates(groups, r)}
         mode = forward.mode()
         if mode is not None:  # which modules trained in train mode
             meta["train"] = mode

@@ -203,13 +203,8 @@ class AsyncShardWriter:
             if self._error is None:  # (the final's write failed): the shards are listed still
                 self._guarded(self._list)
             raise
-        self.list_pending()
-        listed = self.manifest.get("final")  # what the manifest on the disk lists
-        self.manifest["final"] = entry
         self.manifest["complete"] = True
-        self.write_manifest()
-        if listed is not None:  # (listed no more: a full copy of the weights)
-            (self.root / listed["file"]).unlink(missing_ok=True)
+        self._list_ending_at(entry)
 
     def _take_held(self, disarm: bool = False) -> list[dict[str, Any]]:
         """The held records, once every queued item (all older) was taken; else none yet.
@@ -311,10 +306,17 @@ class AsyncShardWriter:
             # (with every=k; a crash meanwhile loses only them)
             return
         # that snapshot continues the path beyond the listed end: it is final no longer
-        ended, self.manifest["final"] = self.manifest.get("final"), None
+        self._list_ending_at(None)
+
+    def _list_ending_at(self, final: dict[str, Any] | None) -> None:
+        """List the written shards and ``final`` (None: none) in the manifest, and write it.
+
+        The final it listed before, a full copy of the weights listed no more, is removed.
+        """
+        ended, self.manifest["final"] = self.manifest.get("final"), final
         self.list_pending()
         self.write_manifest()
-        if ended is not None:  # listed no more: a full copy of the weights
+        if ended is not None:
             (self.root / ended["file"]).unlink(missing_ok=True)
 
     def list_pending(self) -> None:
