@@ -163,6 +163,41 @@ def test_the_pool_reserves_the_next_snapshots_buffers_within_its_budget():
     )
 
 
+def test_the_writer_readies_the_first_snapshots_buffers_and_the_first_step_takes_them(
+    tmp_path, monkeypatch
+):
+    """A new disk recorder's writer readies one idle buffer per parameter, in the recorded
+    dtype, before any step (the first step then faults no fresh pages in); step 0's
+    snapshot is copied into exactly those buffers, and the store holds its weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    recorder = pk.PathRecorder(
+        model, optimizer, store=tmp_path / "s", dataset_size=40, every=2, dtype=torch.float64
+    )
+    recorder.flush()  # (the writer's first work is done before the flush marker)
+    pool = recorder._pool
+    ready = {
+        key: [t.data_ptr() for t in deque] for key, deque in pool._free.items() if deque
+    }
+    assert sorted(ready) == sorted((tuple(p.shape), torch.float64) for p in model.parameters())
+    assert all(len(ptrs) == 1 for ptrs in ready.values())
+    initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    queued = _queued(monkeypatch)
+    recorder.record_batch(batch(0))
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[batch(0)]), y[batch(0)]).backward()
+    optimizer.step()
+    (_, record), *_ = queued  # (step 0 holds a snapshot: it is queued)
+    taken = {(tuple(t.shape), t.dtype): t.data_ptr() for t in record["pooled"]}
+    recorder.close()
+    assert taken == {key: ptrs[0] for key, ptrs in ready.items()}
+    weights = recorder.path.params(0)
+    assert weights.keys() == initial.keys()
+    assert all(torch.equal(weights[n], initial[n]) for n in initial)
+
+
 def test_steps_sharing_their_sizes_tensor_store_a_buffer_safetensors_serializes(tmp_path):
     """Steps of the same batch sizes share one sizes tensor; a shard holding a dtype the
     store does not stream itself (a complex buffer the model updates) goes through

@@ -215,6 +215,11 @@ class PathRecorder:
                 pool=self._pool,
                 finish=self._finish,
                 create=create,
+                # (the first snapshot's buffers, readied on the writer's thread)
+                first=[
+                    torch.empty(p.shape, dtype=self.dtype or was, device="meta")
+                    for p, was in zip(self._params.values(), self._dtypes, strict=True)
+                ],
             )
             # the lock lasts as long as the writer: an abandoned recorder collected by gc
             # still has queued steps to write, and stops its writer before letting go

@@ -18,7 +18,7 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,9 @@ class AsyncShardWriter:
         finish: Called on each record, in order, before it is written (makes the tensors
             the training thread left for later: `pk_attrib.record.finish.StepFinisher`).
         create: Called first, on the writer's thread: writes a new store's first files.
+        first: Tensors like the first snapshot's (shapes and dtypes; meta tensors do): the
+            writer readies pool buffers for them next, so the first step need not fault
+            fresh pages in.
     """
 
     def __init__(
@@ -80,12 +83,14 @@ class AsyncShardWriter:
         pool: BufferPool | None = None,
         finish: Callable[[dict[str, Any]], Any] | None = None,
         create: Callable[[], Any] | None = None,
+        first: Iterable[torch.Tensor] = (),
     ):
         self.root = root
         self.manifest = manifest
         self.pool = pool
         self.finish = finish
         self._create = create
+        self._first = first
         self._steps_json = [json.dumps(m, separators=(",", ":")) for m in manifest["steps"]]
         # written shards the manifest awaits: (entry, step metadata, holds a snapshot)
         self._unlisted: list[tuple[dict, list, bool]] = []
@@ -224,6 +229,9 @@ class AsyncShardWriter:
     def _run(self) -> None:
         if self._create is not None:
             self._guarded(self._create)
+        if self.pool is not None:
+            self._guarded(self.pool.reserve, self._first)
+        self._first = ()
         buffer: list[dict[str, Any]] = []  # records not yet in a shard file
         size = 0
         deadline = None  # when the oldest record not yet listed is due
