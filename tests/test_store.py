@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _runs import make, replay, run_steps
@@ -487,6 +488,20 @@ def test_indices_outside_the_dataset_are_refused():
         recorder.record_batch([-1])
     with pytest.raises(TypeError, match="integers"):
         recorder.record_batch(torch.tensor([0.5]))
+    # lists, a batch sampler's form: ints pass as they are; bools and floats are refused
+    from pk_attrib.record.guards import batch_indices
+
+    assert list(batch_indices([5, 3, 39], 40)) == [5, 3, 39]
+    assert list(batch_indices((7,), None)) == [7]
+    assert batch_indices([np.int64(4), np.int64(2)], 40).tolist() == [4, 2]
+    with pytest.raises(TypeError, match="integers"):
+        recorder.record_batch([True, False])
+    with pytest.raises(TypeError):
+        recorder.record_batch([1, 2.5])
+    with pytest.raises(pk.IndexOutOfRangeError, match=str(2**63)):
+        recorder.record_batch([0, 2**63])  # (beyond int64)
+    with pytest.raises(pk.IndexOutOfRangeError, match=str(-(2**63) - 1)):
+        recorder.record_batch([-(2**63) - 1, 3])
     with pytest.raises(TypeError, match="record_batch"):
         next(recorder.watch([(torch.zeros(1), torch.zeros(1))]))
 

@@ -10,7 +10,11 @@ without random operations or buffers costs next to nothing.
 
 from __future__ import annotations
 
+import operator
+
 import torch
+
+_TRAINING = operator.attrgetter("training")
 
 
 class ForwardState:
@@ -31,6 +35,7 @@ class ForwardState:
         self.model = model
         # its modules, walked once (the recorder holds the parameters it had when made too)
         self._modules = [] if model is None else list(model.named_modules())
+        self._module_objects = [m for _, m in self._modules]
         self._mode: bool | list[str] | None = None  # the modules in train mode at the step
         self.buffers = buffers
         self.cuda = cuda
@@ -51,10 +56,15 @@ class ForwardState:
         Also which modules are in train mode (dropout draws, BatchNorm uses the batch's
         statistics): True (all), False (none), or the names of those that are.
         """
-        if self.model is not None:
-            training = [name for name, m in self._modules if m.training]
-            count = len(self._modules)
-            self._mode = bool(training) if len(training) in (0, count) else training
+        if self.model is not None:  # (each step: map and all run in C)
+            flags = list(map(_TRAINING, self._module_objects))
+            if all(flags):
+                self._mode = True
+            elif not any(flags):
+                self._mode = False
+            else:
+                named = zip(self._modules, flags, strict=True)
+                self._mode = [name for (name, _), on in named if on]
         for name, buffer in self.buffers.items():
             # changed: PyTorch's version counter of the tensor moved (an in-place update), or
             # the module holds another tensor under the name; normalization layers' running
