@@ -33,6 +33,7 @@ Run from the repository root::
 
     python benchmarks/bench_sparse_paired.py --threads 1            # about 5 minutes
     python benchmarks/bench_sparse_paired.py --threads 1 --repeats 20 --modes bare every=100
+    python benchmarks/bench_sparse_paired.py --quick  # smoke run, ~20 s: 40 steps, 2 repeats
 
 The exit status is 0 when every=10 and every=100 meet the sparse targets of
 `bench_recorder.py` (<= 1.10x and <= 1.03x), 1 otherwise.
@@ -197,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps of each twin")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 40 steps, 3 warm-up, 2 repeats"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[THREADS_ENV] = str(args.threads)
     elif os.environ.get(THREADS_ENV):
         torch.set_num_threads(int(os.environ[THREADS_ENV]))
+    if args.quick:  # (both arrangements of the crossover, once each)
+        args.steps, args.warmup, args.repeats = 40, 3, 2
     if args.child:
         mode, steps, warmup, store, swap = args.child
         timing = measure_pair(mode, int(steps), int(warmup), Path(store), swap == "swap")
@@ -272,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "arrangement; bare: nothing recorded, the method's own residual)"
     )
     print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+    if args.quick:
+        print("  (--quick: a tenth of the steps, two repeats; a smoke run, not a verdict)")
     for check, ok in verdicts:
         print(f"  {'PASS' if ok else 'FAIL':<5} {work.name}: {check}")
     return 0 if all(ok for _, ok in verdicts) else 1
