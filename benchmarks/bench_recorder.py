@@ -697,19 +697,26 @@ SPARSE_MODES = ("bare", AGAIN) + tuple(f"every={k}" for k in SPARSE_EVERY)
 RESAMPLES = 2000  # bootstrap resamples of the repeats, for the ratios' 95% intervals
 
 
-def ratio_interval(runs: list[float], bare: list[float]) -> tuple[float, float]:
-    """A 95% bootstrap interval of ``median(runs) / median(bare)`` (percentile method).
+def bootstrap_interval(
+    statistic: Callable[..., float], *samples: list[float]
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of ``statistic(*samples)`` (percentile method).
 
-    Each mode's repeats are resampled with replacement, independently (a fixed seed: the
-    same measurements give the same interval).
+    Each sample is resampled with replacement, independently (a fixed seed: the same
+    measurements give the same interval).
     """
     rng = random.Random(0)
-    ratios = sorted(
-        statistics.median(rng.choices(runs, k=len(runs)))
-        / statistics.median(rng.choices(bare, k=len(bare)))
+    values = sorted(
+        statistic(*(rng.choices(sample, k=len(sample)) for sample in samples))
         for _ in range(RESAMPLES)
     )
-    return ratios[int(0.025 * RESAMPLES)], ratios[int(0.975 * RESAMPLES) - 1]
+    return values[int(0.025 * RESAMPLES)], values[int(0.975 * RESAMPLES) - 1]
+
+
+def ratio_interval(runs: list[float], bare: list[float]) -> tuple[float, float]:
+    """A 95% bootstrap interval of ``median(runs) / median(bare)`` (each mode's repeats
+    resampled)."""
+    return bootstrap_interval(lambda a, b: statistics.median(a) / statistics.median(b), runs, bare)
 
 
 def report_sparse(work: Workload, result: RunResult) -> dict[str, bool]:

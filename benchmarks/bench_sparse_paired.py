@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -57,10 +56,10 @@ from pathlib import Path
 
 import torch
 from bench_recorder import (  # (benchmarks/ is on sys.path)
-    RESAMPLES,
     SPARSE_TARGETS,
     THREADS_ENV,
     Workload,
+    bootstrap_interval,
     prime_allocator,
     sparse_workloads,
 )
@@ -181,16 +180,6 @@ def crossover(first: list[float], second: list[float]) -> float:
     return math.sqrt(statistics.median(first) * statistics.median(second))
 
 
-def crossover_interval(first: list[float], second: list[float]) -> tuple[float, float]:
-    """A 95% bootstrap interval of `crossover` (each arrangement's repeats resampled)."""
-    rng = random.Random(0)
-    values = sorted(
-        crossover(rng.choices(first, k=len(first)), rng.choices(second, k=len(second)))
-        for _ in range(RESAMPLES)
-    )
-    return values[int(0.025 * RESAMPLES)], values[int(0.975 * RESAMPLES) - 1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="pairs per mode (default 10)")
@@ -258,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [tb / ta for ta, tb in zip(a, b, strict=True)]
         first, second = ratios[1::2], ratios[0::2]  # (odd repeats: B is the twin made first)
         ratio = crossover(first, second)
-        low, high = crossover_interval(first, second)
+        low, high = bootstrap_interval(crossover, first, second)  # (per arrangement)
         print(
             f"{mode:<10} {statistics.median(a) / args.steps * 1e3:>10.3f} "
             f"{statistics.median(b) / args.steps * 1e3:>10.3f} "
