@@ -34,8 +34,9 @@ class ForwardState:
     ):
         self.model = model
         # its modules, walked once (the recorder holds the parameters it had when made too)
-        self._modules = [] if model is None else list(model.named_modules())
-        self._module_objects = [m for _, m in self._modules]
+        named = [] if model is None else list(model.named_modules())
+        self._module_names = [name for name, _ in named]
+        self._module_objects = [module for _, module in named]
         self._mode: bool | list[str] | None = None  # the modules in train mode at the step
         self.buffers = buffers
         self.cuda = cuda
@@ -63,8 +64,8 @@ class ForwardState:
             elif not any(flags):
                 self._mode = False
             else:
-                named = zip(self._modules, flags, strict=True)
-                self._mode = [name for (name, _), on in named if on]
+                named = zip(self._module_names, flags, strict=True)
+                self._mode = [name for name, on in named if on]
         for name, buffer in self.buffers.items():
             # changed: PyTorch's version counter of the tensor moved (an in-place update), or
             # the module holds another tensor under the name; normalization layers' running
