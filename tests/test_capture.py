@@ -122,3 +122,27 @@ def test_a_buffer_is_kept_again_only_when_it_changed():
     assert len(kept[0]) == 3 and len(kept[1]) == 3 and kept[2] == [] and len(kept[3]) == 3
     path = recorder.path
     assert torch.equal(path.buffers(2)["1.running_mean"], path.buffers(1)["1.running_mean"])
+
+
+def test_each_step_records_which_modules_ran_in_train_mode():
+    """All in train mode: True; all in eval mode: the empty set; a mix (BatchNorm frozen in
+    eval mode while the rest trains): exactly the names of the modules in train mode."""
+    model = _bn_dropout_model()
+    data = _data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    recorder = pk.PathRecorder(model, optimizer, dataset_size=len(data))
+    x, y = data.tensors
+    modes = (lambda: model.train(), lambda: model.eval(), lambda: model[1].eval())
+    for s, set_mode in enumerate(modes):
+        model.train()
+        set_mode()
+        idx = list(range(4 * s, 4 * s + 4))
+        recorder.record_batch(idx)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    recorder.close()
+    recorded = [recorder.path.step(s).train_modules for s in range(3)]
+    assert recorded[0] is True
+    assert recorded[1] == frozenset()
+    assert recorded[2] == frozenset({"", "0", "2", "3", "4"})  # ("": the Sequential itself)
