@@ -215,10 +215,10 @@ class PathRecorder:
                 pool=self._pool,
                 finish=self._finish,
                 create=create,
-                # (the first snapshot's buffers, readied on the writer's thread)
+                # (the first snapshot's buffers, readied on the writer's thread: as `_take`)
                 first=[
-                    torch.empty(p.shape, dtype=self.dtype or was, device="meta")
-                    for p, was in zip(self._params.values(), self._dtypes, strict=True)
+                    torch.empty(p.shape, dtype=self.dtype or p.dtype, device="meta")
+                    for p in self._param_list
                 ],
             )
             # the lock lasts as long as the writer: an abandoned recorder collected by gc
