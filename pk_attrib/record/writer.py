@@ -261,7 +261,7 @@ class AsyncShardWriter:
             if snapshot and self.pool is not None:
                 # buffers for the next snapshot, faulted in here (after a shard was written
                 # and gave its buffers back: none to fault in, when they come back so soon)
-                self.pool.reserve(snapshot)
+                self._guarded(self.pool.reserve, snapshot)
             if due:  # (what waits for a later snapshot has no clock: see _list)
                 if item is not _STOP_UNLISTED:
                     self._guarded(self._list)
